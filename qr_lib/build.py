@@ -1,0 +1,101 @@
+"""Base model + allocation + backend -> a trainable peft model with per-block bits and ranks."""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import UNQUANTIZED, Allocation
+from .errors import QRError
+from .models import block_linears, transformer_blocks
+from .quant import QuantConfig, check_bits, get_backend
+from .quant.cache import BlockCache, block_fingerprint
+from .store import cache_root
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    alpha_ratio: float = 2.0   # alpha = alpha_ratio x rank (the authors' code uses 2)
+    dropout: float = 0.05
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def quantize_model(model: nn.Module, allocation: Allocation, qcfg: QuantConfig,
+                   cache: BlockCache | None = None, progress: bool = True) -> nn.Module:
+    """Replace each block's seven linears by the backend's quantized modules, in place."""
+    blocks = transformer_blocks(model)
+    allocation.check_blocks(len(blocks))
+    backend = get_backend(qcfg)
+    check_bits(backend, allocation.bits)
+    if cache is None and backend.cacheable:
+        cache = BlockCache(cache_root() / "blocks", qcfg)
+    todo = [(i, b) for i, b in enumerate(allocation.bits) if b != UNQUANTIZED]
+    for i, bits in tqdm(todo, desc=f"quantize ({qcfg.backend})", disable=not progress, leave=False):
+        block = blocks[i]
+        linears = block_linears(block, i)
+        states = None
+        if backend.cacheable:
+            fingerprint = block_fingerprint(linears)
+            states = cache.load(fingerprint, bits)
+        if states is not None:
+            device = str(next(iter(linears.values()))[1].weight.device)
+            new = {short: backend.restore(states[short], bits, device) for short in linears}
+        else:
+            new = {short: backend.quantize(module, bits) for short, (_, module) in linears.items()}
+            if backend.cacheable:
+                cache.save(fingerprint, bits, {short: backend.state(m) for short, m in new.items()})
+        for short, (full, _) in linears.items():
+            _set_module(block, full, new[short])
+    # peft picks its bitsandbytes LoRA layers only when the model says it is loaded in 4/8 bits.
+    if qcfg.backend == "bnb":
+        model.is_loaded_in_4bit = 4 in allocation.bits
+        model.is_loaded_in_8bit = 8 in allocation.bits
+    return model
+
+
+def lora_config(model: nn.Module, allocation: Allocation, lora: LoraSettings):
+    """A peft LoraConfig with an exact rank and alpha for every linear; rank-0 blocks get no adapter."""
+    from peft import LoraConfig
+
+    from .models import linear_names
+
+    names = linear_names(model)
+    allocation.check_blocks(len(names))
+    targets, ranks, alphas = [], {}, {}
+    for block_names, r in zip(names, allocation.ranks):
+        for name in block_names:
+            if r > 0:
+                targets.append(name)
+                ranks[re.escape(name)] = r
+                alphas[re.escape(name)] = lora.alpha_ratio * r
+    if not targets:
+        raise QRError("every block has rank 0, so there is nothing to train; give at least one block a rank")
+    first = next(r for r in allocation.ranks if r > 0)
+    return LoraConfig(r=first, lora_alpha=lora.alpha_ratio * first, lora_dropout=lora.dropout,
+                      target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def build(base: nn.Module, allocation: Allocation, qcfg: QuantConfig = QuantConfig(),
+          lora: LoraSettings = LoraSettings(), cache: BlockCache | None = None, progress: bool = True):
+    """A trainable PeftModel; the base model is copied, never modified, so one base serves many builds."""
+    from peft import get_peft_model
+
+    model = quantize_model(copy.deepcopy(base), allocation, qcfg, cache=cache, progress=progress)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = get_peft_model(model, lora_config(model, allocation, lora))
+    peft_model.qr_allocation = allocation
+    peft_model.qr_quant = qcfg
+    return peft_model
+
+
+def lora_parameters(model: nn.Module):
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n]

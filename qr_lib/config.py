@@ -1,0 +1,95 @@
+"""Profiles as data: one frozen dataclass per stage, grouped in a Profile.
+
+`smoke` is a tiny in-process model (tests, CI, minutes), `default` the embedded SmolLM2-135M on
+2 CPU cores, `paper` the paper's scale on a GPU. A profile is a JSON file under profiles/ that
+overrides the dataclass defaults; `overrides` like {"proxy.steps": 10} override it again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .allocation import DEFAULT_BIT_LADDER, DEFAULT_RANK_LADDER
+from .build import LoraSettings
+from .errors import QRError
+from .quant import QuantConfig
+from .train import TrainConfig
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    finetune: str = "commonsense"  # offline mix of train splits; "alpaca" with a hub
+    text: str = "lambada"          # offline passages; "wikitext2" or "c4" with a hub
+    n_train: int = 2000
+    n_val: int = 128
+    n_calib: int = 32
+    n_heldout: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str = "default"
+    model: str = "embedded"        # "embedded", "tiny", a hub id or a local folder
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    bit_ladder: tuple = DEFAULT_BIT_LADDER
+    rank_ladder: tuple = DEFAULT_RANK_LADDER
+    budget_bits: int = 4           # the memory budget is uniform budget_bits at budget_rank
+    budget_rank: int = 8
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    proxy: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise QRError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for k, v in values.items():
+        default = known[k].default_factory() if known[k].default_factory is not dataclasses.MISSING else known[k].default
+        if dataclasses.is_dataclass(default):
+            if not isinstance(v, dict):
+                raise QRError(f"{where}.{k} must be a mapping of {type(default).__name__} settings, got {v!r}")
+            kwargs[k] = _build(type(default), {**dataclasses.asdict(default), **v}, f"{where}.{k}")
+        else:
+            kwargs[k] = tuple(v) if isinstance(v, list) else v
+    return cls(**kwargs)
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def _nest(overrides: dict) -> dict:
+    out: dict = {}
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_profile(name: str = "default", overrides: dict | None = None) -> Profile:
+    path = PROFILE_DIR / f"{name}.json"
+    if not path.exists():
+        raise QRError(f"profile {name!r} does not exist; choose one of {profile_names()}")
+    values = _merge(json.loads(path.read_text()), _nest(overrides or {}))
+    values["name"] = name
+    return _build(Profile, values, f"profile {name!r}")

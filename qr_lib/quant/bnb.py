@@ -1,0 +1,70 @@
+"""bitsandbytes: NF4 (QLoRA's 4-bit, double-quantized absmax) and LLM.int8 (8-bit)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+NF4_BLOCK = 64          # weights per absmax in bitsandbytes' 4-bit quantization
+DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level scale under double quantization
+
+
+class BnbBackend:
+    supported_bits = (4, 8)
+    # Quantizing with bitsandbytes takes milliseconds; caching would only add I/O.
+    cacheable = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def quantize(self, linear: nn.Linear, bits: int) -> nn.Module:
+        import bitsandbytes as bnb
+        from ..models import torch_dtype
+
+        w = linear.weight.data
+        has_bias = linear.bias is not None
+        if bits == 4:
+            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                  compute_dtype=torch_dtype(self.cfg.compute_dtype),
+                                  compress_statistics=self.cfg.bnb_double_quant, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=self.cfg.bnb_double_quant)
+            # On CPUs with AVX512-BF16 the first eval forward repacks 4-bit weights in place, after
+            # which LoRA gradients through the layer are silently None (see STACK-NOTES).
+            q.support_avx512bf16_for_cpu = False
+        else:
+            q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                    has_fp16_weights=False, threshold=0.0)
+            q.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+        if has_bias:
+            q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        return q.to(w.device)
+
+    def formula_bytes(self, out_features: int, in_features: int, bits: int) -> int:
+        n = out_features * in_features
+        if bits == 8:
+            return n + 4 * out_features  # int8 codes + one float32 scale per row
+        blocks = math.ceil(n / NF4_BLOCK)
+        total = n // 2 + 16 * 4  # packed 4-bit codes + the 16-entry NF4 code book
+        if self.cfg.bnb_double_quant:
+            # uint8 absmax per block, float32 absmax per 256 blocks, a 256-entry code book, an offset
+            total += blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 256 * 4 + 4
+        else:
+            total += 4 * blocks
+        return total
+
+    @staticmethod
+    def measured_bytes(module) -> int:
+        def size(t):
+            return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+        w = module.weight
+        total = size(w.data) + (size(module.bias.data) if module.bias is not None else 0)
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            total += size(qs.absmax) + size(qs.code)
+            if qs.nested:
+                total += size(qs.state2.absmax) + size(qs.state2.code) + size(qs.offset)
+        scb = getattr(w, "SCB", None)
+        return total + size(scb)

@@ -1,0 +1,67 @@
+"""On-disk cache of quantized blocks: each (block weights, bits, backend settings) is quantized once
+per machine. A file is keyed by a hash of the block's own weight bytes, so two models can never
+share an entry by accident, and carries a SHA-256 sidecar so a corrupted file is rebuilt, not used.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..store import atomic_write_bytes, content_hash
+
+
+def block_fingerprint(linears: dict) -> str:
+    h = hashlib.sha256()
+    for name, (_, module) in linears.items():
+        w = module.weight.detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str((tuple(w.shape), str(w.dtype))).encode())
+        h.update(w.view(torch.uint8).numpy().tobytes() if w.dtype == torch.bfloat16 else w.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class BlockCache:
+    def __init__(self, root: Path, qcfg):
+        self.root = Path(root)
+        self.qcfg = qcfg
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, fingerprint: str, bits: int) -> Path:
+        key = content_hash({"block": fingerprint, "bits": bits, "quant": asdict(self.qcfg),
+                            "hqq": _version("hqq")})
+        return self.root / f"{key}.pt"
+
+    def load(self, fingerprint: str, bits: int):
+        path = self.path(fingerprint, bits)
+        digest = path.with_suffix(".sha256")
+        if not (path.exists() and digest.exists()):
+            return None
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest.read_text().strip():
+            path.unlink(missing_ok=True)  # corrupted: drop it and let the caller rebuild
+            digest.unlink(missing_ok=True)
+            return None
+        self.hits += 1
+        return torch.load(io.BytesIO(data), weights_only=False)
+
+    def save(self, fingerprint: str, bits: int, states: dict) -> None:
+        self.misses += 1
+        buf = io.BytesIO()
+        torch.save(states, buf)
+        data = buf.getvalue()
+        path = self.path(fingerprint, bits)
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

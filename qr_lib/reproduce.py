@@ -1,0 +1,79 @@
+"""`make reproduce`: run every notebook in order with papermill, for one profile.
+
+Executed copies go to results/<profile>/notebooks/, and results/<profile>/README.md indexes every
+table and figure with the notebook that wrote it. Stages cache their artifacts, so a rerun after an
+interruption redoes only unfinished work; the first failing notebook stops the run, named.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import profile_names
+from .store import read_json, results_dir, write_json
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def notebooks() -> list[Path]:
+    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def _outputs(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime
+            for sub in ("tables", "figures") if (out / sub).exists() for p in (out / sub).iterdir()}
+
+
+def write_index(out: Path, profile: str, manifest: dict) -> None:
+    lines = [f"# Results of the `{profile}` profile", "",
+             "Written by `make reproduce` (qr_lib/reproduce.py); every file below was written by the "
+             "notebook named beside it. Executed notebooks are under `notebooks/`.", ""]
+    for nb in sorted({v["notebook"] for v in manifest["files"].values()}):
+        run = manifest["notebooks"].get(nb, {})
+        lines += [f"## {nb}", f"Ran for {run.get('seconds', 0):.0f} s; executed copy: `notebooks/{nb}`.", ""]
+        lines += [f"- [`{f}`]({f})" for f, v in sorted(manifest["files"].items()) if v["notebook"] == nb]
+        lines.append("")
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def run(profile: str, only: list[str] | None = None) -> None:
+    import papermill as pm
+
+    out = results_dir(profile)
+    manifest_path = out / "manifest.json"
+    manifest = read_json(manifest_path) if manifest_path.exists() else {"files": {}, "notebooks": {}}
+    (out / "notebooks").mkdir(exist_ok=True)
+    todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
+    for i, nb in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
+        before, t0 = _outputs(out), time.time()
+        try:
+            pm.execute_notebook(str(nb), str(out / "notebooks" / nb.name), parameters={"PROFILE": profile},
+                                cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=True)
+        except pm.PapermillExecutionError as e:
+            print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"
+                  f"the executed copy with the error is {out / 'notebooks' / nb.name}", file=sys.stderr)
+            raise SystemExit(1)
+        after = _outputs(out)
+        for f, mtime in after.items():
+            if before.get(f) != mtime:
+                manifest["files"][f] = {"notebook": nb.name}
+        manifest["notebooks"][nb.name] = {"seconds": round(time.time() - t0, 1)}
+        write_json(manifest_path, manifest)
+        write_index(out, profile, manifest)
+    total = sum(v["seconds"] for v in manifest["notebooks"].values())
+    print(f"done: {len(todo)} notebooks; results in {out} (all notebooks together: {total:.0f} s)")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="default", choices=profile_names())
+    ap.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 03")
+    args = ap.parse_args(argv)
+    run(args.profile, args.only)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Artifact I/O: atomic writes, content hashes and the environment every artifact records.
+
+One schema for every artifact: {"config": ..., "environment": ..., "result": ...}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .errors import QRError
+
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "hqq", "bitsandbytes", "pymoo",
+                    "scikit-optimize", "lm_eval", "numpy")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file and rename, so a killed process never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return obj.item()
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(to_jsonable(obj), indent=1) + "\n").encode())
+
+
+def read_json(path: Path):
+    path = Path(path)
+    if not path.exists():
+        raise QRError(f"{path} does not exist; run the stage that writes it first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QRError(f"{path} is not valid JSON ({e}); delete it and rerun the stage that writes it") from e
+
+
+def content_hash(obj, length: int = 16) -> str:
+    """A stable hash of anything JSON-able: the key of every cache."""
+    text = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions(names=TRACKED_PACKAGES) -> dict:
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    import torch
+
+    return {
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_commit": git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_artifact(path: Path, config, result) -> dict:
+    record = {"config": to_jsonable(config), "environment": environment(), "result": to_jsonable(result)}
+    write_json(path, record)
+    return record
+
+
+def cache_root() -> Path:
+    """Where converted models and quantized blocks live: outside git, shared by every checkout."""
+    root = os.environ.get("QR_LIB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qr_lib")
+    return Path(root)
+
+
+def results_dir(profile: str) -> Path:
+    """results/<profile>/ of this checkout (QR_RESULTS_DIR overrides the results/ root)."""
+    root = os.environ.get("QR_RESULTS_DIR") or Path(__file__).resolve().parents[1] / "results"
+    out = Path(root) / profile
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_table(df, out_dir: Path, name: str) -> Path:
+    """A table as CSV (for machines) and Markdown (for readers) under out_dir/tables/."""
+    d = Path(out_dir) / "tables"
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(d / f"{name}.csv", df.to_csv(index=False).encode())
+    atomic_write_bytes(d / f"{name}.md", (df.to_markdown(index=False) + "\n").encode())
+    return d / f"{name}.csv"
+
+
+def save_figure(fig, out_dir: Path, name: str) -> Path:
+    d = Path(out_dir) / "figures"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
