@@ -45,8 +45,8 @@ def quantize_model(model: nn.Module, allocation: Allocation, qcfg: QuantConfig,
             fingerprint = block_fingerprint(linears)
             states = cache.load(fingerprint, bits)
         if states is not None:
-            device = str(next(iter(linears.values()))[1].weight.device)
-            new = {short: backend.restore(states[short], bits, device) for short in linears}
+            w = next(iter(linears.values()))[1].weight
+            new = {short: backend.restore(states[short], bits, w.dtype, str(w.device)) for short in linears}
         else:
             new = {short: backend.quantize(module, bits) for short, (_, module) in linears.items()}
             if backend.cacheable:

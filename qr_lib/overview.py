@@ -25,7 +25,7 @@ def dataset_table(profile: Profile, sources: D.Sources | None = None) -> list[di
     if dc.finetune == "commonsense":
         pool = D.commonsense_pool(sources or D.Sources.installed())
         rows += [{"kind": "fine-tuning pool", "source": t, "split": "train", "count": len(v)} for t, v in pool.items()]
-    rows += [{"kind": "benchmark", "source": t, "split": "gsm8k test" if t == "gsm8k" else ("test" if t == "mmlu" else "validation"),
+    rows += [{"kind": "benchmark", "source": t, "split": "test" if t in ("mmlu", "gsm8k") else "validation",
               "count": len(D.benchmark_docs(t, sources))} for t in D.BENCHMARKS]
     return rows, held
 

@@ -2,6 +2,7 @@
 
 A backend turns one nn.Linear into its quantized module at a given bit-width, and says how many
 bytes that module stores, both by formula (from shapes alone) and by measuring the module.
+The compute dtype is the model's own dtype, so it has a single source of truth.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from ..errors import QRError
 class QuantConfig:
     backend: str = "hqq"          # "hqq" (2, 3, 4, 8 bits) or "bnb" (4 = NF4, 8 = int8)
     group_size: int = 128         # HQQ group size; bitsandbytes uses its own fixed blocks
-    compute_dtype: str = "bfloat16"
     hqq_optimize: bool = True     # HQQ's half-quadratic optimizer (slower, better) vs plain rounding
     bnb_double_quant: bool = True  # QLoRA's double quantization of NF4 absmax
 

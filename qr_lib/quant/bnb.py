@@ -20,13 +20,12 @@ class BnbBackend:
 
     def quantize(self, linear: nn.Linear, bits: int) -> nn.Module:
         import bitsandbytes as bnb
-        from ..models import torch_dtype
 
         w = linear.weight.data
         has_bias = linear.bias is not None
         if bits == 4:
             q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                  compute_dtype=torch_dtype(self.cfg.compute_dtype),
+                                  compute_dtype=w.dtype,
                                   compress_statistics=self.cfg.bnb_double_quant, quant_type="nf4")
             q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=self.cfg.bnb_double_quant)
@@ -41,7 +40,7 @@ class BnbBackend:
             q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return q.to(w.device)
 
-    def formula_bytes(self, out_features: int, in_features: int, bits: int) -> int:
+    def formula_bytes(self, out_features: int, in_features: int, bits: int, dtype_bytes: int) -> int:
         n = out_features * in_features
         if bits == 8:
             return n + 4 * out_features  # int8 codes + one float32 scale per row

@@ -19,10 +19,6 @@ class HqqBackend:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def _dtype(self):
-        from ..models import torch_dtype
-        return torch_dtype(self.cfg.compute_dtype)
-
     def quant_config(self, bits: int) -> dict:
         from hqq.core.quantize import BaseQuantizeConfig
 
@@ -36,27 +32,27 @@ class HqqBackend:
         if (linear.in_features * linear.out_features) % self.cfg.group_size:
             raise QRError(f"a {linear.out_features}x{linear.in_features} weight does not split into groups of "
                           f"{self.cfg.group_size}; choose a group_size that divides {linear.in_features}")
-        device = str(linear.weight.device)
-        return HQQLinear(linear, self.quant_config(bits), compute_dtype=self._dtype(), device=device,
+        w = linear.weight
+        return HQQLinear(linear, self.quant_config(bits), compute_dtype=w.dtype, device=str(w.device),
                          del_orig=False)
 
     def state(self, module) -> dict:
         return {k: v for k, v in module.state_dict().items()}
 
-    def restore(self, state: dict, bits: int, device: str = "cpu") -> nn.Module:
+    def restore(self, state: dict, bits: int, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
         from hqq.core.quantize import HQQLinear
 
-        module = HQQLinear(None, self.quant_config(bits), compute_dtype=self._dtype(), device=device,
+        module = HQQLinear(None, self.quant_config(bits), compute_dtype=dtype, device=device,
                            initialize=False)
         module.load_state_dict(dict(state))
         return module
 
-    def formula_bytes(self, out_features: int, in_features: int, bits: int) -> int:
+    def formula_bytes(self, out_features: int, in_features: int, bits: int, dtype_bytes: int) -> int:
         """Packed codes (rows padded to whole storage words) plus a scale and a zero per group."""
         groups = out_features * in_features // self.cfg.group_size
         per_word, word_bytes = PACKING[bits]
         codes = math.ceil(groups / per_word) * self.cfg.group_size * word_bytes
-        meta = 2 * groups * self._dtype().itemsize
+        meta = 2 * groups * dtype_bytes
         return codes + meta
 
     @staticmethod

