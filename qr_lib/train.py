@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import QRError
+from .memory import peak_memory_bytes
 
 IGNORE = -100
 
@@ -89,6 +90,8 @@ def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: s
         raise QRError(f"{len(examples)} training examples is fewer than batch_size {cfg.batch_size}")
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     rows = encode(tok, examples, cfg.max_len)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -117,7 +120,8 @@ def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: s
         losses.append(mean)
         bar.set_postfix(loss=f"{mean:.3f}")
     model.eval()
-    return {"losses": losses, "train_tokens": tokens, "seconds": time.time() - t0, "diverged": diverged}
+    return {"losses": losses, "train_tokens": tokens, "seconds": time.time() - t0, "diverged": diverged,
+            "peak_memory_bytes": peak_memory_bytes(str(device))}
 
 
 @torch.no_grad()

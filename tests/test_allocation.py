@@ -40,3 +40,11 @@ def test_table_lists_every_block():
     text = Allocation(bits=(2, 4), ranks=(4, 8)).table()
     assert text.splitlines()[1].split() == ["0", "2", "4"]
     assert text.splitlines()[2].split() == ["1", "4", "8"]
+
+
+def test_heatmap_has_a_row_for_bits_and_one_for_ranks():
+    from qr_lib.plots import allocation_heatmap
+    fig = allocation_heatmap(Allocation(bits=(2, 4, 8), ranks=(4, 8, 16), name="x"))
+    bits_ax, rank_ax = fig.axes
+    assert [t.get_text() for t in bits_ax.texts] == ["2", "4", "8"]
+    assert [t.get_text() for t in rank_ax.texts] == ["4", "8", "16"]

@@ -39,6 +39,7 @@ def test_training_lowers_held_out_loss(tok, tmp_path):
     before = eval_loss(model, tok, EXAMPLES[:8])
     log = train(model, tok, EXAMPLES, TrainConfig(steps=15, batch_size=4, lr=1e-2, max_len=32), progress=False)
     assert len(log["losses"]) == 15 and not log["diverged"] and log["train_tokens"] > 0
+    assert log["peak_memory_bytes"] > 0
     assert eval_loss(model, tok, EXAMPLES[:8]) < before
 
 
