@@ -27,6 +27,31 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def quantized_linears(linears: dict, bits: int, backend, cache: BlockCache | None) -> dict:
+    """The quantized twins of one block's linears, from the cache when it has them."""
+    states = None
+    if backend.cacheable:
+        fingerprint = block_fingerprint(linears)
+        states = cache.load(fingerprint, bits)
+    if states is not None:
+        w = next(iter(linears.values()))[1].weight
+        return {short: backend.restore(states[short], bits, w.dtype, str(w.device)) for short in linears}
+    new = {short: backend.quantize(module, bits) for short, (_, module) in linears.items()}
+    if backend.cacheable:
+        cache.save(fingerprint, bits, {short: backend.state(m) for short, m in new.items()})
+    return new
+
+
+def set_block_linears(block: nn.Module, linears: dict, modules: dict) -> None:
+    """Put `modules` (by short name) where the block's `linears` (short -> (path, module)) sit."""
+    for short, (full, _) in linears.items():
+        _set_module(block, full, modules[short])
+
+
+def default_cache(qcfg: QuantConfig) -> BlockCache:
+    return BlockCache(cache_root() / "blocks", qcfg)
+
+
 def quantize_model(model: nn.Module, allocation: Allocation, qcfg: QuantConfig,
                    cache: BlockCache | None = None, progress: bool = True) -> nn.Module:
     """Replace each block's seven linears by the backend's quantized modules, in place."""
@@ -35,24 +60,11 @@ def quantize_model(model: nn.Module, allocation: Allocation, qcfg: QuantConfig,
     backend = get_backend(qcfg)
     check_bits(backend, allocation.bits)
     if cache is None and backend.cacheable:
-        cache = BlockCache(cache_root() / "blocks", qcfg)
+        cache = default_cache(qcfg)
     todo = [(i, b) for i, b in enumerate(allocation.bits) if b != UNQUANTIZED]
     for i, bits in tqdm(todo, desc=f"quantize ({qcfg.backend})", disable=not progress, leave=False):
-        block = blocks[i]
-        linears = block_linears(block, i)
-        states = None
-        if backend.cacheable:
-            fingerprint = block_fingerprint(linears)
-            states = cache.load(fingerprint, bits)
-        if states is not None:
-            w = next(iter(linears.values()))[1].weight
-            new = {short: backend.restore(states[short], bits, w.dtype, str(w.device)) for short in linears}
-        else:
-            new = {short: backend.quantize(module, bits) for short, (_, module) in linears.items()}
-            if backend.cacheable:
-                cache.save(fingerprint, bits, {short: backend.state(m) for short, m in new.items()})
-        for short, (full, _) in linears.items():
-            _set_module(block, full, new[short])
+        linears = block_linears(blocks[i], i)
+        set_block_linears(blocks[i], linears, quantized_linears(linears, bits, backend, cache))
     # peft picks its bitsandbytes LoRA layers only when the model says it is loaded in 4/8 bits.
     if qcfg.backend == "bnb":
         model.is_loaded_in_4bit = 4 in allocation.bits

@@ -15,6 +15,7 @@ from .allocation import DEFAULT_BIT_LADDER, DEFAULT_RANK_LADDER
 from .build import LoraSettings
 from .errors import QRError
 from .quant import QuantConfig
+from .sensitivity import SensitivityConfig
 from .train import TrainConfig
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -45,6 +46,7 @@ class Profile:
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     proxy: TrainConfig = field(default_factory=TrainConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
 
 
 def _build(cls, values: dict, where: str):

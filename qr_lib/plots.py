@@ -28,3 +28,17 @@ def allocation_heatmap(allocation: Allocation, title: str | None = None):
     fig.suptitle(title or allocation.name or "allocation", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def sensitivity_plot(result: dict):
+    """Phase I: KL divergence per block, one line per profiled bit-width (log scale)."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for bits, kl in sorted(result["kl"].items(), key=lambda kv: int(kv[0])):
+        ax.plot(range(len(kl)), kl, marker="o", ms=3, label=f"{bits}-bit")
+    ax.set_yscale("log")
+    ax.set_xlabel("transformer block (quantized alone)")
+    ax.set_ylabel("KL(full || quantized) per token")
+    ax.legend(title="block quantized to", bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from qr_lib import sensitivity as S
+from qr_lib.quant import QuantConfig
+from qr_lib.store import write_json
+
+Q = QuantConfig(group_size=64, hqq_optimize=False)
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine, they said.",
+         "Rain fell on the old town all night long.", "She opened the door and saw the sea."]
+
+
+def _model(tok):
+    from qr_lib.models import tiny_llama
+    return tiny_llama(vocab=len(tok))
+
+
+def test_kl_is_positive_falls_with_bits_and_the_model_is_restored(tok):
+    model = _model(tok)
+    x = torch.randint(0, len(tok), (1, 8))
+    before = model(input_ids=x).logits
+    r = S.profile(model, tok, TEXTS, S.SensitivityConfig(bits=(2, 8), seq_len=16), Q, progress=False)
+    assert r["bits"] == [2, 8] and len(r["kl"]["2"]) == 4
+    assert all(k2 > k8 > 0 for k2, k8 in zip(r["kl"]["2"], r["kl"]["8"]))
+    assert torch.equal(before, model(input_ids=x).logits)
+
+
+def test_profile_resumes_from_partial_results(tok, tmp_path):
+    partial = tmp_path / "partial.json"
+    write_json(partial, {"2:0": 123.0, "2:1": 456.0})
+    r = S.profile(_model(tok), tok, TEXTS, S.SensitivityConfig(bits=(2,), seq_len=16), Q, partial=partial,
+                  progress=False)
+    assert r["kl"]["2"][:2] == [123.0, 456.0] and r["kl"]["2"][2] < 1
+
+
+def test_bits_the_backend_lacks_are_refused(tok):
+    from qr_lib.errors import QRError
+    with pytest.raises(QRError, match="cannot quantize to \\[2\\] bits"):
+        S.profile(_model(tok), tok, TEXTS, S.SensitivityConfig(bits=(2,)), QuantConfig(backend="bnb"), progress=False)
+
+
+def test_seed_maps_sensitivity_onto_ladders():
+    kl = [0.1, 0.5, 0.9, 0.2, 0.1]
+    seed = S.seed_allocation(kl, (2, 3, 4, 8), (4, 8, 16))
+    assert seed.bits[2] == 8 and seed.ranks[2] == 16  # most sensitive: top rungs
+    assert seed.bits[0] == 2 and seed.ranks[0] == 4    # least sensitive: bottom rungs
+    order = sorted(range(5), key=lambda i: kl[i])
+    assert [seed.bits[i] for i in order] == sorted(seed.bits)
+    bounded = S.seed_allocation(kl, (2, 3, 4, 8), (4, 8, 16), max_lowest=1)
+    assert bounded.bits.count(2) == 1
+
+
+def test_run_reuses_its_artifact(monkeypatch, tmp_path):
+    from qr_lib.config import load_profile
+    p = load_profile("smoke")
+    first = S.run(p, tmp_path, progress=False)
+    monkeypatch.setattr(S, "profile", lambda *a, **k: pytest.fail("recomputed a finished profile"))
+    assert S.run(p, tmp_path, progress=False) == first
