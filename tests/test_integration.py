@@ -1,5 +1,4 @@
 """On the embedded SmolLM2-135M and the installed data packages (slower; `make test` runs them)."""
-import os
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from qr_lib import memory
 from qr_lib.allocation import Allocation, uniform

@@ -20,7 +20,7 @@ def block_fingerprint(linears: dict) -> str:
         w = module.weight.detach().to("cpu").contiguous()
         h.update(name.encode())
         h.update(str((tuple(w.shape), str(w.dtype))).encode())
-        h.update(w.view(torch.uint8).numpy().tobytes() if w.dtype == torch.bfloat16 else w.numpy().tobytes())
+        h.update(w.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bf16
     return h.hexdigest()[:20]
 
 
