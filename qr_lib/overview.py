@@ -12,7 +12,8 @@ from .store import write_artifact
 from .train import perplexity
 
 
-def dataset_table(profile: Profile, sources: D.Sources | None = None) -> list[dict]:
+def dataset_table(profile: Profile, sources: D.Sources | None = None) -> tuple[list[dict], list[str]]:
+    """Rows of (kind, source, split, count), and the held-out passages for the perplexity check."""
     dc = profile.data
     train, val = D.load_finetune(dc.finetune, dc.n_train, dc.n_val, dc.seed, sources)
     calib, held = D.load_texts(dc.text, dc.n_calib, dc.n_heldout, dc.seed, sources)
