@@ -109,9 +109,7 @@ def measured_bytes(model: nn.Module) -> dict:
         for _, module in block_linears(block, i).values():
             base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
             weights += _module_storage(base)
-            counted |= {id(p) for p in module.parameters()}
-            if hasattr(base, "W_q"):
-                counted.add(id(base.W_q))
+            counted |= {id(p) for p in module.parameters()}  # HQQ's W_q is a Parameter too
             for name, p in module.named_parameters():
                 if "lora_" in name:
                     lora += p.numel() * p.element_size()

@@ -99,8 +99,10 @@ def run(profile_cfg, out_dir: Path, model=None, tok=None, progress: bool = True)
               "quant": profile_cfg.quant, "sensitivity": profile_cfg.sensitivity}
     key = content_hash(config)
     out = Path(out_dir) / "sensitivity.json"
-    if out.exists() and read_json(out)["config"].get("key") == key:
-        return read_json(out)["result"]
+    if out.exists():
+        previous = read_json(out)
+        if previous["config"].get("key") == key:
+            return previous["result"]
     if model is None:
         model, tok = load_model(profile_cfg.model, profile_cfg.dtype, profile_cfg.device)
     d = profile_cfg.data
