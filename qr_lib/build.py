@@ -5,6 +5,7 @@ import copy
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -96,14 +97,18 @@ def lora_config(model: nn.Module, allocation: Allocation, lora: LoraSettings):
 
 
 def build(base: nn.Module, allocation: Allocation, qcfg: QuantConfig = QuantConfig(),
-          lora: LoraSettings = LoraSettings(), cache: BlockCache | None = None, progress: bool = True):
-    """A trainable PeftModel; the base model is copied, never modified, so one base serves many builds."""
+          lora: LoraSettings = LoraSettings(), cache: BlockCache | None = None, progress: bool = True,
+          seed: int = 0):
+    """A trainable PeftModel; the base model is copied, never modified, so one base serves many builds.
+    LoRA's A matrices are drawn from `seed` (without touching the global RNG): a build is reproducible."""
     from peft import get_peft_model
 
     model = quantize_model(copy.deepcopy(base), allocation, qcfg, cache=cache, progress=progress)
     for p in model.parameters():
         p.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config(model, allocation, lora))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, lora_config(model, allocation, lora))
     peft_model.qr_allocation = allocation
     peft_model.qr_quant = qcfg
     return peft_model

@@ -15,6 +15,8 @@ from .allocation import DEFAULT_BIT_LADDER, DEFAULT_RANK_LADDER
 from .build import LoraSettings
 from .errors import QRError
 from .quant import QuantConfig
+from .search.bo import BOConfig
+from .search.nsga import NSGAConfig
 from .sensitivity import SensitivityConfig
 from .train import TrainConfig
 
@@ -47,6 +49,8 @@ class Profile:
     lora: LoraSettings = field(default_factory=LoraSettings)
     proxy: TrainConfig = field(default_factory=TrainConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    nsga: NSGAConfig = field(default_factory=NSGAConfig)
+    bo: BOConfig = field(default_factory=BOConfig)
 
 
 def _build(cls, values: dict, where: str):

@@ -95,7 +95,10 @@ def run(profile_cfg, out_dir: Path, model=None, tok=None, progress: bool = True)
     from .data import load_texts
     from .models import load_model
 
-    config = {"model": profile_cfg.model, "dtype": profile_cfg.dtype, "data": profile_cfg.data,
+    d = profile_cfg.data
+    # Only the calibration passages matter here, so fine-tuning data settings do not invalidate it.
+    config = {"model": profile_cfg.model, "dtype": profile_cfg.dtype,
+              "text": {"source": d.text, "n_calib": d.n_calib, "n_heldout": d.n_heldout, "seed": d.seed},
               "quant": profile_cfg.quant, "sensitivity": profile_cfg.sensitivity}
     key = content_hash(config)
     out = Path(out_dir) / "sensitivity.json"
@@ -105,7 +108,6 @@ def run(profile_cfg, out_dir: Path, model=None, tok=None, progress: bool = True)
             return previous["result"]
     if model is None:
         model, tok = load_model(profile_cfg.model, profile_cfg.dtype, profile_cfg.device)
-    d = profile_cfg.data
     calib, _ = load_texts(d.text, d.n_calib, d.n_heldout, d.seed)
     t0 = time.time()
     result = profile(model, tok, calib, profile_cfg.sensitivity, profile_cfg.quant,

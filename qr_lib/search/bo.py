@@ -1,0 +1,133 @@
+"""Phase III: Bayesian refinement around the Phase II Pareto set.
+
+A Gaussian process (Matern nu=5/2: discrete quantization makes a rough landscape) models the
+scalarized utility u = a * P_norm - (1 - a) * M_norm of full-fidelity proxy scores, where
+P = -validation loss and M = bytes / budget are min-max normalized over the Phase II Pareto set.
+Candidates are the feasible one-rung neighbours of the current Pareto points; the Expected
+Improvement maximizer is scored by the REAL proxy fine-tune, until `iterations` or max EI < tol.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QRError
+from ..fitness import ProxyEvaluator, full_fidelity, summarize
+from ..store import content_hash, read_json, write_artifact
+from .problem import SearchSpace, pareto_set
+
+
+@dataclass(frozen=True)
+class BOConfig:
+    iterations: int = 3
+    alpha: float = 0.6        # weight of performance against memory in the utility
+    ei_tol: float = 1e-4
+    xi: float = 0.01          # EI exploration margin (in utility units)
+    seed: int = 0
+
+
+def features(space: SearchSpace, genes) -> np.ndarray:
+    """Ladder indices scaled to [0, 1], plus bytes / budget: memory is half of the utility, and
+    the per-block genes alone make the GP learn that sum from few points."""
+    g = np.asarray(genes, dtype=float)
+    return np.append(g / np.maximum(space.upper, 1), space.bytes(genes) / space.budget)
+
+
+def utility(records: list[dict], front: list[dict], alpha: float) -> np.ndarray:
+    p = -np.array([r["val_loss"] for r in records])
+    m = np.array([r["budget_ratio"] for r in records])
+    fp = -np.array([r["val_loss"] for r in front])
+    fm = np.array([r["budget_ratio"] for r in front])
+
+    def norm(x, ref):
+        span = ref.max() - ref.min()
+        return (x - ref.min()) / span if span > 0 else np.zeros_like(x)
+    return alpha * norm(p, fp) - (1 - alpha) * norm(m, fm)
+
+
+def neighbours(space: SearchSpace, genes) -> list[np.ndarray]:
+    """Every allocation one rung (bits or rank, one block) away that fits the budget."""
+    out = []
+    for gene in range(len(genes)):
+        for step in (-1, 1):
+            g = np.array(genes, dtype=int)
+            g[gene] += step
+            if 0 <= g[gene] <= space.upper[gene] and space.bytes(g) <= space.budget:
+                out.append(g)
+    return out
+
+
+def _gp(seed: int):
+    """y is standardized, so the amplitude stays near 1; one length scale over all features,
+    since a handful of observations cannot fit one per dimension."""
+    from skopt.learning import GaussianProcessRegressor
+    from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern
+
+    kernel = ConstantKernel(1.0, (0.1, 10.0)) * Matern(length_scale=1.0, length_scale_bounds=(0.05, 20.0), nu=2.5)
+    return GaussianProcessRegressor(kernel=kernel, normalize_y=True, noise="gaussian",
+                                    n_restarts_optimizer=2, random_state=seed)
+
+
+def refine(profile, evaluator: ProxyEvaluator, space: SearchSpace, phase2: dict, progress: bool = True) -> dict:
+    from skopt.acquisition import gaussian_ei
+
+    cfg, full = profile.bo, full_fidelity(profile)
+    front = phase2["pareto"]
+    if not front:
+        raise QRError("Phase II produced no feasible full-fidelity candidate to refine; raise "
+                      "nsga.generations or nsga.promote, or check the proxy for divergence")
+    observed = list({r["key"]: r for r in phase2["evaluations"] + phase2["promoted"]
+                     if r["fidelity"] == full.name and not r["failed"]}.values())
+    steps, t0 = [], time.time()
+    for it in range(1, cfg.iterations + 1):
+        pareto = pareto_set(observed)
+        seen = {tuple(space.genes(r)) for r in observed}
+        pool = {tuple(g): g for r in pareto for g in neighbours(space, space.genes(r)) if tuple(g) not in seen}
+        if not pool:
+            steps.append({"iteration": it, "stopped": "no unevaluated feasible neighbour left"})
+            break
+        candidates = list(pool.values())
+        X = np.array([features(space, space.genes(r)) for r in observed])
+        y = -utility(observed, front, cfg.alpha)  # skopt minimizes
+        gp = _gp(cfg.seed)
+        with warnings.catch_warnings():  # few points in many dimensions: length scales hit bounds
+            warnings.simplefilter("ignore")
+            gp.fit(X, y)
+            ei = gaussian_ei(np.array([features(space, g) for g in candidates]), gp, y_opt=y.min(), xi=cfg.xi)
+        best = int(np.argmax(ei))
+        if ei[best] < cfg.ei_tol:
+            steps.append({"iteration": it, "max_ei": float(ei[best]), "stopped": f"max EI < {cfg.ei_tol}"})
+            break
+        rec = evaluator.evaluate(space.allocation(candidates[best]), full)
+        observed.append(summarize(rec, None))
+        steps.append({"iteration": it, "n_candidates": len(candidates), "max_ei": float(ei[best]),
+                      "candidate": summarize(rec, None),
+                      "observed_utility": float(utility([rec], front, cfg.alpha)[0])})
+        if progress:
+            print(f"BO {it}/{cfg.iterations}: EI {ei[best]:.4f}, val loss {rec['val_loss']:.4f}, "
+                  f"memory {rec['budget_ratio']:.3f} x budget")
+    ok = [r for r in observed if r["budget_ratio"] <= 1 + 1e-12]
+    u = utility(ok, front, cfg.alpha)
+    selected = ok[int(np.argmax(u))]
+    return {"steps": steps, "selected": {**selected, "utility": float(u.max())},
+            "observed": [{**r, "utility": float(x)} for r, x in zip(ok, u)],
+            "pareto": pareto_set(observed), "alpha": cfg.alpha,
+            "train_tokens": sum(s["candidate"]["train_tokens"] for s in steps if "candidate" in s),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def run(profile, out_dir: Path, evaluator: ProxyEvaluator, space: SearchSpace, phase2: dict,
+        phase2_key: str, progress: bool = True) -> dict:
+    """Phase III for a Profile; reuses results/<profile>/bo.json while its config matches."""
+    config = {"bo": profile.bo, "proxy": profile.proxy, "phase2_key": phase2_key}
+    key = content_hash(config)
+    out = Path(out_dir) / "bo.json"
+    if out.exists() and read_json(out)["config"].get("key") == key:
+        return read_json(out)["result"]
+    result = refine(profile, evaluator, space, phase2, progress)
+    write_artifact(out, {**config, "key": key}, result)
+    return result
