@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv test test-fast reproduce lab benchmark clean-smoke
+.PHONY: venv test test-fast reproduce search lab benchmark clean-smoke
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ test-fast: $(STAMP)
 
 reproduce: $(STAMP)
 	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE)
+
+# The three-phase search alone (notebooks 02-04: artifacts, tables and plots).
+search: $(STAMP)
+	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE) --only 02 03 04
 
 benchmark: $(STAMP)
 	$(OFFLINE) $(PY) -m qr_lib.bench_memory --out results/benchmarks/memory_step_time.json

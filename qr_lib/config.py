@@ -14,6 +14,9 @@ from pathlib import Path
 from .allocation import DEFAULT_BIT_LADDER, DEFAULT_RANK_LADDER
 from .build import LoraSettings
 from .errors import QRError
+from .evaluate import EvalConfig
+from .finetune import FinetuneConfig
+from .pilot import PilotConfig
 from .quant import QuantConfig
 from .search.bo import BOConfig
 from .search.nsga import NSGAConfig
@@ -51,6 +54,9 @@ class Profile:
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     nsga: NSGAConfig = field(default_factory=NSGAConfig)
     bo: BOConfig = field(default_factory=BOConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pilot: PilotConfig = field(default_factory=PilotConfig)
 
 
 def _build(cls, values: dict, where: str):

@@ -114,7 +114,8 @@ def summarize(rec: dict, generation: int | None = None) -> dict:
     return {"generation": generation, "key": rec["key"], "fidelity": rec["fidelity"],
             "val_loss": rec["val_loss"], "failed": rec["failed"], "budget_ratio": rec["budget_ratio"],
             "avg_bits": rec["avg_bits"], "mean_rank": sum(a["ranks"]) / len(a["ranks"]),
-            "bits": a["bits"], "ranks": a["ranks"], "train_tokens": rec["train_tokens"]}
+            "bits": a["bits"], "ranks": a["ranks"], "train_tokens": rec["train_tokens"],
+            "seconds": rec["seconds"]}
 
 
 def epoch_tokens(examples, tok, max_len: int) -> int:

@@ -42,3 +42,149 @@ def sensitivity_plot(result: dict):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def objective_space(phase2: dict, phase3: dict | None = None):
+    """Every scored candidate (validation loss vs memory), coloured by generation; full-fidelity
+    scores, the Pareto set and the BO candidates marked. Fidelities are drawn, never mixed, apart."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    evals = phase2["evaluations"]
+    gens = sorted({r["generation"] for r in evals})
+    cmap = plt.get_cmap("viridis", max(len(gens), 2))
+    for k, g in enumerate(gens):
+        pts = [(r["budget_ratio"], r["val_loss"]) for r in evals if r["generation"] == g and not r["failed"]]
+        ax.scatter(*zip(*pts), s=18, color=cmap(k), alpha=0.8,
+                   label=f"gen {g} ({phase2['search_fidelity']} fidelity)")
+    full = [(r["budget_ratio"], r["val_loss"]) for r in phase2["promoted"]]
+    if full:
+        ax.scatter(*zip(*full), s=40, facecolors="none", edgecolors="k", label="full fidelity (promoted)")
+    front = sorted((r["budget_ratio"], r["val_loss"]) for r in (phase3 or phase2)["pareto"])
+    ax.plot(*zip(*front), "r-", marker="s", ms=5, label="Pareto set (full fidelity)")
+    if phase3:
+        bo_pts = [(s["candidate"]["budget_ratio"], s["candidate"]["val_loss"]) for s in phase3["steps"]
+                  if "candidate" in s]
+        if bo_pts:
+            ax.scatter(*zip(*bo_pts), marker="*", s=140, color="orange", edgecolors="k", label="BO candidates")
+        sel = phase3["selected"]
+        ax.scatter([sel["budget_ratio"]], [sel["val_loss"]], marker="X", s=120, color="red", label="selected")
+    ax.axvline(1.0, color="grey", ls="--", lw=1, label="budget")
+    ax.set_xlabel("block memory / budget (uniform 4-bit, rank 8)")
+    ax.set_ylabel("proxy validation loss")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def hypervolume_curve(phase2: dict):
+    fig, ax = plt.subplots(figsize=(5, 3))
+    gens = [g["generation"] for g in phase2["generations"]]
+    ax.plot(gens, [g["hv"] for g in phase2["generations"]], marker="o")
+    ax.set_xticks(gens)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("hypervolume (normalized)")
+    ax.set_title(f"NSGA-II front, {phase2['search_fidelity']} fidelity", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def bo_trace(phase3: dict):
+    """Utility of each BO candidate against the best utility Phase II had found."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    steps = [s for s in phase3["steps"] if "candidate" in s]
+    phase2_best = max(r["utility"] for r in phase3["observed"] if r["generation"] is not None) \
+        if any(r["generation"] is not None for r in phase3["observed"]) else None
+    ax.plot([s["iteration"] for s in steps], [s["observed_utility"] for s in steps], "o-", label="BO candidate")
+    if phase2_best is not None:
+        ax.axhline(phase2_best, color="grey", ls="--", label="best of Phase II")
+    ax.set_xlabel("BO iteration")
+    ax.set_ylabel(f"utility (a = {phase3['alpha']})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def metric_vs_memory(table, metric: str, ylabel: str, pareto_mib=None, budget_mib=None, scale: float = 1.0):
+    """One point per method (mean over seeds, error bar = std) against block memory; the search's
+    Pareto-set memories as a rug on the x axis, and the budget line."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for _, row in table.iterrows():
+        err = row.get(f"{metric}_std")
+        ax.errorbar(row["memory_MiB"], row[metric] * scale, yerr=None if err != err else err * scale,
+                    fmt="o", capsize=3, label=row["name"])
+    if pareto_mib:
+        lo = ax.get_ylim()[0]
+        ax.plot(pareto_mib, [lo] * len(pareto_mib), "r|", ms=14, mew=2, label="search Pareto set (memory)")
+    if budget_mib:
+        ax.axvline(budget_mib, color="grey", ls="--", lw=1, label="budget")
+    ax.set_xlabel("block memory (MiB, quantized weights + adapters)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def task_bars(table, tasks: list[str]):
+    """Grouped bars: headline metric per task (%), one bar per method, error bars = std over seeds."""
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(tasks) + 2), 3.6))
+    width = 0.8 / max(len(table), 1)
+    x = np.arange(len(tasks))
+    for k, (_, row) in enumerate(table.iterrows()):
+        vals = [row[t] * 100 for t in tasks]
+        errs = [0 if row.get(f"{t}_std") != row.get(f"{t}_std") else row.get(f"{t}_std", 0) * 100 for t in tasks]
+        ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=errs, capsize=2, label=row["name"])
+    ax.set_xticks(x, tasks, rotation=20)
+    ax.set_ylabel("accuracy / exact match (%)")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(curves: dict, window: int = 10):
+    """Training loss per step (moving average over `window` steps), one line per run label."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, losses in curves.items():
+        y = np.convolve(losses, np.ones(window) / window, mode="valid") if len(losses) >= window else losses
+        ax.plot(range(len(y)), y, label=label, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"train loss (moving avg, {window})")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def pilot_bars(table, metric: str = "val_loss", ylabel: str = "validation loss after fine-tuning"):
+    """Configs A-D: mean over seeds with std error bars, memory / budget under each label."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = np.arange(len(table))
+    ax.bar(x, table[metric], yerr=table.get(f"{metric}_std"), capsize=4, color="tab:blue", alpha=0.8)
+    labels = [f"{n.split(':')[0]}\n{m:.0f} MiB" for n, m in zip(table["name"], table["memory_MiB"])]
+    ax.set_xticks(x, labels)
+    lo = (table[metric] - table.get(f"{metric}_std", 0).fillna(0)).min()
+    hi = (table[metric] + table.get(f"{metric}_std", 0).fillna(0)).max()
+    ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def rank_sweep(per_run, metric: str = "val_loss", ylabel: str = "validation loss after fine-tuning"):
+    """Uniform (bits, rank) sweep: one line per bit-width over rank."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for bits, grp in per_run.groupby("bits"):
+        grp = grp.sort_values("rank")
+        ax.plot(grp["rank"], grp[metric], marker="o", label=f"{bits}-bit")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(per_run["rank"].unique()), [str(r) for r in sorted(per_run["rank"].unique())])
+    ax.set_xlabel("LoRA rank (every block)")
+    ax.set_ylabel(ylabel)
+    ax.legend(title="weights")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

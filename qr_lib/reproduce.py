@@ -7,6 +7,7 @@ interruption redoes only unfinished work; the first failing notebook stops the r
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ def write_index(out: Path, profile: str, manifest: dict) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
-def run(profile: str, only: list[str] | None = None) -> None:
+def run(profile: str, only: list[str] | None = None, log_output: bool = False) -> None:
+    """Run the notebooks; with `log_output` their output (stage progress) streams to the terminal."""
     import papermill as pm
 
     out = results_dir(profile)
@@ -51,7 +53,8 @@ def run(profile: str, only: list[str] | None = None) -> None:
         before, t0 = _outputs(out), time.time()
         try:
             pm.execute_notebook(str(nb), str(out / "notebooks" / nb.name), parameters={"PROFILE": profile},
-                                cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=True)
+                                cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False,
+                                log_output=log_output)
         except pm.PapermillExecutionError as e:
             print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"
                   f"the executed copy with the error is {out / 'notebooks' / nb.name}", file=sys.stderr)
@@ -72,7 +75,8 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", default="default", choices=profile_names())
     ap.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 03")
     args = ap.parse_args(argv)
-    run(args.profile, args.only)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
+    run(args.profile, args.only, log_output=True)
 
 
 if __name__ == "__main__":

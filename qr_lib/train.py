@@ -80,9 +80,11 @@ def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: str = "train") -> dict:
+def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: str = "train",
+          on_step=None) -> dict:
     """AdamW on the trainable (LoRA) parameters. Returns the loss curve and token counts; a
-    non-finite loss stops training and is reported as diverged, never raised."""
+    non-finite loss stops training and is reported as diverged, never raised. `on_step(step)` runs
+    after each optimizer step, gradients still in place (AdaLoRA's rank re-allocation)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise QRError("the model has no trainable parameters; build it with qr_lib.build.build()")
@@ -101,7 +103,7 @@ def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: s
     losses, tokens, t0 = [], 0, time.time()
     diverged = False
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
+    for step in bar:
         opt.zero_grad(set_to_none=True)
         step_loss, step_tokens = 0.0, 0
         for _ in range(cfg.grad_accum):
@@ -117,6 +119,8 @@ def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: s
             break
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step)
         losses.append(mean)
         bar.set_postfix(loss=f"{mean:.3f}")
     model.eval()

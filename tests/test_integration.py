@@ -64,10 +64,17 @@ def test_unknown_model_offline_gives_a_clear_error(monkeypatch):
         load_model("no-such-org/no-such-model")
 
 
-def test_smoke_notebooks_execute(tmp_path, monkeypatch):
-    from qr_lib import reproduce
+def test_smoke_notebooks_execute_write_every_headline_and_rerun_without_redoing(tmp_path, monkeypatch):
+    from qr_lib import report, reproduce
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
     reproduce.run("smoke")
-    executed = {p.name for p in (tmp_path / "smoke" / "notebooks").glob("*.ipynb")}
+    out = tmp_path / "smoke"
+    executed = {p.name for p in (out / "notebooks").glob("*.ipynb")}
     assert executed == {p.name for p in reproduce.notebooks()}
-    assert (tmp_path / "smoke" / "README.md").read_text().count("tables/") >= 2
+    assert [str(p) for _, _, p, ok in report.items(out) if not ok] == []
+    index = (out / "README.md").read_text()
+    assert "tables/benchmarks.md" in index and "figures/nsga_hypervolume.png" in index
+    finished = {p: p.stat().st_mtime for p in out.rglob("result.json")}
+    assert len(finished) >= 5
+    reproduce.run("smoke", only=["05"])  # a rerun reads every finished run back
+    assert {p: p.stat().st_mtime for p in out.rglob("result.json")} == finished

@@ -166,18 +166,27 @@ def test_the_search_is_deterministic(smoke, base, smoke_run, tmp_path):
     assert [r["val_loss"] for r in a["pareto"]] == pytest.approx([r["val_loss"] for r in b["pareto"]])
 
 
-def test_the_warm_start_uses_the_phase_one_profile(smoke, smoke_run):
+def test_the_warm_start_uses_the_phase_one_profile(smoke, base, smoke_run):
     from qr_lib.store import read_json
     out, _ = smoke_run
     phase1 = read_json(out / "sensitivity.json")["result"]
     phase2 = read_json(out / "nsga.json")["result"]
-    assert phase2["seed_genes"] == nsga.seed_genes(smoke, phase1).tolist()
-    first = phase2["evaluations"][0]
-    space_genes = [x for b, r in zip(first["bits"], first["ranks"])
-                   for x in (smoke.bit_ladder.index(b), smoke.rank_ladder.index(r))]
+    space = nsga.make_space(smoke, fitness.ProxyEvaluator(smoke, out / "evaluations", *base, progress=False), phase1)
+    seed = nsga.seed_genes(smoke, phase1, space)
+    assert phase2["seed_genes"] == seed.tolist()
+    first = phase2["evaluations"][0]  # the first individual scored is the seed itself
+    assert first["generation"] == 1 and space.genes(first).tolist() == seed.tolist()
     flipped = {"bits": phase1["bits"], "kl": {b: v[::-1] for b, v in phase1["kl"].items()}}
-    assert nsga.seed_genes(smoke, flipped).tolist() != phase2["seed_genes"]
-    assert first["generation"] == 1 and len(space_genes) == len(phase2["seed_genes"])
+    assert nsga.seed_genes(smoke, flipped, space).tolist() != seed.tolist()
+
+
+def test_fill_spends_the_budget_on_the_most_sensitive_blocks():
+    space = _space(kl2=(10.0, 0.01, 0.01, 0.01))
+    filled = P.fill(space, np.zeros(8, dtype=int))
+    assert space.bytes(filled) <= space.budget
+    room = space.budget - space.bytes(filled)
+    assert all(m[2] > room for m in P._moves(space, filled, +1))  # no affordable upgrade is left
+    assert filled[0] == space.upper[0]  # the fragile block is upgraded first, to the top rung
 
 
 def test_a_killed_search_resumes_without_losing_finished_evaluations(smoke, base, tmp_path, monkeypatch):
@@ -196,7 +205,7 @@ def test_a_killed_search_resumes_without_losing_finished_evaluations(smoke, base
     monkeypatch.setattr(fitness.ProxyEvaluator, "evaluate", real)
     ev = fitness.ProxyEvaluator(smoke, tmp_path / "evaluations", *base, progress=False)
     phase1 = search.sensitivity.run(smoke, tmp_path, *base, progress=False)
-    nsga.search(smoke, ev, phase1, progress=False)
+    nsga.search(smoke, ev, phase1)
     assert ev.hits >= 3
     assert set(finished) <= {p.name for p in (tmp_path / "evaluations").glob("*.json")}
 

@@ -14,32 +14,62 @@ from ..store import read_json, write_artifact
 from . import bo, nsga
 
 
-def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True) -> dict:
-    """Phase I -> II -> III; returns the search.json result (its "selected" is an Allocation dict)."""
+def evaluator(profile, cache_dir: Path, base=None, tok=None, progress: bool = True) -> ProxyEvaluator:
+    """The proxy evaluator of a profile, caching under `cache_dir` (results/<profile>/evaluations)."""
+    return ProxyEvaluator(profile, Path(cache_dir), base, tok, progress)
+
+
+def _key(path: Path) -> str:
+    return read_json(path)["config"]["key"]
+
+
+def phase1(profile, out_dir: Path, ev: ProxyEvaluator, progress: bool = True) -> dict:
+    return sensitivity.run(profile, out_dir, ev.base, ev.tok, progress)
+
+
+def phase2(profile, out_dir: Path, ev: ProxyEvaluator, progress: bool = True, sensitivity_dir: Path | None = None) -> dict:
+    sdir = Path(sensitivity_dir or out_dir)
+    p1 = phase1(profile, sdir, ev, progress)
+    return nsga.run(profile, out_dir, ev, p1, _key(sdir / "sensitivity.json"))
+
+
+def phase3(profile, out_dir: Path, ev: ProxyEvaluator, progress: bool = True, sensitivity_dir: Path | None = None) -> dict:
+    sdir = Path(sensitivity_dir or out_dir)
+    p2 = phase2(profile, out_dir, ev, progress, sdir)
+    space = nsga.make_space(profile, ev, phase1(profile, sdir, ev, progress))
+    return bo.run(profile, out_dir, ev, space, p2, _key(Path(out_dir) / "nsga.json"), progress)
+
+
+def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
+        sensitivity_dir: Path | None = None, evaluations_dir: Path | None = None) -> dict:
+    """Phase I -> II -> III; returns the search.json result (its "selected" is an Allocation dict).
+    A variant search (other ladders) can share Phase I and the evaluation cache of the main one."""
     out_dir = Path(out_dir)
-    evaluator = ProxyEvaluator(profile, out_dir / "evaluations", base, tok, progress)
-    phase1 = sensitivity.run(profile, out_dir, evaluator.base, evaluator.tok, progress)
-    phase1_key = read_json(out_dir / "sensitivity.json")["config"]["key"]
-    phase2 = nsga.run(profile, out_dir, evaluator, phase1, phase1_key, progress)
-    phase2_key = read_json(out_dir / "nsga.json")["config"]["key"]
-    space = nsga.make_space(profile, evaluator, phase1)
-    phase3 = bo.run(profile, out_dir, evaluator, space, phase2, phase2_key, progress)
-    chosen = phase3["selected"]
+    sdir = Path(sensitivity_dir or out_dir)
+    ev = evaluator(profile, evaluations_dir or out_dir / "evaluations", base, tok, progress)
+    p1 = phase1(profile, sdir, ev, progress)
+    p2 = phase2(profile, out_dir, ev, progress, sdir)
+    p3 = phase3(profile, out_dir, ev, progress, sdir)
+    chosen = p3["selected"]
     selected = Allocation(chosen["bits"], chosen["ranks"], profile.bit_ladder, profile.rank_ladder,
                           name="QR-Adaptor")
-    search_tokens = phase2["train_tokens"] + phase3["train_tokens"]
-    epoch = epoch_tokens(evaluator.train_set, evaluator.tok, profile.proxy.max_len)
+    # Cost from the records themselves, so a resumed search still reports what its scores cost.
+    unique = {r["key"]: r for r in p2["evaluations"] + p2["promoted"]
+              + [s["candidate"] for s in p3["steps"] if "candidate" in s]}
+    tokens = sum(r["train_tokens"] for r in unique.values())
+    proxy_seconds = sum(r["seconds"] for r in unique.values())
+    epoch = epoch_tokens(ev.train_set, ev.tok, profile.proxy.max_len)
     result = {
         "selected": selected.to_dict(),
         "selected_scores": {k: chosen[k] for k in ("val_loss", "budget_ratio", "avg_bits", "mean_rank", "utility")},
-        "cost": {"phase1_seconds": phase1["seconds"], "phase2_seconds": phase2["seconds"],
-                 "phase3_seconds": phase3["seconds"],
-                 "total_seconds": round(phase1["seconds"] + phase2["seconds"] + phase3["seconds"], 1),
-                 "unique_evaluations": phase2["n_unique_evaluations"] + sum("candidate" in s for s in phase3["steps"]),
-                 "search_train_tokens": search_tokens, "epoch_tokens": epoch,
-                 "epoch_equivalents": search_tokens / epoch},
+        "cost": {"phase1_seconds": p1["seconds"], "proxy_seconds": round(proxy_seconds, 1),
+                 "total_seconds": round(p1["seconds"] + proxy_seconds, 1),
+                 "unique_evaluations": len(unique),
+                 "by_fidelity": {f: sum(r["fidelity"] == f for r in unique.values()) for f in ("low", "full")},
+                 "search_train_tokens": tokens, "epoch_tokens": epoch, "epoch_equivalents": tokens / epoch},
     }
-    write_artifact(out_dir / "search.json", {"phase1": phase1_key, "phase2": phase2_key,
+    write_artifact(out_dir / "search.json", {"sensitivity": _key(sdir / "sensitivity.json"),
+                                             "nsga": _key(out_dir / "nsga.json"), "bo": _key(out_dir / "bo.json"),
                                              "profile": profile.name}, result)
     return result
 

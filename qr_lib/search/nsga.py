@@ -23,7 +23,7 @@ from ..fitness import FAILED_LOSS, Fidelity, ProxyEvaluator, full_fidelity, summ
 from ..sensitivity import seed_allocation
 from ..store import content_hash, read_json, write_artifact
 from .problem import (AllocationProblem, BlockCrossover, BudgetRepair, NeighbourMutation,
-                      SeededSampling, SearchSpace, hypervolume, pareto_mask, pareto_set, search_space)
+                      SeededSampling, SearchSpace, fill, hypervolume, pareto_mask, pareto_set, search_space)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class NSGAConfig:
     mutation_prob: float = 0.1      # prob. that a block mutates
     crossover_prob: float = 0.9
     max_lowest: int | None = None   # at most this many blocks at the lowest bits in the seed
-    repair_rank_weight: float = 0.1
+    # KL charged per unit fraction of a block's rank, in units of its lowest-bit KL. Small: the
+    # paper's premise is that rank cannot buy back fidelity, so repair and the seed trade bits first.
+    repair_rank_weight: float = 0.02
     low_steps: int = 0              # > 0: multi-fidelity, children scored with this many steps
     low_n_val: int = 32
     promote: int = 2                # full-fidelity re-scores per generation (multi-fidelity only)
@@ -51,11 +53,14 @@ def make_space(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> SearchS
                         sensitivity["kl"], evaluator.budget, profile.nsga.repair_rank_weight)
 
 
-def seed_genes(profile, sensitivity: dict) -> np.ndarray:
+def seed_genes(profile, sensitivity: dict, space: SearchSpace) -> np.ndarray:
+    """Phase I's seed: normalized sensitivity mapped onto the ladders, then brought to the budget
+    (repaired if over, filled by the most KL recovered per byte if under), so the first individual
+    spends the memory the budget allows."""
     lowest = str(min(int(b) for b in sensitivity["kl"]))
     seed = seed_allocation(sensitivity["kl"][lowest], profile.bit_ladder, profile.rank_ladder,
                            profile.nsga.max_lowest)
-    return np.array(seed.to_genes())
+    return fill(space, seed.to_genes())
 
 
 class _Recorder(Callback):
@@ -93,7 +98,7 @@ def hv_curve(generations: list[dict]) -> tuple[list[float], dict]:
     return curve, {"min": lo.tolist(), "max": hi.tolist(), "ref": [1.1, 1.1]}
 
 
-def search(profile, evaluator: ProxyEvaluator, sensitivity: dict, progress: bool = True) -> dict:
+def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
     """Run NSGA-II; returns the Phase II result (see module docstring)."""
     cfg = profile.nsga
     space = make_space(profile, evaluator, sensitivity)
@@ -108,7 +113,7 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict, progress: bool
         return [min(r["val_loss"], FAILED_LOSS) for r in recs]
 
     algorithm = NSGA2(pop_size=cfg.pop_size,
-                      sampling=SeededSampling(seed_genes(profile, sensitivity), cfg.jitter, space),
+                      sampling=SeededSampling(seed_genes(profile, sensitivity, space), cfg.jitter, space),
                       crossover=BlockCrossover(cfg.crossover_prob),
                       mutation=NeighbourMutation(cfg.mutation_prob),
                       repair=BudgetRepair(space), eliminate_duplicates=True)
@@ -121,7 +126,7 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict, progress: bool
         g["hv"] = hv
     unique = {r["key"]: r for r in scored + full_records}
     return {"search_fidelity": fidelity.name, "fidelities": {fidelity.name: fidelity, full.name: full},
-            "budget_bytes": space.budget, "seed_genes": seed_genes(profile, sensitivity).tolist(),
+            "budget_bytes": space.budget, "seed_genes": seed_genes(profile, sensitivity, space).tolist(),
             "evaluations": scored, "promoted": recorder.promoted,
             "generations": recorder.generations, "hv_normalization": norm,
             "pareto": pareto_set(full_records),
@@ -129,8 +134,7 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict, progress: bool
             "n_unique_evaluations": len(unique), "seconds": round(time.time() - t0, 1)}
 
 
-def run(profile, out_dir: Path, evaluator: ProxyEvaluator, sensitivity: dict, sensitivity_key: str,
-        progress: bool = True) -> dict:
+def run(profile, out_dir: Path, evaluator: ProxyEvaluator, sensitivity: dict, sensitivity_key: str) -> dict:
     """Phase II for a Profile; reuses results/<profile>/nsga.json while its config matches."""
     config = {"context": evaluator.context, "proxy": profile.proxy, "nsga": profile.nsga,
               "ladders": [profile.bit_ladder, profile.rank_ladder],
@@ -139,6 +143,6 @@ def run(profile, out_dir: Path, evaluator: ProxyEvaluator, sensitivity: dict, se
     out = Path(out_dir) / "nsga.json"
     if out.exists() and read_json(out)["config"].get("key") == key:
         return read_json(out)["result"]
-    result = search(profile, evaluator, sensitivity, progress)
+    result = search(profile, evaluator, sensitivity)
     write_artifact(out, {**config, "key": key}, result)
     return result

@@ -80,7 +80,7 @@ def kl_by_rung(kl_by_bits: dict, bit_ladder, n_blocks: int) -> np.ndarray:
 
 
 def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict, budget: float,
-                 rank_weight: float = 0.1) -> SearchSpace:
+                 rank_weight: float = 0.02) -> SearchSpace:
     bit_ladder, rank_ladder = tuple(sorted(bit_ladder)), tuple(sorted(rank_ladder))
     n = shapes.n_blocks
     cost = np.zeros((n, len(bit_ladder), len(rank_ladder)))
@@ -98,29 +98,48 @@ def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict, budget
     return space
 
 
+def _moves(space: SearchSpace, g: np.ndarray, direction: int):
+    """Every one-rung move (gene index, sensitivity changed, bytes changed) of allocation `g`:
+    downgrades (direction -1) lose sensitivity, upgrades (+1) recover it. A bit move changes the
+    block's KL (Phase I); a rank move is charged rank_weight x the block's lowest-bit KL x the
+    fraction of rank it changes (fragile blocks need their adapters more)."""
+    out = []
+    for i in range(space.n_blocks):
+        b, r = g[2 * i], g[2 * i + 1]
+        nb, nr = b + direction, r + direction
+        if 0 <= nb < len(space.bit_ladder):
+            lo, hi = min(b, nb), max(b, nb)
+            out.append((2 * i, max(space.kl[i, lo] - space.kl[i, hi], 0.0),
+                        abs(space.cost[i, nb, r] - space.cost[i, b, r])))
+        if 0 <= nr < len(space.rank_ladder):
+            lo, hi = min(r, nr), max(r, nr)
+            fraction = 1 - space.rank_ladder[lo] / space.rank_ladder[hi]
+            out.append((2 * i + 1, space.rank_weight * space.kl[i, 0] * fraction,
+                        abs(space.cost[i, b, nr] - space.cost[i, b, r])))
+    return out
+
+
 def repair(space: SearchSpace, genes) -> np.ndarray:
     """Greedy downgrades until the allocation fits: each step takes the one-rung move (bits or
     rank, any block) with the least sensitivity lost per byte saved."""
     g = np.asarray(genes, dtype=int).copy()
-    lowest_kl = space.kl[:, 0]
     while space.bytes(g) > space.budget:
-        best, best_ratio = None, np.inf
-        for i in range(space.n_blocks):
-            b, r = g[2 * i], g[2 * i + 1]
-            here = space.cost[i, b, r]
-            if b > 0:
-                lost = max(space.kl[i, b - 1] - space.kl[i, b], 0.0)
-                ratio = lost / max(here - space.cost[i, b - 1, r], 1.0)
-                if ratio < best_ratio:
-                    best, best_ratio = 2 * i, ratio
-            if r > 0:
-                fraction = 1 - space.rank_ladder[r - 1] / space.rank_ladder[r]
-                lost = space.rank_weight * lowest_kl[i] * fraction
-                ratio = lost / max(here - space.cost[i, b, r - 1], 1.0)
-                if ratio < best_ratio:
-                    best, best_ratio = 2 * i + 1, ratio
-        g[best] -= 1  # search_space() checked that the all-minimum allocation fits, so a move exists
+        gene, _, _ = min(_moves(space, g, -1), key=lambda m: m[1] / max(m[2], 1.0))
+        g[gene] -= 1  # search_space() checked that the all-minimum allocation fits, so a move exists
     return g
+
+
+def fill(space: SearchSpace, genes) -> np.ndarray:
+    """Greedy upgrades while the budget allows: each step takes the affordable one-rung move with
+    the most sensitivity recovered per byte spent (the mirror of repair)."""
+    g = repair(space, genes)
+    while True:
+        room = space.budget - space.bytes(g)
+        moves = [m for m in _moves(space, g, +1) if m[2] <= room]
+        if not moves:
+            return g
+        gene, _, _ = max(moves, key=lambda m: m[1] / max(m[2], 1.0))
+        g[gene] += 1
 
 
 class BudgetRepair(Repair):

@@ -1,0 +1,72 @@
+"""The comparison table: every finished run under results/<profile>/runs/, one row per method.
+
+Columns: memory (formula bytes of the blocks, average bits), trainable parameters, each task's
+headline metric (see evaluate.py), their average, validation loss and held-out perplexity; mean and
+standard deviation over seeds. Reads artifacts only.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .evaluate import headline
+from .store import read_json
+
+REFERENCE = Path(__file__).parent / "reference" / "paper_results.json"
+
+
+def runs(out_dir: Path) -> pd.DataFrame:
+    """One row per (method, seed) with every number the table needs."""
+    rows = []
+    for path in sorted(Path(out_dir).glob("runs/*/seed*/result.json")):
+        r = read_json(path)["result"]
+        row = {"method": r["method"], "name": r["name"], "seed": r["seed"],
+               "memory_MiB": r["memory_bytes"] / 2**20, "avg_bits": r["avg_bits"],
+               "trainable_params": r["trainable_parameters"], "val_loss": r["val_loss"],
+               "heldout_ppl": r["heldout_perplexity"], "train_seconds": r["train"]["seconds"]}
+        for task, metrics in r["benchmarks"].items():
+            row[task], row[f"{task}_stderr"] = headline(metrics)
+            row[f"{task}_n"] = metrics["n"]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    tasks = [c for c in df.columns if f"{c}_stderr" in df.columns]
+    if tasks:
+        df["average"] = df[tasks].mean(axis=1)
+    return df
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds; 'seeds' says how many runs each row averages."""
+    if df.empty:
+        return df
+    skip = {"method", "name", "seed"} | {c for c in df.columns if c.endswith(("_stderr", "_n"))}
+    values = [c for c in df.columns if c not in skip]
+    g = df.groupby(["method", "name"], sort=False)
+    mean, std = g[values].mean(), g[values].std(ddof=1)
+    out = mean.copy()
+    for c in values:
+        out[f"{c}_std"] = std[c]
+    out.insert(0, "seeds", g.size())
+    return out.reset_index()
+
+
+def formatted(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """The readable table: accuracies in %, 'mean ± std' where a method has several seeds."""
+    def cell(row, col, scale=1.0, digits=1):
+        m, s = row[col] * scale, row.get(f"{col}_std")
+        return f"{m:.{digits}f}" if row["seeds"] < 2 or pd.isna(s) else f"{m:.{digits}f} ± {s * scale:.{digits}f}"
+    out = pd.DataFrame({"method": table["name"], "seeds": table["seeds"],
+                        "memory (MiB)": table["memory_MiB"].round(1), "avg bits": table["avg_bits"].round(2),
+                        "trainable": table["trainable_params"].astype(int)})
+    for t in tasks + (["average"] if tasks else []):
+        out[t] = [cell(r, t, 100) for _, r in table.iterrows()]
+    out["val loss"] = [cell(r, "val_loss", 1, 3) for _, r in table.iterrows()]
+    out["held-out ppl"] = [cell(r, "heldout_ppl", 1, 1) for _, r in table.iterrows()]
+    return out
+
+
+def paper_reference() -> dict:
+    """The paper's reported numbers, with their source; shown only as labelled reference."""
+    return json.loads(REFERENCE.read_text())

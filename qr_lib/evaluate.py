@@ -1,0 +1,85 @@
+"""Benchmarks through lm-evaluation-harness, offline, on in-memory models.
+
+The tasks are the YAML files in qr_lib/tasks/ over the documents of qr_lib.data; a TaskManager
+sees only them (no hub access). Multiple-choice tasks report acc and acc_norm (length-normalized);
+tables use acc_norm for ARC, HellaSwag, OpenBookQA, PIQA and MMLU (answers of unequal length), acc
+for WinoGrande and BoolQ, and exact match after the "The answer is N" extraction (strict-match)
+for GSM8K.
+`limit` scores the first n documents of a fixed shuffle (utils.py), i.e. a random sample.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import BENCHMARKS
+from .errors import QRError
+
+TASK_DIR = Path(__file__).parent / "tasks"
+HEADLINE = {"winogrande": "acc", "boolq": "acc", "gsm8k": "exact_match,strict-match"}  # else acc_norm
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple = BENCHMARKS
+    limit: int | None = 200            # documents per task; None = the full split
+    task_limits: dict = field(default_factory=dict)  # per-task overrides of `limit`
+    batch_size: int = 8
+    max_gen_toks: int = 256
+
+
+def task_manager():
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+
+
+def _metrics(task_result: dict) -> dict:
+    """lm-eval's 'acc,none' / 'acc_stderr,none' keys -> {'acc': x, 'acc_stderr': s, ...}."""
+    out = {}
+    for key, value in task_result.items():
+        if "," not in key or not isinstance(value, (int, float)):
+            continue
+        metric, filt = key.split(",", 1)
+        name = metric if filt == "none" else f"{metric},{filt}"
+        out[name] = None if isinstance(value, float) and math.isnan(value) else value
+    return out
+
+
+def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
+    """{task: {metric: value, metric_stderr: value, 'n': documents, 'metric_used': name}}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    if not cfg.tasks:
+        return {}
+    unknown = sorted(set(cfg.tasks) - set(BENCHMARKS))
+    if unknown:
+        raise QRError(f"unknown benchmark(s) {unknown}; the tasks are {list(BENCHMARKS)}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = HFLM(pretrained=base, tokenizer=tok, batch_size=cfg.batch_size, max_length=2048,
+              device=str(next(base.parameters()).device))
+    groups: dict = {}  # one lm-eval call per distinct limit
+    for task in cfg.tasks:
+        groups.setdefault(cfg.task_limits.get(task, cfg.limit), []).append(task)
+    manager, out = task_manager(), {}
+    for limit, tasks in groups.items():
+        if progress:
+            print(f"lm-eval: {', '.join(tasks)} (limit {limit})", flush=True)
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                      gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, log_samples=False,
+                                      verbosity="ERROR", bootstrap_iters=1000)
+        for task in tasks:
+            metrics = _metrics(res["results"][task])
+            metrics["n"] = int(res["n-samples"][task]["effective"])
+            metrics["metric_used"] = HEADLINE.get(task, "acc_norm")
+            out[task] = metrics
+    return {task: out[task] for task in cfg.tasks}
+
+
+def headline(task_metrics: dict) -> tuple[float, float | None]:
+    """(value, standard error) of the metric the tables use for one task."""
+    name = task_metrics["metric_used"]
+    metric, _, filt = name.partition(",")
+    stderr_key = f"{metric}_stderr" + (f",{filt}" if filt else "")
+    return task_metrics[name], task_metrics.get(stderr_key)

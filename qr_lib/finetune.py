@@ -1,0 +1,212 @@
+"""The final fine-tune of a method (the searched allocation or a baseline), saved and evaluated.
+
+A method is a small JSON file in qr_lib/methods/: its allocation (uniform bits/rank, the search's
+selection, or a variant search with fixed ladders), quantization overrides and adapter kind.
+`run(profile, method, seed)` trains it, saves the adapter (peft `save_pretrained`) beside a JSON of
+the allocation and quantization, evaluates it (validation loss, held-out perplexity, lm-eval), and
+writes results/<profile>/runs/<method>/seed<k>/result.json - skipped when it already exists for
+the same configuration, so an interrupted `make reproduce` resumes run by run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapters import prepare
+from .allocation import Allocation, split, uniform
+from .errors import QRError
+from .memory import formula_bytes, model_shapes
+from .quant import QuantConfig
+from .store import content_hash, read_json, write_artifact, write_json
+from .train import TrainConfig, eval_loss, perplexity, train
+
+METHOD_DIR = Path(__file__).parent / "methods"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None   # a cap for CPU profiles; None = the whole `epochs`
+    batch_size: int = 4
+    grad_accum: int = 1            # the authors' code: 4
+    lr: float = 2e-4
+    warmup_ratio: float = 0.03
+    max_len: int = 128             # the authors' code: 512
+    seeds: tuple = (0, 1, 2)       # for methods with "multi_seed"; the others run seeds[0]
+    methods: tuple | None = None   # method ids a full run covers; None = every file in methods/
+
+    def train_config(self, n_train: int, seed: int) -> TrainConfig:
+        steps = math.ceil(self.epochs * n_train / (self.batch_size * self.grad_accum))
+        steps = min(steps, self.max_steps) if self.max_steps else steps
+        return TrainConfig(steps=steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
+                           warmup_steps=max(1, round(self.warmup_ratio * steps)), max_len=self.max_len, seed=seed)
+
+
+@dataclass(frozen=True)
+class Method:
+    id: str
+    name: str
+    allocation: object             # {"bits": b, "rank": r} | {"shallow": [b, r], "deep": [b, r]}
+                                   # | "search" | {"search": {profile overrides}}
+    quant: dict = field(default_factory=dict)
+    adapter: str = "lora"
+    multi_seed: bool = False
+    description: str = ""
+
+
+def method_ids() -> list[str]:
+    return sorted(p.stem for p in METHOD_DIR.glob("*.json"))
+
+
+def load_method(method_id: str) -> Method:
+    path = METHOD_DIR / f"{method_id}.json"
+    if not path.exists():
+        raise QRError(f"method {method_id!r} does not exist; choose one of {method_ids()}")
+    values = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(Method)} - {"id"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise QRError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return Method(id=method_id, **values)
+
+
+def resolve_allocation(profile, method: Method, n_blocks: int, out_dir: Path, ev=None) -> Allocation:
+    """The method's allocation; a variant search runs (or resumes) under out_dir/searches/<id>/."""
+    spec = method.allocation
+    if isinstance(spec, dict) and "bits" in spec:
+        return uniform(n_blocks, spec["bits"], spec["rank"], profile.bit_ladder, profile.rank_ladder,
+                       name=method.name)
+    if isinstance(spec, dict) and "shallow" in spec:
+        return split(n_blocks, tuple(spec["shallow"]), tuple(spec["deep"]), spec.get("boundary"),
+                     profile.bit_ladder, profile.rank_ladder, name=method.name)
+    if spec == "search":
+        path = Path(out_dir) / "search.json"
+        if not path.exists():
+            raise QRError(f"{path} does not exist; run the search first (notebook 04_bo_refinement or "
+                          f"`python -m qr_lib.search --profile {profile.name}`)")
+        return dataclasses.replace(Allocation.from_dict(read_json(path)["result"]["selected"]), name=method.name)
+    if isinstance(spec, dict) and "search" in spec:
+        from . import search
+
+        fields = {f.name for f in dataclasses.fields(profile)}
+        unknown = sorted(set(spec["search"]) - fields)
+        if unknown:
+            raise QRError(f"method {method.id}: {unknown} are not profile fields; a variant search may set "
+                          f"top-level fields such as bit_ladder or rank_ladder")
+        variant = dataclasses.replace(profile, **{k: tuple(v) if isinstance(v, list) else v
+                                                  for k, v in spec["search"].items()})
+        res = search.run(variant, Path(out_dir) / "searches" / method.id, sensitivity_dir=Path(out_dir),
+                         evaluations_dir=Path(out_dir) / "evaluations",
+                         base=ev[0] if ev else None, tok=ev[1] if ev else None)
+        return dataclasses.replace(Allocation.from_dict(res["selected"]), name=method.name)
+    raise QRError(f"method {method.id}: allocation {spec!r} is not {{'bits', 'rank'}}, {{'shallow', 'deep'}}, "
+                  "'search' or {'search': {...}}")
+
+
+def run_dir(out_dir: Path, method: Method, seed: int) -> Path:
+    return Path(out_dir) / "runs" / method.id / f"seed{seed}"
+
+
+def run_data(profile) -> tuple[list, list, list]:
+    """(fine-tuning set, validation set, held-out passages) of a profile."""
+    from .data import load_finetune, load_texts
+
+    d = profile.data
+    train_set, val_set = load_finetune(d.finetune, d.n_train, d.n_val, d.seed)
+    _, heldout = load_texts(d.text, d.n_calib, d.n_heldout, d.seed)
+    return train_set, val_set, heldout
+
+
+def run(profile, method: Method, seed: int, out_dir: Path, base=None, tok=None, progress: bool = True,
+        data: tuple | None = None) -> dict:
+    """Fine-tune, save and evaluate one (method, seed); returns its result.json record.
+    `data` = run_data(profile), when the caller runs many (it is the same for all)."""
+    from .evaluate import run_tasks
+    from .models import load_model
+
+    qcfg = dataclasses.replace(profile.quant, **method.quant)
+    # Which seeds and methods a profile plans does not change this run, so they stay out of its key.
+    config = {"model": profile.model, "dtype": profile.dtype, "data": profile.data, "method": method,
+              "quant": qcfg, "lora": profile.lora,
+              "finetune": dataclasses.replace(profile.finetune, seeds=(), methods=None),
+              "eval": profile.eval, "seed": seed}
+    key = content_hash(config)
+    where = run_dir(out_dir, method, seed)
+    if (where / "result.json").exists() and read_json(where / "result.json")["config"].get("key") == key:
+        return read_json(where / "result.json")
+    if base is None:
+        base, tok = load_model(profile.model, profile.dtype, profile.device)
+    train_set, val_set, heldout = data or run_data(profile)
+    shapes = model_shapes(base)
+    allocation = resolve_allocation(profile, method, shapes.n_blocks, out_dir, (base, tok))
+    tcfg = profile.finetune.train_config(len(train_set), seed)
+    t0 = time.time()
+    model, hook, notes = prepare(base, allocation, qcfg, profile.lora, method.adapter, seed, tcfg.steps)
+    log = train(model, tok, train_set, tcfg, progress=progress, desc=f"{method.id} seed {seed}", on_step=hook)
+    train_seconds = time.time() - t0
+    save_adapter(model, where, allocation, qcfg, profile, method)
+    memory = formula_bytes(shapes, allocation, qcfg)
+    result = {
+        "method": method.id, "name": method.name, "seed": seed, "allocation": allocation.to_dict(),
+        "memory_bytes": memory["blocks"], "avg_bits": memory["avg_bits"],
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train": {**log, "steps": tcfg.steps, "seconds": round(train_seconds, 1)}, "adapter_notes": notes,
+        "val_loss": eval_loss(model, tok, val_set, tcfg.max_len),
+        "heldout_perplexity": perplexity(model, tok, heldout, max_len=256),
+        "benchmarks": run_tasks(model, tok, profile.eval, progress=progress),
+        "seconds": round(time.time() - t0, 1),
+    }
+    return write_artifact(where / "result.json", {**config, "key": key}, result)
+
+
+def save_adapter(model, where: Path, allocation: Allocation, qcfg: QuantConfig, profile, method: Method) -> None:
+    """peft's adapter files plus what rebuilds the quantized model they sit on."""
+    model.save_pretrained(str(where / "adapter"))
+    write_json(where / "allocation.json", {"allocation": allocation, "quant": qcfg, "lora": profile.lora,
+                                           "model": profile.model, "dtype": profile.dtype,
+                                           "adapter": method.adapter})
+
+
+def load_finetuned(where: Path, base=None, tok=None):
+    """Rebuild a saved run for inference: same quantized blocks, the trained adapter weights."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .build import LoraSettings, build
+    from .models import load_model
+
+    meta = read_json(Path(where) / "allocation.json")
+    if meta["adapter"] == "adalora":
+        raise QRError("reloading AdaLoRA runs is not supported; load them with peft.PeftModel.from_pretrained")
+    if base is None:
+        base, tok = load_model(meta["model"], meta["dtype"])
+    model = build(base, Allocation.from_dict(meta["allocation"]), QuantConfig(**meta["quant"]),
+                  LoraSettings(**meta["lora"]), progress=False)
+    set_peft_model_state_dict(model, load_file(str(Path(where) / "adapter" / "adapter_model.safetensors")))
+    model.eval()
+    return model, tok
+
+
+def plan(profile, methods: list[str] | None = None) -> list[tuple[Method, int]]:
+    """(method, seed) pairs: every seed of the profile for multi-seed methods, the first otherwise."""
+    chosen = [load_method(m) for m in (methods or profile.finetune.methods or method_ids())]
+    return [(m, s) for m in chosen for s in (profile.finetune.seeds if m.multi_seed else profile.finetune.seeds[:1])]
+
+
+def run_all(profile, out_dir: Path, methods: list[str] | None = None, progress: bool = True) -> list[dict]:
+    """Every planned run, in order; finished ones are read back, not redone."""
+    from .models import load_model
+
+    todo = plan(profile, methods)
+    base, tok = load_model(profile.model, profile.dtype, profile.device)
+    data = run_data(profile)
+    records = []
+    for k, (method, seed) in enumerate(todo, 1):
+        if progress:
+            print(f"[run {k}/{len(todo)}] {method.name}, seed {seed}", flush=True)
+        records.append(run(profile, method, seed, out_dir, base, tok, progress, data))
+    return records

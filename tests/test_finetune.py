@@ -1,0 +1,138 @@
+"""The final fine-tune, its baselines, saving/reloading, and the lm-eval tasks, on the tiny model."""
+
+import pytest
+import torch
+
+from qr_lib import comparison, finetune
+from qr_lib.adapters import loftq_init, prepare
+from qr_lib.allocation import uniform
+from qr_lib.build import LoraSettings
+from qr_lib.config import load_profile
+from qr_lib.errors import QRError
+from qr_lib.evaluate import EvalConfig, headline, run_tasks
+from qr_lib.quant import QuantConfig
+from qr_lib.train import TrainConfig, train
+
+Q = QuantConfig(group_size=64, hqq_optimize=False)
+
+
+@pytest.fixture(scope="module")
+def base():
+    from qr_lib.models import load_model
+    return load_model("tiny", "float32")
+
+
+@pytest.fixture(scope="module")
+def quick():
+    """The smoke profile with one task, two documents: exercises the path, not the numbers."""
+    return load_profile("smoke", {"eval.tasks": ["arc_easy"], "eval.limit": 2, "finetune.max_steps": 3})
+
+
+def test_train_config_covers_the_requested_epochs():
+    cfg = finetune.FinetuneConfig(epochs=0.5, batch_size=4, grad_accum=2, warmup_ratio=0.1)
+    t = cfg.train_config(2000, seed=3)
+    assert t.steps == 125 and t.warmup_steps == 12 and t.seed == 3 and t.grad_accum == 2
+    assert finetune.FinetuneConfig(max_steps=7).train_config(2000, 0).steps == 7
+
+
+def test_every_method_file_loads_and_unknown_ones_are_refused():
+    ids = finetune.method_ids()
+    assert {"qr_adaptor", "lora16", "hqq4", "nf4", "hqq3", "hqq2", "adalora_nf4", "loftq_hqq4",
+            "bits_only", "rank_only"} <= set(ids)
+    for m in ids:
+        assert finetune.load_method(m).name
+    with pytest.raises(QRError, match="choose one of"):
+        finetune.load_method("qlora_9bit")
+
+
+def test_plan_repeats_only_multi_seed_methods(quick):
+    pairs = finetune.plan(quick, ["qr_adaptor", "hqq2"])
+    assert [(m.id, s) for m, s in pairs] == [("qr_adaptor", 0), ("qr_adaptor", 1), ("hqq2", 0)]
+
+
+def test_searched_method_without_a_search_is_a_clear_error(quick, tmp_path):
+    with pytest.raises(QRError, match="run the search first"):
+        finetune.resolve_allocation(quick, finetune.load_method("qr_adaptor"), 4, tmp_path)
+
+
+def test_a_run_is_saved_reloads_to_the_same_logits_and_is_not_redone(quick, base, tmp_path, monkeypatch):
+    model_, tok = base
+    rec = finetune.run(quick, finetune.load_method("hqq3"), 0, tmp_path, model_, tok, progress=False)
+    where = finetune.run_dir(tmp_path, finetune.load_method("hqq3"), 0)
+    assert set(rec) == {"config", "environment", "result"}
+    r = rec["result"]
+    assert r["train"]["steps"] == 3 and len(r["train"]["losses"]) == 3
+    assert r["benchmarks"]["arc_easy"]["n"] == 2 and r["avg_bits"] == 3
+    assert (where / "adapter" / "adapter_model.safetensors").exists()
+    reloaded, _ = finetune.load_finetuned(where, model_, tok)
+    assert r["val_loss"] == pytest.approx(_val_loss(quick, reloaded, tok), rel=1e-5)
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("redid a finished run"))
+    assert finetune.run(quick, finetune.load_method("hqq3"), 0, tmp_path, model_, tok, progress=False) == rec
+
+
+def _val_loss(profile, model, tok):
+    from qr_lib.data import load_finetune
+    from qr_lib.train import eval_loss
+    d = profile.data
+    _, val = load_finetune(d.finetune, d.n_train, d.n_val, d.seed)
+    return eval_loss(model, tok, val, profile.finetune.max_len)
+
+
+def test_save_and_reload_give_identical_logits_after_training(quick, base, tmp_path):
+    model_, tok = base
+    alloc = uniform(4, 4, 8)
+    model, _, _ = prepare(model_, alloc, Q, LoraSettings(), "lora", seed=1)
+    from qr_lib.data import Example
+    ex = [Example(f"Q: {i}?\nA:", f" {i}", "toy") for i in range(8)]
+    train(model, tok, ex, TrainConfig(steps=3, batch_size=4, lr=1e-2, max_len=16), progress=False)
+    finetune.save_adapter(model, tmp_path, alloc, Q, quick,
+                          finetune.load_method("hqq4"))
+    reloaded, _ = finetune.load_finetuned(tmp_path, model_, tok)
+    x = torch.randint(0, len(tok), (2, 12))
+    assert torch.allclose(model(input_ids=x).logits, reloaded(input_ids=x).logits, atol=1e-5)
+
+
+def test_loftq_starts_closer_to_the_unquantized_weights(base):
+    model_, _ = base
+    model, _, notes = prepare(model_, uniform(4, 2, 8), Q, LoraSettings(), "loftq")
+    assert notes["residual_after"] < notes["residual_before"]
+    again = loftq_init(model, model_)
+    assert again["residual_after"] == pytest.approx(notes["residual_after"], rel=1e-4)
+
+
+def test_adalora_needs_a_backend_it_supports(base):
+    with pytest.raises(QRError, match="quant.backend = 'bnb'"):
+        prepare(base[0], uniform(4, 4, 8), Q, LoraSettings(), "adalora", total_steps=10)
+
+
+def test_adalora_trains_on_nf4(base):
+    model, hook, _ = prepare(base[0], uniform(4, 4, 8), QuantConfig(backend="bnb"), LoraSettings(), "adalora",
+                             total_steps=6)
+    from qr_lib.data import Example
+    ex = [Example(f"Q: {i}?\nA:", f" {i}", "toy") for i in range(8)]
+    log = train(model, base[1], ex, TrainConfig(steps=6, batch_size=4, max_len=16), progress=False, on_step=hook)
+    assert len(log["losses"]) == 6 and not log["diverged"]
+
+
+def test_every_task_yaml_runs_offline(base):
+    model_, tok = base
+    res = run_tasks(model_, tok, EvalConfig(limit=2, max_gen_toks=4), progress=False)
+    assert set(res) == {"arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
+                        "mmlu", "gsm8k"}
+    for task, m in res.items():
+        value, stderr = headline(m)
+        assert m["n"] == 2 and 0 <= value <= 1, task
+    assert "acc_norm" in res["arc_easy"] and res["gsm8k"]["metric_used"] == "exact_match,strict-match"
+
+
+def test_comparison_table_averages_seeds(quick, base, tmp_path):
+    model_, tok = base
+    for seed in (0, 1):
+        finetune.run(quick, finetune.load_method("hqq2"), seed, tmp_path, model_, tok, progress=False)
+    per_seed = comparison.runs(tmp_path)
+    table = comparison.summary(per_seed)
+    assert len(per_seed) == 2 and table.loc[0, "seeds"] == 2
+    assert table.loc[0, "val_loss"] == pytest.approx(per_seed["val_loss"].mean())
+    text = comparison.formatted(table, ["arc_easy"])
+    assert "±" in text.loc[0, "val loss"]
+    assert comparison.paper_reference()["entries"]

@@ -1,0 +1,43 @@
+"""The pilot study's bookkeeping, the report's index and the reproduce runner's plumbing."""
+import pandas as pd
+import pytest
+
+from qr_lib import pilot, report, reproduce
+from qr_lib.config import load_profile
+
+
+def test_pilot_configs_are_the_papers_four_and_c_mirrors_d():
+    configs, sweep = pilot.methods(load_profile("default").pilot)
+    spec = {m.id: m.allocation for m in configs}
+    assert list(spec) == ["config_A", "config_B", "config_C", "config_D"]
+    assert spec["config_C"]["shallow"][0] == spec["config_D"]["deep"][0] == 4
+    assert spec["config_C"]["deep"][0] == spec["config_D"]["shallow"][0] == 2
+    assert spec["config_C"]["deep"][1] == 2 * spec["config_D"]["deep"][1]  # C has twice D's rank
+    assert len(sweep) == 9 and len({m.id for m in sweep}) == 9
+
+
+def test_verdict_counts_a_gap_only_beyond_the_seed_spread():
+    def table(c, d, std):
+        return pd.DataFrame({"method": ["config_C", "config_D"], "seeds": [3, 3], "val_loss": [c, d],
+                             "val_loss_std": [std, std]})
+    assert pilot.verdict(table(4.0, 3.5, 0.1))["C_worse_than_D"]
+    v = pilot.verdict(table(3.52, 3.5, 0.1))
+    assert not v["C_worse_than_D"] and v["C_minus_D"] == pytest.approx(0.02)
+
+
+def test_pilot_profile_keeps_the_callers_other_settings():
+    p = load_profile("smoke", {"data.n_train": 32})
+    q = pilot.pilot_profile(p)
+    assert q.data.n_train == 32 and q.finetune.max_steps == p.pilot.steps and q.eval.tasks == tuple(p.pilot.tasks)
+
+
+def test_report_lists_files_in_notebook_order(tmp_path):
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "setup_model.md").write_text("| a |\n|---|\n| 1 |\n")
+    rows = list(report.items(tmp_path))
+    assert rows[0][2].name == "setup_model.md" and rows[0][3]
+    assert not any(ok for _, _, p, ok in rows if p.name != "setup_model.md")
+    order = [nb for _, nb, _, _ in rows]
+    assert order == sorted(order)  # sections follow the notebooks' numbering
+    known = {p.stem for p in reproduce.notebooks()}
+    assert set(order) <= known
