@@ -51,6 +51,8 @@ class Profile:
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     proxy: TrainConfig = field(default_factory=TrainConfig)
+    proxy_metric: str = "loss"     # or a benchmark task: the proxy then minimizes its error rate
+    proxy_metric_limit: int = 100  # documents of that task per score
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     nsga: NSGAConfig = field(default_factory=NSGAConfig)
     bo: BOConfig = field(default_factory=BOConfig)

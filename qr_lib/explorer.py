@@ -63,7 +63,8 @@ class Explorer:
             "predicted_kl": predicted,
             "group_sensitivity": [float(self.kl[blocks, 0].mean()) for blocks in self.groups],
             "nearest": [{"distance": int(np.abs(self._genes(r["allocation"]["bits"], r["allocation"]["ranks"]) - g).sum()),
-                         "fidelity": r["fidelity"], "val_loss": r["val_loss"], "budget_ratio": r["budget_ratio"],
+                         "fidelity": r["fidelity"], "objective": r["objective"],
+                         "metric": r["metric"], "budget_ratio": r["budget_ratio"],
                          "avg_bits": r["avg_bits"]} for r in nearest],
         }
 
@@ -97,7 +98,7 @@ class Explorer:
                     print(f"  blocks {blocks[0]}-{blocks[-1]}: mean KL at {self.profile.bit_ladder[0]} bits {s:.4f}")
                 print("nearest allocations the search fine-tuned:")
                 for n in d["nearest"]:
-                    print(f"  {n['distance']} rungs away: val loss {n['val_loss']:.4f} ({n['fidelity']} fidelity), "
+                    print(f"  {n['distance']} rungs away: {n['metric']} objective {n['objective']:.4f} ({n['fidelity']} fidelity), "
                           f"{n['budget_ratio']:.3f} x budget")
                 fig = allocation_heatmap(alloc, "your allocation")
                 display(fig)

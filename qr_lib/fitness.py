@@ -1,5 +1,9 @@
 """Proxy evaluation, the fitness of the search: a real short LoRA fine-tune, then a validation score.
 
+The objective (lower is better) is the validation loss per answer token by default, or with
+`proxy_metric` set to a benchmark task, that task's error rate (1 - accuracy, lm-eval on the first
+`proxy_metric_limit` documents); the validation loss is recorded either way.
+
 Every score is a JSON file named by the content hash of everything that changes it (allocation,
 model, backend, data, proxy settings, seed, library versions), written atomically: a repeated
 candidate is never trained twice, and a search killed midway resumes from what is on disk.
@@ -20,7 +24,7 @@ from .memory import budget_bytes, formula_bytes, model_shapes
 from .store import content_hash, package_versions, read_json, write_artifact
 from .train import TrainConfig, eval_loss, train
 
-# A diverged candidate scores this validation loss: worse than any real one, yet finite, so pymoo's
+# A diverged candidate scores this objective: worse than any real one, yet finite, so pymoo's
 # sorting and crowding stay well defined.
 FAILED_LOSS = 1e3
 SCORE_PACKAGES = ("torch", "transformers", "peft", "hqq", "bitsandbytes")
@@ -55,6 +59,7 @@ class ProxyEvaluator:
         self.context = {"model": profile.model, "dtype": profile.dtype, "quant": profile.quant,
                         "lora": profile.lora, "data": d, "versions": package_versions(SCORE_PACKAGES)}
         self.context_key = content_hash(self.context)
+        self.metric, self.metric_limit = profile.proxy_metric, profile.proxy_metric_limit
         self.hits = self.misses = 0
 
     def memory(self, allocation: Allocation) -> dict:
@@ -62,8 +67,10 @@ class ProxyEvaluator:
         return {"bytes": m["blocks"], "avg_bits": m["avg_bits"], "budget_ratio": m["blocks"] / self.budget}
 
     def key(self, allocation: Allocation, fidelity: Fidelity) -> str:
-        return content_hash({"context": self.context_key, "allocation": allocation.key(),
-                             "fidelity": fidelity})
+        parts = {"context": self.context_key, "allocation": allocation.key(), "fidelity": fidelity}
+        if self.metric != "loss":  # the default adds nothing, so loss-scored caches keep their keys
+            parts["metric"] = [self.metric, self.metric_limit]
+        return content_hash(parts)
 
     def path(self, allocation: Allocation, fidelity: Fidelity) -> Path:
         return self.cache_dir / f"{self.key(allocation, fidelity)}.json"
@@ -80,13 +87,21 @@ class ProxyEvaluator:
                       seed=fidelity.train.seed)
         log = train(model, self.tok, self.train_set, fidelity.train, progress=self.progress,
                     desc=f"proxy ({fidelity.name})")
-        if log["diverged"]:
-            loss = FAILED_LOSS
-        else:
+        loss = accuracy = None
+        if not log["diverged"]:
             loss = eval_loss(model, self.tok, self.val_set[:fidelity.n_val], fidelity.train.max_len)
+            if self.metric != "loss":
+                from .evaluate import EvalConfig, headline, run_tasks
+                cfg = EvalConfig(tasks=(self.metric,), limit=self.metric_limit)
+                accuracy = headline(run_tasks(model, self.tok, cfg, progress=False)[self.metric])[0]
         del model
+        if log["diverged"]:
+            objective = FAILED_LOSS
+        else:
+            objective = loss if self.metric == "loss" else 1.0 - accuracy
         result = {"key": path.stem, "allocation": allocation.to_dict(), "fidelity": fidelity.name,
-                  "val_loss": loss, "failed": log["diverged"], **self.memory(allocation),
+                  "metric": self.metric, "objective": objective, "val_loss": loss, "accuracy": accuracy,
+                  "failed": log["diverged"], **self.memory(allocation),
                   "train_tokens": log["train_tokens"], "final_train_loss": (log["losses"] or [None])[-1],
                   "seconds": round(time.time() - t0, 2), "peak_memory_bytes": log["peak_memory_bytes"]}
         write_artifact(path, {"context": self.context, "context_key": self.context_key,
@@ -112,7 +127,9 @@ def summarize(rec: dict, generation: int | None = None) -> dict:
     """The fields of a record the search artifacts keep (the allocation flattened)."""
     a = rec["allocation"]
     return {"generation": generation, "key": rec["key"], "fidelity": rec["fidelity"],
-            "val_loss": rec["val_loss"], "failed": rec["failed"], "budget_ratio": rec["budget_ratio"],
+            "objective": rec["objective"], "metric": rec["metric"],
+            "val_loss": rec["val_loss"], "accuracy": rec["accuracy"],
+            "failed": rec["failed"], "budget_ratio": rec["budget_ratio"],
             "avg_bits": rec["avg_bits"], "mean_rank": sum(a["ranks"]) / len(a["ranks"]),
             "bits": a["bits"], "ranks": a["ranks"], "train_tokens": rec["train_tokens"],
             "seconds": rec["seconds"]}

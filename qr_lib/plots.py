@@ -52,24 +52,25 @@ def objective_space(phase2: dict, phase3: dict | None = None):
     gens = sorted({r["generation"] for r in evals})
     cmap = plt.get_cmap("viridis", max(len(gens), 2))
     for k, g in enumerate(gens):
-        pts = [(r["budget_ratio"], r["val_loss"]) for r in evals if r["generation"] == g and not r["failed"]]
+        pts = [(r["budget_ratio"], r["objective"]) for r in evals if r["generation"] == g and not r["failed"]]
         ax.scatter(*zip(*pts), s=18, color=cmap(k), alpha=0.8,
                    label=f"gen {g} ({phase2['search_fidelity']} fidelity)")
-    full = [(r["budget_ratio"], r["val_loss"]) for r in phase2["promoted"]]
+    full = [(r["budget_ratio"], r["objective"]) for r in phase2["promoted"]]
     if full:
         ax.scatter(*zip(*full), s=40, facecolors="none", edgecolors="k", label="full fidelity (promoted)")
-    front = sorted((r["budget_ratio"], r["val_loss"]) for r in (phase3 or phase2)["pareto"])
+    front = sorted((r["budget_ratio"], r["objective"]) for r in (phase3 or phase2)["pareto"])
     ax.plot(*zip(*front), "r-", marker="s", ms=5, label="Pareto set (full fidelity)")
     if phase3:
-        bo_pts = [(s["candidate"]["budget_ratio"], s["candidate"]["val_loss"]) for s in phase3["steps"]
+        bo_pts = [(s["candidate"]["budget_ratio"], s["candidate"]["objective"]) for s in phase3["steps"]
                   if "candidate" in s]
         if bo_pts:
             ax.scatter(*zip(*bo_pts), marker="*", s=140, color="orange", edgecolors="k", label="BO candidates")
         sel = phase3["selected"]
-        ax.scatter([sel["budget_ratio"]], [sel["val_loss"]], marker="X", s=120, color="red", label="selected")
+        ax.scatter([sel["budget_ratio"]], [sel["objective"]], marker="X", s=120, color="red", label="selected")
     ax.axvline(1.0, color="grey", ls="--", lw=1, label="budget")
     ax.set_xlabel("block memory / budget (uniform 4-bit, rank 8)")
-    ax.set_ylabel("proxy validation loss")
+    metric = evals[0]["metric"] if evals else "loss"
+    ax.set_ylabel("proxy validation loss" if metric == "loss" else f"proxy error rate on {metric}")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -136,3 +136,10 @@ def test_comparison_table_averages_seeds(quick, base, tmp_path):
     text = comparison.formatted(table, ["arc_easy"])
     assert "±" in text.loc[0, "val loss"]
     assert comparison.paper_reference()["entries"]
+
+
+def test_a_rank_only_search_keeps_every_block_at_four_bits(quick, base, tmp_path):
+    alloc = finetune.resolve_allocation(quick, finetune.load_method("rank_only"), 4, tmp_path, base)
+    assert set(alloc.bits) == {4} and alloc.name == "Rank-only search"
+    assert (tmp_path / "searches" / "rank_only" / "search.json").exists()
+    assert (tmp_path / "sensitivity.json").exists()  # Phase I is shared with the main search

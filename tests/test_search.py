@@ -32,7 +32,7 @@ def test_hypervolume_of_known_fronts():
 
 def test_pareto_set_keeps_feasible_non_dominated_records():
     def rec(key, loss, ratio, failed=False):
-        return {"key": key, "val_loss": loss, "budget_ratio": ratio, "failed": failed}
+        return {"key": key, "objective": loss, "budget_ratio": ratio, "failed": failed}
     recs = [rec("a", 1.0, 0.9), rec("b", 2.0, 0.5), rec("c", 2.5, 0.95), rec("d", 0.5, 1.2),
             rec("e", 0.1, 0.4, failed=True)]
     assert [r["key"] for r in P.pareto_set(recs)] == ["b", "a"]
@@ -121,13 +121,25 @@ def test_cache_hits_skip_training(smoke, base, tmp_path, monkeypatch):
     assert again.records("full") == [first] and again.records("low") == []
 
 
+def test_a_task_accuracy_can_be_the_proxy_objective(smoke, base, tmp_path):
+    from qr_lib.allocation import uniform
+    p = load_profile("smoke", {"proxy_metric": "arc_easy", "proxy_metric_limit": 4})
+    ev = fitness.ProxyEvaluator(p, tmp_path, *base, progress=False)
+    rec = ev.evaluate(uniform(4, 4, 8), fitness.full_fidelity(p))
+    assert rec["metric"] == "arc_easy" and rec["objective"] == pytest.approx(1 - rec["accuracy"])
+    assert rec["val_loss"] > 0  # measured either way
+    loss_key = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False).key(uniform(4, 4, 8),
+                                                                               fitness.full_fidelity(smoke))
+    assert rec["key"] != loss_key  # the two objectives never share a cache entry
+
+
 def test_a_diverged_candidate_scores_the_worst_loss(smoke, base, tmp_path, monkeypatch):
     from qr_lib.allocation import uniform
     monkeypatch.setattr(fitness, "train", lambda *a, **k: {"losses": [], "train_tokens": 10, "seconds": 0.0,
                                                            "diverged": True, "peak_memory_bytes": 0})
     rec = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False).evaluate(uniform(4, 2, 4),
                                                                                   fitness.full_fidelity(smoke))
-    assert rec["failed"] and rec["val_loss"] == fitness.FAILED_LOSS
+    assert rec["failed"] and rec["objective"] == fitness.FAILED_LOSS and rec["val_loss"] is None
 
 
 # -- the whole search on the smoke profile ---------------------------------------------------------
@@ -163,7 +175,7 @@ def test_the_search_is_deterministic(smoke, base, smoke_run, tmp_path):
     assert again["selected"] == first["selected"]
     a, b = read_json(out / "nsga.json")["result"], read_json(tmp_path / "nsga.json")["result"]
     assert [r["key"] for r in a["evaluations"]] == [r["key"] for r in b["evaluations"]]
-    assert [r["val_loss"] for r in a["pareto"]] == pytest.approx([r["val_loss"] for r in b["pareto"]])
+    assert [r["objective"] for r in a["pareto"]] == pytest.approx([r["objective"] for r in b["pareto"]])
 
 
 def test_the_warm_start_uses_the_phase_one_profile(smoke, base, smoke_run):
@@ -211,7 +223,7 @@ def test_a_killed_search_resumes_without_losing_finished_evaluations(smoke, base
 
 
 def test_bo_utility_and_neighbours():
-    front = [{"val_loss": 1.0, "budget_ratio": 1.0}, {"val_loss": 2.0, "budget_ratio": 0.5}]
+    front = [{"objective": 1.0, "budget_ratio": 1.0}, {"objective": 2.0, "budget_ratio": 0.5}]
     u = bo.utility(front, front, alpha=0.6)
     assert u.tolist() == pytest.approx([0.6 - 0.4, 0.0])
     space = _space()

@@ -61,7 +61,8 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
     epoch = epoch_tokens(ev.train_set, ev.tok, profile.proxy.max_len)
     result = {
         "selected": selected.to_dict(),
-        "selected_scores": {k: chosen[k] for k in ("val_loss", "budget_ratio", "avg_bits", "mean_rank", "utility")},
+        "selected_scores": {k: chosen[k] for k in ("objective", "metric", "val_loss", "accuracy", "budget_ratio",
+                                                   "avg_bits", "mean_rank", "utility")},
         "cost": {"phase1_seconds": p1["seconds"], "proxy_seconds": round(proxy_seconds, 1),
                  "total_seconds": round(p1["seconds"] + proxy_seconds, 1),
                  "unique_evaluations": len(unique),

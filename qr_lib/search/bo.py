@@ -2,7 +2,7 @@
 
 A Gaussian process (Matern nu=5/2: discrete quantization makes a rough landscape) models the
 scalarized utility u = a * P_norm - (1 - a) * M_norm of full-fidelity proxy scores, where
-P = -validation loss and M = bytes / budget are min-max normalized over the Phase II Pareto set.
+P = -proxy objective (validation loss by default) and M = bytes / budget are min-max normalized over the Phase II Pareto set.
 Candidates are the feasible one-rung neighbours of the current Pareto points; the Expected
 Improvement maximizer is scored by the REAL proxy fine-tune, until `iterations` or max EI < tol.
 """
@@ -38,9 +38,9 @@ def features(space: SearchSpace, genes) -> np.ndarray:
 
 
 def utility(records: list[dict], front: list[dict], alpha: float) -> np.ndarray:
-    p = -np.array([r["val_loss"] for r in records])
+    p = -np.array([r["objective"] for r in records])
     m = np.array([r["budget_ratio"] for r in records])
-    fp = -np.array([r["val_loss"] for r in front])
+    fp = -np.array([r["objective"] for r in front])
     fm = np.array([r["budget_ratio"] for r in front])
 
     def norm(x, ref):
@@ -108,7 +108,7 @@ def refine(profile, evaluator: ProxyEvaluator, space: SearchSpace, phase2: dict,
                       "candidate": summarize(rec, None),
                       "observed_utility": float(utility([rec], front, cfg.alpha)[0])})
         if progress:
-            print(f"BO {it}/{cfg.iterations}: EI {ei[best]:.4f}, val loss {rec['val_loss']:.4f}, "
+            print(f"BO {it}/{cfg.iterations}: EI {ei[best]:.4f}, objective {rec['objective']:.4f}, "
                   f"memory {rec['budget_ratio']:.3f} x budget")
     ok = [r for r in observed if r["budget_ratio"] <= 1 + 1e-12]
     u = utility(ok, front, cfg.alpha)
@@ -117,7 +117,7 @@ def refine(profile, evaluator: ProxyEvaluator, space: SearchSpace, phase2: dict,
             "observed": [{**r, "utility": float(x)} for r, x in zip(ok, u)],
             "pareto": pareto_set(observed), "alpha": cfg.alpha,
             "train_tokens": sum(s["candidate"]["train_tokens"] for s in steps if "candidate" in s),
-            "seconds": round(time.time() - t0, 1)}
+            "wall_seconds": round(time.time() - t0, 1)}
 
 
 def run(profile, out_dir: Path, evaluator: ProxyEvaluator, space: SearchSpace, phase2: dict,

@@ -1,7 +1,7 @@
 """The search problem in pymoo's terms: genes, objectives, the budget, and the paper's operators.
 
 An individual is 2 integer genes per block: (bit-ladder index, rank-ladder index). Objectives
-(both minimized): validation loss of the proxy fine-tune, and block bytes / budget. Constraint:
+(both minimized): the proxy fine-tune's objective (fitness.py), and block bytes / budget. Constraint:
 bytes / budget - 1 <= 0. Operators: layer-wise crossover (a block's pair is inherited whole),
 neighbour mutation (one rung up or down), and a greedy repair that downgrades, one rung at a time,
 whatever loses the least sensitivity per byte saved until the child fits the budget.
@@ -209,8 +209,8 @@ class NeighbourMutation(Mutation):
 
 
 class AllocationProblem(Problem):
-    """Minimize (validation loss, bytes / budget) subject to bytes <= budget.
-    `score(list[Allocation]) -> list[float]` returns the proxy validation losses."""
+    """Minimize (proxy objective, bytes / budget) subject to bytes <= budget.
+    `score(list[Allocation]) -> list[float]` returns the proxy objectives."""
 
     def __init__(self, space: SearchSpace, score):
         super().__init__(n_var=2 * space.n_blocks, n_obj=2, n_ieq_constr=1, xl=0, xu=space.upper,
@@ -235,10 +235,10 @@ def pareto_mask(points) -> np.ndarray:
 
 
 def pareto_set(records: list[dict]) -> list[dict]:
-    """Non-dominated feasible, non-failed records (val_loss, budget_ratio), by memory."""
+    """Non-dominated feasible, non-failed records (objective, budget_ratio), by memory."""
     ok = [r for r in records if r["budget_ratio"] <= 1 + 1e-12 and not r["failed"]]
     unique = list({r["key"]: r for r in ok}.values())
-    mask = pareto_mask([[r["val_loss"], r["budget_ratio"]] for r in unique])
+    mask = pareto_mask([[r["objective"], r["budget_ratio"]] for r in unique])
     return sorted((r for r, m in zip(unique, mask) if m), key=lambda r: r["budget_ratio"])
 
 
