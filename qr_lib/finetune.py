@@ -136,13 +136,16 @@ def run(profile, method: Method, seed: int, out_dir: Path, base=None, tok=None, 
               "eval": profile.eval, "seed": seed}
     key = content_hash(config)
     where = run_dir(out_dir, method, seed)
-    if (where / "result.json").exists() and read_json(where / "result.json")["config"].get("key") == key:
-        return read_json(where / "result.json")
     if base is None:
         base, tok = load_model(profile.model, profile.dtype, profile.device)
-    train_set, val_set, heldout = data or run_data(profile)
     shapes = model_shapes(base)
     allocation = resolve_allocation(profile, method, shapes.n_blocks, out_dir, (base, tok))
+    if (where / "result.json").exists():
+        done = read_json(where / "result.json")
+        same = Allocation.from_dict(done["result"]["allocation"]).pairs() == allocation.pairs()
+        if done["config"].get("key") == key and same:  # a new search selection means a new run
+            return done
+    train_set, val_set, heldout = data or run_data(profile)
     tcfg = profile.finetune.train_config(len(train_set), seed)
     t0 = time.time()
     model, hook, notes = prepare(base, allocation, qcfg, profile.lora, method.adapter, seed, tcfg.steps)

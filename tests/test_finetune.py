@@ -143,3 +143,16 @@ def test_a_rank_only_search_keeps_every_block_at_four_bits(quick, base, tmp_path
     assert set(alloc.bits) == {4} and alloc.name == "Rank-only search"
     assert (tmp_path / "searches" / "rank_only" / "search.json").exists()
     assert (tmp_path / "sensitivity.json").exists()  # Phase I is shared with the main search
+
+
+def test_a_new_search_selection_is_a_new_run(quick, base, tmp_path):
+    from qr_lib.store import write_artifact
+    model_, tok = base
+    method = finetune.load_method("qr_adaptor")
+    first, second = uniform(4, 4, 8), uniform(4, 3, 8)
+    write_artifact(tmp_path / "search.json", {}, {"selected": first.to_dict()})
+    a = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)
+    assert a["result"]["allocation"]["bits"] == [4] * 4
+    write_artifact(tmp_path / "search.json", {}, {"selected": second.to_dict()})
+    b = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)
+    assert b["result"]["allocation"]["bits"] == [3] * 4 and b["result"]["memory_bytes"] < a["result"]["memory_bytes"]
