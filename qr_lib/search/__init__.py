@@ -27,17 +27,24 @@ def phase1(profile, out_dir: Path, ev: ProxyEvaluator, progress: bool = True) ->
     return sensitivity.run(profile, out_dir, ev.base, ev.tok, progress)
 
 
+def _phase2(profile, out_dir: Path, ev: ProxyEvaluator, p1: dict, sdir: Path) -> dict:
+    return nsga.run(profile, out_dir, ev, p1, _key(sdir / "sensitivity.json"))
+
+
+def _phase3(profile, out_dir: Path, ev: ProxyEvaluator, p1: dict, p2: dict, progress: bool) -> dict:
+    space = nsga.make_space(profile, ev, p1)
+    return bo.run(profile, out_dir, ev, space, p2, _key(Path(out_dir) / "nsga.json"), progress)
+
+
 def phase2(profile, out_dir: Path, ev: ProxyEvaluator, progress: bool = True, sensitivity_dir: Path | None = None) -> dict:
     sdir = Path(sensitivity_dir or out_dir)
-    p1 = phase1(profile, sdir, ev, progress)
-    return nsga.run(profile, out_dir, ev, p1, _key(sdir / "sensitivity.json"))
+    return _phase2(profile, out_dir, ev, phase1(profile, sdir, ev, progress), sdir)
 
 
 def phase3(profile, out_dir: Path, ev: ProxyEvaluator, progress: bool = True, sensitivity_dir: Path | None = None) -> dict:
     sdir = Path(sensitivity_dir or out_dir)
-    p2 = phase2(profile, out_dir, ev, progress, sdir)
-    space = nsga.make_space(profile, ev, phase1(profile, sdir, ev, progress))
-    return bo.run(profile, out_dir, ev, space, p2, _key(Path(out_dir) / "nsga.json"), progress)
+    p1 = phase1(profile, sdir, ev, progress)
+    return _phase3(profile, out_dir, ev, p1, _phase2(profile, out_dir, ev, p1, sdir), progress)
 
 
 def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
@@ -48,8 +55,8 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
     sdir = Path(sensitivity_dir or out_dir)
     ev = evaluator(profile, evaluations_dir or out_dir / "evaluations", base, tok, progress)
     p1 = phase1(profile, sdir, ev, progress)
-    p2 = phase2(profile, out_dir, ev, progress, sdir)
-    p3 = phase3(profile, out_dir, ev, progress, sdir)
+    p2 = _phase2(profile, out_dir, ev, p1, sdir)
+    p3 = _phase3(profile, out_dir, ev, p1, p2, progress)
     chosen = p3["selected"]
     selected = Allocation(chosen["bits"], chosen["ranks"], profile.bit_ladder, profile.rank_ladder,
                           name="QR-Adaptor")

@@ -112,8 +112,8 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
         scored.extend(summarize(r, recorder.generation) for r in recs)
         return [min(r["objective"], FAILED_LOSS) for r in recs]
 
-    algorithm = NSGA2(pop_size=cfg.pop_size,
-                      sampling=SeededSampling(seed_genes(profile, sensitivity, space), cfg.jitter, space),
+    seed = seed_genes(profile, sensitivity, space)
+    algorithm = NSGA2(pop_size=cfg.pop_size, sampling=SeededSampling(seed, cfg.jitter, space),
                       crossover=BlockCrossover(cfg.crossover_prob),
                       mutation=NeighbourMutation(cfg.mutation_prob),
                       repair=BudgetRepair(space), eliminate_duplicates=True)
@@ -126,7 +126,7 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
         g["hv"] = hv
     unique = {r["key"]: r for r in scored + full_records}
     return {"search_fidelity": fidelity.name, "fidelities": {fidelity.name: fidelity, full.name: full},
-            "budget_bytes": space.budget, "seed_genes": seed_genes(profile, sensitivity, space).tolist(),
+            "budget_bytes": space.budget, "seed_genes": seed.tolist(),
             "evaluations": scored, "promoted": recorder.promoted,
             "generations": recorder.generations, "hv_normalization": norm,
             "pareto": pareto_set(full_records),
