@@ -195,9 +195,11 @@ def load_finetuned(where: Path, base=None, tok=None):
 
 
 def plan(profile, methods: list[str] | None = None) -> list[tuple[Method, int]]:
-    """(method, seed) pairs: every seed of the profile for multi-seed methods, the first otherwise."""
+    """(method, seed) pairs: every seed of the profile for multi-seed methods, the first otherwise.
+    Seed-major, so a run stopped half-way already has one result for every method."""
     chosen = [load_method(m) for m in (methods or profile.finetune.methods or method_ids())]
-    return [(m, s) for m in chosen for s in (profile.finetune.seeds if m.multi_seed else profile.finetune.seeds[:1])]
+    seeds = profile.finetune.seeds
+    return [(m, s) for k, s in enumerate(seeds) for m in chosen if k == 0 or m.multi_seed]
 
 
 def run_all(profile, out_dir: Path, methods: list[str] | None = None, progress: bool = True) -> list[dict]:

@@ -47,7 +47,7 @@ def test_every_method_file_loads_and_unknown_ones_are_refused():
 
 def test_plan_repeats_only_multi_seed_methods(quick):
     pairs = finetune.plan(quick, ["qr_adaptor", "hqq2"])
-    assert [(m.id, s) for m, s in pairs] == [("qr_adaptor", 0), ("qr_adaptor", 1), ("hqq2", 0)]
+    assert [(m.id, s) for m, s in pairs] == [("qr_adaptor", 0), ("hqq2", 0), ("qr_adaptor", 1)]
 
 
 def test_searched_method_without_a_search_is_a_clear_error(quick, tmp_path):
