@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .allocation import UNQUANTIZED, Allocation
 from .errors import QRError
 from .models import block_linears, transformer_blocks
+from .progress import tqdm
 from .quant import QuantConfig, check_bits, get_backend
 from .quant.cache import BlockCache, block_fingerprint
 from .store import cache_root

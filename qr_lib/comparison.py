@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .evaluate import headline
@@ -65,6 +66,40 @@ def formatted(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     out["val loss"] = [cell(r, "val_loss", 1, 3) for _, r in table.iterrows()]
     out["held-out ppl"] = [cell(r, "heldout_ppl", 1, 1) for _, r in table.iterrows()]
     return out
+
+
+# The paper's headline claims at the 4-bit budget: (other method, relation QR-Adaptor should have to it).
+CLAIMS = [("lora16", "matches"), ("hqq4", "beats"), ("nf4", "beats")]
+# (column, label, +1 if higher is better)
+CLAIM_METRICS = [("val_loss", "validation loss", -1), ("average", "benchmark average", +1)]
+
+
+def claims(table: pd.DataFrame, method: str = "qr_adaptor") -> pd.DataFrame:
+    """Each of the paper's claims checked on this run's summary table.
+
+    A gap counts only beyond the seeds' spread (the two standard deviations added in quadrature; a
+    one-seed method contributes none): 'beats' holds when `method` is better by more than the spread,
+    'matches' when it is not worse by more than it. Rows for methods that have not run are left out."""
+    rows_by_id = {r["method"]: r for _, r in table.iterrows()}
+    if method not in rows_by_id:
+        return pd.DataFrame()
+    ours, rows = rows_by_id[method], []
+    for other_id, relation in CLAIMS:
+        if other_id not in rows_by_id:
+            continue
+        other = rows_by_id[other_id]
+        for col, label, sign in CLAIM_METRICS:
+            if col not in table.columns:
+                continue
+            std = [float(r.get(f"{col}_std", 0.0)) for r in (ours, other)]
+            spread = float(np.hypot(*[0.0 if np.isnan(s) else s for s in std]))
+            advantage = sign * (ours[col] - other[col])  # > 0: ours is better
+            holds = advantage > spread if relation == "beats" else advantage >= -spread
+            rows.append({"claim": f"{ours['name']} {relation} {other['name']}", "metric": label,
+                         "ours": ours[col], "other": other[col], "ours_better_by": advantage,
+                         "seed_spread": spread, "seeds": f"{int(ours['seeds'])} vs {int(other['seeds'])}",
+                         "holds": bool(holds)})
+    return pd.DataFrame(rows)
 
 
 def paper_reference() -> dict:

@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .allocation import Allocation
 from .build import build
 from .memory import budget_bytes, formula_bytes, model_shapes
+from .progress import tqdm
 from .store import content_hash, package_versions, read_json, write_artifact
 from .train import TrainConfig, eval_loss, train
 

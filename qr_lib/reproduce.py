@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from .config import profile_names
+from .progress import PLAIN_ENV
 from .store import read_json, results_dir, write_json
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -76,6 +78,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 03")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
+    os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars the log can show
     run(args.profile, args.only, log_output=True)
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .allocation import Allocation
 from .build import default_cache, quantized_linears, set_block_linears
 from .errors import QRError
 from .models import block_linears, transformer_blocks
+from .progress import tqdm
 from .quant import QuantConfig, check_bits, get_backend
 from .store import content_hash, read_json, write_artifact, write_json
 

@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import QRError
 from .memory import peak_memory_bytes
+from .progress import tqdm
 
 IGNORE = -100
 

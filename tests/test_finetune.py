@@ -1,5 +1,6 @@
 """The final fine-tune, its baselines, saving/reloading, and the lm-eval tasks, on the tiny model."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -156,3 +157,26 @@ def test_a_new_search_selection_is_a_new_run(quick, base, tmp_path):
     write_artifact(tmp_path / "search.json", {}, {"selected": second.to_dict()})
     b = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)
     assert b["result"]["allocation"]["bits"] == [3] * 4 and b["result"]["memory_bytes"] < a["result"]["memory_bytes"]
+
+
+def test_claims_count_a_gap_only_beyond_the_seed_spread():
+    table = pd.DataFrame([
+        {"method": "qr_adaptor", "name": "QR", "seeds": 3, "val_loss": 3.50, "val_loss_std": 0.02,
+         "average": 0.50, "average_std": 0.01},
+        {"method": "lora16", "name": "LoRA", "seeds": 3, "val_loss": 3.48, "val_loss_std": 0.02,
+         "average": 0.55, "average_std": 0.01},
+        {"method": "hqq4", "name": "HQQ4", "seeds": 3, "val_loss": 3.60, "val_loss_std": 0.02,
+         "average": 0.51, "average_std": 0.01},
+        {"method": "nf4", "name": "NF4", "seeds": 1, "val_loss": 3.51, "val_loss_std": float("nan"),
+         "average": 0.40, "average_std": float("nan")},
+    ])
+    got = {(r["claim"], r["metric"]): r["holds"] for _, r in comparison.claims(table).iterrows()}
+    assert got == {
+        ("QR matches LoRA", "validation loss"): True,      # 0.02 worse, spread 0.028
+        ("QR matches LoRA", "benchmark average"): False,   # 5 points worse, spread 1.4
+        ("QR beats HQQ4", "validation loss"): True,        # 0.10 better
+        ("QR beats HQQ4", "benchmark average"): False,     # 1 point worse
+        ("QR beats NF4", "validation loss"): False,        # 0.01 better, within QR's own spread
+        ("QR beats NF4", "benchmark average"): True,       # 10 points better
+    }
+    assert comparison.claims(table.iloc[1:]).empty       # no QR-Adaptor run yet: nothing to claim

@@ -41,3 +41,18 @@ def test_report_lists_files_in_notebook_order(tmp_path):
     assert order == sorted(order)  # sections follow the notebooks' numbering
     known = {p.stem for p in reproduce.notebooks()}
     assert set(order) <= known
+
+
+def test_progress_bars_are_plain_text_when_reproduce_streams_to_a_terminal(monkeypatch):
+    import io
+
+    import tqdm.std
+
+    from qr_lib import progress
+
+    monkeypatch.setenv(progress.PLAIN_ENV, "1")
+    text = io.StringIO()
+    bar = progress.tqdm(range(3), desc="steps", file=text)
+    assert type(bar) is tqdm.std.tqdm and bar.mininterval == progress.PLAIN_INTERVAL
+    list(bar)
+    assert "steps: 100%" in text.getvalue()

@@ -1,0 +1,23 @@
+"""Progress bars: widgets in JupyterLab, plain text when `make reproduce` streams notebooks to a terminal.
+
+A notebook kernel makes tqdm.auto draw an ipywidget, which papermill cannot show in a terminal;
+`python -m qr_lib.reproduce` sets PLAIN_ENV so the kernels it starts print text bars instead, at most
+one line every PLAIN_INTERVAL seconds so the terminal stays readable.
+"""
+from __future__ import annotations
+
+import os
+
+from tqdm.auto import tqdm as _auto
+from tqdm.std import tqdm as _text
+
+PLAIN_ENV = "QR_LIB_PLAIN_PROGRESS"
+PLAIN_INTERVAL = 20.0
+
+
+def tqdm(*args, **kwargs):
+    if os.environ.get(PLAIN_ENV):
+        kwargs.setdefault("mininterval", PLAIN_INTERVAL)
+        kwargs.setdefault("ascii", True)
+        return _text(*args, **kwargs)
+    return _auto(*args, **kwargs)
