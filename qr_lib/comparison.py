@@ -102,6 +102,42 @@ def claims(table: pd.DataFrame, method: str = "qr_adaptor") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def proxy_vs_final(out_dir: Path) -> pd.DataFrame:
+    """Each run whose exact setting the search scored at full fidelity, with that proxy score beside the
+    final validation loss (mean over seeds): did the short proxy fine-tune rank them as the full one does?
+
+    A run matches a cached score when model, dtype, data, quantization, LoRA settings and allocation are
+    the same and the adapter is plain LoRA (AdaLoRA and LoftQ train differently from the proxy)."""
+    proxies = {}
+    for path in Path(out_dir).glob("evaluations/*.json"):
+        rec = read_json(path)
+        if rec["result"]["fidelity"] == "full" and not rec["result"]["failed"]:
+            ctx = rec["config"]["context"]
+            setting = json.dumps([ctx[k] for k in ("model", "dtype", "data", "quant", "lora")], sort_keys=True)
+            alloc = rec["result"]["allocation"]
+            proxies[(setting, tuple(alloc["bits"]), tuple(alloc["ranks"]))] = rec["result"]["val_loss"]
+    rows = []
+    for path in sorted(Path(out_dir).glob("runs/*/seed*/result.json")):
+        run = read_json(path)
+        cfg, res = run["config"], run["result"]
+        if cfg["method"]["adapter"] != "lora":
+            continue
+        setting = json.dumps([cfg[k] for k in ("model", "dtype", "data", "quant", "lora")], sort_keys=True)
+        alloc = res["allocation"]
+        proxy = proxies.get((setting, tuple(alloc["bits"]), tuple(alloc["ranks"])))
+        if proxy is not None:
+            rows.append({"method": res["method"], "name": res["name"], "proxy_val_loss": proxy,
+                         "final_val_loss": res["val_loss"]})
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows).groupby(["method", "name"], sort=False)
+    out = df["proxy_val_loss"].first().to_frame().join(df["final_val_loss"].agg(["mean", "count"]))
+    out = out.rename(columns={"mean": "final_val_loss", "count": "seeds"}).reset_index()
+    out["proxy_rank"] = out["proxy_val_loss"].rank().astype(int)
+    out["final_rank"] = out["final_val_loss"].rank().astype(int)
+    return out.sort_values("proxy_val_loss").reset_index(drop=True)
+
+
 def paper_reference() -> dict:
     """The paper's reported numbers, with their source; shown only as labelled reference."""
     return json.loads(REFERENCE.read_text())

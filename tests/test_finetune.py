@@ -180,3 +180,34 @@ def test_claims_count_a_gap_only_beyond_the_seed_spread():
         ("QR beats NF4", "benchmark average"): True,       # 10 points better
     }
     assert comparison.claims(table.iloc[1:]).empty       # no QR-Adaptor run yet: nothing to claim
+
+
+def test_proxy_vs_final_pairs_runs_with_the_search_score_of_the_same_setting(tmp_path):
+    from qr_lib.store import write_json
+
+    setting = {"model": "tiny", "dtype": "float32", "data": {"seed": 0}, "quant": {"backend": "hqq"},
+               "lora": {"alpha_ratio": 2.0}}
+    alloc = {"name": "", "bits": [4, 4], "ranks": [8, 8]}
+    other = {"name": "", "bits": [4, 3], "ranks": [8, 16]}
+    for key, a, fidelity, loss in [("a", alloc, "full", 3.9), ("b", alloc, "low", 5.0), ("c", other, "full", 3.8)]:
+        write_json(tmp_path / "evaluations" / f"{key}.json",
+                   {"config": {"context": {**setting, "versions": {}}},
+                    "result": {"fidelity": fidelity, "failed": False, "allocation": a, "val_loss": loss}})
+
+    def run(method, seed, a, loss, adapter="lora", quant=None):
+        cfg = {**setting, "quant": quant or setting["quant"], "method": {"adapter": adapter}}
+        write_json(tmp_path / "runs" / method / f"seed{seed}" / "result.json",
+                   {"config": cfg, "result": {"method": method, "name": method.upper(), "allocation": a,
+                                              "val_loss": loss}})
+
+    run("uniform", 0, alloc, 3.3)
+    run("uniform", 1, alloc, 3.5)
+    run("searched", 0, other, 3.45)
+    run("loftq", 0, alloc, 3.0, adapter="loftq")             # trains differently from the proxy
+    run("nf4", 0, alloc, 3.1, quant={"backend": "bnb"})     # another quantizer than the search's
+    table = comparison.proxy_vs_final(tmp_path)
+    assert table["method"].tolist() == ["searched", "uniform"]  # sorted by proxy score
+    assert table["proxy_val_loss"].tolist() == [3.8, 3.9]       # the full-fidelity score, not the low one
+    assert table["final_val_loss"].tolist() == pytest.approx([3.45, 3.4])
+    assert table["seeds"].tolist() == [1, 2]
+    assert table["final_rank"].tolist() == [2, 1]               # the proxy's order did not hold
