@@ -122,7 +122,7 @@ def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: s
         if on_step is not None:
             on_step(step)
         losses.append(mean)
-        bar.set_postfix(loss=f"{mean:.3f}")
+        bar.set_postfix(loss=f"{mean:.3f}", refresh=False)  # drawn at the next refresh, not every step
     model.eval()
     return {"losses": losses, "train_tokens": tokens, "seconds": time.time() - t0, "diverged": diverged,
             "peak_memory_bytes": peak_memory_bytes(str(device))}
