@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .allocation import Allocation
 from .evaluate import headline
 from .store import read_json
 
@@ -102,6 +103,12 @@ def claims(table: pd.DataFrame, method: str = "qr_adaptor") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _setting(config: dict, allocation: dict) -> tuple[str, str]:
+    """What must agree for a final run and a proxy score to be of the same model."""
+    fields = json.dumps([config[k] for k in ("model", "dtype", "data", "quant", "lora")], sort_keys=True)
+    return fields, Allocation.from_dict(allocation).key()
+
+
 def proxy_vs_final(out_dir: Path) -> pd.DataFrame:
     """Each run whose exact setting the search scored at full fidelity, with that proxy score beside the
     final validation loss (mean over seeds): did the short proxy fine-tune rank them as the full one does?
@@ -112,19 +119,14 @@ def proxy_vs_final(out_dir: Path) -> pd.DataFrame:
     for path in Path(out_dir).glob("evaluations/*.json"):
         rec = read_json(path)
         if rec["result"]["fidelity"] == "full" and not rec["result"]["failed"]:
-            ctx = rec["config"]["context"]
-            setting = json.dumps([ctx[k] for k in ("model", "dtype", "data", "quant", "lora")], sort_keys=True)
-            alloc = rec["result"]["allocation"]
-            proxies[(setting, tuple(alloc["bits"]), tuple(alloc["ranks"]))] = rec["result"]["val_loss"]
+            proxies[_setting(rec["config"]["context"], rec["result"]["allocation"])] = rec["result"]["val_loss"]
     rows = []
     for path in sorted(Path(out_dir).glob("runs/*/seed*/result.json")):
         run = read_json(path)
         cfg, res = run["config"], run["result"]
         if cfg["method"]["adapter"] != "lora":
             continue
-        setting = json.dumps([cfg[k] for k in ("model", "dtype", "data", "quant", "lora")], sort_keys=True)
-        alloc = res["allocation"]
-        proxy = proxies.get((setting, tuple(alloc["bits"]), tuple(alloc["ranks"])))
+        proxy = proxies.get(_setting(cfg, res["allocation"]))
         if proxy is not None:
             rows.append({"method": res["method"], "name": res["name"], "proxy_val_loss": proxy,
                          "final_val_loss": res["val_loss"]})

@@ -17,8 +17,9 @@ SECTIONS = [
       "tables/search_vs_uniform.md", "figures/search_selected_allocation.png"]),
     ("Final fine-tune", "05_final_finetune", ["tables/finetune_runs.md", "figures/finetune_loss_curves.png"]),
     ("Benchmarks", "06_benchmarks",
-     ["tables/benchmarks.md", "tables/benchmarks_claims.md", "tables/benchmarks_sample_sizes.md", "figures/accuracy_vs_memory.png",
-      "figures/val_loss_vs_memory.png", "figures/benchmark_bars.png", "tables/proxy_vs_final.md"]),
+     ["tables/benchmarks.md", "tables/benchmarks_claims.md", "tables/benchmarks_sample_sizes.md",
+      "figures/accuracy_vs_memory.png", "figures/val_loss_vs_memory.png", "figures/benchmark_bars.png",
+      "tables/proxy_vs_final.md"]),
 ]
 
 
