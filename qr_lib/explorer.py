@@ -63,7 +63,7 @@ class Explorer:
             "predicted_kl": predicted,
             "group_sensitivity": [float(self.kl[blocks, 0].mean()) for blocks in self.groups],
             "nearest": [{"distance": int(np.abs(self._genes(r["allocation"]["bits"], r["allocation"]["ranks"]) - g).sum()),
-                         "fidelity": r["fidelity"], "objective": r["objective"],
+                         "fidelity": r["fidelity"], "objective": r["objective"], "val_loss": r["val_loss"],
                          "metric": r["metric"], "budget_ratio": r["budget_ratio"],
                          "avg_bits": r["avg_bits"]} for r in nearest],
         }

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from qr_lib import fitness, search
+from qr_lib.allocation import Allocation
 from qr_lib.config import load_profile
 from qr_lib.errors import QRError
 from qr_lib.memory import model_shapes
@@ -190,6 +191,21 @@ def test_the_warm_start_uses_the_phase_one_profile(smoke, base, smoke_run):
     assert first["generation"] == 1 and space.genes(first).tolist() == seed.tolist()
     flipped = {"bits": phase1["bits"], "kl": {b: v[::-1] for b, v in phase1["kl"].items()}}
     assert nsga.seed_genes(smoke, flipped, space).tolist() != seed.tolist()
+
+
+def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_scores(smoke, base, smoke_run):
+    from qr_lib.explorer import Explorer
+    out, result = smoke_run
+    ex = Explorer(smoke, out, n_groups=2, base=base[0])
+    sel = result["selected"]
+    d = ex.describe(Allocation(sel["bits"], sel["ranks"], smoke.bit_ladder, smoke.rank_ladder))
+    nearest = d["nearest"][0]
+    assert nearest["distance"] == 0  # the search fine-tuned its own selection
+    assert nearest["val_loss"] == pytest.approx(result["selected_scores"]["val_loss"])
+    uniform4 = ex.describe(ex.allocation([4, 4], [8, 8]))
+    assert uniform4["budget_ratio"] == pytest.approx(1.0)  # the budget is uniform 4-bit r8
+    lower = ex.describe(ex.allocation([2, 2], [8, 8]))
+    assert lower["predicted_kl"] > uniform4["predicted_kl"] and lower["memory_MiB"] < uniform4["memory_MiB"]
 
 
 def test_fill_spends_the_budget_on_the_most_sensitive_blocks():
