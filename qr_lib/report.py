@@ -1,7 +1,8 @@
-"""The headline tables and figures, in reading order, for notebook 07 and the README.
-Only lists files the other notebooks wrote; it computes nothing."""
+"""The headline tables and figures, in reading order, for notebook 07 and the README, and the
+compute time the artifacts record. Only reads files the other notebooks wrote; it trains nothing."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 SECTIONS = [
@@ -45,3 +46,45 @@ def show(out_dir: Path) -> None:
             display(Image(filename=str(path)))
         else:
             display(Markdown(path.read_text()))
+    if rows := compute_time(out_dir):
+        import pandas as pd
+        display(Markdown("## Compute time\n*seconds of work the artifacts record (2 CPU cores for the "
+                         "default profile); `make reproduce` writes the same to `tables/compute_time.md`*\n\n"
+                         + pd.DataFrame(rows).to_markdown(index=False)))
+
+
+def _recorded(paths, field=("result", "seconds")) -> tuple[int, float]:
+    seconds = [json.loads(p.read_text())[field[0]][field[1]] for p in paths]
+    return len(seconds), round(sum(seconds), 1)
+
+
+def compute_time(out_dir: Path) -> list[dict]:
+    """Seconds of work each stage's artifacts record, however many sessions or reruns they took.
+
+    A rerun that reads artifacts back costs little, so `make reproduce`'s own wall time is not the
+    cost of the results; this is. Search evaluations are counted once each (variant searches share
+    the cache), and the notebooks that only read artifacts are counted by their last run."""
+    out = Path(out_dir)
+    notebooks = json.loads((out / "manifest.json").read_text())["notebooks"] if (out / "manifest.json").exists() else {}
+    rows = []
+
+    def add(stage, what, n, seconds, source):
+        rows.append({"stage": stage, "work": what, "count": n, "seconds": seconds, "source": source})
+
+    if "00_setup.ipynb" in notebooks:
+        add("00", "load model and data, held-out perplexity", 1, notebooks["00_setup.ipynb"]["seconds"], "manifest.json")
+    if (runs := sorted(out.glob("pilot/runs/*/seed*/result.json"))):
+        add("01", "pilot fine-tuning runs", *_recorded(runs), "pilot/runs/*/seed*/result.json")
+    if (out / "sensitivity.json").exists():
+        add("02", "Phase I: KL sensitivity profiling", *_recorded([out / "sensitivity.json"]), "sensitivity.json")
+    if (evals := sorted(out.glob("evaluations/*.json"))):
+        add("03-04", "proxy fine-tunes of every search (each allocation once)", *_recorded(evals),
+            "evaluations/*.json")
+    if (runs := sorted(out.glob("runs/*/seed*/result.json"))):
+        add("05", "final fine-tuning runs with lm-eval", *_recorded(runs), "runs/*/seed*/result.json")
+    for nb in ("06_benchmarks", "07_report", "08_fidelity_plasticity_explorer"):
+        if f"{nb}.ipynb" in notebooks:
+            add(nb[:2], f"notebook {nb} (reads artifacts)", 1, notebooks[f"{nb}.ipynb"]["seconds"], "manifest.json")
+    if rows:
+        add("all", "total", "", round(sum(r["seconds"] for r in rows), 1), "")
+    return rows

@@ -13,9 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from .config import profile_names
 from .progress import PLAIN_ENV
-from .store import read_json, results_dir, write_json
+from .report import compute_time
+from .store import read_json, results_dir, save_table, write_json
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -38,6 +41,9 @@ def write_index(out: Path, profile: str, manifest: dict) -> None:
         lines += [f"## {nb}", f"Ran for {run.get('seconds', 0):.0f} s; executed copy: `notebooks/{nb}`.", ""]
         lines += [f"- [`{f}`]({f})" for f, v in sorted(manifest["files"].items()) if v["notebook"] == nb]
         lines.append("")
+    if (out / "tables" / "compute_time.md").exists():
+        lines += ["## Compute time", "Seconds of work each stage's artifacts record, written by `make reproduce` "
+                  "after the last notebook: [`tables/compute_time.md`](tables/compute_time.md).", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -68,8 +74,12 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False) -
         manifest["notebooks"][nb.name] = {"seconds": round(time.time() - t0, 1)}
         write_json(manifest_path, manifest)
         write_index(out, profile, manifest)
-    total = sum(v["seconds"] for v in manifest["notebooks"].values())
-    print(f"done: {len(todo)} notebooks; results in {out} (all notebooks together: {total:.0f} s)")
+    cost = compute_time(out)
+    if cost:
+        save_table(pd.DataFrame(cost), out, "compute_time")
+        write_index(out, profile, manifest)
+    total = f" (work the artifacts record: {cost[-1]['seconds']:.0f} s, tables/compute_time.md)" if cost else ""
+    print(f"done: {len(todo)} notebooks; results in {out}{total}")
 
 
 def main(argv=None) -> None:

@@ -56,3 +56,25 @@ def test_progress_bars_are_plain_text_when_reproduce_streams_to_a_terminal(monke
     assert type(bar) is tqdm.std.tqdm and bar.mininterval == progress.PLAIN_INTERVAL
     list(bar)
     assert "steps: 100%" in text.getvalue()
+
+
+def test_compute_time_sums_what_each_stage_recorded_counting_search_evaluations_once(tmp_path):
+    from qr_lib.store import write_json
+
+    def record(path, seconds):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"config": {}, "result": {"seconds": seconds}})
+
+    record(tmp_path / "sensitivity.json", 60.0)
+    for i, s in enumerate([10.0, 20.0]):
+        record(tmp_path / "evaluations" / f"e{i}.json", s)
+    record(tmp_path / "runs" / "lora16" / "seed0" / "result.json", 300.0)
+    record(tmp_path / "runs" / "lora16" / "seed1" / "result.json", 200.0)
+    write_json(tmp_path / "manifest.json", {"files": {}, "notebooks": {"00_setup.ipynb": {"seconds": 5.0},
+                                                                      "06_benchmarks.ipynb": {"seconds": 7.0}}})
+    rows = {r["stage"]: r for r in report.compute_time(tmp_path)}
+    assert list(rows) == ["00", "02", "03-04", "05", "06", "all"]
+    assert (rows["03-04"]["count"], rows["03-04"]["seconds"]) == (2, 30.0)
+    assert (rows["05"]["count"], rows["05"]["seconds"]) == (2, 500.0)
+    assert rows["all"]["seconds"] == 5 + 60 + 30 + 500 + 7
+    assert report.compute_time(tmp_path / "nothing") == []
