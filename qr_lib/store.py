@@ -115,7 +115,18 @@ def environment() -> dict:
 
 
 def write_artifact(path: Path, config, result) -> dict:
-    record = {"config": to_jsonable(config), "environment": environment(), "result": to_jsonable(result)}
+    """Write {config, environment, result}. A record whose config and result did not change is kept,
+    so a rerun that reads its inputs back leaves the provenance of the run that did the work."""
+    path = Path(path)
+    config, result = (json.loads(json.dumps(to_jsonable(x))) for x in (config, result))
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("config") == config and old.get("result") == result:
+            return old
+    record = {"config": config, "environment": environment(), "result": result}
     write_json(path, record)
     return record
 

@@ -78,3 +78,16 @@ def test_compute_time_sums_what_each_stage_recorded_counting_search_evaluations_
     assert (rows["05"]["count"], rows["05"]["seconds"]) == (2, 500.0)
     assert rows["all"]["seconds"] == 5 + 60 + 30 + 500 + 7
     assert report.compute_time(tmp_path / "nothing") == []
+
+
+def test_an_unchanged_artifact_keeps_the_provenance_of_the_run_that_made_it(tmp_path, monkeypatch):
+    from qr_lib import store
+
+    path = tmp_path / "stage.json"
+    first = store.write_artifact(path, {"steps": (1, 2)}, {"loss": 0.5})
+    monkeypatch.setattr(store, "environment", lambda: {"time": "later"})
+    assert store.write_artifact(path, {"steps": (1, 2)}, {"loss": 0.5}) == first  # a rerun that read it back
+    assert store.read_json(path)["environment"] == first["environment"]
+    store.write_artifact(path, {"steps": (1, 2)}, {"loss": 0.4})
+    assert store.read_json(path) == {"config": {"steps": [1, 2]}, "environment": {"time": "later"},
+                                     "result": {"loss": 0.4}}
