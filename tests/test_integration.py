@@ -1,5 +1,7 @@
 """On the embedded SmolLM2-135M and the installed data packages (slower; `make test` runs them)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -78,3 +80,10 @@ def test_smoke_notebooks_execute_write_every_headline_and_rerun_without_redoing(
     assert len(finished) >= 5
     reproduce.run("smoke", only=["05"])  # a rerun reads every finished run back
     assert {p: p.stat().st_mtime for p in out.rglob("result.json")} == finished
+    # The committed default run has the structure a fresh run writes: the same tables, figures,
+    # executed notebooks and stage artifacts (runs and evaluations differ in number, not in kind).
+    committed = Path(__file__).resolve().parents[1] / "results" / "default"
+    def layout(d):
+        return {str(p.relative_to(d)) for pattern in ("*.json", "*.md", "tables/*", "figures/*", "notebooks/*")
+                for p in d.glob(pattern)}
+    assert layout(committed) == layout(out)
