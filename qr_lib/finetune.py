@@ -215,3 +215,26 @@ def run_all(profile, out_dir: Path, methods: list[str] | None = None, progress: 
             print(f"[run {k}/{len(todo)}] {method.name}, seed {seed}", flush=True)
         records.append(run(profile, method, seed, out_dir, base, tok, progress, data))
     return records
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    from .config import load_profile, profile_names
+    from .store import results_dir
+
+    ap = argparse.ArgumentParser(description="Fine-tune and evaluate methods (qr_lib/methods/*.json) for a profile; "
+                                             "finished runs are read back.")
+    ap.add_argument("--profile", default="default", choices=profile_names())
+    ap.add_argument("--method", nargs="*", choices=method_ids(), help="method ids; default: the profile's list")
+    args = ap.parse_args(argv)
+    try:
+        records = run_all(load_profile(args.profile), results_dir(args.profile), args.method)
+    except QRError as e:
+        raise SystemExit(f"error: {e}")
+    for r in (rec["result"] for rec in records):
+        print(f"{r['name']} seed {r['seed']}: val loss {r['val_loss']:.4f}, {r['memory_bytes'] / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -211,3 +211,10 @@ def test_proxy_vs_final_pairs_runs_with_the_search_score_of_the_same_setting(tmp
     assert table["final_val_loss"].tolist() == pytest.approx([3.45, 3.4])
     assert table["seeds"].tolist() == [1, 2]
     assert table["final_rank"].tolist() == [2, 1]               # the proxy's order did not hold
+
+
+def test_one_method_runs_alone_from_the_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    finetune.main(["--profile", "smoke", "--method", "hqq2"])
+    assert (tmp_path / "smoke" / "runs" / "hqq2" / "seed0" / "result.json").exists()
+    assert "QLoRA HQQ 2-bit seed 0: val loss" in capsys.readouterr().out
