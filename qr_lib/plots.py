@@ -109,21 +109,35 @@ def bo_trace(phase3: dict):
 
 def metric_vs_memory(table, metric: str, ylabel: str, pareto_mib=None, budget_mib=None, scale: float = 1.0):
     """One point per method (mean over seeds, error bar = std) against block memory; the search's
-    Pareto-set memories as a rug on the x axis, and the budget line."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for _, row in table.iterrows():
-        err = row.get(f"{metric}_std")
-        ax.errorbar(row["memory_MiB"], row[metric] * scale, yerr=None if err != err else err * scale,
-                    fmt="o", capsize=3, label=row["name"])
-    if pareto_mib:
-        lo = ax.get_ylim()[0]
-        ax.plot(pareto_mib, [lo] * len(pareto_mib), "r|", ms=14, mew=2, label="search Pareto set (memory)")
-    if budget_mib:
-        ax.axvline(budget_mib, color="grey", ls="--", lw=1, label="budget")
-    ax.set_xlabel("block memory (MiB, quantized weights + adapters)")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    ax.grid(alpha=0.3)
+    Pareto-set memories as a rug on the x axis, and the budget line. With a budget, a second panel
+    zooms on the methods within 10% of it, where the comparison the paper makes happens."""
+    near = table[(table["memory_MiB"] - budget_mib).abs() <= 0.1 * budget_mib] if budget_mib else table.iloc[:0]
+    zoom = 1 < len(near) < len(table)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4), squeeze=False)
+    markers = "osD^vP*Xhp"
+    for ax in axes[0]:
+        for k, (_, row) in enumerate(table.iterrows()):
+            err = row.get(f"{metric}_std")
+            ax.errorbar(row["memory_MiB"], row[metric] * scale, yerr=None if err != err else err * scale,
+                        fmt=markers[k % len(markers)], capsize=3, label=row["name"])
+        ax.set_xlabel("block memory (MiB, quantized weights + adapters)")
+        ax.grid(alpha=0.3)
+    if zoom:
+        ax = axes[0][1]
+        std = near[f"{metric}_std"].fillna(0) if f"{metric}_std" in near else 0
+        lo, hi = ((near[metric] - std) * scale).min(), ((near[metric] + std) * scale).max()
+        pad = 0.1 * (hi - lo) or 0.05 * abs(hi)
+        ax.set_xlim(0.9 * budget_mib, 1.03 * budget_mib)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_title("near the budget", fontsize=9)
+    for ax in axes[0]:
+        if pareto_mib:
+            lo = ax.get_ylim()[0]
+            ax.plot(pareto_mib, [lo] * len(pareto_mib), "r|", ms=14, mew=2, label="search Pareto set (memory)")
+        if budget_mib:
+            ax.axvline(budget_mib, color="grey", ls="--", lw=1, label="budget")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     return fig
 

@@ -218,3 +218,15 @@ def test_one_method_runs_alone_from_the_command_line(tmp_path, monkeypatch, caps
     finetune.main(["--profile", "smoke", "--method", "hqq2"])
     assert (tmp_path / "smoke" / "runs" / "hqq2" / "seed0" / "result.json").exists()
     assert "QLoRA HQQ 2-bit seed 0: val loss" in capsys.readouterr().out
+
+
+def test_the_memory_plot_zooms_on_the_methods_near_the_budget_error_bars_included():
+    import matplotlib
+    matplotlib.use("Agg")
+    from qr_lib.plots import metric_vs_memory
+    table = pd.DataFrame({"name": ["LoRA-16", "4-bit", "mixed", "2-bit"], "memory_MiB": [210.0, 63.0, 62.0, 38.0],
+                          "val_loss": [3.2, 3.4, 3.5, 7.6], "val_loss_std": [0.01, float("nan"), 0.2, float("nan")]})
+    fig = metric_vs_memory(table, "val_loss", "loss", pareto_mib=[61.0, 62.5], budget_mib=63.0)
+    full, zoom = fig.axes
+    assert zoom.get_xlim()[0] > 50 and zoom.get_ylim()[0] < 3.4 and zoom.get_ylim()[1] > 3.7
+    assert len(metric_vs_memory(table, "val_loss", "loss").axes) == 1  # no budget, nothing to zoom on
