@@ -53,8 +53,9 @@ def show(out_dir: Path) -> None:
                          + pd.DataFrame(rows).to_markdown(index=False)))
 
 
-def _recorded(paths, field=("result", "seconds")) -> tuple[int, float]:
-    seconds = [json.loads(p.read_text())[field[0]][field[1]] for p in paths]
+def _recorded(paths) -> tuple[int, float]:
+    """How many artifacts, and the seconds of work their results record."""
+    seconds = [json.loads(p.read_text())["result"]["seconds"] for p in paths]
     return len(seconds), round(sum(seconds), 1)
 
 
