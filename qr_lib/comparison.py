@@ -75,6 +75,13 @@ CLAIMS = [("lora16", "matches"), ("hqq4", "beats"), ("nf4", "beats")]
 CLAIM_METRICS = [("val_loss", "validation loss", -1), ("average", "benchmark average", +1)]
 
 
+def seed_spread(a, b, col: str) -> float:
+    """Two summary rows' standard deviations over seeds of `col`, added in quadrature; a one-seed row
+    (no standard deviation) adds none. A gap between the rows counts only beyond it."""
+    stds = [float(r.get(f"{col}_std", 0.0)) for r in (a, b)]
+    return float(np.hypot(*[0.0 if np.isnan(s) else s for s in stds]))
+
+
 def claims(table: pd.DataFrame, method: str = "qr_adaptor") -> pd.DataFrame:
     """Each of the paper's claims checked on this run's summary table.
 
@@ -92,8 +99,7 @@ def claims(table: pd.DataFrame, method: str = "qr_adaptor") -> pd.DataFrame:
         for col, label, sign in CLAIM_METRICS:
             if col not in table.columns:
                 continue
-            std = [float(r.get(f"{col}_std", 0.0)) for r in (ours, other)]
-            spread = float(np.hypot(*[0.0 if np.isnan(s) else s for s in std]))
+            spread = seed_spread(ours, other, col)
             advantage = sign * (ours[col] - other[col])  # > 0: ours is better
             holds = advantage > spread if relation == "beats" else advantage >= -spread
             rows.append({"claim": f"{ours['name']} {relation} {other['name']}", "metric": label,

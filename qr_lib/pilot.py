@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from . import finetune
+from .comparison import seed_spread
 from .finetune import Method
 
 CONFIGS = {
@@ -87,6 +86,6 @@ def verdict(summary, metric: str = "val_loss") -> dict:
     """C against D on a lower-is-better metric: the gap, and whether it exceeds the seeds' spread."""
     row = {k: summary.loc[summary["method"] == f"config_{k}"].iloc[0] for k in "CD"}
     gap = row["C"][metric] - row["D"][metric]
-    spread = float(np.hypot(row["C"].get(f"{metric}_std", 0) or 0, row["D"].get(f"{metric}_std", 0) or 0))
+    spread = seed_spread(row["C"], row["D"], metric)
     return {"C": float(row["C"][metric]), "D": float(row["D"][metric]), "C_minus_D": float(gap),
             "spread": spread, "C_worse_than_D": bool(gap > spread), "seeds": int(row["C"]["seeds"])}
