@@ -13,7 +13,7 @@ from .allocation import Allocation
 from .build import LoraSettings, build, quantize_model
 from .errors import QRError
 from .models import block_linears, transformer_blocks
-from .quant import QuantConfig
+from .quant import QuantConfig, dequantize
 
 ADAPTERS = ("lora", "adalora", "loftq")
 
@@ -45,7 +45,7 @@ def _adalora(base, allocation: Allocation, qcfg: QuantConfig, lora: LoraSettings
 def loftq_init(model, base) -> dict:
     """LoftQ (Li et al., 2023) with one alternating step: A and B start as the best rank-r
     approximation of the quantization residual W - deq(Q), so base + adapter ~ W at step 0.
-    (peft's own LoftQ needs a CUDA device; this works on every backend that can dequantize.)
+    (peft's own LoftQ needs a CUDA device; this works on every backend, packed or dense.)
     Returns the mean relative residual before and after."""
     blocks = transformer_blocks(model.get_base_model())
     originals = transformer_blocks(base)
@@ -56,7 +56,7 @@ def loftq_init(model, base) -> dict:
             if not hasattr(layer, "lora_A") or "default" not in layer.lora_A:
                 continue
             w = orig_linears[short][1].weight.float()
-            deq = _dequantize(layer.get_base_layer()).float().reshape(w.shape)
+            deq = dequantize(layer.get_base_layer()).float().reshape(w.shape)
             r, scale = layer.r["default"], layer.scaling["default"]
             u, s, vh = torch.linalg.svd(w - deq, full_matrices=False)
             root = s[:r].sqrt()
@@ -68,15 +68,6 @@ def loftq_init(model, base) -> dict:
             before.append(((w - deq).norm() / norm).item())
             after.append(((w - deq - scale * b.float() @ a.float()).norm() / norm).item())
     return {"residual_before": sum(before) / len(before), "residual_after": sum(after) / len(after)}
-
-
-def _dequantize(layer) -> torch.Tensor:
-    if hasattr(layer, "W_q"):  # HQQ
-        return layer.dequantize()
-    if hasattr(layer.weight, "quant_state"):  # bitsandbytes NF4
-        import bitsandbytes.functional as F
-        return F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    return layer.weight
 
 
 def prepare(base, allocation: Allocation, qcfg: QuantConfig, lora: LoraSettings, adapter: str = "lora",

@@ -1,12 +1,21 @@
-"""Benchmark: memory (formula vs measured) and LoRA step time per allocation on one model.
+"""Benchmark: memory (formula vs measured), LoRA step time and peak training memory per allocation.
 
-Prints one row per allocation and the step-time ratio mixed / uniform-4 measured in the same run;
-writes the figures as an artifact. Not a timed test: it reports, it does not assert.
+Memory is measured on the real packed model, loaded in the 16-bit storage dtype the formula counts,
+so "formula == measured" checks what a GPU run would hold. Step time is measured in the machine's
+compute dtype on two paths: the one training takes (dense dequantized weights on CPU with
+quant.dequantize_once) for every allocation, and the packed modules for the uniform 4-bit baselines.
+Every build is made first and the steps are timed round-robin, one step of each build per round; a
+ratio is the median over rounds of a step's time over the 16-bit step of the same round, so the
+drift of a shared machine (measured: the same step 2.4-3.7 s, 5% coefficient of variation) hits both
+sides alike. A second, identical 16-bit build is timed as a control: its ratio shows the resolution
+of the measurement. Peak memory is each build's own (memory.PeakMemory), measured with that build
+alone. It reports; it does not assert.
     python -m qr_lib.bench_memory --out results/benchmarks/memory_step_time.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -15,91 +24,163 @@ import torch
 
 from . import memory
 from .allocation import Allocation, uniform
-from .build import build
+from .build import build, use_dense
 from .config import load_profile
 from .data import load_finetune
 from .models import load_model
-from .quant import QuantConfig
+from .quant import STORAGE_DTYPE, QuantConfig
 from .store import write_artifact
 from .train import collate, encode, token_loss
 
 
-def allocations(n: int) -> list[tuple[Allocation, QuantConfig]]:
-    hqq = QuantConfig(backend="hqq")
+# The uniform 4-bit baselines are also timed packed, to show what dequantizing once saves.
+PACKED_TOO = ("uniform-4bit-r8", "nf4-r8 (bnb)")
+# LLM.int8 stays packed on every path (quant.bnb: it also quantizes activations).
+STAYS_PACKED = ("int8-r8 (bnb)",)
+CONTROL = ("uniform-16bit-r8 (control)", "train")
+
+
+def allocations(n: int, qcfg: QuantConfig) -> list[tuple[Allocation, QuantConfig]]:
+    hqq = dataclasses.replace(qcfg, backend="hqq")
+    bnb = dataclasses.replace(qcfg, backend="bnb")
     third = n // 3
     mixed = Allocation(bits=(3,) * third + (4,) * (n - 2 * third) + (8,) * third,
                        ranks=(4,) * third + (8,) * (n - 2 * third) + (16,) * third, name="mixed-3/4/8")
     rows = [(uniform(n, b, 8), hqq) for b in (2, 3, 4, 8, 16)]
     rows.append((mixed, hqq))
-    rows += [(uniform(n, 4, 8, name="nf4-r8 (bnb)"), QuantConfig(backend="bnb")),
-             (uniform(n, 8, 8, name="int8-r8 (bnb)"), QuantConfig(backend="bnb"))]
+    rows += [(uniform(n, 4, 8, name="nf4-r8 (bnb)"), bnb), (uniform(n, 8, 8, name="int8-r8 (bnb)"), bnb)]
     return rows
 
 
-def step_times(model, batch, steps: int, warmup: int) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def lora_step(model, opt, batch) -> float:
+    """Seconds of one LoRA step: forward, backward, AdamW."""
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss, n = token_loss(model, batch)
+    (loss / n).backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def _optimizer(model):
     model.train()
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, n = token_loss(model, batch)
-        (loss / n).backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def peak_alone(build_fn, batch, steps: int = 2) -> dict:
+    """The peak memory of a few training steps of one build, with no other build alive."""
+    device = "cuda" if torch.cuda.is_available() and batch["input_ids"].is_cuda else "cpu"
+    with memory.PeakMemory(device) as peak:
+        model = build_fn()
+        opt = _optimizer(model)
+        for _ in range(steps):
+            lora_step(model, opt, batch)
+        del model, opt
+    return peak.result
+
+
+def interleaved_step_times(models: dict, batch, rounds: int, warmup: int) -> dict:
+    """Median step seconds of every model, timed one step each per round."""
+    opts = {k: _optimizer(m) for k, m in models.items()}
+    times = {k: [] for k in models}
+    for r in range(warmup + rounds):
+        for k, m in models.items():
+            t = lora_step(m, opts[k], batch)
+            if r >= warmup:
+                times[k].append(t)
     return times
 
 
 def run(profile_name: str, out: Path, steps: int, warmup: int, batch_size: int, seq_len: int) -> dict:
     profile = load_profile(profile_name)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
+    stored, _ = load_model(profile.model, str(STORAGE_DTYPE).removeprefix("torch."), profile.device)
     shapes = memory.model_shapes(base)
-    train, _ = load_finetune(profile.data.finetune, 64, 8, 0)
+    train = load_finetune(dataclasses.replace(profile.data, n_train=64, n_val=0, n_test=0)).train
     rows_enc = encode(tok, train, seq_len)
     # Fixed-length rows so every allocation times the same work: pad nothing, cut to seq_len.
     rows_enc = [r for r in rows_enc if len(r["input_ids"]) == seq_len][:batch_size] or rows_enc[:batch_size]
-    batch = collate(rows_enc, tok.pad_token_id)
-    rows = []
-    for alloc, qcfg in allocations(shapes.n_blocks):
-        t0 = time.perf_counter()
-        model = build(base, alloc, qcfg, lora=profile.lora)
-        build_s = time.perf_counter() - t0
-        f, m = memory.formula_bytes(shapes, alloc, qcfg), memory.measured_bytes(model)
-        times = step_times(model, batch, steps, warmup)
-        rows.append({"allocation": alloc.name, "backend": qcfg.backend, "avg_bits": round(f["avg_bits"], 3),
-                     "mean_rank": alloc.mean_rank(), "formula_bytes": f["blocks"], "measured_bytes": m["blocks"],
-                     "measured_over_formula": m["blocks"] / f["blocks"], "other_bytes": m["other"],
-                     "step_s_median": statistics.median(times), "step_s_all": times,
-                     "build_s": round(build_s, 2)})
+    batch = {k: v.to(profile.device) for k, v in collate(rows_enc, tok.pad_token_id).items()}
+    rows, makers = [], {}
+    for alloc, qcfg in allocations(shapes.n_blocks, profile.quant):
+        f = memory.formula_bytes(shapes, alloc, qcfg)
+        m = memory.measured_bytes(build(stored, alloc, qcfg, lora=profile.lora, progress=False, dense=False))
+        row = {"allocation": alloc.name, "backend": qcfg.backend, "avg_bits": round(f["avg_bits"], 3),
+               "mean_rank": alloc.mean_rank(), "formula_bytes": f["blocks"], "measured_bytes": m["blocks"],
+               "measured_over_formula": m["blocks"] / f["blocks"], "other_bytes": m["other"]}
+        paths = {"train": None}
+        if alloc.name in PACKED_TOO and use_dense(qcfg, base):
+            paths["packed"] = False
+        for path, dense in paths.items():
+            def make(alloc=alloc, qcfg=qcfg, dense=dense):
+                return build(base, alloc, qcfg, lora=profile.lora, progress=False, dense=dense)
+            row[path] = {"peak_bytes": peak_alone(make, batch)["peak_bytes"]}
+            makers[(alloc.name, path)] = make
+        rows.append(row)
         print(f"{alloc.name:>18} {qcfg.backend:>4}  bits {f['avg_bits']:5.2f}  formula {f['blocks'] / 2**20:7.2f} MiB  "
               f"measured {m['blocks'] / 2**20:7.2f} MiB  ratio {m['blocks'] / f['blocks']:.4f}  "
-              f"step {statistics.median(times):.3f} s  build {build_s:.1f} s", flush=True)
-        del model
-    ref = next(r for r in rows if r["allocation"] == "uniform-4bit-r8")["step_s_median"]
-    mixed = next(r for r in rows if r["allocation"].startswith("mixed"))["step_s_median"]
-    for r in rows:
-        r["step_ratio_vs_uniform4"] = r["step_s_median"] / ref
-    result = {"rows": rows, "step_ratio_mixed_over_uniform4": mixed / ref,
-              "peak_rss_bytes": memory.peak_memory_bytes(profile.device)}
-    print(f"step-time ratio mixed / uniform-4 (HQQ): {mixed / ref:.3f}")
+              f"train-path peak {row['train']['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+    del stored
+    reference = ("uniform-16bit-r8", "train")
+    makers[CONTROL] = makers[reference]
+    builds = {k: make() for k, make in makers.items()}
+    print(f"timing {len(builds)} builds round-robin: {warmup} warm-up + {steps} timed rounds", flush=True)
+    times = interleaved_step_times(builds, batch, steps, warmup)
+
+    def over(key, ref=reference):  # median over rounds of the same-round ratio
+        return statistics.median(a / b for a, b in zip(times[key], times[ref]))
+
+    for row in rows:
+        for path in ("train", "packed"):
+            if path in row:
+                t = times[(row["allocation"], path)]
+                row[path].update(step_s_median=statistics.median(t), step_s_all=t,
+                                 over_16bit=over((row["allocation"], path)))
+        if "packed" in row:
+            row["packed_over_train"] = over((row["allocation"], "packed"), (row["allocation"], "train"))
+        print(f"{row['allocation']:>18}  train step {row['train']['step_s_median']:.3f} s "
+              f"({row['train']['over_16bit']:.3f} x 16-bit)"
+              + (f"  packed {row['packed']['step_s_median']:.3f} s ({row['packed_over_train']:.2f} x train)"
+                 if "packed" in row else ""))
+    dense_rows = [r for r in rows if r["avg_bits"] < 16 and r["allocation"] not in STAYS_PACKED]
+    result = {"rows": rows, "compute_dtype": profile.dtype, "dequantize_once": use_dense(profile.quant, base),
+              "control_16bit_over_16bit": over(CONTROL),
+              "worst_quantized_step_over_16bit": max(r["train"]["over_16bit"] for r in dense_rows),
+              "worst_quantized_allocation": max(dense_rows, key=lambda r: r["train"]["over_16bit"])["allocation"],
+              "step_ratio_mixed_over_uniform4": over(("mixed-3/4/8", "train"), ("uniform-4bit-r8", "train"))}
+    print(f"slowest HQQ/NF4 step / 16-bit LoRA step: {result['worst_quantized_step_over_16bit']:.3f} "
+          f"({result['worst_quantized_allocation']}); control (16-bit / 16-bit): "
+          f"{result['control_16bit_over_16bit']:.3f}; mixed / uniform-4: {result['step_ratio_mixed_over_uniform4']:.3f}")
     write_artifact(out, {"profile": profile_name, "steps": steps, "warmup": warmup,
                          "batch_size": batch_size, "seq_len": seq_len}, result)
-    write_markdown(out.with_suffix(".md"), result, batch_size, seq_len)
+    write_markdown(out.with_suffix(".md"), result, profile_name, batch_size, seq_len)
     return result
 
 
-def write_markdown(path: Path, result: dict, batch_size: int, seq_len: int) -> None:
-    lines = [f"Written by `make benchmark` (qr_lib/bench_memory.py); LoRA step = forward, backward and "
-             f"AdamW on a batch of {batch_size} x {seq_len} tokens, median of the timed steps.", "",
-             "| allocation | backend | avg bits | formula MiB | measured MiB | measured/formula | step s | step / uniform-4 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+def write_markdown(path: Path, result: dict, profile: str, batch_size: int, seq_len: int) -> None:
+    train_path = "dense dequantized weights (quant.dequantize_once)" if result["dequantize_once"] else "packed modules"
+    lines = [f"Written by `make benchmark` (qr_lib/bench_memory.py), profile `{profile}`. Memory: the packed model "
+             f"loaded in the 16-bit storage dtype. LoRA step = forward, backward and AdamW on {batch_size} x {seq_len} "
+             f"tokens in {result['compute_dtype']}, median of the timed steps, every build timed round-robin in the "
+             f"same rounds; 'train' is the path training takes here ({train_path}), 'packed' the packed modules. "
+             "Peak = peak memory (RSS on CPU) of two training steps of that build alone, from building it on "
+             "(memory.PeakMemory), with the base model the process holds.", "",
+             "| allocation | backend | avg bits | formula MiB | measured MiB | measured/formula | train step s "
+             "| / 16-bit step (same round) | packed step s | packed / train | train peak GiB | packed peak GiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['allocation']} | {r['backend']} | {r['avg_bits']:.2f} | {r['formula_bytes'] / 2**20:.2f} | "
-                     f"{r['measured_bytes'] / 2**20:.2f} | {r['measured_over_formula']:.4f} | "
-                     f"{r['step_s_median']:.3f} | {r['step_ratio_vs_uniform4']:.2f} |")
-    lines += ["", f"Step-time ratio mixed / uniform-4 (HQQ): **{result['step_ratio_mixed_over_uniform4']:.3f}**; "
-              f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB."]
+        t, p = r["train"], r.get("packed")
+        cells = [r["allocation"], r["backend"], f"{r['avg_bits']:.2f}", f"{r['formula_bytes'] / 2**20:.2f}",
+                 f"{r['measured_bytes'] / 2**20:.2f}", f"{r['measured_over_formula']:.4f}",
+                 f"{t['step_s_median']:.3f}", f"{t['over_16bit']:.3f}",
+                 f"{p['step_s_median']:.3f}" if p else "-", f"{r['packed_over_train']:.2f}" if p else "-",
+                 f"{t['peak_bytes'] / 2**30:.2f}", f"{p['peak_bytes'] / 2**30:.2f}" if p else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Slowest HQQ/NF4 LoRA step / 16-bit LoRA step: **{result['worst_quantized_step_over_16bit']:.3f}** "
+              f"({result['worst_quantized_allocation']}); the control, a second identical 16-bit build, measured "
+              f"{result['control_16bit_over_16bit']:.3f}, the resolution of this measurement. Mixed / uniform-4 (HQQ): "
+              f"{result['step_ratio_mixed_over_uniform4']:.3f}. int8 (bnb) stays packed on every path: LLM.int8 also "
+              "quantizes activations, so a dense twin would compute something else."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -107,7 +188,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="default")
     ap.add_argument("--out", type=Path, default=Path("results/benchmarks/memory_step_time.json"))
-    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=20, help="timed rounds (default 20: about 2%% resolution here)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)

@@ -12,7 +12,7 @@ from .allocation import UNQUANTIZED, Allocation
 from .errors import QRError
 from .models import block_linears, transformer_blocks
 from .progress import tqdm
-from .quant import QuantConfig, check_bits, get_backend
+from .quant import QuantConfig, check_bits, densify, get_backend
 from .quant.cache import BlockCache, block_fingerprint
 from .store import cache_root
 
@@ -28,18 +28,23 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def quantized_linears(linears: dict, bits: int, backend, cache: BlockCache | None) -> dict:
-    """The quantized twins of one block's linears, from the cache when it has them."""
-    states = None
+def quantized_linears(linears: dict, bits: int, backend, cache: BlockCache | None, dense: bool = False) -> dict:
+    """The quantized twins of one block's linears, computing in the block's own dtype: packed modules,
+    or with `dense` their dequantized weights (quant.DenseQuantLinear) where that computes the same
+    (backend.dense_is_exact). Cacheable backends quantize once per machine (the cache holds the
+    packed modules as stored) and restore them in the compute dtype."""
+    w = next(iter(linears.values()))[1].weight
     if backend.cacheable:
         fingerprint = block_fingerprint(linears)
         states = cache.load(fingerprint, bits)
-    if states is not None:
-        w = next(iter(linears.values()))[1].weight
-        return {short: backend.restore(states[short], bits, w.dtype, str(w.device)) for short in linears}
-    new = {short: backend.quantize(module, bits) for short, (_, module) in linears.items()}
-    if backend.cacheable:
-        cache.save(fingerprint, bits, {short: backend.state(m) for short, m in new.items()})
+        if states is None:
+            states = {short: backend.state(backend.quantize(m, bits)) for short, (_, m) in linears.items()}
+            cache.save(fingerprint, bits, states)
+        new = {short: backend.restore(states[short], bits, w.dtype, str(w.device)) for short in linears}
+    else:
+        new = {short: backend.quantize(module, bits) for short, (_, module) in linears.items()}
+    if dense and backend.dense_is_exact(bits):
+        new = {short: densify(m, backend.cfg.backend, bits, w.dtype) for short, m in new.items()}
     return new
 
 
@@ -53,22 +58,29 @@ def default_cache(qcfg: QuantConfig) -> BlockCache:
     return BlockCache(cache_root() / "blocks", qcfg)
 
 
+def use_dense(qcfg: QuantConfig, model: nn.Module) -> bool:
+    """Whether a model computes with dense dequantized weights: `dequantize_once` on a CPU model."""
+    return qcfg.dequantize_once and next(model.parameters()).device.type == "cpu"
+
+
 def quantize_model(model: nn.Module, allocation: Allocation, qcfg: QuantConfig,
-                   cache: BlockCache | None = None, progress: bool = True) -> nn.Module:
-    """Replace each block's seven linears by the backend's quantized modules, in place."""
+                   cache: BlockCache | None = None, progress: bool = True, dense: bool | None = None) -> nn.Module:
+    """Replace each block's seven linears by the backend's quantized modules, in place.
+    `dense` (default: use_dense) keeps their dequantized weights instead of the packed modules."""
     blocks = transformer_blocks(model)
     allocation.check_blocks(len(blocks))
     backend = get_backend(qcfg)
     check_bits(backend, allocation.bits)
+    dense = use_dense(qcfg, model) if dense is None else dense
     if cache is None and backend.cacheable:
         cache = default_cache(qcfg)
     todo = [(i, b) for i, b in enumerate(allocation.bits) if b != UNQUANTIZED]
     for i, bits in tqdm(todo, desc=f"quantize ({qcfg.backend})", disable=not progress, leave=False):
         linears = block_linears(blocks[i], i)
-        set_block_linears(blocks[i], linears, quantized_linears(linears, bits, backend, cache))
+        set_block_linears(blocks[i], linears, quantized_linears(linears, bits, backend, cache, dense))
     # peft picks its bitsandbytes LoRA layers only when the model says it is loaded in 4/8 bits.
     if qcfg.backend == "bnb":
-        model.is_loaded_in_4bit = 4 in allocation.bits
+        model.is_loaded_in_4bit = 4 in allocation.bits and not (dense and backend.dense_is_exact(4))
         model.is_loaded_in_8bit = 8 in allocation.bits
     return model
 
@@ -98,12 +110,13 @@ def lora_config(model: nn.Module, allocation: Allocation, lora: LoraSettings):
 
 def build(base: nn.Module, allocation: Allocation, qcfg: QuantConfig = QuantConfig(),
           lora: LoraSettings = LoraSettings(), cache: BlockCache | None = None, progress: bool = True,
-          seed: int = 0):
+          seed: int = 0, dense: bool | None = None):
     """A trainable PeftModel; the base model is copied, never modified, so one base serves many builds.
-    LoRA's A matrices are drawn from `seed` (without touching the global RNG): a build is reproducible."""
+    LoRA's A matrices are drawn from `seed` (without touching the global RNG): a build is reproducible.
+    `dense`: see quantize_model (memory.measured_bytes needs dense=False, the packed modules)."""
     from peft import get_peft_model
 
-    model = quantize_model(copy.deepcopy(base), allocation, qcfg, cache=cache, progress=progress)
+    model = quantize_model(copy.deepcopy(base), allocation, qcfg, cache=cache, progress=progress, dense=dense)
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):

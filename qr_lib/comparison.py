@@ -1,8 +1,8 @@
 """The comparison table: every finished run under results/<profile>/runs/, one row per method.
 
 Columns: memory (formula bytes of the blocks, average bits), trainable parameters, each task's
-headline metric (see evaluate.py), their average, validation loss and held-out perplexity; mean and
-standard deviation over seeds. Reads artifacts only.
+headline metric (see evaluate.py), their average, loss on the held-out test split and held-out
+perplexity; mean and standard deviation over seeds. Reads artifacts only.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def runs(out_dir: Path) -> pd.DataFrame:
         r = read_json(path)["result"]
         row = {"method": r["method"], "name": r["name"], "seed": r["seed"],
                "memory_MiB": r["memory_bytes"] / 2**20, "avg_bits": r["avg_bits"],
-               "trainable_params": r["trainable_parameters"], "val_loss": r["val_loss"],
-               "heldout_ppl": r["heldout_perplexity"], "train_seconds": r["train"]["seconds"]}
+               "trainable_params": r["trainable_parameters"], "test_loss": r["test_loss"],
+               "heldout_ppl": r["heldout_perplexity"], "train_seconds": r["train"]["seconds"],
+               "peak_GiB": r["train"]["peak_memory"]["peak_bytes"] / 2**30}
         for task, metrics in r["benchmarks"].items():
             row[task], row[f"{task}_stderr"] = headline(metrics)
             row[f"{task}_n"] = metrics["n"]
@@ -54,6 +55,16 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def peak_memory(per_seed: pd.DataFrame, reference: str = "nf4") -> pd.DataFrame:
+    """Each method's peak training memory (every run's own, memory.PeakMemory), mean and max over
+    seeds, and its ratio to the reference method (uniform 4-bit QLoRA, NF4, by default)."""
+    g = per_seed.groupby(["method", "name"], sort=False)["peak_GiB"].agg(["mean", "max", "count"]).reset_index()
+    g = g.rename(columns={"mean": "peak GiB (mean)", "max": "peak GiB (max)", "count": "runs"})
+    ref = g.loc[g["method"] == reference, "peak GiB (mean)"]
+    g[f"/ {reference}"] = g["peak GiB (mean)"] / ref.iloc[0] if len(ref) else float("nan")
+    return g
+
+
 def formatted(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """The readable table: accuracies in %, 'mean ± std' where a method has several seeds."""
     def cell(row, col, scale=1.0, digits=1):
@@ -64,7 +75,7 @@ def formatted(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
                         "trainable": table["trainable_params"].astype(int)})
     for t in tasks + (["average"] if tasks else []):
         out[t] = [cell(r, t, 100) for _, r in table.iterrows()]
-    out["val loss"] = [cell(r, "val_loss", 1, 3) for _, r in table.iterrows()]
+    out["test loss"] = [cell(r, "test_loss", 1, 3) for _, r in table.iterrows()]
     out["held-out ppl"] = [cell(r, "heldout_ppl", 1, 1) for _, r in table.iterrows()]
     return out
 
@@ -72,7 +83,7 @@ def formatted(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
 # The paper's headline claims at the 4-bit budget: (other method, relation QR-Adaptor should have to it).
 CLAIMS = [("lora16", "matches"), ("hqq4", "beats"), ("nf4", "beats")]
 # (column, label, +1 if higher is better)
-CLAIM_METRICS = [("val_loss", "validation loss", -1), ("average", "benchmark average", +1)]
+CLAIM_METRICS = [("test_loss", "test loss", -1), ("average", "benchmark average", +1)]
 
 
 def seed_spread(a, b, col: str) -> float:
@@ -116,8 +127,9 @@ def _setting(config: dict, allocation: dict) -> tuple[str, str]:
 
 
 def proxy_vs_final(out_dir: Path) -> pd.DataFrame:
-    """Each run whose exact setting the search scored at full fidelity, with that proxy score beside the
-    final validation loss (mean over seeds): did the short proxy fine-tune rank them as the full one does?
+    """Each run whose exact setting the search scored at full fidelity, with that proxy score (on the
+    search-validation split) beside the final test loss (mean over seeds): did the short proxy
+    fine-tune rank them as the full one does?
 
     A run matches a cached score when model, dtype, data, quantization, LoRA settings and allocation are
     the same and the adapter is plain LoRA (AdaLoRA and LoftQ train differently from the proxy)."""
@@ -135,14 +147,14 @@ def proxy_vs_final(out_dir: Path) -> pd.DataFrame:
         proxy = proxies.get(_setting(cfg, res["allocation"]))
         if proxy is not None:
             rows.append({"method": res["method"], "name": res["name"], "proxy_val_loss": proxy,
-                         "final_val_loss": res["val_loss"]})
+                         "final_test_loss": res["test_loss"]})
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows).groupby(["method", "name"], sort=False)
-    out = df["proxy_val_loss"].first().to_frame().join(df["final_val_loss"].agg(["mean", "count"]))
-    out = out.rename(columns={"mean": "final_val_loss", "count": "seeds"}).reset_index()
+    out = df["proxy_val_loss"].first().to_frame().join(df["final_test_loss"].agg(["mean", "count"]))
+    out = out.rename(columns={"mean": "final_test_loss", "count": "seeds"}).reset_index()
     out["proxy_rank"] = out["proxy_val_loss"].rank().astype(int)
-    out["final_rank"] = out["final_val_loss"].rank().astype(int)
+    out["final_rank"] = out["final_test_loss"].rank().astype(int)
     return out.sort_values("proxy_val_loss").reset_index(drop=True)
 
 

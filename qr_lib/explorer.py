@@ -55,8 +55,10 @@ class Explorer:
         rungs = [self.profile.bit_ladder.index(b) for b in allocation.bits]
         predicted = float(sum(self.kl[i, j] for i, j in enumerate(rungs)))
         g = np.array(allocation.to_genes())
+        # Nearest first; at equal distance the full-fidelity score before the cheap one.
         nearest = sorted(self.records, key=lambda r: (np.abs(self._genes(r["allocation"]["bits"],
-                                                                         r["allocation"]["ranks"]) - g).sum()))[:k]
+                                                                         r["allocation"]["ranks"]) - g).sum(),
+                                                      r["fidelity"] != "full"))[:k]
         return {
             "memory_MiB": mem["blocks"] / 2**20, "budget_ratio": mem["blocks"] / self.budget,
             "avg_bits": mem["avg_bits"], "mean_rank": allocation.mean_rank(),

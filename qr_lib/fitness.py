@@ -52,7 +52,8 @@ class ProxyEvaluator:
         self.profile, self.base, self.tok, self.progress = profile, base, tok, progress
         self.cache_dir = Path(cache_dir)
         d = profile.data
-        self.train_set, self.val_set = load_finetune(d.finetune, d.n_train, d.n_val, d.seed)
+        splits = load_finetune(d)  # the proxy reads train and val only; test is the final comparison's
+        self.train_set, self.val_set = splits.train, splits.val
         self.shapes = model_shapes(base)
         self.budget = budget_bytes(self.shapes, profile.quant, profile.budget_bits, profile.budget_rank)
         self.context = {"model": profile.model, "dtype": profile.dtype, "quant": profile.quant,
@@ -102,7 +103,7 @@ class ProxyEvaluator:
                   "metric": self.metric, "objective": objective, "val_loss": loss, "accuracy": accuracy,
                   "failed": log["diverged"], **self.memory(allocation),
                   "train_tokens": log["train_tokens"], "final_train_loss": (log["losses"] or [None])[-1],
-                  "seconds": round(time.time() - t0, 2), "peak_memory_bytes": log["peak_memory_bytes"]}
+                  "seconds": round(time.time() - t0, 2), "peak_memory": log["peak_memory"]}
         write_artifact(path, {"context": self.context, "context_key": self.context_key,
                               "fidelity": fidelity}, result)
         return result

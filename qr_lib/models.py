@@ -82,10 +82,14 @@ def resolve(name: str) -> str:
     return name
 
 
-def load_model(name: str = EMBEDDED, dtype: str = "bfloat16", device: str = "cpu"):
-    """(model, tokenizer) for `embedded`, a local folder or a hub id (offline needs a local copy)."""
+def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
+    """(model, tokenizer) for `embedded`, a local folder or a hub id (offline needs a local copy),
+    in compute dtype `dtype` ("auto": the fastest on this machine, hardware.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .hardware import resolve_dtype
+
+    dtype = resolve_dtype(dtype, device)
     if name == TINY:
         tok = AutoTokenizer.from_pretrained(embedded_dir())
         return tiny_llama(vocab=len(tok), dtype=torch_dtype(dtype)).to(device), tok

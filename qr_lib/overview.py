@@ -15,13 +15,16 @@ from .train import perplexity
 def dataset_table(profile: Profile, sources: D.Sources | None = None) -> tuple[list[dict], list[str]]:
     """Rows of (kind, source, split, count), and the held-out passages for the perplexity check."""
     dc = profile.data
-    train, val = D.load_finetune(dc.finetune, dc.n_train, dc.n_val, dc.seed, sources)
-    calib, held = D.load_texts(dc.text, dc.n_calib, dc.n_heldout, dc.seed, sources)
+    splits = D.load_finetune(dc, sources)
+    calib, held = D.load_texts(dc, sources)
     rows = [
         {"kind": "calibration text (Phase I)", "source": dc.text, "split": "passages", "count": len(calib)},
         {"kind": "held-out text (perplexity)", "source": dc.text, "split": "passages", "count": len(held)},
-        {"kind": "fine-tuning set", "source": dc.finetune, "split": "train", "count": len(train)},
-        {"kind": "validation (proxy metric)", "source": dc.finetune, "split": "train, held out", "count": len(val)},
+        {"kind": "fine-tuning set", "source": dc.finetune, "split": "train", "count": len(splits.train)},
+        {"kind": "search validation (the proxy's only data)", "source": dc.finetune, "split": "train, held out",
+         "count": len(splits.val)},
+        {"kind": "test (final comparison only)", "source": dc.finetune, "split": "train, held out",
+         "count": len(splits.test)},
     ]
     if dc.finetune == "commonsense":
         pool = D.commonsense_pool(sources or D.Sources.installed())

@@ -1,7 +1,7 @@
 """The pilot study (Configs A-D): can adapter rank buy back fidelity lost to quantization?
 
-Four configurations on the same model, fine-tuned and scored the same way (validation loss after a
-short fine-tune, plus any lm-eval tasks configured), over several seeds:
+Four configurations on the same model, fine-tuned and scored the same way (test loss after a short
+fine-tune, plus any lm-eval tasks configured), over several seeds:
   A  uniform 4-bit, rank 8 (the budget)            B  uniform 2-bit, rank 16
   C  shallow half 4-bit r16 / deep half 2-bit r16   D  shallow half 2-bit r8 / deep half 4-bit r8
 C and D hold the same bits, mirrored; C has twice D's rank. The paper finds C fails against D.
@@ -29,8 +29,9 @@ CONFIGS = {
 class PilotConfig:
     steps: int = 40
     seeds: tuple = (0, 1, 2)
-    tasks: tuple = ()              # lm-eval tasks per run; validation loss is always measured
+    tasks: tuple = ()              # lm-eval tasks per run; the test loss is always measured
     limit: int = 100
+    n_test: int | None = 256       # test pairs scored per run (the first n of the test split)
     sweep_bits: tuple = (2, 3, 4)
     sweep_ranks: tuple = (4, 8, 16)
 
@@ -45,8 +46,8 @@ def methods(cfg: PilotConfig) -> tuple[list[Method], list[Method]]:
 def pilot_profile(profile):
     """The profile with the pilot's fine-tune length and evaluation."""
     p = profile.pilot
-    return replace(profile, finetune=replace(profile.finetune, max_steps=p.steps),
-                   eval=replace(profile.eval, tasks=tuple(p.tasks), limit=p.limit, task_limits={}))
+    return replace(profile, finetune=replace(profile.finetune, max_steps=p.steps, n_test=p.n_test),
+                   eval=replace(profile.eval, tasks=tuple(p.tasks), limit=p.limit, task_limits={}, seeds=None))
 
 
 def run(profile, out_dir: Path, progress: bool = True) -> Path:
@@ -82,7 +83,7 @@ def tables(profile, where: Path):
     return summary, sw
 
 
-def verdict(summary, metric: str = "val_loss") -> dict:
+def verdict(summary, metric: str = "test_loss") -> dict:
     """C against D on a lower-is-better metric: the gap, and whether it exceeds the seeds' spread."""
     row = {k: summary.loc[summary["method"] == f"config_{k}"].iloc[0] for k in "CD"}
     gap = row["C"][metric] - row["D"][metric]

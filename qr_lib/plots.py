@@ -173,7 +173,7 @@ def loss_curves(curves: dict, window: int = 10):
     return fig
 
 
-def pilot_bars(table, metric: str = "val_loss", ylabel: str = "validation loss after fine-tuning"):
+def pilot_bars(table, metric: str = "test_loss", ylabel: str = "test loss after fine-tuning"):
     """Configs A-D: mean over seeds with std error bars, memory / budget under each label."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = np.arange(len(table))
@@ -189,7 +189,7 @@ def pilot_bars(table, metric: str = "val_loss", ylabel: str = "validation loss a
     return fig
 
 
-def rank_sweep(per_run, metric: str = "val_loss", ylabel: str = "validation loss after fine-tuning"):
+def rank_sweep(per_run, metric: str = "test_loss", ylabel: str = "test loss after fine-tuning"):
     """Uniform (bits, rank) sweep: one line per bit-width over rank."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for bits, grp in per_run.groupby("bits"):

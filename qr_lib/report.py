@@ -16,10 +16,11 @@ SECTIONS = [
     ("Phase III: refinement and the selected allocation", "04_bo_refinement",
      ["figures/bo_objective_space.png", "tables/bo_steps.md", "tables/search_summary.md",
       "tables/search_vs_uniform.md", "figures/search_selected_allocation.png"]),
-    ("Final fine-tune", "05_final_finetune", ["tables/finetune_runs.md", "figures/finetune_loss_curves.png"]),
+    ("Final fine-tune", "05_final_finetune", ["tables/finetune_runs.md", "tables/finetune_peak_memory.md",
+                                              "figures/finetune_loss_curves.png"]),
     ("Benchmarks", "06_benchmarks",
      ["tables/benchmarks.md", "tables/benchmarks_claims.md", "tables/benchmarks_sample_sizes.md",
-      "figures/accuracy_vs_memory.png", "figures/val_loss_vs_memory.png", "figures/benchmark_bars.png",
+      "figures/accuracy_vs_memory.png", "figures/test_loss_vs_memory.png", "figures/benchmark_bars.png",
       "tables/proxy_vs_final.md"]),
 ]
 

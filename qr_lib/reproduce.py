@@ -18,7 +18,19 @@ import pandas as pd
 from .config import profile_names
 from .progress import PLAIN_ENV
 from .report import compute_time
-from .store import read_json, results_dir, save_table, write_json
+from .store import cache_root, read_json, results_dir, save_table, write_json
+
+# Stage artifacts whose presence means a run does not start from nothing.
+STAGE_ARTIFACTS = ("setup.json", "sensitivity.json", "nsga.json", "bo.json", "search.json", "evaluations", "runs",
+                   "pilot", "searches")
+
+
+def starting_state(out: Path) -> dict:
+    """What a run starts from: which stage artifacts and caches (converted model, quantized blocks,
+    parsed data) already exist. A run from nothing has none of them."""
+    artifacts = sorted(a for a in STAGE_ARTIFACTS if (out / a).exists())
+    caches = sorted(p.name for p in cache_root().iterdir() if any(p.iterdir())) if cache_root().exists() else []
+    return {"artifacts": artifacts, "caches": caches, "from_nothing": not artifacts and not caches}
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -41,6 +53,9 @@ def write_index(out: Path, profile: str, manifest: dict) -> None:
         lines += [f"## {nb}", f"Ran for {run.get('seconds', 0):.0f} s; executed copy: `notebooks/{nb}`.", ""]
         lines += [f"- [`{f}`]({f})" for f, v in sorted(manifest["files"].items()) if v["notebook"] == nb]
         lines.append("")
+    if (out / "tables" / "reproduce_wall_clock.md").exists():
+        lines += ["## Wall-clock time", "Every `make reproduce` of this folder, how long it took and whether it started "
+                  "from nothing (no artifacts, no caches): [`tables/reproduce_wall_clock.md`](tables/reproduce_wall_clock.md).", ""]
     if (out / "tables" / "compute_time.md").exists():
         lines += ["## Compute time", "Seconds of work each stage's artifacts record, written by `make reproduce` "
                   "after the last notebook: [`tables/compute_time.md`](tables/compute_time.md).", ""]
@@ -56,6 +71,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False) -
     manifest = read_json(manifest_path) if manifest_path.exists() else {"files": {}, "notebooks": {}}
     (out / "notebooks").mkdir(exist_ok=True)
     todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
+    start, started = starting_state(out), time.time()
     for i, nb in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
         before, t0 = _outputs(out), time.time()
@@ -74,12 +90,26 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False) -
         manifest["notebooks"][nb.name] = {"seconds": round(time.time() - t0, 1)}
         write_json(manifest_path, manifest)
         write_index(out, profile, manifest)
+    wall = round(time.time() - started, 1)
+    manifest.setdefault("runs", []).append({
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)), "wall_seconds": wall,
+        "notebooks": [nb.name for nb in todo], **start})
+    write_json(manifest_path, manifest)
+    save_table(pd.DataFrame(wall_clock(manifest)), out, "reproduce_wall_clock")
     cost = compute_time(out)
     if cost:
         save_table(pd.DataFrame(cost), out, "compute_time")
-        write_index(out, profile, manifest)
-    total = f" (work the artifacts record: {cost[-1]['seconds']:.0f} s, tables/compute_time.md)" if cost else ""
-    print(f"done: {len(todo)} notebooks; results in {out}{total}")
+    write_index(out, profile, manifest)
+    total = f"; work the artifacts record: {cost[-1]['seconds']:.0f} s (tables/compute_time.md)" if cost else ""
+    print(f"done: {len(todo)} notebooks in {wall:.0f} s of wall-clock time{total}; results in {out}")
+
+
+def wall_clock(manifest: dict) -> list[dict]:
+    """Every `make reproduce` run of this results folder: when, how long, and from what state."""
+    return [{"started": r["started"], "wall seconds": r["wall_seconds"], "wall hours": round(r["wall_seconds"] / 3600, 2),
+             "notebooks": len(r["notebooks"]), "from nothing": r["from_nothing"],
+             "artifacts present at start": ", ".join(r["artifacts"]) or "none",
+             "caches present at start": ", ".join(r["caches"]) or "none"} for r in manifest.get("runs", [])]
 
 
 def main(argv=None) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .allocation import Allocation
-from .build import default_cache, quantized_linears, set_block_linears
+from .build import default_cache, quantized_linears, set_block_linears, use_dense
 from .errors import QRError
 from .models import block_linears, transformer_blocks
 from .progress import tqdm
@@ -75,11 +75,12 @@ def profile(model, tok, texts, cfg: SensitivityConfig, qcfg: QuantConfig, partia
     blocks = transformer_blocks(model)
     done = read_json(partial) if partial is not None and partial.exists() else {}
     cache = default_cache(qcfg) if backend.cacheable else None
+    dense = use_dense(qcfg, model)  # the same weights training computes with
     todo = [(i, b) for b in cfg.bits for i in range(len(blocks)) if f"{b}:{i}" not in done]
     for i, bits in tqdm(todo, desc="Phase I: KL per block", disable=not progress):
         linears = block_linears(blocks[i], i)
         originals = {short: module for short, (_, module) in linears.items()}
-        set_block_linears(blocks[i], linears, quantized_linears(linears, bits, backend, cache))
+        set_block_linears(blocks[i], linears, quantized_linears(linears, bits, backend, cache, dense))
         try:
             done[f"{bits}:{i}"] = mean_kl(model, batches, reference)
         finally:
@@ -108,7 +109,7 @@ def run(profile_cfg, out_dir: Path, model=None, tok=None, progress: bool = True)
             return previous["result"]
     if model is None:
         model, tok = load_model(profile_cfg.model, profile_cfg.dtype, profile_cfg.device)
-    calib, _ = load_texts(d.text, d.n_calib, d.n_heldout, d.seed)
+    calib, _ = load_texts(d)
     t0 = time.time()
     result = profile(model, tok, calib, profile_cfg.sensitivity, profile_cfg.quant,
                      partial=Path(out_dir) / f".sensitivity-{key}.partial.json", progress=progress)

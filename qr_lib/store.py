@@ -102,6 +102,8 @@ def git_commit() -> str | None:
 def environment() -> dict:
     import torch
 
+    from .hardware import describe
+
     return {
         "packages": package_versions(),
         "python": platform.python_version(),
@@ -109,6 +111,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **describe(),
         "git_commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -31,3 +31,10 @@ def tok():
 def embedded():
     from qr_lib.models import load_model
     return load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def embedded32():
+    """The embedded model computing in float32 (its bf16 checkpoint, upcast exactly)."""
+    from qr_lib.models import load_model
+    return load_model("embedded", "float32")

@@ -21,12 +21,13 @@ def assert_all_lora_grads(model):
     assert not missing, missing[:5]
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("qcfg,alloc", [
     (HQQ, Allocation(bits=(2, 3, 4, 8), ranks=(4, 8, 16, 4))),
     (BNB, Allocation(bits=(4, 8, 4, 8), ranks=(16, 8, 4, 8))),
 ])
-def test_every_lora_parameter_gets_a_gradient(tiny, tmp_path, qcfg, alloc):
-    model = build(tiny, alloc, qcfg, cache=BlockCache(tmp_path, qcfg), progress=False)
+def test_every_lora_parameter_gets_a_gradient(tiny, tmp_path, qcfg, alloc, dense):
+    model = build(tiny, alloc, qcfg, cache=BlockCache(tmp_path, qcfg), progress=False, dense=dense)
     # set B != 0 so gradients reach A as well (peft initializes B to zero)
     for n, p in lora_parameters(model):
         if "lora_B" in n:
@@ -37,8 +38,8 @@ def test_every_lora_parameter_gets_a_gradient(tiny, tmp_path, qcfg, alloc):
 @pytest.mark.parametrize("qcfg", [HQQ, BNB])
 def test_evaluate_then_train_keeps_gradients(tiny, tmp_path, qcfg):
     """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights on the first eval forward and then
-    silently drops LoRA gradients; the backend must guard against it."""
-    model = build(tiny, uniform(4, 4, 8), qcfg, cache=BlockCache(tmp_path, qcfg), progress=False)
+    silently drops LoRA gradients; the backend must guard against it (packed modules)."""
+    model = build(tiny, uniform(4, 4, 8), qcfg, cache=BlockCache(tmp_path, qcfg), progress=False, dense=False)
     model.eval()
     with torch.no_grad():
         model(input_ids=X)
@@ -50,7 +51,7 @@ def test_evaluate_then_train_keeps_gradients(tiny, tmp_path, qcfg):
 
 def test_blocks_really_store_low_bit_codes(tiny, tmp_path):
     model = build(tiny, Allocation(bits=(2, 3, 4, 8), ranks=(4, 4, 4, 4)), HQQ,
-                  cache=BlockCache(tmp_path, HQQ), progress=False)
+                  cache=BlockCache(tmp_path, HQQ), progress=False, dense=False)
     layers = model.get_base_model().model.layers
     assert [layers[i].mlp.up_proj.base_layer.meta["nbits"] for i in range(4)] == [2, 3, 4, 8]
     assert layers[0].mlp.up_proj.base_layer.W_q.dtype == torch.uint8

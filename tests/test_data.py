@@ -1,23 +1,34 @@
+from dataclasses import replace
+
 from qr_lib import data as D
 
 
-def test_pool_drops_items_that_are_also_evaluation_items(sources):
+def test_pool_drops_items_that_are_also_evaluation_items_and_repeats(sources):
     pool = D.commonsense_pool(sources)
+    keys = [D.normalize(e.key) for v in pool.values() for e in v]
+    assert len(keys) == len(set(keys))
     assert set(pool) == set(D.COMMONSENSE_TASKS)
     assert all(len(v) == 24 for v in pool.values())  # the planted ARC-Easy eval item is gone
     eval_keys = D.evaluation_keys(sources)
     assert not {D.normalize(e.key) for v in pool.values() for e in v} & eval_keys
 
 
-def test_finetune_split_is_deterministic_disjoint_and_mixed(sources):
-    train, val = D.load_finetune("commonsense", 90, 18, seed=3, sources=sources)
-    again = D.load_finetune("commonsense", 90, 18, seed=3, sources=sources)
-    other = D.load_finetune("commonsense", 90, 18, seed=4, sources=sources)
-    assert (train, val) == again and (train, val) != other
-    assert len(train) == 90 and len(val) == 18
-    assert not {e.key for e in train} & {e.key for e in val}
-    assert len({e.source for e in val}) == len(D.COMMONSENSE_TASKS)
-    assert all(e.answer and e.prompt for e in train)
+CFG = D.DataConfig(n_train=90, n_val=18, n_test=27, seed=3)
+
+
+def test_three_splits_are_deterministic_disjoint_mixed_and_never_evaluation_items(sources):
+    splits = D.load_finetune(CFG, sources)
+    assert splits == D.load_finetune(CFG, sources) and splits != D.load_finetune(replace(CFG, seed=4), sources)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (90, 18, 27)
+    keys = [{D.normalize(e.key) for e in part} for part in (splits.train, splits.val, splits.test)]
+    assert not keys[0] & keys[1] and not keys[0] & keys[2] and not keys[1] & keys[2]
+    assert not (keys[0] | keys[1] | keys[2]) & D.evaluation_keys(sources)
+    assert all(len({e.source for e in part}) == len(D.COMMONSENSE_TASKS) for part in (splits.val, splits.test))
+    assert all(e.answer and e.prompt for e in splits.train)
+
+
+def test_growing_the_test_split_never_moves_the_search_validation_split(sources):
+    assert D.load_finetune(CFG, sources).val == D.load_finetune(replace(CFG, n_test=45), sources).val
 
 
 def test_winogrande_examples_fill_the_blank(sources):
@@ -27,9 +38,10 @@ def test_winogrande_examples_fill_the_blank(sources):
 
 
 def test_texts_are_disjoint_and_deterministic(sources):
-    calib, held = D.load_texts("lambada", 10, 10, seed=0, sources=sources)
+    cfg = D.DataConfig(n_calib=10, n_heldout=10)
+    calib, held = D.load_texts(cfg, sources)
     assert len(calib) == 10 and len(held) == 10 and not set(calib) & set(held)
-    assert (calib, held) == D.load_texts("lambada", 10, 10, seed=0, sources=sources)
+    assert (calib, held) == D.load_texts(cfg, sources)
 
 
 def test_benchmark_docs_are_normalized(sources):
@@ -50,6 +62,8 @@ def test_bad_source_names_say_what_works(sources):
     import pytest
     from qr_lib.errors import QRError
     with pytest.raises(QRError, match="`commonsense` works offline"):
-        D.load_finetune("alpacca", 1, 1, 0, sources)
+        D.load_finetune(D.DataConfig(finetune="alpacca"), sources)
     with pytest.raises(QRError, match="only 40 exist"):
-        D.load_texts("lambada", 30, 30, 0, sources)
+        D.load_texts(D.DataConfig(n_calib=30, n_heldout=30), sources)
+    with pytest.raises(QRError, match="lower data.n_train/n_val/n_test"):
+        D.load_finetune(D.DataConfig(n_train=200, n_val=10, n_test=10), sources)

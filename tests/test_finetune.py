@@ -12,7 +12,7 @@ from qr_lib.config import load_profile
 from qr_lib.errors import QRError
 from qr_lib.evaluate import EvalConfig, headline, run_tasks
 from qr_lib.quant import QuantConfig
-from qr_lib.train import TrainConfig, train
+from qr_lib.train import TrainConfig, eval_loss, train
 
 Q = QuantConfig(group_size=64, hqq_optimize=False)
 
@@ -26,13 +26,15 @@ def base():
 @pytest.fixture(scope="module")
 def quick():
     """The smoke profile with one task, two documents: exercises the path, not the numbers."""
-    return load_profile("smoke", {"eval.tasks": ["arc_easy"], "eval.limit": 2, "finetune.max_steps": 3})
+    return load_profile("smoke", {"eval.tasks": ["arc_easy"], "eval.limit": 2, "finetune.max_steps": 3,
+                                  "eval.seeds": [0]})
 
 
 def test_train_config_covers_the_requested_epochs():
     cfg = finetune.FinetuneConfig(epochs=0.5, batch_size=4, grad_accum=2, warmup_ratio=0.1)
     t = cfg.train_config(2000, seed=3)
     assert t.steps == 125 and t.warmup_steps == 12 and t.seed == 3 and t.grad_accum == 2
+    assert t.schedule == "linear"
     assert finetune.FinetuneConfig(max_steps=7).train_config(2000, 0).steps == 7
 
 
@@ -64,19 +66,25 @@ def test_a_run_is_saved_reloads_to_the_same_logits_and_is_not_redone(quick, base
     r = rec["result"]
     assert r["train"]["steps"] == 3 and len(r["train"]["losses"]) == 3
     assert r["benchmarks"]["arc_easy"]["n"] == 2 and r["avg_bits"] == 3
+    assert r["train"]["peak_memory"]["peak_bytes"] > 0
+    assert rec["environment"]["auto_dtype_cpu"] in ("float32", "bfloat16")  # which dtype auto would pick here
     assert (where / "adapter" / "adapter_model.safetensors").exists()
+    # The test split, example by example: the unit of paired comparisons.
+    test = finetune.run_data(quick).test
+    assert len(r["test_examples"]["nll_sum"]) == len(r["test_examples"]["tokens"]) == len(test) == quick.data.n_test
     reloaded, _ = finetune.load_finetuned(where, model_, tok)
-    assert r["val_loss"] == pytest.approx(_val_loss(quick, reloaded, tok), rel=1e-5)
+    assert r["test_loss"] == pytest.approx(eval_loss(reloaded, tok, test, quick.finetune.max_len), rel=1e-5)
     monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("redid a finished run"))
     assert finetune.run(quick, finetune.load_method("hqq3"), 0, tmp_path, model_, tok, progress=False) == rec
 
 
-def _val_loss(profile, model, tok):
-    from qr_lib.data import load_finetune
-    from qr_lib.train import eval_loss
-    d = profile.data
-    _, val = load_finetune(d.finetune, d.n_train, d.n_val, d.seed)
-    return eval_loss(model, tok, val, profile.finetune.max_len)
+def test_the_recipe_is_a_full_epoch_and_benchmarks_only_the_listed_seeds(base, tmp_path):
+    model_, tok = base
+    profile = load_profile("smoke", {"eval.tasks": ["arc_easy"], "eval.limit": 2, "eval.seeds": [0]})
+    rec = finetune.run(profile, finetune.load_method("hqq4"), 1, tmp_path, model_, tok, progress=False)["result"]
+    assert rec["train"]["epochs"] >= 1.0 and rec["train"]["steps"] == profile.data.n_train // 4
+    assert rec["benchmarks"] == {}  # seed 1 is not benchmarked; its test loss is measured
+    assert rec["test_loss"] > 0
 
 
 def test_save_and_reload_give_identical_logits_after_training(quick, base, tmp_path):
@@ -123,6 +131,7 @@ def test_every_task_yaml_runs_offline(base):
     for task, m in res.items():
         value, stderr = headline(m)
         assert m["n"] == 2 and 0 <= value <= 1, task
+        assert len(m["per_document"]["doc_id"]) == 2 and sum(m["per_document"]["value"]) / 2 == pytest.approx(value)
     assert "acc_norm" in res["arc_easy"] and res["gsm8k"]["metric_used"] == "exact_match,strict-match"
 
 
@@ -133,9 +142,9 @@ def test_comparison_table_averages_seeds(quick, base, tmp_path):
     per_seed = comparison.runs(tmp_path)
     table = comparison.summary(per_seed)
     assert len(per_seed) == 2 and table.loc[0, "seeds"] == 2
-    assert table.loc[0, "val_loss"] == pytest.approx(per_seed["val_loss"].mean())
+    assert table.loc[0, "test_loss"] == pytest.approx(per_seed["test_loss"].mean())
     text = comparison.formatted(table, ["arc_easy"])
-    assert "±" in text.loc[0, "val loss"]
+    assert "±" in text.loc[0, "test loss"]
     assert comparison.paper_reference()["entries"]
 
 
@@ -159,24 +168,32 @@ def test_a_new_search_selection_is_a_new_run(quick, base, tmp_path):
     assert b["result"]["allocation"]["bits"] == [3] * 4 and b["result"]["memory_bytes"] < a["result"]["memory_bytes"]
 
 
+def test_peak_memory_per_method_and_its_ratio_to_qlora():
+    per_seed = pd.DataFrame({"method": ["nf4", "nf4", "lora16", "qr"], "name": ["NF4", "NF4", "LoRA", "QR"],
+                             "peak_GiB": [2.0, 2.2, 3.15, 1.89]})
+    t = comparison.peak_memory(per_seed).set_index("method")
+    assert t.loc["nf4", "peak GiB (mean)"] == pytest.approx(2.1) and t.loc["nf4", "runs"] == 2
+    assert t.loc["lora16", "/ nf4"] == pytest.approx(1.5) and t.loc["qr", "/ nf4"] == pytest.approx(0.9)
+
+
 def test_claims_count_a_gap_only_beyond_the_seed_spread():
     table = pd.DataFrame([
-        {"method": "qr_adaptor", "name": "QR", "seeds": 3, "val_loss": 3.50, "val_loss_std": 0.02,
+        {"method": "qr_adaptor", "name": "QR", "seeds": 3, "test_loss": 3.50, "test_loss_std": 0.02,
          "average": 0.50, "average_std": 0.01},
-        {"method": "lora16", "name": "LoRA", "seeds": 3, "val_loss": 3.48, "val_loss_std": 0.02,
+        {"method": "lora16", "name": "LoRA", "seeds": 3, "test_loss": 3.48, "test_loss_std": 0.02,
          "average": 0.55, "average_std": 0.01},
-        {"method": "hqq4", "name": "HQQ4", "seeds": 3, "val_loss": 3.60, "val_loss_std": 0.02,
+        {"method": "hqq4", "name": "HQQ4", "seeds": 3, "test_loss": 3.60, "test_loss_std": 0.02,
          "average": 0.51, "average_std": 0.01},
-        {"method": "nf4", "name": "NF4", "seeds": 1, "val_loss": 3.51, "val_loss_std": float("nan"),
+        {"method": "nf4", "name": "NF4", "seeds": 1, "test_loss": 3.51, "test_loss_std": float("nan"),
          "average": 0.40, "average_std": float("nan")},
     ])
     got = {(r["claim"], r["metric"]): r["holds"] for _, r in comparison.claims(table).iterrows()}
     assert got == {
-        ("QR matches LoRA", "validation loss"): True,      # 0.02 worse, spread 0.028
+        ("QR matches LoRA", "test loss"): True,      # 0.02 worse, spread 0.028
         ("QR matches LoRA", "benchmark average"): False,   # 5 points worse, spread 1.4
-        ("QR beats HQQ4", "validation loss"): True,        # 0.10 better
+        ("QR beats HQQ4", "test loss"): True,        # 0.10 better
         ("QR beats HQQ4", "benchmark average"): False,     # 1 point worse
-        ("QR beats NF4", "validation loss"): False,        # 0.01 better, within QR's own spread
+        ("QR beats NF4", "test loss"): False,        # 0.01 better, within QR's own spread
         ("QR beats NF4", "benchmark average"): True,       # 10 points better
     }
     assert comparison.claims(table.iloc[1:]).empty       # no QR-Adaptor run yet: nothing to claim
@@ -198,7 +215,7 @@ def test_proxy_vs_final_pairs_runs_with_the_search_score_of_the_same_setting(tmp
         cfg = {**setting, "quant": quant or setting["quant"], "method": {"adapter": adapter}}
         write_json(tmp_path / "runs" / method / f"seed{seed}" / "result.json",
                    {"config": cfg, "result": {"method": method, "name": method.upper(), "allocation": a,
-                                              "val_loss": loss}})
+                                              "test_loss": loss}})
 
     run("uniform", 0, alloc, 3.3)
     run("uniform", 1, alloc, 3.5)
@@ -208,7 +225,7 @@ def test_proxy_vs_final_pairs_runs_with_the_search_score_of_the_same_setting(tmp
     table = comparison.proxy_vs_final(tmp_path)
     assert table["method"].tolist() == ["searched", "uniform"]  # sorted by proxy score
     assert table["proxy_val_loss"].tolist() == [3.8, 3.9]       # the full-fidelity score, not the low one
-    assert table["final_val_loss"].tolist() == pytest.approx([3.45, 3.4])
+    assert table["final_test_loss"].tolist() == pytest.approx([3.45, 3.4])
     assert table["seeds"].tolist() == [1, 2]
     assert table["final_rank"].tolist() == [2, 1]               # the proxy's order did not hold
 
@@ -217,7 +234,7 @@ def test_one_method_runs_alone_from_the_command_line(tmp_path, monkeypatch, caps
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
     finetune.main(["--profile", "smoke", "--method", "hqq2"])
     assert (tmp_path / "smoke" / "runs" / "hqq2" / "seed0" / "result.json").exists()
-    assert "QLoRA HQQ 2-bit seed 0: val loss" in capsys.readouterr().out
+    assert "QLoRA HQQ 2-bit seed 0: test loss" in capsys.readouterr().out
 
 
 def test_the_memory_plot_zooms_on_the_methods_near_the_budget_error_bars_included():
@@ -225,8 +242,8 @@ def test_the_memory_plot_zooms_on_the_methods_near_the_budget_error_bars_include
     matplotlib.use("Agg")
     from qr_lib.plots import metric_vs_memory
     table = pd.DataFrame({"name": ["LoRA-16", "4-bit", "mixed", "2-bit"], "memory_MiB": [210.0, 63.0, 62.0, 38.0],
-                          "val_loss": [3.2, 3.4, 3.5, 7.6], "val_loss_std": [0.01, float("nan"), 0.2, float("nan")]})
-    fig = metric_vs_memory(table, "val_loss", "loss", pareto_mib=[61.0, 62.5], budget_mib=63.0)
+                          "test_loss": [3.2, 3.4, 3.5, 7.6], "test_loss_std": [0.01, float("nan"), 0.2, float("nan")]})
+    fig = metric_vs_memory(table, "test_loss", "loss", pareto_mib=[61.0, 62.5], budget_mib=63.0)
     full, zoom = fig.axes
     assert zoom.get_xlim()[0] > 50 and zoom.get_ylim()[0] < 3.4 and zoom.get_ylim()[1] > 3.7
-    assert len(metric_vs_memory(table, "val_loss", "loss").axes) == 1  # no budget, nothing to zoom on
+    assert len(metric_vs_memory(table, "test_loss", "loss").axes) == 1  # no budget, nothing to zoom on

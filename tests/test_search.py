@@ -137,7 +137,7 @@ def test_a_task_accuracy_can_be_the_proxy_objective(smoke, base, tmp_path):
 def test_a_diverged_candidate_scores_the_worst_loss(smoke, base, tmp_path, monkeypatch):
     from qr_lib.allocation import uniform
     monkeypatch.setattr(fitness, "train", lambda *a, **k: {"losses": [], "train_tokens": 10, "seconds": 0.0,
-                                                           "diverged": True, "peak_memory_bytes": 0})
+                                                           "diverged": True, "peak_memory": {}})
     rec = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False).evaluate(uniform(4, 2, 4),
                                                                                   fitness.full_fidelity(smoke))
     assert rec["failed"] and rec["objective"] == fitness.FAILED_LOSS and rec["val_loss"] is None

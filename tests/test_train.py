@@ -7,7 +7,11 @@ from qr_lib.build import build
 from qr_lib.data import Example
 from qr_lib.quant import QuantConfig
 from qr_lib.quant.cache import BlockCache
-from qr_lib.train import IGNORE, TrainConfig, collate, encode, eval_loss, perplexity, train
+import pytest
+
+from qr_lib.errors import QRError
+from qr_lib.train import (IGNORE, TrainConfig, _batches, collate, encode, eval_loss, example_losses, lr_factor,
+                          mean_loss, perplexity, row_losses, train)
 
 EXAMPLES = [Example(f"Question: what is {i} plus one?\nAnswer:", f" {i + 1}", "toy") for i in range(16)]
 
@@ -20,6 +24,9 @@ def test_prompt_and_padding_are_masked(tok):
     assert rows[0]["labels"][-1] == tok.eos_token_id
     batch = collate(rows + encode(tok, [Example("a", " b", "toy")], 64), tok.pad_token_id)
     assert (batch["labels"][2][batch["attention_mask"][2] == 0] == IGNORE).all()
+    assert batch["attention_mask"][2, -1] == 1 and batch["attention_mask"][2, 0] == 0  # padded on the left
+    n_real = int(batch["attention_mask"][2].sum())
+    assert batch["position_ids"][2, -n_real:].tolist() == list(range(n_real))  # positions start at each row's first token
 
 
 def test_truncation_keeps_the_answer(tok):
@@ -39,7 +46,7 @@ def test_training_lowers_held_out_loss(tok, tmp_path):
     before = eval_loss(model, tok, EXAMPLES[:8])
     log = train(model, tok, EXAMPLES, TrainConfig(steps=15, batch_size=4, lr=1e-2, max_len=32), progress=False)
     assert len(log["losses"]) == 15 and not log["diverged"] and log["train_tokens"] > 0
-    assert log["peak_memory_bytes"] > 0
+    assert log["peak_memory"]["peak_bytes"] > 0
     assert eval_loss(model, tok, EXAMPLES[:8]) < before
 
 
@@ -57,3 +64,47 @@ def test_divergence_is_reported_not_raised(tok, tmp_path):
 def test_perplexity_of_random_model_is_near_vocab(tok):
     ppl = perplexity(_tiny_for(tok), tok, ["The cat sat on the mat and looked at the dog."] * 2)
     assert math.isfinite(ppl) and ppl > 1000
+
+
+def test_a_padded_batch_scores_each_row_as_if_it_were_alone(tok):
+    """Left padding, position ids and the head on labelled positions only change nothing."""
+    model = _tiny_for(tok)
+    mixed = EXAMPLES[:3] + [Example("word " * 40 + "Question: and now?\nAnswer:", " a longer answer here", "toy")]
+    rows = encode(tok, mixed, 96)
+    with torch.no_grad():
+        sums, counts = row_losses(model, collate(rows, tok.pad_token_id))
+        for i, r in enumerate(rows):
+            ids, labels = torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])
+            logits = model(input_ids=ids).logits[:, :-1]  # the plain, unpadded, full-head reference
+            ref = torch.nn.functional.cross_entropy(logits[0], labels[0, 1:], ignore_index=IGNORE, reduction="sum")
+            assert sums[i].item() == pytest.approx(ref.item(), rel=1e-5)
+            assert counts[i] == (labels[0, 1:] != IGNORE).sum()
+
+
+def test_example_losses_keep_the_given_order_and_average_by_token(tok):
+    model = _tiny_for(tok)
+    per = example_losses(model, tok, EXAMPLES[:6], max_len=32, batch_size=4)
+    again = example_losses(model, tok, EXAMPLES[:6][::-1], max_len=32, batch_size=4)
+    assert [s for s, _ in per] == pytest.approx([s for s, _ in again[::-1]], rel=1e-5)
+    assert eval_loss(model, tok, EXAMPLES[:6], max_len=32) == pytest.approx(mean_loss(per), rel=1e-6)
+
+
+def test_schedules_warm_up_then_decay():
+    lin = TrainConfig(steps=100, warmup_steps=10)
+    f = [lr_factor(s, lin) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(1 / 90)
+    cos = [lr_factor(s, TrainConfig(steps=100, warmup_steps=10, schedule="cosine")) for s in range(100)]
+    assert cos[55] == pytest.approx(0.5) and cos[-1] < 0.001
+    assert lr_factor(80, TrainConfig(steps=100, warmup_steps=10, schedule="constant")) == 1.0
+    with pytest.raises(QRError, match="not one of"):
+        lr_factor(0, TrainConfig(schedule="step"))
+
+
+def test_batches_cover_each_epoch_once_and_group_by_length():
+    rows = [{"input_ids": [0] * n} for n in range(1, 401)]
+    stream = _batches(rows, 4, seed=0)
+    epoch = [next(stream) for _ in range(100)]
+    assert sorted(len(r["input_ids"]) for b in epoch for r in b) == list(range(1, 401))
+    spread = [max(len(r["input_ids"]) for r in b) - min(len(r["input_ids"]) for r in b) for b in epoch]
+    assert sum(spread) / len(spread) < 10  # random batches of 4 out of 1..400 would spread ~240

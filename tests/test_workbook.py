@@ -7,7 +7,7 @@ from qr_lib.config import load_profile
 
 
 def test_pilot_configs_are_the_papers_four_and_c_mirrors_d():
-    configs, sweep = pilot.methods(load_profile("default").pilot)
+    configs, sweep = pilot.methods(pilot.PilotConfig())
     spec = {m.id: m.allocation for m in configs}
     assert list(spec) == ["config_A", "config_B", "config_C", "config_D"]
     assert spec["config_C"]["shallow"][0] == spec["config_D"]["deep"][0] == 4
@@ -18,8 +18,8 @@ def test_pilot_configs_are_the_papers_four_and_c_mirrors_d():
 
 def test_verdict_counts_a_gap_only_beyond_the_seed_spread():
     def table(c, d, std):
-        return pd.DataFrame({"method": ["config_C", "config_D"], "seeds": [3, 3], "val_loss": [c, d],
-                             "val_loss_std": [std, std]})
+        return pd.DataFrame({"method": ["config_C", "config_D"], "seeds": [3, 3], "test_loss": [c, d],
+                             "test_loss_std": [std, std]})
     assert pilot.verdict(table(4.0, 3.5, 0.1))["C_worse_than_D"]
     v = pilot.verdict(table(3.52, 3.5, 0.1))
     assert not v["C_worse_than_D"] and v["C_minus_D"] == pytest.approx(0.02)

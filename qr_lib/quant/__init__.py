@@ -1,22 +1,42 @@
 """Weight quantization backends behind one small interface, and the on-disk block cache.
 
-A backend turns one nn.Linear into its quantized module at a given bit-width, and says how many
-bytes that module stores, both by formula (from shapes alone) and by measuring the module.
-The compute dtype is the model's own dtype, so it has a single source of truth.
+A backend turns one nn.Linear into its quantized module at a given bit-width, says how many bytes
+that module stores (by formula from shapes alone, and by measuring the module), and dequantizes it.
+
+Storage and compute are separate. What a quantized model stores is fixed by the paper's accounting:
+16-bit scales and zeros (STORAGE_DTYPE), whatever the machine computes in. How it computes is the
+model's compute dtype (hardware.py). On CPU, with `dequantize_once`, each frozen quantized weight is
+replaced after quantization by the dense tensor the backend's own dequantization produces
+(DenseQuantLinear): the frozen weight never changes during LoRA training, so dequantizing it on every
+forward, as the packed modules do, is pure overhead there. Memory is still the packed formula;
+GPUs keep the packed kernels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
 
 from ..errors import QRError
+
+# The paper's accounting: unquantized weights, and each group's scale and zero, in 16 bits.
+STORAGE_DTYPE = torch.bfloat16
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    backend: str = "hqq"          # "hqq" (2, 3, 4, 8 bits) or "bnb" (4 = NF4, 8 = int8)
-    group_size: int = 128         # HQQ group size; bitsandbytes uses its own fixed blocks
-    hqq_optimize: bool = True     # HQQ's half-quadratic optimizer (slower, better) vs plain rounding
+    backend: str = "hqq"           # "hqq" (2, 3, 4, 8 bits) or "bnb" (4 = NF4, 8 = int8)
+    # HQQ weights per scale/zero. It must divide every quantized linear's in_features, so that no
+    # group spans two output rows (HQQ groups the flattened weight). The paper's code uses 128.
+    group_size: int = 128
+    hqq_optimize: bool = True      # HQQ's half-quadratic optimizer (slower, better) vs plain rounding
     bnb_double_quant: bool = True  # QLoRA's double quantization of NF4 absmax
+    dequantize_once: bool = True   # CPU only: compute with the dequantized weight (see module docstring)
+
+    def quantizer_settings(self) -> dict:
+        """The settings that change the stored codes (the block cache's key); not how they compute."""
+        return {k: v for k, v in asdict(self).items() if k != "dequantize_once"}
 
 
 def get_backend(cfg: QuantConfig):
@@ -35,3 +55,51 @@ def check_bits(backend, bits) -> None:
     if bad:
         raise QRError(f"backend {backend.cfg.backend!r} cannot quantize to {bad} bits; it supports "
                       f"{list(backend.supported_bits)} (and 16 = unquantized). Use backend 'hqq' for 2/3-bit")
+
+
+class DenseQuantLinear(nn.Linear):
+    """A frozen quantized linear kept as its dequantized weight in the compute dtype. It remembers
+    what it stands for (backend, bits), so memory is accounted packed and never measured from it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str, bits: int):
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias=bias is not None, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        self.quant_backend, self.quant_bits = backend, bits
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dequantized from {self.quant_backend} {self.quant_bits}-bit"
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a linear computes with: the backend's own dequantization for a packed
+    module, the weight itself for a dense one."""
+    from .bnb import BnbBackend
+    from .hqq import HqqBackend
+
+    for backend in (HqqBackend, BnbBackend):
+        if backend.owns(module):
+            return backend.dequantize(module)
+    return module.weight
+
+
+def densify(module: nn.Module, backend: str, bits: int, dtype: torch.dtype) -> DenseQuantLinear:
+    """The dense twin of a packed quantized module: weight = its dequantization, cast to `dtype`."""
+    bias = module.bias.detach().to(dtype) if module.bias is not None else None
+    return DenseQuantLinear(dequantize(module).detach().to(dtype), bias, backend, bits)
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes a built linear really stores (packed codes, scales, zeros, bias)."""
+    from .bnb import BnbBackend
+    from .hqq import HqqBackend
+
+    if isinstance(module, DenseQuantLinear):
+        raise QRError("this model computes with dense dequantized weights (quant.dequantize_once on CPU), "
+                      "so its tensors do not show what it stores; build it with dense=False to measure")
+    for backend in (HqqBackend, BnbBackend):
+        if backend.owns(module):
+            return backend.measured_bytes(module)
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))

@@ -18,6 +18,31 @@ class BnbBackend:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    @staticmethod
+    def owns(module) -> bool:
+        w = getattr(module, "weight", None)
+        return hasattr(w, "quant_state") or hasattr(w, "SCB")
+
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        """bitsandbytes blocks the flattened weight itself; every shape is accepted."""
+
+    @staticmethod
+    def dense_is_exact(bits: int) -> bool:
+        """NF4 computes with its dequantized weight, so a dense twin computes the same; LLM.int8
+        also quantizes the activations (about 0.5% off the dense result on the tiny model), so
+        int8 layers stay packed."""
+        return bits == 4
+
+    @staticmethod
+    def dequantize(module) -> torch.Tensor:
+        """bitsandbytes' own dequantization, (out, in): NF4 in the layer's compute dtype, int8 in float32."""
+        import bitsandbytes.functional as F
+
+        w = module.weight
+        if hasattr(w, "quant_state"):
+            return F.dequantize_4bit(w.data, w.quant_state)
+        return F.int8_vectorwise_dequant(w.data, _int8_scales(module))
+
     def quantize(self, linear: nn.Linear, bits: int) -> nn.Module:
         import bitsandbytes as bnb
 
@@ -40,7 +65,7 @@ class BnbBackend:
             q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return q.to(w.device)
 
-    def formula_bytes(self, out_features: int, in_features: int, bits: int, dtype_bytes: int) -> int:
+    def formula_bytes(self, out_features: int, in_features: int, bits: int) -> int:
         n = out_features * in_features
         if bits == 8:
             return n + 4 * out_features  # int8 codes + one float32 scale per row
@@ -65,5 +90,11 @@ class BnbBackend:
             total += size(qs.absmax) + size(qs.code)
             if qs.nested:
                 total += size(qs.state2.absmax) + size(qs.state2.code) + size(qs.offset)
-        scb = getattr(w, "SCB", None)
-        return total + size(scb)
+        return total + (size(_int8_scales(module)) if hasattr(w, "SCB") else 0)
+
+
+def _int8_scales(module) -> torch.Tensor:
+    """The per-row scales of an int8 layer: on the weight until the first forward, which moves them
+    into the layer's state (bitsandbytes' init_8bit_state)."""
+    scb = module.weight.SCB
+    return scb if scb is not None else module.state.SCB

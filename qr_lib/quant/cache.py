@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,9 +14,13 @@ from ..store import atomic_write_bytes, content_hash
 
 
 def block_fingerprint(linears: dict) -> str:
+    """A hash of the block's weights as HQQ quantizes them (in the storage dtype), so models loaded
+    in different compute dtypes share their cached blocks."""
+    from . import STORAGE_DTYPE
+
     h = hashlib.sha256()
     for name, (_, module) in linears.items():
-        w = module.weight.detach().to("cpu").contiguous()
+        w = module.weight.detach().to("cpu", STORAGE_DTYPE).contiguous()
         h.update(name.encode())
         h.update(str((tuple(w.shape), str(w.dtype))).encode())
         h.update(w.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bf16
@@ -32,7 +35,7 @@ class BlockCache:
         self.misses = 0
 
     def path(self, fingerprint: str, bits: int) -> Path:
-        key = content_hash({"block": fingerprint, "bits": bits, "quant": asdict(self.qcfg),
+        key = content_hash({"block": fingerprint, "bits": bits, "quant": self.qcfg.quantizer_settings(),
                             "hqq": _version("hqq")})
         return self.root / f"{key}.pt"
 

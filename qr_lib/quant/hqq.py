@@ -1,4 +1,12 @@
-"""HQQ (half-quadratic quantization): 2, 3, 4 and 8 bits on CPU and GPU, grouped along the input axis."""
+"""HQQ (half-quadratic quantization): 2, 3, 4 and 8 bits on CPU and GPU.
+
+HQQ 0.2.x groups the flattened weight (`W.reshape(-1, group_size)` with axis=1), so a group stays
+inside one output row only when group_size divides in_features. Otherwise half the groups of a
+576-wide SmolLM2 linear at group 128 mix the end of one row with the start of the next, and a row
+of small weights beside one of large weights is crushed. check_shape refuses such a group size.
+Scales and zeros are stored in STORAGE_DTYPE (16-bit), as the memory formula counts them; a module
+restored in another compute dtype holds the same values, cast.
+"""
 from __future__ import annotations
 
 import math
@@ -7,9 +15,14 @@ import torch
 from torch import nn
 
 from ..errors import QRError
+from . import STORAGE_DTYPE
 
 # How HQQ 0.2.x packs codes: (codes per storage word, bytes per word) for each bit-width.
 PACKING = {8: (1, 1), 4: (2, 1), 3: (10, 4), 2: (4, 1)}
+
+
+def _divisors(n: int, upto: int = 256) -> list[int]:
+    return [d for d in (16, 32, 64, 128, 192, 256) if d <= upto and n % d == 0]
 
 
 class HqqBackend:
@@ -19,6 +32,23 @@ class HqqBackend:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    @staticmethod
+    def owns(module) -> bool:
+        return hasattr(module, "W_q")
+
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        g = self.cfg.group_size
+        if g <= 0 or in_features % g:
+            raise QRError(
+                f"HQQ group_size {g} does not divide in_features {in_features} of a {out_features}x{in_features} "
+                f"linear, so its groups would span two output rows; set quant.group_size to one that divides "
+                f"every in_features of the model, e.g. {_divisors(in_features) or 'a divisor of ' + str(in_features)}")
+
+    @staticmethod
+    def dense_is_exact(bits: int) -> bool:
+        """HQQ computes with its dequantized weight at every bit-width."""
+        return True
+
     def quant_config(self, bits: int) -> dict:
         from hqq.core.quantize import BaseQuantizeConfig
 
@@ -27,19 +57,24 @@ class HqqBackend:
         return qc
 
     def quantize(self, linear: nn.Linear, bits: int) -> nn.Module:
+        """The packed module as stored: quantized from the 16-bit weight, scales and zeros in 16 bits."""
         from hqq.core.quantize import HQQLinear
 
-        if (linear.in_features * linear.out_features) % self.cfg.group_size:
-            raise QRError(f"a {linear.out_features}x{linear.in_features} weight does not split into groups of "
-                          f"{self.cfg.group_size}; choose a group_size that divides {linear.in_features}")
+        self.check_shape(linear.out_features, linear.in_features)
         w = linear.weight
-        return HQQLinear(linear, self.quant_config(bits), compute_dtype=w.dtype, device=str(w.device),
+        stored = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           device="meta")
+        stored.weight = nn.Parameter(w.detach().to(STORAGE_DTYPE), requires_grad=False)
+        if linear.bias is not None:
+            stored.bias = nn.Parameter(linear.bias.detach().to(STORAGE_DTYPE), requires_grad=False)
+        return HQQLinear(stored, self.quant_config(bits), compute_dtype=STORAGE_DTYPE, device=str(w.device),
                          del_orig=False)
 
     def state(self, module) -> dict:
         return {k: v for k, v in module.state_dict().items()}
 
     def restore(self, state: dict, bits: int, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
+        """The packed module computing in `dtype` (HQQ casts scales and zeros to it on load)."""
         from hqq.core.quantize import HQQLinear
 
         module = HQQLinear(None, self.quant_config(bits), compute_dtype=dtype, device=device,
@@ -47,12 +82,19 @@ class HqqBackend:
         module.load_state_dict(dict(state))
         return module
 
-    def formula_bytes(self, out_features: int, in_features: int, bits: int, dtype_bytes: int) -> int:
-        """Packed codes (rows padded to whole storage words) plus a scale and a zero per group."""
+    @staticmethod
+    def dequantize(module) -> torch.Tensor:
+        """HQQ's own dequantization, (out, in) in the module's compute dtype."""
+        return module.dequantize()
+
+    def formula_bytes(self, out_features: int, in_features: int, bits: int) -> int:
+        """Packed codes (the group count padded to whole storage words) plus a 16-bit scale and a
+        16-bit zero per group."""
+        self.check_shape(out_features, in_features)
         groups = out_features * in_features // self.cfg.group_size
         per_word, word_bytes = PACKING[bits]
         codes = math.ceil(groups / per_word) * self.cfg.group_size * word_bytes
-        meta = 2 * groups * dtype_bytes
+        meta = 2 * groups * STORAGE_DTYPE.itemsize
         return codes + meta
 
     @staticmethod
