@@ -91,7 +91,21 @@ def interleaved_step_times(models: dict, batch, rounds: int, warmup: int) -> dic
     return times
 
 
-def run(profile_name: str, out: Path, steps: int, warmup: int, batch_size: int, seq_len: int) -> dict:
+def dtype_check(profile, batch, rounds: int) -> dict:
+    """The 16-bit LoRA step in float32 and bfloat16, timed round-robin after one warm-up step each."""
+    builds = {}
+    for dtype in ("float32", "bfloat16"):
+        base, _ = load_model(profile.model, dtype, profile.device)
+        builds[dtype] = build(base, uniform(len(memory.model_shapes(base).linears), 16, 8), profile.quant,
+                              lora=profile.lora, progress=False)
+    times = interleaved_step_times(builds, batch, rounds, warmup=1)
+    out = {f"{d}_s": statistics.median(t) for d, t in times.items()}
+    return {**out, "bfloat16_over_float32": out["bfloat16_s"] / out["float32_s"], "rounds": rounds,
+            "auto_picks": profile.dtype}
+
+
+def run(profile_name: str, out: Path, steps: int, warmup: int, batch_size: int, seq_len: int,
+        dtype_rounds: int = 3) -> dict:
     profile = load_profile(profile_name)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     stored, _ = load_model(profile.model, str(STORAGE_DTYPE).removeprefix("torch."), profile.device)
@@ -148,6 +162,10 @@ def run(profile_name: str, out: Path, steps: int, warmup: int, batch_size: int, 
               "worst_quantized_step_over_16bit": max(r["train"]["over_16bit"] for r in dense_rows),
               "worst_quantized_allocation": max(dense_rows, key=lambda r: r["train"]["over_16bit"])["allocation"],
               "step_ratio_mixed_over_uniform4": over(("mixed-3/4/8", "train"), ("uniform-4bit-r8", "train"))}
+    del builds
+    result["dtype_check"] = dtype_check(profile, batch, rounds=dtype_rounds)
+    print(f"16-bit LoRA step: float32 {result['dtype_check']['float32_s']:.2f} s, bfloat16 "
+          f"{result['dtype_check']['bfloat16_s']:.2f} s; auto picks {profile.dtype} here")
     print(f"slowest HQQ/NF4 step / 16-bit LoRA step: {result['worst_quantized_step_over_16bit']:.3f} "
           f"({result['worst_quantized_allocation']}); control (16-bit / 16-bit): "
           f"{result['control_16bit_over_16bit']:.3f}; mixed / uniform-4: {result['step_ratio_mixed_over_uniform4']:.3f}")
@@ -181,6 +199,10 @@ def write_markdown(path: Path, result: dict, profile: str, batch_size: int, seq_
               f"{result['control_16bit_over_16bit']:.3f}, the resolution of this measurement. Mixed / uniform-4 (HQQ): "
               f"{result['step_ratio_mixed_over_uniform4']:.3f}. int8 (bnb) stays packed on every path: LLM.int8 also "
               "quantizes activations, so a dense twin would compute something else."]
+    d = result["dtype_check"]
+    lines += ["", f"Compute dtype on this machine (16-bit LoRA step, median of {d['rounds']} round-robin steps): float32 "
+              f"{d['float32_s']:.2f} s, bfloat16 {d['bfloat16_s']:.2f} s, bfloat16 / float32 = "
+              f"**{d['bfloat16_over_float32']:.1f}**; `dtype: auto` picks {d['auto_picks']} here."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -192,8 +214,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--dtype-rounds", type=int, default=3, help="timed rounds of the float32/bfloat16 check")
     a = ap.parse_args(argv)
-    run(a.profile, a.out, a.steps, a.warmup, a.batch_size, a.seq_len)
+    run(a.profile, a.out, a.steps, a.warmup, a.batch_size, a.seq_len, a.dtype_rounds)
 
 
 if __name__ == "__main__":
