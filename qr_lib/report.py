@@ -10,7 +10,7 @@ SECTIONS = [
     ("Pilot: can rank buy back fidelity? (Configs A-D)", "01_pilot_fidelity_plasticity",
      ["tables/pilot_configs.md", "tables/pilot_verdict.md", "figures/pilot_configs.png", "figures/pilot_rank_sweep.png"]),
     ("Phase I: sensitivity", "02_sensitivity_profiling",
-     ["figures/sensitivity_kl.png", "figures/sensitivity_seed_allocation.png"]),
+     ["figures/sensitivity_kl.png", "figures/sensitivity_knapsack.png"]),
     ("Phase II: NSGA-II", "03_nsga2_search",
      ["figures/nsga_objective_space.png", "figures/nsga_hypervolume.png", "tables/nsga_pareto.md"]),
     ("Phase III: refinement and the selected allocation", "04_bo_refinement",

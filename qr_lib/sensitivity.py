@@ -118,26 +118,3 @@ def run(profile_cfg, out_dir: Path, model=None, tok=None, progress: bool = True)
     write_artifact(out, {**config, "key": key}, result)
     (Path(out_dir) / f".sensitivity-{key}.partial.json").unlink(missing_ok=True)
     return result
-
-
-def normalized(kl: list[float]) -> np.ndarray:
-    """Min-max normalized sensitivity in [0, 1] (all-equal profiles map to 0.5)."""
-    x = np.asarray(kl, dtype=float)
-    span = x.max() - x.min()
-    return np.full_like(x, 0.5) if span <= 0 else (x - x.min()) / span
-
-
-def seed_allocation(kl: list[float], bit_ladder, rank_ladder, max_lowest: int | None = None,
-                    name: str = "phase-I seed") -> Allocation:
-    """Map normalized sensitivity onto the ladders: fragile blocks get more bits and more rank.
-    At most `max_lowest` blocks may sit at the lowest bit-width (the least sensitive stay there)."""
-    s = normalized(kl)
-    bit_ladder, rank_ladder = tuple(sorted(bit_ladder)), tuple(sorted(rank_ladder))
-    bi = np.rint(s * (len(bit_ladder) - 1)).astype(int)
-    ri = np.rint(s * (len(rank_ladder) - 1)).astype(int)
-    if max_lowest is not None:
-        lowest = [i for i in np.argsort(s) if bi[i] == 0]
-        for i in lowest[max_lowest:]:
-            bi[i] = min(1, len(bit_ladder) - 1)
-    return Allocation(bits=tuple(bit_ladder[i] for i in bi), ranks=tuple(rank_ladder[i] for i in ri),
-                      bit_ladder=bit_ladder, rank_ladder=rank_ladder, name=name)

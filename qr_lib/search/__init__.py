@@ -32,7 +32,7 @@ def _phase2(profile, out_dir: Path, ev: ProxyEvaluator, p1: dict, sdir: Path) ->
 
 
 def _phase3(profile, out_dir: Path, ev: ProxyEvaluator, p1: dict, p2: dict, progress: bool) -> dict:
-    space = nsga.make_space(profile, ev, p1)
+    space = nsga.make_space(profile, ev.shapes, p1)
     return bo.run(profile, out_dir, ev, space, p2, _key(Path(out_dir) / "nsga.json"), progress)
 
 
@@ -69,7 +69,7 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
     result = {
         "selected": selected.to_dict(),
         "selected_scores": {k: chosen[k] for k in ("objective", "metric", "val_loss", "accuracy", "budget_ratio",
-                                                   "avg_bits", "mean_rank", "utility")},
+                                                   "avg_bits", "mean_rank")},
         "cost": {"phase1_seconds": p1["seconds"], "proxy_seconds": round(proxy_seconds, 1),
                  "total_seconds": round(p1["seconds"] + proxy_seconds, 1),
                  "unique_evaluations": len(unique),
