@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .allocation import DEFAULT_BIT_LADDER, DEFAULT_RANK_LADDER
 from .build import LoraSettings
+from .comparison import ComparisonConfig
 from .data import DataConfig
 from .errors import QRError
 from .evaluate import EvalConfig
@@ -50,6 +51,7 @@ class Profile:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
+    comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
 
 
 def _build(cls, values: dict, where: str):

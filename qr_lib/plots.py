@@ -203,3 +203,32 @@ def rank_sweep(per_run, metric: str = "test_loss", ylabel: str = "test loss afte
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue", "can't tell": "tab:gray"}
+
+
+def paired_intervals(claims):
+    """Each claim's paired difference (a - b) with its 95% interval and margin, one panel per metric;
+    the colour is the verdict."""
+    metrics = list(dict.fromkeys(claims["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 0.55 * claims["claim"].nunique() + 1.6),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rows = claims[claims["metric"] == metric].reset_index(drop=True)
+        y = np.arange(len(rows))[::-1]
+        for yi, (_, r) in zip(y, rows.iterrows()):
+            ax.errorbar(r["a_minus_b"], yi, xerr=[[r["a_minus_b"] - r["ci95_low"]], [r["ci95_high"] - r["a_minus_b"]]],
+                        fmt="o", capsize=4, color=VERDICT_COLOURS[r["verdict"]], label=r["verdict"])
+        margin = rows["margin"].iloc[0]
+        ax.axvspan(-margin, margin, color="tab:blue", alpha=0.08)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, [f"{r['a']}\nvs {r['b']}" for _, r in rows.iterrows()], fontsize=8)
+        better = "lower" if metric == "test loss" else "higher"
+        ax.set_xlabel(f"{metric}: a - b ({better} is better for a); shaded: +-margin")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig

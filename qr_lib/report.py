@@ -19,7 +19,8 @@ SECTIONS = [
     ("Final fine-tune", "05_final_finetune", ["tables/finetune_runs.md", "tables/finetune_peak_memory.md",
                                               "figures/finetune_loss_curves.png"]),
     ("Benchmarks", "06_benchmarks",
-     ["tables/benchmarks.md", "tables/benchmarks_claims.md", "tables/benchmarks_sample_sizes.md",
+     ["tables/benchmarks.md", "tables/benchmarks_claims.md", "figures/benchmarks_claims.png",
+      "tables/benchmarks_sample_sizes.md",
       "figures/accuracy_vs_memory.png", "figures/test_loss_vs_memory.png", "figures/benchmark_bars.png",
       "tables/proxy_vs_final.md"]),
 ]
