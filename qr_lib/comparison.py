@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .allocation import Allocation
 from .errors import QRError
 from .evaluate import headline
 from .store import read_json
@@ -174,44 +173,6 @@ def claims(out_dir: Path, cfg: ComparisonConfig = ComparisonConfig(), claims_fil
             rows.append({"claim": f"{r.a} {c['relation']} {c['label']}", **r.as_row(),
                          "b_methods": len(c["b"]), "holds": holds, "where": c["where"]})
     return pd.DataFrame(rows)
-
-
-def _setting(config: dict, allocation: dict) -> tuple[str, str]:
-    """What must agree for a final run and a proxy score to be of the same model."""
-    fields = json.dumps([config[k] for k in ("model", "dtype", "data", "quant", "lora")], sort_keys=True)
-    return fields, Allocation.from_dict(allocation).key()
-
-
-def proxy_vs_final(out_dir: Path) -> pd.DataFrame:
-    """Each run whose exact setting the search scored at full fidelity, with that proxy score (on the
-    search-validation split) beside the final test loss (mean over seeds): did the short proxy
-    fine-tune rank them as the full one does?
-
-    A run matches a cached score when model, dtype, data, quantization, LoRA settings and allocation are
-    the same and the adapter is plain LoRA (AdaLoRA and LoftQ train differently from the proxy)."""
-    proxies = {}
-    for path in Path(out_dir).glob("evaluations/*.json"):
-        rec = read_json(path)
-        if rec["result"]["fidelity"] == "full" and not rec["result"]["failed"]:
-            proxies[_setting(rec["config"]["context"], rec["result"]["allocation"])] = rec["result"]["val_loss"]
-    rows = []
-    for path in sorted(Path(out_dir).glob("runs/*/seed*/result.json")):
-        run = read_json(path)
-        cfg, res = run["config"], run["result"]
-        if cfg["method"]["adapter"] != "lora":
-            continue
-        proxy = proxies.get(_setting(cfg, res["allocation"]))
-        if proxy is not None:
-            rows.append({"method": res["method"], "name": res["name"], "proxy_val_loss": proxy,
-                         "final_test_loss": res["test_loss"]})
-    if not rows:
-        return pd.DataFrame()
-    df = pd.DataFrame(rows).groupby(["method", "name"], sort=False)
-    out = df["proxy_val_loss"].first().to_frame().join(df["final_test_loss"].agg(["mean", "count"]))
-    out = out.rename(columns={"mean": "final_test_loss", "count": "seeds"}).reset_index()
-    out["proxy_rank"] = out["proxy_val_loss"].rank().astype(int)
-    out["final_rank"] = out["final_test_loss"].rank().astype(int)
-    return out.sort_values("proxy_val_loss").reset_index(drop=True)
 
 
 def paper_reference() -> dict:

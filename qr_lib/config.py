@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .allocation import DEFAULT_BIT_LADDER, DEFAULT_RANK_LADDER
 from .build import LoraSettings
+from .calibration import CalibrationConfig
 from .comparison import ComparisonConfig
 from .data import DataConfig
 from .errors import QRError
@@ -39,6 +40,7 @@ class Profile:
     rank_ladder: tuple = DEFAULT_RANK_LADDER
     budget_bits: int = 4           # the memory budget is uniform budget_bits at budget_rank
     budget_rank: int = 8
+    select_at: tuple = ()          # further budgets (average bits, e.g. 3.5) to select from the same front
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -52,6 +54,7 @@ class Profile:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 def _build(cls, values: dict, where: str):

@@ -22,10 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .adapters import prepare
 from .allocation import Allocation, split, uniform
 from .errors import QRError
-from .memory import formula_bytes, model_shapes
+from .memory import budget_bytes, formula_bytes, model_shapes
 from .quant import QuantConfig
 from .store import content_hash, read_json, write_artifact, write_json
 from .train import TrainConfig, example_losses, mean_loss, perplexity, train
@@ -60,10 +62,12 @@ class Method:
     id: str
     name: str
     allocation: object             # {"bits": b, "rank": r} | {"shallow": [b, r], "deep": [b, r]}
-                                   # | "search" | {"search": {profile overrides}}
+                                   # | "search" | {"search_at": bits} | {"search": {profile overrides}}
+                                   # | {"random": {"bits": b, "draw": k}}
     quant: dict = field(default_factory=dict)
     adapter: str = "lora"
     multi_seed: bool = False
+    seed_index: int | None = None  # run only at the profile's seeds[seed_index] (random draw k: seed k)
     description: str = ""
 
 
@@ -92,12 +96,31 @@ def resolve_allocation(profile, method: Method, n_blocks: int, out_dir: Path, ev
     if isinstance(spec, dict) and "shallow" in spec:
         return split(n_blocks, tuple(spec["shallow"]), tuple(spec["deep"]), spec.get("boundary"),
                      profile.bit_ladder, profile.rank_ladder, name=method.name)
-    if spec == "search":
+    if spec == "search" or (isinstance(spec, dict) and "search_at" in spec):
         path = Path(out_dir) / "search.json"
         if not path.exists():
             raise QRError(f"{path} does not exist; run the search first (notebook 04_bo_refinement or "
                           f"`python -m qr_lib.search --profile {profile.name}`)")
-        return dataclasses.replace(Allocation.from_dict(read_json(path)["result"]["selected"]), name=method.name)
+        result = read_json(path)["result"]
+        if spec == "search":
+            return dataclasses.replace(Allocation.from_dict(result["selected"]), name=method.name)
+        at = result["selected_at"].get(str(float(spec["search_at"])))
+        if at is None:
+            raise QRError(f"method {method.id}: the search selected nothing at {spec['search_at']} bits; add it to "
+                          f"the profile's select_at (now {list(profile.select_at)}) and rerun the search")
+        return dataclasses.replace(Allocation.from_dict(at["allocation"]), name=method.name)
+    if isinstance(spec, dict) and "random" in spec:
+        from .search.problem import level_bytes, random_allocation, search_space
+
+        r, shapes = spec["random"], model_shapes(ev[0]) if ev else None
+        if shapes is None:
+            raise QRError(f"method {method.id}: a random allocation needs the model's shapes")
+        space = search_space(shapes, dataclasses.replace(profile.quant, **method.quant), profile.bit_ladder,
+                             profile.rank_ladder, None, budget_bytes(shapes, profile.quant, profile.budget_bits,
+                                                                     profile.budget_rank))
+        level = level_bytes(space, r["bits"], tuple(sorted(profile.rank_ladder)).index(profile.budget_rank))
+        genes = random_allocation(space, level, np.random.default_rng([int(r["draw"]), int(round(10 * r["bits"]))]))
+        return space.allocation(genes, name=method.name)
     if isinstance(spec, dict) and "search" in spec:
         from . import search
 
@@ -215,11 +238,19 @@ def load_finetuned(where: Path, base=None, tok=None):
 
 
 def plan(profile, methods: list[str] | None = None) -> list[tuple[Method, int]]:
-    """(method, seed) pairs: every seed of the profile for multi-seed methods, the first otherwise.
-    Seed-major, so a run stopped half-way already has one result for every method."""
+    """(method, seed) pairs: every seed of the profile for multi-seed methods, the one at `seed_index`
+    for a method that names it, the first otherwise. Seed-major, so a run stopped half-way already has
+    one result for (nearly) every method."""
     chosen = [load_method(m) for m in (methods or profile.finetune.methods or method_ids())]
     seeds = profile.finetune.seeds
-    return [(m, s) for k, s in enumerate(seeds) for m in chosen if k == 0 or m.multi_seed]
+    for m in chosen:
+        if m.seed_index is not None and not 0 <= m.seed_index < len(seeds):
+            raise QRError(f"method {m.id} runs at seed index {m.seed_index} but the profile has {len(seeds)} "
+                          f"seeds {list(seeds)}; add seeds (finetune.seeds) or drop the method")
+
+    def runs_at(m, k):
+        return k == m.seed_index if m.seed_index is not None else (k == 0 or m.multi_seed)
+    return [(m, s) for k, s in enumerate(seeds) for m in chosen if runs_at(m, k)]
 
 
 def run_all(profile, out_dir: Path, methods: list[str] | None = None, progress: bool = True) -> list[dict]:

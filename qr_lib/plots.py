@@ -232,3 +232,32 @@ def paired_intervals(claims):
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def calibration_plot(result: dict):
+    """Left: Spearman (proxy vs final test loss) against proxy length, one line per n_val. Right: the
+    recommended proxy's score (mean over proxy seeds, bars = the seeds' range) against the final loss."""
+    import pandas as pd
+
+    table, scores = pd.DataFrame(result["table"]), pd.DataFrame(result["scores"])
+    finals = pd.DataFrame(result["finals"]).set_index("method")
+    rec = result["recommendation"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for n_val, g in table.groupby("n_val"):
+        a.plot(g["length"], g["spearman"], marker="o", label=f"{n_val} validation pairs")
+    a.axhline(0.8, color="gray", ls="--", lw=0.8)
+    a.set_xlabel("proxy length (LoRA steps; 0 = before training)")
+    a.set_ylabel("Spearman with the final test loss")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    g = scores[(scores["length"] == rec["length"]) & (scores["n_val"] == rec["n_val"])]
+    stats = g.groupby("method")["proxy_loss"].agg(["mean", "min", "max"])
+    y = finals.loc[stats.index, "final_test_loss"]
+    b.errorbar(stats["mean"], y, xerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]], fmt="o", capsize=3)
+    for m, xv, yv in zip(stats.index, stats["mean"], y):
+        b.annotate(finals.loc[m, "name"], (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    b.set_xlabel(f"proxy loss ({rec['length']} steps, {rec['n_val']} pairs; bars: proxy seeds)")
+    b.set_ylabel("final test loss")
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

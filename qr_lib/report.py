@@ -22,7 +22,7 @@ SECTIONS = [
      ["tables/benchmarks.md", "tables/benchmarks_claims.md", "figures/benchmarks_claims.png",
       "tables/benchmarks_sample_sizes.md",
       "figures/accuracy_vs_memory.png", "figures/test_loss_vs_memory.png", "figures/benchmark_bars.png",
-      "tables/proxy_vs_final.md"]),
+      "tables/proxy_calibration.md", "figures/proxy_calibration.png"]),
 ]
 
 

@@ -48,9 +48,28 @@ def test_every_method_file_loads_and_unknown_ones_are_refused():
         finetune.load_method("qlora_9bit")
 
 
-def test_plan_repeats_only_multi_seed_methods(quick):
-    pairs = finetune.plan(quick, ["qr_adaptor", "hqq2"])
-    assert [(m.id, s) for m, s in pairs] == [("qr_adaptor", 0), ("hqq2", 0), ("qr_adaptor", 1)]
+def test_plan_repeats_only_multi_seed_methods_and_pairs_a_random_draw_with_its_seed(quick):
+    pairs = finetune.plan(quick, ["qr_adaptor", "hqq2", "random4_0", "random4_1"])
+    assert [(m.id, s) for m, s in pairs] == [("qr_adaptor", 0), ("hqq2", 0), ("random4_0", 0),
+                                             ("qr_adaptor", 1), ("random4_1", 1)]
+    with pytest.raises(QRError, match="seed index 2"):
+        finetune.plan(quick, ["random4_2"])              # the smoke profile has two seeds
+
+
+def test_a_random_draw_spends_its_budget_and_is_reproducible(quick, base, tmp_path):
+    from qr_lib.memory import budget_bytes, formula_bytes, model_shapes
+    shapes = model_shapes(base[0])
+    budget = budget_bytes(shapes, quick.quant, 4, 8)
+    draws = [finetune.resolve_allocation(quick, finetune.load_method(f"random4_{k}"), 4, tmp_path, base) for k in (0, 1)]
+    assert draws[0].pairs() != draws[1].pairs()
+    assert draws[0].pairs() == finetune.resolve_allocation(quick, finetune.load_method("random4_0"), 4, tmp_path,
+                                                           base).pairs()
+    for d in draws:
+        used = formula_bytes(shapes, d, quick.quant)["blocks"]
+        assert 0.8 * budget < used <= budget
+    low = finetune.resolve_allocation(quick, finetune.load_method("random3p5_0"), 4, tmp_path, base)
+    three = budget_bytes(shapes, quick.quant, 3, 8)
+    assert formula_bytes(shapes, low, quick.quant)["blocks"] <= (three + budget) / 2
 
 
 def test_searched_method_without_a_search_is_a_clear_error(quick, tmp_path):
@@ -210,37 +229,6 @@ def test_claims_are_paired_comparisons_with_known_answers(tmp_path):
     same_docs = got.xs("benchmark average", level="metric")   # identical answers everywhere
     assert (same_docs["a_minus_b"] == 0).all() and (same_docs["verdict"] == "equivalent").all()
     assert not any("nf4" in c or "3.5" in c for c in got.index.get_level_values("claim"))  # not run: left out
-
-
-def test_proxy_vs_final_pairs_runs_with_the_search_score_of_the_same_setting(tmp_path):
-    from qr_lib.store import write_json
-
-    setting = {"model": "tiny", "dtype": "float32", "data": {"seed": 0}, "quant": {"backend": "hqq"},
-               "lora": {"alpha_ratio": 2.0}}
-    alloc = {"name": "", "bits": [4, 4], "ranks": [8, 8]}
-    other = {"name": "", "bits": [4, 3], "ranks": [8, 16]}
-    for key, a, fidelity, loss in [("a", alloc, "full", 3.9), ("b", alloc, "low", 5.0), ("c", other, "full", 3.8)]:
-        write_json(tmp_path / "evaluations" / f"{key}.json",
-                   {"config": {"context": {**setting, "versions": {}}},
-                    "result": {"fidelity": fidelity, "failed": False, "allocation": a, "val_loss": loss}})
-
-    def run(method, seed, a, loss, adapter="lora", quant=None):
-        cfg = {**setting, "quant": quant or setting["quant"], "method": {"adapter": adapter}}
-        write_json(tmp_path / "runs" / method / f"seed{seed}" / "result.json",
-                   {"config": cfg, "result": {"method": method, "name": method.upper(), "allocation": a,
-                                              "test_loss": loss}})
-
-    run("uniform", 0, alloc, 3.3)
-    run("uniform", 1, alloc, 3.5)
-    run("searched", 0, other, 3.45)
-    run("loftq", 0, alloc, 3.0, adapter="loftq")             # trains differently from the proxy
-    run("nf4", 0, alloc, 3.1, quant={"backend": "bnb"})     # another quantizer than the search's
-    table = comparison.proxy_vs_final(tmp_path)
-    assert table["method"].tolist() == ["searched", "uniform"]  # sorted by proxy score
-    assert table["proxy_val_loss"].tolist() == [3.8, 3.9]       # the full-fidelity score, not the low one
-    assert table["final_test_loss"].tolist() == pytest.approx([3.45, 3.4])
-    assert table["seeds"].tolist() == [1, 2]
-    assert table["final_rank"].tolist() == [2, 1]               # the proxy's order did not hold
 
 
 def test_one_method_runs_alone_from_the_command_line(tmp_path, monkeypatch, capsys):

@@ -12,6 +12,7 @@ from ..allocation import Allocation
 from ..fitness import ProxyEvaluator, epoch_tokens
 from ..store import read_json, write_artifact
 from . import bo, nsga
+from .problem import level_bytes
 
 
 def evaluator(profile, cache_dir: Path, base=None, tok=None, progress: bool = True) -> ProxyEvaluator:
@@ -60,6 +61,18 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
     chosen = p3["selected"]
     selected = Allocation(chosen["bits"], chosen["ranks"], profile.bit_ladder, profile.rank_ladder,
                           name="QR-Adaptor")
+    space = nsga.make_space(profile, ev.shapes, p1)
+    rank_rung = nsga.budget_rank_rung(profile)
+    selected_at = {}
+    for bits in (profile.budget_bits, *profile.select_at):
+        ratio = level_bytes(space, bits, rank_rung) / space.budget
+        rec = bo.select(p3["observed"], ratio)
+        if rec is not None:
+            alloc = Allocation(rec["bits"], rec["ranks"], profile.bit_ladder, profile.rank_ladder,
+                               name=f"QR-Adaptor at {bits} bits")
+            selected_at[str(float(bits))] = {"allocation": alloc.to_dict(), "max_budget_ratio": ratio,
+                                             **{k: rec[k] for k in ("objective", "val_loss", "budget_ratio", "avg_bits",
+                                                                    "mean_rank", "key")}}
     # Cost from the records themselves, so a resumed search still reports what its scores cost.
     unique = {r["key"]: r for r in p2["evaluations"] + p2["promoted"]
               + [s["candidate"] for s in p3["steps"] if "candidate" in s]}
@@ -68,6 +81,8 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
     epoch = epoch_tokens(ev.train_set, ev.tok, profile.proxy.max_len)
     result = {
         "selected": selected.to_dict(),
+        # the best full-fidelity proxy score within each budget, from one front
+        "selected_at": selected_at,
         "selected_scores": {k: chosen[k] for k in ("objective", "metric", "val_loss", "accuracy", "budget_ratio",
                                                    "avg_bits", "mean_rank")},
         "cost": {"phase1_seconds": p1["seconds"], "proxy_seconds": round(proxy_seconds, 1),

@@ -82,7 +82,8 @@ def kl_by_rung(kl_by_bits: dict, bit_ladder, n_blocks: int) -> np.ndarray:
     return out
 
 
-def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict, budget: float) -> SearchSpace:
+def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict | None, budget: float) -> SearchSpace:
+    """kl_by_bits=None: a space for memory alone (random allocations), every KL 0."""
     bit_ladder, rank_ladder = tuple(sorted(bit_ladder)), tuple(sorted(rank_ladder))
     n = shapes.n_blocks
     cost = np.zeros((n, len(bit_ladder), len(rank_ladder)))
@@ -90,7 +91,8 @@ def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict, budget
         for k, r in enumerate(rank_ladder):
             per_block = block_bytes(shapes, uniform(n, b, r, bit_ladder, rank_ladder), qcfg)
             cost[:, j, k] = [blk["total"] for blk in per_block]
-    space = SearchSpace(bit_ladder, rank_ladder, cost, kl_by_rung(kl_by_bits, bit_ladder, n), float(budget))
+    kl = np.zeros((n, len(bit_ladder))) if kl_by_bits is None else kl_by_rung(kl_by_bits, bit_ladder, n)
+    space = SearchSpace(bit_ladder, rank_ladder, cost, kl, float(budget))
     floor = space.bytes(np.zeros(2 * n, dtype=int))
     if floor > budget:
         raise QRError(f"even every block at {bit_ladder[0]} bits and rank {rank_ladder[0]} needs "
@@ -151,6 +153,15 @@ def random_allocation(space: SearchSpace, budget: float, rng) -> np.ndarray:
         if not up:
             return g
         g[rng.choice(up)] += 1
+
+
+def level_bytes(space: SearchSpace, bits: float, rank_rung: int) -> float:
+    """The memory of `bits` average bits at `rank_rung`: a uniform allocation's bytes when `bits` is a
+    rung, linear between the neighbouring rungs otherwise (3.5 bits = halfway from 3 to 4)."""
+    rungs = [b for b in space.bit_ladder]
+    if not rungs[0] <= bits <= rungs[-1]:
+        raise QRError(f"{bits} bits lies outside the bit ladder {list(space.bit_ladder)}; choose a budget within it")
+    return float(np.interp(bits, rungs, [space.bytes(uniform_genes(space, j, rank_rung)) for j in range(len(rungs))]))
 
 
 def memory_levels(space: SearchSpace, rank_rung: int) -> list[float]:
