@@ -67,6 +67,14 @@ def objective_space(phase2: dict, phase3: dict | None = None):
             ax.scatter(*zip(*bo_pts), marker="*", s=140, color="orange", edgecolors="k", label="BO candidates")
         sel = phase3["selected"]
         ax.scatter([sel["budget_ratio"]], [sel["objective"]], marker="X", s=120, color="red", label="selected")
+    by_key = {r["key"]: r for r in evals}
+    uniform = [(m["origin"].removeprefix("uniform "), by_key[m["key"]]) for m in phase2.get("first_generation", [])
+               if m["origin"].startswith("uniform") and m["key"] in by_key and not by_key[m["key"]]["failed"]]
+    if uniform:
+        ax.scatter([r["budget_ratio"] for _, r in uniform], [r["objective"] for _, r in uniform], marker="D", s=36,
+                   facecolors="none", edgecolors="tab:purple", label="uniform allocations")
+        for label, r in uniform:
+            ax.annotate(label, (r["budget_ratio"], r["objective"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
     ax.axvline(1.0, color="grey", ls="--", lw=1, label="budget")
     ax.set_xlabel("block memory / budget (uniform 4-bit, rank 8)")
     metric = evals[0]["metric"] if evals else "loss"
