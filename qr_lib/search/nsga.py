@@ -24,6 +24,7 @@ from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.callback import Callback
 from pymoo.optimize import minimize
 
+from ..errors import QRError
 from ..memory import budget_bytes
 from ..fitness import FAILED_LOSS, Fidelity, ProxyEvaluator, full_fidelity, summarize
 from ..store import content_hash, read_json, write_artifact
@@ -56,7 +57,11 @@ def make_space(profile, shapes, sensitivity: dict) -> SearchSpace:
 
 
 def budget_rank_rung(profile) -> int:
-    return tuple(sorted(profile.rank_ladder)).index(profile.budget_rank)
+    ladder = tuple(sorted(profile.rank_ladder))
+    if profile.budget_rank not in ladder:
+        raise QRError(f"budget_rank {profile.budget_rank} is not on the rank ladder {list(ladder)}; add it to "
+                      "rank_ladder or choose a budget_rank from it")
+    return ladder.index(profile.budget_rank)
 
 
 def phase1_choice(profile, space: SearchSpace):
