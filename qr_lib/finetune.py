@@ -68,6 +68,7 @@ class Method:
     adapter: str = "lora"
     multi_seed: bool = False
     seed_index: int | None = None  # run only at the profile's seeds[seed_index] (random draw k: seed k)
+    benchmarks: bool = True        # False: test loss and perplexity only, no lm-eval (chance draws)
     description: str = ""
 
 
@@ -203,7 +204,7 @@ def run(profile, method: Method, seed: int, out_dir: Path, base=None, tok=None, 
         "test_loss": mean_loss(per_example),
         "test_examples": {"nll_sum": [x for x, _ in per_example], "tokens": [n for _, n in per_example]},
         "heldout_perplexity": perplexity(model, tok, data.heldout, max_len=256),
-        "benchmarks": run_tasks(model, tok, profile.eval, progress=progress) if profile.eval.benchmarks(seed) else {},
+        "benchmarks": run_tasks(model, tok, profile.eval, progress=progress) if method.benchmarks and profile.eval.benchmarks(seed) else {},
         "seconds": round(time.time() - t0, 1),
     }
     return write_artifact(where / "result.json", {**config, "key": key}, result)

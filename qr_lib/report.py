@@ -8,7 +8,7 @@ from pathlib import Path
 SECTIONS = [
     ("The model and data", "00_setup", ["tables/setup_model.md", "tables/setup_datasets.md"]),
     ("Pilot: can rank buy back fidelity? (Configs A-D)", "01_pilot_fidelity_plasticity",
-     ["tables/pilot_configs.md", "tables/pilot_verdict.md", "figures/pilot_configs.png", "figures/pilot_rank_sweep.png"]),
+     ["tables/pilot_configs.md", "tables/pilot_verdict.md", "figures/pilot_configs.png"]),
     ("Phase I: sensitivity", "02_sensitivity_profiling",
      ["figures/sensitivity_kl.png", "figures/sensitivity_knapsack.png"]),
     ("Phase II: NSGA-II", "03_nsga2_search",
