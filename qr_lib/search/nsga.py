@@ -25,8 +25,8 @@ from pymoo.core.callback import Callback
 from pymoo.optimize import minimize
 
 from ..errors import QRError
-from ..memory import budget_bytes
 from ..fitness import FAILED_LOSS, Fidelity, ProxyEvaluator, full_fidelity, summarize
+from ..memory import budget_bytes
 from ..store import content_hash, read_json, write_artifact
 from .problem import (AllocationProblem, BlockCrossover, BudgetRepair, NeighbourMutation, SearchSpace,
                       hypervolume, initial_population, knapsack, pareto_mask, pareto_set, search_space)
