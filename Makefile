@@ -40,8 +40,11 @@ search: $(STAMP)
 benchmark: $(STAMP)
 	$(OFFLINE) $(PY) -m qr_lib.bench_memory --out results/benchmarks/memory_step_time.json
 
+# JupyterLab at the repository root (notebooks/ and results/ both in reach), on the project's kernel
+# (registered inside .venv), with the same offline settings as every other target.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -c "from qr_lib.reproduce import ensure_kernel; ensure_kernel()"
+	$(OFFLINE) $(VENV)/bin/jupyter lab --notebook-dir=.
 
 clean-smoke:
 	rm -rf results/smoke

@@ -3,11 +3,23 @@ from __future__ import annotations
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless by default; notebooks still display returned figures
+matplotlib.use("Agg")  # headless everywhere; notebooks show figures through store.save_figure or show()
 import matplotlib.pyplot as plt
 import numpy as np
 
 from .allocation import Allocation
+
+
+def show(fig) -> None:
+    """Display a figure inline as PNG (the Agg backend shows nothing by itself) and close it."""
+    import io
+
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(data=buf.getvalue()))
 
 
 def allocation_heatmap(allocation: Allocation, title: str | None = None):

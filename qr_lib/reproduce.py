@@ -33,6 +33,19 @@ def starting_state(out: Path) -> dict:
     return {"artifacts": artifacts, "caches": caches, "from_nothing": not artifacts and not caches}
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+# The project's Jupyter kernel: this environment's Python, registered inside the environment (not the
+# user's home), named in every notebook's metadata; JupyterLab and papermill both run it.
+KERNEL, KERNEL_DISPLAY = "qr-adaptor", "QR-Adaptor (.venv)"
+
+
+def ensure_kernel() -> str:
+    """Register KERNEL for this interpreter under sys.prefix if it is missing; returns its name."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if KERNEL not in KernelSpecManager().find_kernel_specs():
+        from ipykernel.kernelspec import install
+        install(kernel_name=KERNEL, display_name=KERNEL_DISPLAY, prefix=sys.prefix)
+    return KERNEL
 
 
 def notebooks() -> list[Path]:
@@ -71,13 +84,14 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False) -
     manifest = read_json(manifest_path) if manifest_path.exists() else {"files": {}, "notebooks": {}}
     (out / "notebooks").mkdir(exist_ok=True)
     todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
+    kernel = ensure_kernel()
     start, started = starting_state(out), time.time()
     for i, nb in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
         before, t0 = _outputs(out), time.time()
         try:
             pm.execute_notebook(str(nb), str(out / "notebooks" / nb.name), parameters={"PROFILE": profile},
-                                cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False,
+                                cwd=str(NOTEBOOK_DIR), kernel_name=kernel, progress_bar=False,
                                 log_output=log_output)
         except pm.PapermillExecutionError as e:
             print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"

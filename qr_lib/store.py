@@ -158,9 +158,28 @@ def save_table(df, out_dir: Path, name: str) -> Path:
     return d / f"{name}.csv"
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, or papermill executing a notebook)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
 def save_figure(fig, out_dir: Path, name: str) -> Path:
+    """A figure as PNG under out_dir/figures/. In a notebook kernel the same PNG is also shown inline,
+    so executed copies carry their figures (plots.py draws on the headless Agg backend, which shows
+    nothing by itself). The figure is closed afterwards."""
+    import matplotlib.pyplot as plt
+
     d = Path(out_dir) / "figures"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=str(path)))
     return path

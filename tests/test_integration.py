@@ -77,6 +77,11 @@ def test_smoke_notebooks_execute_write_every_headline_and_rerun_without_redoing(
     executed = {p.name for p in (out / "notebooks").glob("*.ipynb")}
     assert executed == {p.name for p in reproduce.notebooks()}
     assert [str(p) for _, _, p, ok in report.items(out) if not ok] == []
+    # Figures show inline in the executed copies (the PNG save_figure wrote), not only on disk.
+    import json
+    for name in ("02_sensitivity_profiling.ipynb", "03_nsga2_search.ipynb", "06_benchmarks.ipynb"):
+        cells = json.loads((out / "notebooks" / name).read_text())["cells"]
+        assert any("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", [])), name
     index = (out / "README.md").read_text()
     assert "tables/benchmarks.md" in index and "figures/nsga_hypervolume.png" in index
     finished = {p: p.stat().st_mtime for p in out.rglob("result.json")}

@@ -91,3 +91,21 @@ def test_an_unchanged_artifact_keeps_the_provenance_of_the_run_that_made_it(tmp_
     store.write_artifact(path, {"steps": (1, 2)}, {"loss": 0.4})
     assert store.read_json(path) == {"config": {"steps": [1, 2]}, "environment": {"time": "later"},
                                      "result": {"loss": 0.4}}
+
+
+def test_every_notebook_runs_on_the_projects_kernel():
+    import json
+    for nb in reproduce.notebooks():
+        spec = json.loads(nb.read_text())["metadata"]["kernelspec"]
+        assert spec["name"] == reproduce.KERNEL, nb.name
+
+
+def test_a_saved_figure_is_written_and_closed_outside_a_notebook(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from qr_lib.store import in_notebook, save_figure
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    path = save_figure(fig, tmp_path, "line")
+    assert path.exists() and path.stat().st_size > 0
+    assert not plt.fignum_exists(fig.number) and not in_notebook()
