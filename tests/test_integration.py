@@ -82,6 +82,14 @@ def test_smoke_notebooks_execute_write_every_headline_and_rerun_without_redoing(
     for name in ("02_sensitivity_profiling.ipynb", "03_nsga2_search.ipynb", "06_benchmarks.ipynb"):
         cells = json.loads((out / "notebooks" / name).read_text())["cells"]
         assert any("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", [])), name
+        # Quiet: no warnings dumped into cells, and a bounded amount of progress text.
+        stderr = "".join("".join(o["text"]) for c in cells for o in c.get("outputs", []) if o.get("name") == "stderr")
+        assert "Warning" not in stderr, (name, stderr[:500])
+    for nb in (out / "notebooks").glob("*.ipynb"):
+        cells = json.loads(nb.read_text())["cells"]
+        lines = [ln for c in cells for o in c.get("outputs", []) if o.get("name") == "stderr"
+                 for ln in "".join(o["text"]).splitlines() if ln.strip()]
+        assert len(lines) <= 80, (nb.name, len(lines), lines[:20])
     index = (out / "README.md").read_text()
     assert "tables/benchmarks.md" in index and "figures/nsga_hypervolume.png" in index
     finished = {p: p.stat().st_mtime for p in out.rglob("result.json")}
