@@ -242,9 +242,21 @@ def test_the_memory_plot_zooms_on_the_methods_near_the_budget_error_bars_include
     import matplotlib
     matplotlib.use("Agg")
     from qr_lib.plots import metric_vs_memory
-    table = pd.DataFrame({"name": ["LoRA-16", "4-bit", "mixed", "2-bit"], "memory_MiB": [210.0, 63.0, 62.0, 38.0],
+    table = pd.DataFrame({"method": ["lora16", "hqq4", "qr_adaptor", "random4_0"], "name": ["LoRA-16", "4-bit", "QR", "r"],
+                          "memory_MiB": [210.0, 63.0, 62.0, 38.0],
                           "test_loss": [3.2, 3.4, 3.5, 7.6], "test_loss_std": [0.01, float("nan"), 0.2, float("nan")]})
-    fig = metric_vs_memory(table, "test_loss", "loss", pareto_mib=[61.0, 62.5], budget_mib=63.0)
+    fig = metric_vs_memory(table, "test_loss", "loss", budget_mib=63.0)
     full, zoom = fig.axes
     assert zoom.get_xlim()[0] > 50 and zoom.get_ylim()[0] < 3.4 and zoom.get_ylim()[1] > 3.7
+    labels = full.get_legend_handles_labels()[1]
+    assert "QR" in labels and "random allocations" in labels and "budget" in labels
     assert len(metric_vs_memory(table, "test_loss", "loss").axes) == 1  # no budget, nothing to zoom on
+
+
+def test_every_method_keeps_one_colour_and_the_figures_say_what_made_them():
+    from qr_lib import plots
+    from qr_lib.config import load_profile
+    assert plots.style("qr_adaptor") != plots.style("hqq4")
+    assert plots.style("random4_0") == plots.style("random3p5_2")       # one baseline, one look
+    assert "SmolLM2-135M" in plots.figure_caption(load_profile("default"))
+    assert "profile smoke" in plots.figure_caption(load_profile("smoke"))

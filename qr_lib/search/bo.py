@@ -168,4 +168,4 @@ def run(profile, out_dir: Path, evaluator: ProxyEvaluator, space: SearchSpace, p
         return read_json(out)["result"]
     result = refine(profile, evaluator, space, phase2, progress)
     write_artifact(out, {**config, "key": key}, result)
-    return result
+    return read_json(out)["result"]  # what a rerun reads back: JSON types, whichever way it came

@@ -176,4 +176,4 @@ def run(profile, out_dir: Path, evaluator: ProxyEvaluator, sensitivity: dict, se
         return read_json(out)["result"]
     result = search(profile, evaluator, sensitivity)
     write_artifact(out, {**config, "key": key}, result)
-    return result
+    return read_json(out)["result"]  # what a rerun reads back: JSON types, whichever way it came
