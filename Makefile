@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= default
+# Dotted profile settings for this run only, e.g. SET='finetune.seeds=[0] eval.limit=20'
+SET ?=
 STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -31,11 +33,11 @@ test-fast: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -m "not integration"
 
 reproduce: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE)
+	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE) --set $(SET)
 
 # The three-phase search alone (notebooks 02-04: artifacts, tables and plots).
 search: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE) --only 02 03 04
+	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE) --set $(SET) --only 02 03 04
 
 benchmark: $(STAMP)
 	$(OFFLINE) $(PY) -m qr_lib.bench_memory --out results/benchmarks/memory_step_time.json

@@ -96,12 +96,31 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def load_profile(name: str = "default", overrides: dict | None = None) -> Profile:
+def profile_path(name: str) -> Path:
+    """A profile name (a file under qr_lib/profiles/) or the path of a profile JSON anywhere."""
+    given = Path(name)
+    if given.suffix == ".json":
+        if not given.exists():
+            raise QRError(f"profile file {given} does not exist; give a path to a JSON profile or one of "
+                          f"{profile_names()}")
+        return given
     path = PROFILE_DIR / f"{name}.json"
     if not path.exists():
-        raise QRError(f"profile {name!r} does not exist; choose one of {profile_names()}")
-    values = _merge(json.loads(path.read_text()), _nest(overrides or {}))
-    values["name"] = name
+        raise QRError(f"profile {name!r} does not exist; choose one of {profile_names()} or give the path of a "
+                      "profile JSON (see docs/EXTENDING.md)")
+    return path
+
+
+def load_profile(name: str = "default", overrides: dict | None = None) -> Profile:
+    """A profile by name or path (its results go to results/<file stem>/), with `overrides`, dotted
+    settings such as {"finetune.seeds": [0]}, applied on top."""
+    path = profile_path(name)
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QRError(f"profile {path} is not valid JSON ({e}); fix the file") from None
+    values = _merge(values, _nest(overrides or {}))
+    values["name"] = path.stem
     profile = _build(Profile, values, f"profile {name!r}")
     # Resolved once here, so every stage, cache key and artifact sees the dtype that really computed.
     return dataclasses.replace(profile, dtype=resolve_dtype(profile.dtype, profile.device))

@@ -7,6 +7,7 @@ interruption redoes only unfinished work; the first failing notebook stops the r
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import profile_names
+from .config import load_profile
+from .errors import QRError
 from .progress import PLAIN_ENV
 from .report import compute_time
 from .store import cache_root, read_json, results_dir, save_table, write_json
@@ -75,11 +77,15 @@ def write_index(out: Path, profile: str, manifest: dict) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
-def run(profile: str, only: list[str] | None = None, log_output: bool = False) -> None:
-    """Run the notebooks; with `log_output` their output (stage progress) streams to the terminal."""
+def run(profile: str, only: list[str] | None = None, log_output: bool = False,
+        overrides: dict | None = None) -> None:
+    """Run the notebooks for a profile (a name or a path, with dotted `overrides`); with `log_output`
+    their output (stage progress) streams to the terminal."""
     import papermill as pm
 
-    out = results_dir(profile)
+    overrides = overrides or {}
+    name = load_profile(profile, overrides).name  # a bad profile fails here, before any notebook
+    out = results_dir(name)
     manifest_path = out / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.exists() else {"files": {}, "notebooks": {}}
     (out / "notebooks").mkdir(exist_ok=True)
@@ -87,10 +93,10 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False) -
     kernel = ensure_kernel()
     start, started = starting_state(out), time.time()
     for i, nb in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
+        print(f"[{i}/{len(todo)}] {nb.name} (profile {name})", flush=True)
         before, t0 = _outputs(out), time.time()
         try:
-            pm.execute_notebook(str(nb), str(out / "notebooks" / nb.name), parameters={"PROFILE": profile},
+            pm.execute_notebook(str(nb), str(out / "notebooks" / nb.name), parameters={"PROFILE": profile, "OVERRIDES": overrides},
                                 cwd=str(NOTEBOOK_DIR), kernel_name=kernel, progress_bar=False,
                                 log_output=log_output)
         except pm.PapermillExecutionError as e:
@@ -103,7 +109,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False) -
                 manifest["files"][f] = {"notebook": nb.name}
         manifest["notebooks"][nb.name] = {"seconds": round(time.time() - t0, 1)}
         write_json(manifest_path, manifest)
-        write_index(out, profile, manifest)
+        write_index(out, name, manifest)
     wall = round(time.time() - started, 1)
     manifest.setdefault("runs", []).append({
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)), "wall_seconds": wall,
@@ -113,7 +119,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False) -
     cost = compute_time(out)
     if cost:
         save_table(pd.DataFrame(cost), out, "compute_time")
-    write_index(out, profile, manifest)
+    write_index(out, name, manifest)
     total = f"; work the artifacts record: {cost[-1]['seconds']:.0f} s (tables/compute_time.md)" if cost else ""
     print(f"done: {len(todo)} notebooks in {wall:.0f} s of wall-clock time{total}; results in {out}")
 
@@ -126,14 +132,33 @@ def wall_clock(manifest: dict) -> list[dict]:
              "caches present at start": ", ".join(r["caches"]) or "none"} for r in manifest.get("runs", [])]
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """KEY=VALUE pairs, VALUE as JSON where it parses ("finetune.seeds=[0]"), else a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise QRError(f"override {item!r} is not KEY=VALUE; write e.g. finetune.seeds=[0]")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="default", choices=profile_names())
+    ap.add_argument("--profile", default="default", help="a profile name (qr_lib/profiles/) or a profile JSON path")
     ap.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 03")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="dotted profile settings, e.g. finetune.seeds=[0] eval.limit=20")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
     os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars the log can show
-    run(args.profile, args.only, log_output=True)
+    try:
+        run(args.profile, args.only, log_output=True, overrides=parse_overrides(args.set))
+    except QRError as e:
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":
