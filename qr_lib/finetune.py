@@ -272,16 +272,17 @@ def run_all(profile, out_dir: Path, methods: list[str] | None = None, progress: 
 def main(argv=None) -> None:
     import argparse
 
-    from .config import load_profile, profile_names
+    from .config import load_profile
     from .store import results_dir
 
     ap = argparse.ArgumentParser(description="Fine-tune and evaluate methods (qr_lib/methods/*.json) for a profile; "
                                              "finished runs are read back.")
-    ap.add_argument("--profile", default="default", choices=profile_names())
+    ap.add_argument("--profile", default="default", help="a profile name (qr_lib/profiles/) or a profile JSON path")
     ap.add_argument("--method", nargs="*", choices=method_ids(), help="method ids; default: the profile's list")
     args = ap.parse_args(argv)
     try:
-        records = run_all(load_profile(args.profile), results_dir(args.profile), args.method)
+        profile = load_profile(args.profile)
+        records = run_all(profile, results_dir(profile.name), args.method)
     except QRError as e:
         raise SystemExit(f"error: {e}")
     for r in (rec["result"] for rec in records):
