@@ -15,6 +15,7 @@ as files, never imported: their __init__ pulls dependencies that conflict with t
 from __future__ import annotations
 
 import ast
+import functools
 import gzip
 import importlib.util
 import json
@@ -34,9 +35,15 @@ OFFLINE_TEXT = ("lambada",)
 POOL_VERSION = 2  # part of the pool cache's key: 2 = one example per identifying text
 
 
+LOCAL_SUFFIXES = (".jsonl", ".csv")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    finetune: str = "commonsense"  # offline mix of train splits; "alpaca" with a hub
+    # "commonsense" (offline mix of train splits), "alpaca" (hub), or a local .jsonl / .csv file
+    # (absolute, or relative to the repository root) with the columns of local_pool()
+    finetune: str = "commonsense"
     text: str = "lambada"          # offline passages; "wikitext2" or "c4" with a hub
     n_train: int = 2000            # fine-tuning pairs
     n_val: int = 128               # search-validation pairs: the proxy's only scoring data
@@ -106,9 +113,10 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def evaluation_keys(sources: Sources) -> set[str]:
+@functools.lru_cache(maxsize=4)  # reading every evaluation split takes seconds; callers copy the set
+def evaluation_keys(sources: Sources) -> frozenset[str]:
     """Normalized identifying texts of every benchmark item."""
-    return {normalize(benchmark_query_text(t, d)) for t in BENCHMARKS for d in benchmark_docs(t, sources)}
+    return frozenset(normalize(benchmark_query_text(t, d)) for t in BENCHMARKS for d in benchmark_docs(t, sources))
 
 
 def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, list[Example]]:
@@ -122,7 +130,7 @@ def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, lis
     if cache.exists():
         raw = json.loads(cache.read_text())
         return {t: [Example(**e) for e in raw[t]] for t in tasks}
-    seen = evaluation_keys(sources)  # banned from the start; each kept key is added as it is taken
+    seen = set(evaluation_keys(sources))  # banned from the start; each kept key is added as it is taken
     pool = {}
     for task, path in zip(tasks, files):
         pool[task] = []
@@ -158,6 +166,44 @@ def finetune_split(pool: dict[str, list[Example]], n_train: int, n_val: int, n_t
                           test=interleaved[n_val:n_val + n_test])
 
 
+def local_pool(path: Path, sources: Sources) -> dict[str, list[Example]]:
+    """Prompt/answer pairs from a local file, grouped by source for a mixed split.
+
+    Schema, one example per JSONL line or CSV row: `prompt` (the text the model reads; its loss is
+    masked) and `answer` (the text it learns to produce; a leading space is kept as written), both
+    non-empty strings; optional `source` (a group name, e.g. the task: splits draw round-robin
+    across groups; default "local"). A prompt that repeats is kept once, and a prompt that is also a
+    benchmark item (the evaluation splits qr_lib reads) is dropped, as for the offline mix."""
+    import csv
+
+    path = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    if not path.exists():
+        raise QRError(f"fine-tuning file {path} does not exist; give an absolute path or one relative to "
+                      f"the repository root ({REPO_ROOT})")
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise QRError(f"{path}:{i} is not a JSON object ({e}); one example per line") from None
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    seen = set(evaluation_keys(sources))
+    pool: dict[str, list[Example]] = {}
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r[k].strip() for k in ("prompt", "answer")):
+            raise QRError(f"{path}: example {i} needs non-empty string fields 'prompt' and 'answer' "
+                          f"(optional 'source'); got {r!r:.200}")
+        if (k := normalize(r["prompt"])) not in seen:
+            seen.add(k)
+            source = r.get("source") or "local"
+            pool.setdefault(source, []).append(Example(r["prompt"], r["answer"], source, r["prompt"]))
+    return pool
+
+
 def hub_finetune(name: str, n_train: int, n_val: int, n_test: int, seed: int) -> FinetuneSplits:
     """Alpaca-style instruction data from the hub (GPU machines with a network)."""
     from datasets import load_dataset
@@ -172,14 +218,17 @@ def hub_finetune(name: str, n_train: int, n_val: int, n_test: int, seed: int) ->
 
 
 def load_finetune(cfg: DataConfig, sources: Sources | None = None) -> FinetuneSplits:
-    """The train / val / test splits; `commonsense` is offline, `alpaca` needs the hub."""
+    """The train / val / test splits; `commonsense` and local files are offline, `alpaca` needs the hub."""
+    if cfg.finetune.endswith(LOCAL_SUFFIXES):
+        return finetune_split(local_pool(Path(cfg.finetune), sources or Sources.installed()), cfg.n_train, cfg.n_val,
+                              cfg.n_test, cfg.seed)
     if cfg.finetune == "commonsense":
         return finetune_split(commonsense_pool(sources or Sources.installed()), cfg.n_train, cfg.n_val,
                               cfg.n_test, cfg.seed)
     if cfg.finetune in HUB_FINETUNE:
         return hub_finetune(cfg.finetune, cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-    raise QRError(f"fine-tuning source {cfg.finetune!r} is not one of {['commonsense', *HUB_FINETUNE]}; "
-                  "`commonsense` works offline")
+    raise QRError(f"fine-tuning source {cfg.finetune!r} is not one of {['commonsense', *HUB_FINETUNE]} or a "
+                  f"{' / '.join(LOCAL_SUFFIXES)} file; `commonsense` and local files work offline")
 
 
 def lambada_passages(sources: Sources) -> list[str]:
