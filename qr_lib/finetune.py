@@ -77,9 +77,13 @@ def method_ids() -> list[str]:
 
 
 def load_method(method_id: str) -> Method:
-    path = METHOD_DIR / f"{method_id}.json"
+    """A method by id (a file under qr_lib/methods/) or the path of a method JSON anywhere (its id is
+    the file's stem)."""
+    path = Path(method_id) if method_id.endswith(".json") else METHOD_DIR / f"{method_id}.json"
     if not path.exists():
-        raise QRError(f"method {method_id!r} does not exist; choose one of {method_ids()}")
+        raise QRError(f"method {method_id!r} does not exist; choose one of {method_ids()} or give the path "
+                      "of a method JSON (see docs/EXTENDING.md)")
+    method_id = path.stem
     values = json.loads(path.read_text())
     known = {f.name for f in dataclasses.fields(Method)} - {"id"}
     unknown = sorted(set(values) - known)
@@ -278,7 +282,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Fine-tune and evaluate methods (qr_lib/methods/*.json) for a profile; "
                                              "finished runs are read back.")
     ap.add_argument("--profile", default="default", help="a profile name (qr_lib/profiles/) or a profile JSON path")
-    ap.add_argument("--method", nargs="*", choices=method_ids(), help="method ids; default: the profile's list")
+    ap.add_argument("--method", nargs="*", help=f"method ids ({', '.join(method_ids())}) or method JSON paths; "
+                                                "default: the profile's list")
     args = ap.parse_args(argv)
     try:
         profile = load_profile(args.profile)
