@@ -95,9 +95,11 @@ def _quiet_hflm():
     return QuietHFLM
 
 
-def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
+def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path | None = None) -> dict:
     """{task: {metric: value, metric_stderr: value, 'n': documents, 'metric_used': name,
-    'per_document': {'doc_id': [...], 'value': [...]}}}."""
+    'per_document': {'doc_id': [...], 'value': [...]}}}. With `log_dir`, lm-eval's own results JSON
+    and its per-document samples (prompts, answers, log-likelihoods) are kept there as lm-eval wrote
+    them: results_<tasks>.json and samples_<task>.jsonl."""
     import lm_eval
 
     if not cfg.tasks:
@@ -119,6 +121,8 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
             res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                           gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, log_samples=True,
                                           verbosity="ERROR", bootstrap_iters=1000)
+        if log_dir is not None:
+            _keep(res, Path(log_dir), tasks)
         for task in tasks:
             metrics = _metrics(res["results"][task])
             metrics["n"] = int(res["n-samples"][task]["effective"])
@@ -126,6 +130,20 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
             metrics["per_document"] = _per_document(res["samples"][task], metrics["metric_used"])
             out[task] = metrics
     return {task: out[task] for task in cfg.tasks}
+
+
+def _keep(res: dict, log_dir: Path, tasks: list[str]) -> None:
+    import json
+
+    from .store import atomic_write_bytes, to_jsonable
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in res.items() if k != "samples"}
+    atomic_write_bytes(log_dir / f"results_{'+'.join(tasks)}.json",
+                       json.dumps(to_jsonable(summary), indent=1, default=str).encode())
+    for task in tasks:
+        lines = (json.dumps(to_jsonable(s), default=str) for s in res["samples"][task])
+        atomic_write_bytes(log_dir / f"samples_{task}.jsonl", ("\n".join(lines) + "\n").encode())
 
 
 def headline(task_metrics: dict) -> tuple[float, float | None]:

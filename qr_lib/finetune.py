@@ -208,7 +208,8 @@ def run(profile, method: Method, seed: int, out_dir: Path, base=None, tok=None, 
         "test_loss": mean_loss(per_example),
         "test_examples": {"nll_sum": [x for x, _ in per_example], "tokens": [n for _, n in per_example]},
         "heldout_perplexity": perplexity(model, tok, data.heldout, max_len=256),
-        "benchmarks": run_tasks(model, tok, profile.eval, progress=progress) if method.benchmarks and profile.eval.benchmarks(seed) else {},
+        "benchmarks": run_tasks(model, tok, profile.eval, progress=progress, log_dir=where / "lm_eval")
+        if method.benchmarks and profile.eval.benchmarks(seed) else {},
         "seconds": round(time.time() - t0, 1),
     }
     return write_artifact(where / "result.json", {**config, "key": key}, result)

@@ -13,7 +13,8 @@ def blocks() -> list[str]:
 
 def test_the_page_has_an_example_for_each_extension():
     text = DOC.read_text()
-    for heading in ("## Your own profile", "## A model", "## A fine-tuning data set", "## A method", "## A task"):
+    for heading in ("## Your own profile", "## A model", "## A fine-tuning data set", "## A method", "## A task",
+                    "## Use a fine-tuned run without qr_lib"):
         assert heading in text
     assert len(blocks()) >= 5
 

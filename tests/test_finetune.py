@@ -85,6 +85,9 @@ def test_a_run_is_saved_reloads_to_the_same_logits_and_is_not_redone(quick, base
     r = rec["result"]
     assert r["train"]["steps"] == 3 and len(r["train"]["losses"]) == 3
     assert r["benchmarks"]["arc_easy"]["n"] == 2 and r["avg_bits"] == 3
+    kept = where / "lm_eval"                     # lm-eval's own results and samples, as it wrote them
+    assert (kept / "results_arc_easy.json").exists()
+    assert len((kept / "samples_arc_easy.jsonl").read_text().splitlines()) == 2
     assert r["train"]["peak_memory"]["peak_bytes"] > 0
     assert rec["environment"]["auto_dtype_cpu"] in ("float32", "bfloat16")  # which dtype auto would pick here
     assert (where / "adapter" / "adapter_model.safetensors").exists()
