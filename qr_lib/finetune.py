@@ -134,8 +134,9 @@ def resolve_allocation(profile, method: Method, n_blocks: int, out_dir: Path, ev
         if unknown:
             raise QRError(f"method {method.id}: {unknown} are not profile fields; a variant search may set "
                           f"top-level fields such as bit_ladder or rank_ladder")
-        variant = dataclasses.replace(profile, **{k: tuple(v) if isinstance(v, list) else v
-                                                  for k, v in spec["search"].items()})
+        # A variant selects at the main budget only: its ladders may not reach the others.
+        variant = dataclasses.replace(profile, select_at=(), **{k: tuple(v) if isinstance(v, list) else v
+                                                                for k, v in spec["search"].items()})
         res = search.run(variant, Path(out_dir) / "searches" / method.id, sensitivity_dir=Path(out_dir),
                          evaluations_dir=Path(out_dir) / "evaluations",
                          base=ev[0] if ev else None, tok=ev[1] if ev else None)

@@ -21,12 +21,20 @@ TRACKED_PACKAGES = ("torch", "transformers", "peft", "hqq", "bitsandbytes", "pym
                     "scikit-optimize", "lm_eval", "numpy")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file and rename, so a killed process never leaves half a file."""
+    """Write through a temporary file and rename, so a killed process never leaves half a file. The
+    file gets the user's umask (mkstemp alone makes it 0600: a shared cache unreadable to others)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

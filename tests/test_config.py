@@ -14,7 +14,7 @@ def test_profiles_load():
 
 
 def test_overrides_and_errors():
-    p = load_profile("smoke", {"proxy.steps": 7, "quant.backend": "bnb"})
+    p = load_profile("smoke", {"proxy.steps": 7, "quant.backend": "bnb", "bit_ladder": [4, 8], "select_at": []})
     assert p.proxy.steps == 7 and p.quant.backend == "bnb" and p.proxy.batch_size == 4
     with pytest.raises(QRError, match="unknown setting"):
         load_profile("smoke", {"proxy.stepz": 1})
@@ -41,3 +41,24 @@ def test_command_line_overrides_parse_as_json_where_they_can():
         "finetune.seeds": [0, 1], "eval.limit": 20, "model": "tiny"}
     with pytest.raises(QRError, match="KEY=VALUE"):
         parse_overrides(["finetune.seeds"])
+
+
+def test_settings_are_checked_when_the_profile_loads():
+    with pytest.raises(QRError, match="nsga.pop_size must be int"):
+        load_profile("smoke", {"nsga.pop_size": "4"})
+    with pytest.raises(QRError, match="did you mean 'steps'"):
+        load_profile("smoke", {"proxy.stepz": 4})
+    assert load_profile("smoke", {"finetune.lr": 1}).finetune.lr == 1.0      # an int where a float goes
+    with pytest.raises(QRError, match="data.n_train must be int"):
+        load_profile("smoke", {"data.n_train": 2.5})
+
+
+def test_ladders_and_budgets_are_checked_before_any_work():
+    with pytest.raises(QRError, match="cannot quantize to \\[5\\] bits"):
+        load_profile("smoke", {"bit_ladder": [2, 4, 5]})
+    with pytest.raises(QRError, match="outside bit_ladder"):
+        load_profile("smoke", {"budget_bits": -4})
+    with pytest.raises(QRError, match="positive integers"):
+        load_profile("smoke", {"rank_ladder": [-8, 8]})
+    with pytest.raises(QRError, match="budget_rank 7 is not on rank_ladder"):
+        load_profile("smoke", {"budget_rank": 7})

@@ -23,3 +23,17 @@ def test_top_level_layout():
     present = {p.name for p in ROOT.iterdir() if not p.name.startswith(".")} - {"__pycache__"}
     present -= {p for p in present if p.endswith(".egg-info")}
     assert present == expected
+
+
+def test_qr_lib_is_a_regular_package_and_artifacts_follow_the_umask(tmp_path):
+    import os
+
+    import qr_lib
+    from qr_lib.store import atomic_write_bytes
+    assert qr_lib.__file__ is not None                      # not a namespace package
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
