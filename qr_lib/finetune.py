@@ -84,7 +84,11 @@ def load_method(method_id: str) -> Method:
         raise QRError(f"method {method_id!r} does not exist; choose one of {method_ids()} or give the path "
                       "of a method JSON (see docs/EXTENDING.md)")
     method_id = path.stem
-    values = json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QRError(f"method file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                      "fix the file") from None
     known = {f.name for f in dataclasses.fields(Method)} - {"id"}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -95,6 +99,10 @@ def load_method(method_id: str) -> Method:
 def resolve_allocation(profile, method: Method, n_blocks: int, out_dir: Path, ev=None) -> Allocation:
     """The method's allocation; a variant search runs (or resumes) under out_dir/searches/<id>/."""
     spec = method.allocation
+    if isinstance(spec, dict) and "bits" in spec and not (isinstance(spec["bits"], int) and isinstance(spec.get("rank"), int)):
+        raise QRError(f"method {method.id}: a uniform allocation is {{\"bits\": b, \"rank\": r}} with two integers, got "
+                      f"{spec!r}; per-block choices are what the search selects ({{\"search_at\": bits}}) or a "
+                      "shallow/deep split ({\"shallow\": [b, r], \"deep\": [b, r]})")
     if isinstance(spec, dict) and "bits" in spec:
         return uniform(n_blocks, spec["bits"], spec["rank"], profile.bit_ladder, profile.rank_ladder,
                        name=method.name)

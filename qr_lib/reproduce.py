@@ -90,6 +90,9 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     manifest = read_json(manifest_path) if manifest_path.exists() else {"files": {}, "notebooks": {}}
     (out / "notebooks").mkdir(exist_ok=True)
     todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
+    if not todo:
+        raise QRError(f"--only {' '.join(only)} matches no notebook; give prefixes of "
+                      f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
     kernel = ensure_kernel()
     start, started = starting_state(out), time.time()
     for i, nb in enumerate(todo, 1):

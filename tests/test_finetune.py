@@ -263,3 +263,14 @@ def test_every_method_keeps_one_colour_and_the_figures_say_what_made_them():
     assert plots.style("random4_0") == plots.style("random3p5_2")       # one baseline, one look
     assert "SmolLM2-135M" in plots.figure_caption(load_profile("default"))
     assert "profile smoke" in plots.figure_caption(load_profile("smoke"))
+
+
+def test_a_broken_method_file_names_itself_and_the_schema(tmp_path, quick, base):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "x",\n "allocation": {"bits": 4 "rank": 8}}')
+    with pytest.raises(QRError, match="bad.json is not valid JSON \\(line 2"):
+        finetune.load_method(str(bad))
+    lists = tmp_path / "lists.json"
+    lists.write_text('{"name": "x", "allocation": {"bits": [4, 4, 4, 4], "ranks": [8, 8, 8, 8]}}')
+    with pytest.raises(QRError, match="two integers"):
+        finetune.resolve_allocation(quick, finetune.load_method(str(lists)), 4, tmp_path, base)
