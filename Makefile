@@ -40,7 +40,7 @@ search: $(STAMP)
 	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE) --set $(SET) --only 02 03 04
 
 benchmark: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.bench_memory --out results/benchmarks/memory_step_time.json
+	$(OFFLINE) $(PY) -m qr_lib.bench_memory --profile $(PROFILE)
 
 # JupyterLab at the repository root (notebooks/ and results/ both in reach), on the project's kernel
 # (registered inside .venv), with the same offline settings as every other target.

@@ -117,3 +117,9 @@ def test_reproduce_refuses_a_selection_that_matches_no_notebook(tmp_path, monkey
     with pytest.raises(QRError, match="matches no notebook"):
         reproduce.run("smoke", only=["99"])
     assert not (tmp_path / "smoke" / "tables").exists()       # nothing written
+
+
+def test_a_benchmark_of_another_profile_never_overwrites_the_committed_one():
+    from qr_lib.bench_memory import default_out
+    assert default_out("default").name == "memory_step_time.json" and default_out("default").parent.name == "benchmarks"
+    assert default_out("smoke").parent.name == "smoke"
