@@ -17,10 +17,10 @@ from .store import read_json
 
 class Explorer:
     def __init__(self, profile, out_dir: Path, n_groups: int = 3, base=None):
-        from .models import load_model
+        from .models import load_skeleton
 
         if base is None:
-            base, _ = load_model(profile.model, profile.dtype, "cpu")
+            base = load_skeleton(profile.model)  # shapes only: no weights are read
         self.profile, self.out_dir = profile, Path(out_dir)
         self.shapes = model_shapes(base)
         self.budget = budget_bytes(self.shapes, profile.quant, profile.budget_bits, profile.budget_rank)

@@ -111,6 +111,25 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
     return model, tok
 
 
+def load_skeleton(name: str = EMBEDDED) -> nn.Module:
+    """The model's architecture with no weights (on the meta device): enough for shapes and the
+    memory model, in seconds and no memory even for an 8B model. Reads only its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name == TINY:
+        vocab = len(AutoTokenizer.from_pretrained(embedded_dir()))  # as load_model builds it
+        with torch.device("meta"):
+            return tiny_llama(vocab=vocab)
+    path = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise QRError(f"could not read the config of model {name!r}: {str(e).splitlines()[0]}; check the id or "
+                      f"folder, or use {EMBEDDED!r}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder's list of blocks, found by shape rather than by one family's attribute path."""
     inner = getattr(model, "model", model)
