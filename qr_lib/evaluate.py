@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from .data import BENCHMARKS
+from .data import BENCHMARKS, STOCK
 from .errors import QRError
 
 TASK_DIR = Path(__file__).parent / "tasks"
@@ -104,9 +104,10 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path 
 
     if not cfg.tasks:
         return {}
-    unknown = sorted(set(cfg.tasks) - set(BENCHMARKS))
+    known = (*BENCHMARKS, *(f"stock_{t}" for t in STOCK))
+    unknown = sorted(set(cfg.tasks) - set(known))
     if unknown:
-        raise QRError(f"unknown benchmark(s) {unknown}; the tasks are {list(BENCHMARKS)}")
+        raise QRError(f"unknown benchmark(s) {unknown}; the tasks are {list(known)}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm = _quiet_hflm()(pretrained=base, tokenizer=tok, batch_size=cfg.batch_size, max_length=2048,
               device=str(next(base.parameters()).device))
