@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 # Dotted profile settings for this run only, e.g. SET='finetune.seeds=[0] eval.limit=20'
 SET ?=
+CLI = $(OFFLINE) $(PY) -m qr_lib
+ARGS = --profile $(PROFILE) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -33,18 +35,18 @@ test-fast: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -m "not integration"
 
 reproduce: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE) --set $(SET)
+	$(CLI) reproduce $(ARGS)
 
 # The three-phase search alone (notebooks 02-04: artifacts, tables and plots).
 search: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE) --set $(SET) --only 02 03 04
+	$(CLI) search $(ARGS)
 
 # lm-eval's stock task formats on the base model, full splits (hours on 2 CPU cores; resumes per task).
 stock-eval: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.stock --profile $(PROFILE)
+	$(CLI) stock $(ARGS)
 
 benchmark: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.bench_memory --profile $(PROFILE)
+	$(CLI) benchmark $(ARGS)
 
 # JupyterLab at the repository root (notebooks/ and results/ both in reach), on the project's kernel
 # (registered inside .venv), with the same offline settings as every other target.

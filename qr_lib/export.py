@@ -69,20 +69,3 @@ def export_run(where: Path, base=None, tok=None) -> Path:
         tok.save_pretrained(str(out))
     shutil.copytree(where / "adapter", out / "adapter", dirs_exist_ok=True)
     return out
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Export finished runs (HQQ + LoRA) for use without qr_lib.")
-    ap.add_argument("runs", nargs="+", type=Path, help="run folders, e.g. results/default/runs/qr_adaptor/seed0")
-    args = ap.parse_args(argv)
-    try:
-        for run in args.runs:
-            print(export_run(run))
-    except QRError as e:
-        raise SystemExit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

@@ -281,28 +281,3 @@ def run_all(profile, out_dir: Path, methods: list[str] | None = None, progress: 
             print(f"[run {k}/{len(todo)}] {method.name}, seed {seed}", flush=True)
         records.append(run(profile, method, seed, out_dir, base, tok, progress, data))
     return records
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    from .config import load_profile
-    from .store import results_dir
-
-    ap = argparse.ArgumentParser(description="Fine-tune and evaluate methods (qr_lib/methods/*.json) for a profile; "
-                                             "finished runs are read back.")
-    ap.add_argument("--profile", default="default", help="a profile name (qr_lib/profiles/) or a profile JSON path")
-    ap.add_argument("--method", nargs="*", help=f"method ids ({', '.join(method_ids())}) or method JSON paths; "
-                                                "default: the profile's list")
-    args = ap.parse_args(argv)
-    try:
-        profile = load_profile(args.profile)
-        records = run_all(profile, results_dir(profile.name), args.method)
-    except QRError as e:
-        raise SystemExit(f"error: {e}")
-    for r in (rec["result"] for rec in records):
-        print(f"{r['name']} seed {r['seed']}: test loss {r['test_loss']:.4f}, {r['memory_bytes'] / 2**20:.1f} MiB")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,10 +6,6 @@ interruption redoes only unfinished work; the first failing notebook stops the r
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +14,6 @@ import pandas as pd
 
 from .config import load_profile
 from .errors import QRError
-from .progress import PLAIN_ENV
 from .report import compute_time
 from .store import cache_root, read_json, results_dir, save_table, write_json
 
@@ -133,36 +128,3 @@ def wall_clock(manifest: dict) -> list[dict]:
              "notebooks": len(r["notebooks"]), "from nothing": r["from_nothing"],
              "artifacts present at start": ", ".join(r["artifacts"]) or "none",
              "caches present at start": ", ".join(r["caches"]) or "none"} for r in manifest.get("runs", [])]
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """KEY=VALUE pairs, VALUE as JSON where it parses ("finetune.seeds=[0]"), else a string."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise QRError(f"override {item!r} is not KEY=VALUE; write e.g. finetune.seeds=[0]")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="default", help="a profile name (qr_lib/profiles/) or a profile JSON path")
-    ap.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 03")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="dotted profile settings, e.g. finetune.seeds=[0] eval.limit=20")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
-    os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars the log can show
-    try:
-        run(args.profile, args.only, log_output=True, overrides=parse_overrides(args.set))
-    except QRError as e:
-        raise SystemExit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

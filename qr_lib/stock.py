@@ -64,26 +64,3 @@ def beside_reference(ours: pd.DataFrame) -> pd.DataFrame:
                                     for _, r in out.iterrows()]
     out["ours - published (points)"] = out["ours, same metric (%)"] - out["published (%)"]
     return out
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    from .config import load_profile
-    from .errors import QRError
-    from .store import results_dir
-
-    ap = argparse.ArgumentParser(description="lm-eval's stock ARC-Easy/Challenge, HellaSwag and PIQA on the base "
-                                             "model, beside the published numbers (resumes task by task).")
-    ap.add_argument("--profile", default="default", help="a profile name or a profile JSON path")
-    ap.add_argument("--limit", type=int, default=None, help="documents per task (default: the full split)")
-    args = ap.parse_args(argv)
-    try:
-        profile = load_profile(args.profile)
-        print(run(profile, results_dir(profile.name), args.limit).round(2).to_string(index=False))
-    except QRError as e:
-        raise SystemExit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

@@ -36,7 +36,7 @@ def test_a_profile_can_be_a_file_anywhere(tmp_path):
 
 
 def test_command_line_overrides_parse_as_json_where_they_can():
-    from qr_lib.reproduce import parse_overrides
+    from qr_lib.cli import parse_overrides
     assert parse_overrides(["finetune.seeds=[0, 1]", "eval.limit=20", "model=tiny"]) == {
         "finetune.seeds": [0, 1], "eval.limit": 20, "model": "tiny"}
     with pytest.raises(QRError, match="KEY=VALUE"):

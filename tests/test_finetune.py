@@ -236,7 +236,8 @@ def test_claims_are_paired_comparisons_with_known_answers(tmp_path):
 
 def test_one_method_runs_alone_from_the_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
-    finetune.main(["--profile", "smoke", "--method", "hqq2"])
+    from qr_lib import cli
+    assert cli.main(["finetune", "--profile", "smoke", "--method", "hqq2"]) == 0
     assert (tmp_path / "smoke" / "runs" / "hqq2" / "seed0" / "result.json").exists()
     assert "QLoRA HQQ 2-bit seed 0: test loss" in capsys.readouterr().out
 

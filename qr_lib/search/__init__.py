@@ -109,22 +109,3 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
                                              "nsga": _key(out_dir / "nsga.json"), "bo": _key(out_dir / "bo.json"),
                                              "profile": profile.name}, result)
     return result
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    from ..config import load_profile
-    from ..store import results_dir
-
-    ap = argparse.ArgumentParser(description="Run the three-phase QR-Adaptor search for a profile.")
-    ap.add_argument("--profile", default="default", help="a profile name (qr_lib/profiles/) or a profile JSON path")
-    args = ap.parse_args(argv)
-    try:
-        profile = load_profile(args.profile)
-        result = run(profile, results_dir(profile.name))
-    except QRError as e:
-        raise SystemExit(f"error: {e}")
-    sel = Allocation.from_dict(result["selected"])
-    print(sel.table())
-    print(result["cost"])
