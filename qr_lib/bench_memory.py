@@ -10,7 +10,7 @@ drift of a shared machine (measured: the same step 2.4-3.7 s, 5% coefficient of 
 sides alike. A second, identical 16-bit build is timed as a control: its ratio shows the resolution
 of the measurement. Peak memory is each build's own (memory.PeakMemory), measured with that build
 alone. It reports; it does not assert.
-    python -m qr_lib.bench_memory --out results/benchmarks/memory_step_time.json
+    qr-adaptor benchmark   (make benchmark)
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True) -> d
     finals = final_losses(out_dir, cfg.methods)
     if len(finals) < 3:
         raise QRError(f"only {len(finals)} of the calibration methods {list(cfg.methods)} have final runs; run "
-                      "notebook 05 (or `python -m qr_lib.finetune`) for them first")
+                      "notebook 05 (or `qr-adaptor finetune`) for them first")
     if base is None:
         base, tok = load_model(profile.model, profile.dtype, profile.device)
     splits = load_finetune(profile.data)

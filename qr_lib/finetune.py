@@ -113,7 +113,7 @@ def resolve_allocation(profile, method: Method, n_blocks: int, out_dir: Path, ev
         path = Path(out_dir) / "search.json"
         if not path.exists():
             raise QRError(f"{path} does not exist; run the search first (notebook 04_bo_refinement or "
-                          f"`python -m qr_lib.search --profile {profile.name}`)")
+                          f"`qr-adaptor search --profile {profile.name}`)")
         result = read_json(path)["result"]
         if spec == "search":
             return dataclasses.replace(Allocation.from_dict(result["selected"]), name=method.name)
