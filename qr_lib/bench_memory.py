@@ -9,8 +9,7 @@ ratio is the median over rounds of a step's time over the 16-bit step of the sam
 drift of a shared machine (measured: the same step 2.4-3.7 s, 5% coefficient of variation) hits both
 sides alike. A second, identical 16-bit build is timed as a control: its ratio shows the resolution
 of the measurement. Peak memory is each build's own (memory.PeakMemory), measured with that build
-alone. It reports; it does not assert.
-    qr-adaptor benchmark   (make benchmark)
+alone. It reports; it does not assert. Run it with `make benchmark` (`qr-adaptor benchmark`).
 """
 from __future__ import annotations
 
