@@ -62,11 +62,6 @@ def _run_notebooks(args, prefixes: list[str]) -> None:
     reproduce.run(args.profile, prefixes or None, log_output=True, overrides=parse_overrides(args.set))
 
 
-def cmd_stage(args) -> None:
-    prefixes = list(args.only) if getattr(args, "only", None) else STAGES[args.command][0]
-    _run_notebooks(args, prefixes)
-
-
 def cmd_finetune(args) -> None:
     if not args.method:
         return _run_notebooks(args, STAGES["finetune"][0])
@@ -76,6 +71,21 @@ def cmd_finetune(args) -> None:
     for rec in finetune.run_all(profile, results_dir(profile.name), args.method):
         r = rec["result"]
         print(f"{r['name']} seed {r['seed']}: test loss {r['test_loss']:.4f}, {r['memory_bytes'] / 2**20:.1f} MiB")
+
+
+def cmd_plan(args) -> None:
+    from . import plan
+    from .store import results_dir
+    profile = _profile(args)
+    step = args.step_seconds or plan.measured_step_seconds(results_dir(profile.name))
+    print(plan.describe(plan.plan(profile, step)))
+
+
+def cmd_stage(args) -> None:
+    if getattr(args, "dry_run", False):
+        return cmd_plan(args)
+    prefixes = list(args.only) if getattr(args, "only", None) else STAGES[args.command][0]
+    _run_notebooks(args, prefixes)
 
 
 def cmd_export(args) -> None:
@@ -119,11 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_stage)
         if name == "reproduce":
             p.add_argument("--only", nargs="+", metavar="PREFIX", help="notebook name prefixes, e.g. 02 03")
+            p.add_argument("--dry-run", action="store_true",
+                           help="print the plan (work, memory, time) instead of running; see `plan`")
+            p.add_argument("--step-seconds", type=float, default=None,
+                           help="with --dry-run: seconds per LoRA step on the target machine")
         if name == "finetune":
             p.add_argument("--method", nargs="+", metavar="ID|PATH",
                            help="run only these methods (ids in qr_lib/methods/ or method JSON paths), directly, "
                                 "without the notebook's tables; default: the notebook, every method of the profile")
             p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("plan", formatter_class=fmt, help="what a profile's run will do: work, memory, time",
+                       description="Counts every stage's work from the profile, the memory from the formula on "
+                                   "the model's config (no weights loaded) and, with a step time, the hours.")
+    _common(p)
+    p.add_argument("--step-seconds", type=float, default=None,
+                   help="seconds per LoRA step on the target machine; default: what a finished run of this "
+                        "profile measured, if any")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("export", formatter_class=fmt, help="write finished HQQ runs for use without qr_lib",
                        description="Write <run>/export/: per-module settings, codes, scales and zeros, config, "
                                    "tokenizer and adapter (docs/EXTENDING.md has the loader).")

@@ -8,6 +8,7 @@ precision" is a dequantized 4.5-bit checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -111,6 +112,10 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
     return model, tok
 
 
+# Architecture configs of the paper's models, for shapes without a hub (reference/configs/).
+SHIPPED_CONFIGS = Path(__file__).parent / "reference" / "configs"
+
+
 def load_skeleton(name: str = EMBEDDED) -> nn.Module:
     """The model's architecture with no weights (on the meta device): enough for shapes and the
     memory model, in seconds and no memory even for an 8B model. Reads only its config."""
@@ -121,11 +126,15 @@ def load_skeleton(name: str = EMBEDDED) -> nn.Module:
         with torch.device("meta"):
             return tiny_llama(vocab=vocab)
     path = resolve(name)
+    shipped = SHIPPED_CONFIGS / f"{name.replace('/', '--')}.json"
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
-        raise QRError(f"could not read the config of model {name!r}: {str(e).splitlines()[0]}; check the id or "
-                      f"folder, or use {EMBEDDED!r}") from None
+        if not shipped.exists():
+            raise QRError(f"could not read the config of model {name!r}: {str(e).splitlines()[0]}; check the id or "
+                          f"folder, or use {EMBEDDED!r}") from None
+        fields = {k: v for k, v in json.loads(shipped.read_text()).items() if not k.startswith("_")}
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
