@@ -45,6 +45,6 @@ def test_the_paper_profile_plans_offline_without_a_gpu(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli.main(["reproduce", "--profile", "paper", "--dry-run", "--step-seconds", "1.5"]) == 0
     text = capsys.readouterr().out
-    assert "meta-llama/Meta-Llama-3-8B" in text and "Phases II-III" in text and "total:" not in text.split("time")[0]
+    assert "meta-llama/Meta-Llama-3-8B" in text and "Phases II-III" in text
     assert "model parameters: 8,030,261,248" in text               # LLaMA-3-8B, from its shipped config
     assert " h" in text.split("time at 1.50 s per step")[1]
