@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 # Dotted profile settings for this run only, e.g. SET='finetune.seeds=[0] eval.limit=20'
 SET ?=
-CLI = $(OFFLINE) $(PY) -m qr_lib
+# The CLI goes offline by itself unless the profile reads the hub (the paper profile does).
+CLI = TOKENIZERS_PARALLELISM=false $(PY) -m qr_lib
 ARGS = --profile $(PROFILE) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.

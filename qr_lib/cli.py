@@ -173,9 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_unless_hub(args) -> None:
+    """No network unless the profile reads the hub (a hub model id, Alpaca, WikiText-2, C4): set before
+    any Hugging Face library is imported, since they read these variables once, on import."""
+    from .profile_files import needs_hub, profile_values
+
+    if getattr(args, "profile", None) and not needs_hub(profile_values(args.profile, parse_overrides(args.set))[1]):
+        for var in OFFLINE:
+            os.environ.setdefault(var, "1")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        offline_unless_hub(args)
         args.func(args)
     except QRError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .allocation import DEFAULT_BIT_LADDER, DEFAULT_RANK_LADDER
 from .build import LoraSettings
@@ -22,13 +20,13 @@ from .evaluate import EvalConfig
 from .finetune import FinetuneConfig
 from .hardware import resolve_dtype
 from .pilot import PilotConfig
+from .profile_files import profile_values
 from .quant import QuantConfig
 from .search.bo import BOConfig
 from .search.nsga import NSGAConfig
 from .sensitivity import SensitivityConfig
 from .train import TrainConfig
 
-PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
 @dataclass(frozen=True)
@@ -99,43 +97,6 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
-def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
-
-
-def _nest(overrides: dict) -> dict:
-    out: dict = {}
-    for dotted, value in overrides.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def profile_path(name: str) -> Path:
-    """A profile name (a file under qr_lib/profiles/) or the path of a profile JSON anywhere."""
-    given = Path(name)
-    if given.suffix == ".json":
-        if not given.exists():
-            raise QRError(f"profile file {given} does not exist; give a path to a JSON profile or one of "
-                          f"{profile_names()}")
-        return given
-    path = PROFILE_DIR / f"{name}.json"
-    if not path.exists():
-        raise QRError(f"profile {name!r} does not exist; choose one of {profile_names()} or give the path of a "
-                      "profile JSON (see docs/EXTENDING.md)")
-    return path
-
-
 def validate(profile: Profile) -> None:
     """What the stages would otherwise find out after hours: ladders the backend cannot build, budgets
     off the ladders, non-positive ranks."""
@@ -158,12 +119,7 @@ def validate(profile: Profile) -> None:
 def load_profile(name: str = "default", overrides: dict | None = None) -> Profile:
     """A profile by name or path (its results go to results/<file stem>/), with `overrides`, dotted
     settings such as {"finetune.seeds": [0]}, applied on top."""
-    path = profile_path(name)
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise QRError(f"profile {path} is not valid JSON ({e}); fix the file") from None
-    values = _merge(values, _nest(overrides or {}))
+    path, values = profile_values(name, overrides)
     values["name"] = path.stem
     profile = _build(Profile, values, f"profile {path.stem!r}")
     validate(profile)

@@ -125,16 +125,16 @@ def load_skeleton(name: str = EMBEDDED) -> nn.Module:
         vocab = len(AutoTokenizer.from_pretrained(embedded_dir()))  # as load_model builds it
         with torch.device("meta"):
             return tiny_llama(vocab=vocab)
-    path = resolve(name)
     shipped = SHIPPED_CONFIGS / f"{name.replace('/', '--')}.json"
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as e:
-        if not shipped.exists():
-            raise QRError(f"could not read the config of model {name!r}: {str(e).splitlines()[0]}; check the id or "
-                          f"folder, or use {EMBEDDED!r}") from None
+    if shipped.exists():  # the paper's models: no hub needed to count their shapes
         fields = {k: v for k, v in json.loads(shipped.read_text()).items() if not k.startswith("_")}
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(resolve(name))
+        except OSError as e:
+            raise QRError(f"could not read the config of model {name!r}: {str(e).splitlines()[0]}; check the id "
+                          f"or folder, or use {EMBEDDED!r}") from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

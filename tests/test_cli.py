@@ -41,8 +41,7 @@ def test_help_answers_without_loading_the_heavy_libraries():
     assert loaded.stdout.strip() == "False"
 
 
-def test_the_paper_profile_plans_offline_without_a_gpu(capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_the_paper_profile_plans_offline_without_a_gpu(capsys):
     assert cli.main(["reproduce", "--profile", "paper", "--dry-run", "--step-seconds", "1.5"]) == 0
     text = capsys.readouterr().out
     assert "meta-llama/Meta-Llama-3-8B" in text and "Phases II-III" in text

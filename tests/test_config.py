@@ -1,6 +1,7 @@
 import pytest
 
-from qr_lib.config import load_profile, profile_names
+from qr_lib.config import load_profile
+from qr_lib.profile_files import needs_hub, profile_names, profile_values
 from qr_lib.errors import QRError
 
 
@@ -62,3 +63,9 @@ def test_ladders_and_budgets_are_checked_before_any_work():
         load_profile("smoke", {"rank_ladder": [-8, 8]})
     with pytest.raises(QRError, match="budget_rank 7 is not on rank_ladder"):
         load_profile("smoke", {"budget_rank": 7})
+
+
+def test_only_profiles_that_read_the_hub_may_go_online():
+    assert not needs_hub(profile_values("default")[1]) and not needs_hub(profile_values("smoke")[1])
+    assert needs_hub(profile_values("paper")[1])
+    assert needs_hub(profile_values("default", {"data.text": "c4"})[1])
