@@ -31,6 +31,7 @@ COMMONSENSE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogran
                      "csqa", "openbookqa", "boolq")
 HUB_FINETUNE = {"alpaca": "tatsu-lab/alpaca"}
 HUB_TEXT = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"), "c4": ("allenai/c4", "en", "text")}
+C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
 OFFLINE_TEXT = ("lambada",)
 POOL_VERSION = 2  # part of the pool cache's key: 2 = one example per identifying text
 
@@ -253,8 +254,12 @@ def load_texts(cfg: DataConfig, sources: Sources | None = None):
         from datasets import load_dataset
 
         path, name, field = HUB_TEXT[cfg.text]
-        split = "train" if cfg.text == "c4" else "test"
-        rows = load_dataset(path, name, split=split, streaming=cfg.text == "c4")
+        if cfg.text == "c4":
+            # One fixed shard (about 40 MB, as GPTQ and AWQ calibrate): cached after the first download,
+            # so the sample is the same every time and works offline afterwards.
+            rows = load_dataset(path, data_files={"train": C4_SHARD}, split="train")
+        else:
+            rows = load_dataset(path, name, split="test")
         texts = [r[field] for r, _ in zip(rows, range(20 * (cfg.n_calib + cfg.n_heldout))) if len(r[field]) > 200]
         return text_split(texts, cfg.n_calib, cfg.n_heldout, cfg.seed)
     raise QRError(f"text source {cfg.text!r} is not one of {[*OFFLINE_TEXT, *HUB_TEXT]}; "

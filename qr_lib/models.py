@@ -99,6 +99,9 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     except OSError as e:
+        if "gated" in str(e).lower() or "401" in str(e):
+            raise QRError(f"model {name!r} is gated: accept its license on https://huggingface.co/{name}, then "
+                          "`huggingface-cli login` (or set HF_TOKEN) on this machine and rerun") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = ("HF_HUB_OFFLINE=1 is set, so it must already be in the Hugging Face cache: download it "
                 "on a machine with network (`huggingface-cli download " + name + "`) or pass a local folder"
