@@ -59,7 +59,8 @@ def _run_notebooks(args, prefixes: list[str]) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
     os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars the terminal can show
-    reproduce.run(args.profile, prefixes or None, log_output=True, overrides=parse_overrides(args.set))
+    reproduce.run(args.profile, prefixes or None, log_output=True, overrides=parse_overrides(args.set),
+                  skip=getattr(args, "skip", None))
 
 
 def cmd_finetune(args) -> None:
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_stage)
         if name == "reproduce":
             p.add_argument("--only", nargs="+", metavar="PREFIX", help="notebook name prefixes, e.g. 02 03")
+            p.add_argument("--skip", nargs="+", metavar="PREFIX",
+                           help="notebooks to leave out, e.g. 01 (the pilot: 21 long runs at the paper's scale)")
             p.add_argument("--dry-run", action="store_true",
                            help="print the plan (work, memory, time) instead of running; see `plan`")
             p.add_argument("--step-seconds", type=float, default=None,

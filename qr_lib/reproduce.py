@@ -73,7 +73,7 @@ def write_index(out: Path, profile: str, manifest: dict) -> None:
 
 
 def run(profile: str, only: list[str] | None = None, log_output: bool = False,
-        overrides: dict | None = None) -> None:
+        overrides: dict | None = None, skip: list[str] | None = None) -> None:
     """Run the notebooks for a profile (a name or a path, with dotted `overrides`); with `log_output`
     their output (stage progress) streams to the terminal."""
     import papermill as pm
@@ -84,9 +84,10 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     manifest_path = out / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.exists() else {"files": {}, "notebooks": {}}
     (out / "notebooks").mkdir(exist_ok=True)
-    todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
+    todo = [nb for nb in notebooks() if (not only or any(nb.name.startswith(o) for o in only))
+            and not any(nb.name.startswith(k) for k in skip or ())]
     if not todo:
-        raise QRError(f"--only {' '.join(only)} matches no notebook; give prefixes of "
+        raise QRError(f"--only {' '.join(only or [])} --skip {' '.join(skip or [])} leaves no notebook; give prefixes of "
                       f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
     kernel = ensure_kernel()
     start, started = starting_state(out), time.time()

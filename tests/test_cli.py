@@ -22,7 +22,8 @@ def test_every_stage_and_tool_is_a_command_with_its_options_documented(capsys):
     (["reproduce", "--profile", "nope"], "choose one of"),
     (["reproduce", "--profile", "smoke", "--set", "nsga.pop_size=\"4\""], "must be int"),
     (["reproduce", "--profile", "smoke", "--set", "proxy.stepz=4"], "did you mean 'steps'"),
-    (["reproduce", "--profile", "smoke", "--only", "99"], "matches no notebook"),
+    (["reproduce", "--profile", "smoke", "--only", "99"], "leaves no notebook"),
+    (["reproduce", "--profile", "smoke", "--only", "01", "--skip", "01"], "leaves no notebook"),
     (["finetune", "--profile", "smoke", "--set", "finetune.seeds"], "not KEY=VALUE"),
 ])
 def test_bad_input_exits_2_naming_the_problem(argv, message, capsys, tmp_path, monkeypatch):

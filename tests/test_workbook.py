@@ -114,7 +114,7 @@ def test_a_saved_figure_is_written_and_closed_outside_a_notebook(tmp_path):
 def test_reproduce_refuses_a_selection_that_matches_no_notebook(tmp_path, monkeypatch):
     from qr_lib.errors import QRError
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
-    with pytest.raises(QRError, match="matches no notebook"):
+    with pytest.raises(QRError, match="leaves no notebook"):
         reproduce.run("smoke", only=["99"])
     assert not (tmp_path / "smoke" / "tables").exists()       # nothing written
 
