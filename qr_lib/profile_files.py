@@ -52,14 +52,20 @@ def profile_path(name: str) -> Path:
     return path
 
 
-def profile_values(name: str, overrides: dict | None = None) -> tuple[Path, dict]:
-    """(the profile's file, its values with the dotted `overrides` applied)."""
+def profile_values(name: str, overrides: dict | None = None, _seen: tuple = ()) -> tuple[Path, dict]:
+    """(the profile's file, its values with the dotted `overrides` applied). A profile may start from
+    another with `"include": "<name or path>"` and change only what differs (lm-eval's variants)."""
     path = profile_path(name)
+    if path.resolve() in _seen:
+        raise QRError(f"profile {path} includes itself through {[str(p) for p in _seen]}; break the cycle")
     try:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise QRError(f"profile {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                       "fix the file") from None
+    if "include" in values:
+        _, base = profile_values(values.pop("include"), None, (*_seen, path.resolve()))
+        values = _merge(base, values)
     return path, _merge(values, _nest(overrides or {}))
 
 

@@ -9,6 +9,16 @@ from qr_lib.models import tiny_llama
 FIXTURES = Path(__file__).parent / "fixtures" / "packages"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run where CUDA is present and are skipped, saying why, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def sources():
     return Sources(FIXTURES / "olmo_data", FIXTURES / "olmo_eval")

@@ -69,3 +69,13 @@ def test_only_profiles_that_read_the_hub_may_go_online():
     assert not needs_hub(profile_values("default")[1]) and not needs_hub(profile_values("smoke")[1])
     assert needs_hub(profile_values("paper")[1])
     assert needs_hub(profile_values("default", {"data.text": "c4"})[1])
+
+
+def test_a_profile_can_include_another_and_change_only_what_differs(tmp_path):
+    import json
+    gpu = load_profile("gpu")
+    assert gpu.device == "cuda" and gpu.data == load_profile("default").data
+    loop = tmp_path / "loop.json"
+    loop.write_text(json.dumps({"include": str(loop)}))
+    with pytest.raises(QRError, match="includes itself"):
+        load_profile(str(loop))
