@@ -18,7 +18,7 @@ def cuda_model():
 @pytest.mark.parametrize("backend, bits", [("hqq", 2), ("hqq", 3), ("hqq", 4), ("hqq", 8), ("bnb", 4), ("bnb", 8)])
 def test_packed_backends_train_on_cuda_and_the_peak_is_the_runs_own(cuda_model, backend, bits):
     from qr_lib.build import build, lora_parameters, use_dense
-    from qr_lib.data import load_finetune
+    from qr_lib.data import DataConfig, load_finetune
     from qr_lib.memory import PeakMemory, formula_bytes, measured_bytes, model_shapes
     from qr_lib.quant import QuantConfig
     from qr_lib.train import TrainConfig, train
@@ -29,7 +29,7 @@ def test_packed_backends_train_on_cuda_and_the_peak_is_the_runs_own(cuda_model, 
     alloc = uniform(30, bits, 8)
     with PeakMemory("cuda") as peak:
         peft_model = build(model, alloc, qcfg, progress=False)
-        data = load_finetune(__import__("qr_lib.data", fromlist=["DataConfig"]).DataConfig(n_train=8, n_val=0, n_test=0))
+        data = load_finetune(DataConfig(n_train=8, n_val=0, n_test=0))
         log = train(peft_model, tok, data.train, TrainConfig(steps=2, batch_size=4, max_len=64), progress=False)
     assert not log["diverged"] and peak.result["scope"].startswith("run (CUDA")
     assert peak.result["peak_bytes"] > peak.result["start_bytes"]
