@@ -19,6 +19,7 @@ from .errors import QRError
 from .evaluate import EvalConfig
 from .finetune import FinetuneConfig
 from .hardware import resolve_dtype
+from .parallel import ParallelConfig
 from .pilot import PilotConfig
 from .profile_files import profile_values
 from .quant import QuantConfig
@@ -54,6 +55,7 @@ class Profile:
     pilot: PilotConfig = field(default_factory=PilotConfig)
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def _check_type(value, default, where: str):

@@ -269,10 +269,15 @@ def plan(profile, methods: list[str] | None = None) -> list[tuple[Method, int]]:
 
 
 def run_all(profile, out_dir: Path, methods: list[str] | None = None, progress: bool = True) -> list[dict]:
-    """Every planned run, in order; finished ones are read back, not redone."""
+    """Every planned run, in order; finished ones are read back, not redone. With parallel.backend
+    "dask" the unfinished runs go to the workers first (each writes its own run folder)."""
+    from . import parallel
     from .models import load_model
 
     todo = plan(profile, methods)
+    with parallel.executor(profile.parallel, profile.device) as client:
+        if client is not None:
+            parallel.finetune_all(client, profile, out_dir, todo)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     data = run_data(profile)
     records = []

@@ -61,6 +61,7 @@ class ProxyEvaluator:
         self.context_key = content_hash(self.context)
         self.metric, self.metric_limit = profile.proxy_metric, profile.proxy_metric_limit
         self.hits = self.misses = 0
+        self.client = None  # a Dask client while search.run holds one (parallel.executor)
 
     def memory(self, allocation: Allocation) -> dict:
         m = formula_bytes(self.shapes, allocation, self.profile.quant)
@@ -109,6 +110,13 @@ class ProxyEvaluator:
         return result
 
     def evaluate_many(self, allocations: list[Allocation], fidelity: Fidelity, desc: str) -> list[dict]:
+        """Records in the order given. With a Dask client (self.client, parallel.py) the uncached
+        candidates are scored on the workers first; every record is then read back from the cache."""
+        if self.client is not None:
+            todo = list({self.key(a, fidelity): a for a in allocations if not self.path(a, fidelity).exists()}.values())
+            if todo:
+                from .parallel import evaluate_all
+                evaluate_all(self.client, self.profile, self.cache_dir, todo, fidelity, self.profile.parallel.retries)
         return [self.evaluate(a, fidelity)
                 for a in tqdm(allocations, desc=desc, disable=not self.progress, leave=False)]
 

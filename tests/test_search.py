@@ -292,3 +292,19 @@ def test_bo_utility_and_neighbours():
     genes = P.repair(space, np.ones(8, dtype=int))
     near = bo.neighbours(space, genes)
     assert near and all(np.abs(g - genes).sum() == 1 and space.bytes(g) <= space.budget for g in near)
+
+
+@pytest.mark.integration
+def test_two_dask_workers_find_the_serial_pareto_set(smoke, base, smoke_run, tmp_path):
+    """The smoke search on 2 local workers sharing the cache: the same Pareto set as the serial run."""
+    pytest.importorskip("dask.distributed")
+    import dataclasses
+
+    from qr_lib.parallel import ParallelConfig
+    from qr_lib.store import read_json
+    out, _ = smoke_run
+    parallel = dataclasses.replace(smoke, parallel=ParallelConfig(backend="dask", workers=2))
+    search.run(parallel, tmp_path, *base, progress=False)
+    serial, dask = (read_json(d / "nsga.json")["result"]["pareto"] for d in (out, tmp_path))
+    assert [r["key"] for r in dask] == [r["key"] for r in serial]
+    assert [r["objective"] for r in dask] == pytest.approx([r["objective"] for r in serial])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import sensitivity
+from .. import parallel, sensitivity
 from ..allocation import Allocation
 from ..errors import QRError
 from ..fitness import ProxyEvaluator, epoch_tokens, full_fidelity, summarize
@@ -80,8 +80,11 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
     sdir = Path(sensitivity_dir or out_dir)
     ev = evaluator(profile, evaluations_dir or out_dir / "evaluations", base, tok, progress)
     p1 = phase1(profile, sdir, ev, progress)
-    p2 = _phase2(profile, out_dir, ev, p1, sdir)
-    p3 = _phase3(profile, out_dir, ev, p1, p2, progress)
+    with parallel.executor(profile.parallel, profile.device) as client:  # None: serial
+        ev.client = client
+        p2 = _phase2(profile, out_dir, ev, p1, sdir)
+        p3 = _phase3(profile, out_dir, ev, p1, p2, progress)
+        ev.client = None
     chosen = p3["selected"]
     selected = Allocation(chosen["bits"], chosen["ranks"], profile.bit_ladder, profile.rank_ladder,
                           name="QR-Adaptor")
