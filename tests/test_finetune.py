@@ -275,3 +275,21 @@ def test_a_broken_method_file_names_itself_and_the_schema(tmp_path, quick, base)
     lists.write_text('{"name": "x", "allocation": {"bits": [4, 4, 4, 4], "ranks": [8, 8, 8, 8]}}')
     with pytest.raises(QRError, match="two integers"):
         finetune.resolve_allocation(quick, finetune.load_method(str(lists)), 4, tmp_path, base)
+
+
+def test_a_run_killed_before_its_result_is_redone_never_read_half_written(quick, base, tmp_path):
+    """kill -9 between the adapter and result.json leaves a half-written adapter and no result: the
+    rerun trains again, writes both, and reloads to the same logits as a clean run."""
+    model_, tok = base
+    method = finetune.load_method("hqq4")
+    first = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)["result"]
+    where = finetune.run_dir(tmp_path, method, 0)
+    (where / "result.json").unlink()
+    weights = where / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])              # what a kill mid-write leaves
+    again = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)["result"]
+    assert again["test_loss"] == pytest.approx(first["test_loss"])
+    reloaded, _ = finetune.load_finetuned(where, model_, tok)
+    ids = torch.tensor([[1, 5, 9, 42]])
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=ids).logits).all()

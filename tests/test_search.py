@@ -131,17 +131,6 @@ def test_crossover_inherits_whole_block_pairs_and_mutation_moves_one_rung():
 
 
 # -- the proxy evaluator -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smoke():
-    return load_profile("smoke")
-
-
-@pytest.fixture(scope="module")
-def base(smoke):
-    from qr_lib.models import load_model
-    return load_model(smoke.model, smoke.dtype, smoke.device)
-
-
 def test_cache_hits_skip_training(smoke, base, tmp_path, monkeypatch):
     from qr_lib.allocation import uniform
     ev = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
@@ -175,13 +164,7 @@ def test_a_diverged_candidate_scores_the_worst_loss(smoke, base, tmp_path, monke
     assert rec["failed"] and rec["objective"] == fitness.FAILED_LOSS and rec["val_loss"] is None
 
 
-# -- the whole search on the smoke profile ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def smoke_run(smoke, base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("search")
-    return out, search.run(smoke, out, *base, progress=False)
-
-
+# -- the whole search on the smoke profile (smoke_run: conftest.py) ---------------------------------
 def test_search_writes_every_artifact_and_selects_a_feasible_allocation(smoke_run):
     from qr_lib.store import read_json
     out, result = smoke_run
@@ -308,3 +291,20 @@ def test_two_dask_workers_find_the_serial_pareto_set(smoke, base, smoke_run, tmp
     serial, dask = (read_json(d / "nsga.json")["result"]["pareto"] for d in (out, tmp_path))
     assert [r["key"] for r in dask] == [r["key"] for r in serial]
     assert [r["objective"] for r in dask] == pytest.approx([r["objective"] for r in serial])
+
+
+def test_a_candidate_that_diverges_is_recorded_and_the_search_goes_on(smoke, base, tmp_path, monkeypatch):
+    real, calls = fitness.train, []
+
+    def second_diverges(*args, **kwargs):
+        calls.append(1)
+        log = real(*args, **kwargs)
+        return {**log, "diverged": True} if len(calls) == 2 else log
+
+    monkeypatch.setattr(fitness, "train", second_diverges)
+    small = load_profile("smoke", {"nsga.generations": 1, "nsga.n_random": 0, "bo.iterations": 1, "select_at": []})
+    result = search.run(small, tmp_path, *base, progress=False)
+    from qr_lib.store import read_json
+    records = read_json(tmp_path / "nsga.json")["result"]["evaluations"]
+    assert sum(r["failed"] for r in records) == 1 and len(records) > 2
+    assert result["selected_scores"]["objective"] < fitness.FAILED_LOSS
