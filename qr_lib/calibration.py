@@ -26,7 +26,7 @@ import pandas as pd
 
 from .build import build
 from .errors import QRError
-from .store import content_hash, package_versions, read_json, write_artifact
+from .store import content_hash, package_versions, read_artifact, read_json, write_artifact
 from .train import example_losses, train
 
 
@@ -108,8 +108,9 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True) -> d
         alloc = Allocation.from_dict(row["allocation"])
         key = content_hash({"context": context, "allocation": alloc.key(), "seed": seed})
         path = cache / f"{key}.json"
-        if path.exists():
-            curve = read_json(path)["result"]["curve"]
+        stored = read_artifact(path)
+        if stored is not None:
+            curve = stored["result"]["curve"]
         else:
             t = time.time()
             got = proxy_curve(profile, alloc, seed, cfg, base, tok, splits.train, val)

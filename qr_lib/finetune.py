@@ -29,7 +29,7 @@ from .allocation import Allocation, split, uniform
 from .errors import QRError
 from .memory import budget_bytes, formula_bytes, model_shapes
 from .quant import QuantConfig
-from .store import content_hash, read_json, write_artifact, write_json
+from .store import content_hash, read_artifact, read_json, write_artifact, write_json
 from .train import TrainConfig, example_losses, mean_loss, perplexity, train
 
 METHOD_DIR = Path(__file__).parent / "methods"
@@ -193,8 +193,8 @@ def run(profile, method: Method, seed: int, out_dir: Path, base=None, tok=None, 
         base, tok = load_model(profile.model, profile.dtype, profile.device)
     shapes = model_shapes(base)
     allocation = resolve_allocation(profile, method, shapes.n_blocks, out_dir, (base, tok))
-    if (where / "result.json").exists():
-        done = read_json(where / "result.json")
+    done = read_artifact(where / "result.json")  # None when missing, damaged or edited
+    if done is not None:
         same = Allocation.from_dict(done["result"]["allocation"]).pairs() == allocation.pairs()
         if done["config"].get("key") == key and same:  # a new search selection means a new run
             return done

@@ -20,7 +20,7 @@ from .allocation import Allocation
 from .build import build
 from .memory import budget_bytes, formula_bytes, model_shapes
 from .progress import tqdm
-from .store import content_hash, package_versions, read_json, write_artifact
+from .store import content_hash, package_versions, read_artifact, write_artifact
 from .train import TrainConfig, eval_loss, train
 
 # A diverged candidate scores this objective: worse than any real one, yet finite, so pymoo's
@@ -79,9 +79,10 @@ class ProxyEvaluator:
     def evaluate(self, allocation: Allocation, fidelity: Fidelity) -> dict:
         """The record of one scored candidate, from the cache when it is there."""
         path = self.path(allocation, fidelity)
-        if path.exists():
+        stored = read_artifact(path)  # None when missing, damaged or edited: then it is recomputed
+        if stored is not None:
             self.hits += 1
-            return read_json(path)["result"]
+            return stored["result"]
         self.misses += 1
         t0 = time.time()
         model = build(self.base, allocation, self.profile.quant, self.profile.lora, progress=False,
@@ -124,8 +125,8 @@ class ProxyEvaluator:
         """Every cached record of this context (optionally one fidelity), in key order."""
         out = []
         for path in sorted(self.cache_dir.glob("*.json")):
-            rec = read_json(path)
-            if rec["config"].get("context_key") == self.context_key and \
+            rec = read_artifact(path)
+            if rec is not None and rec["config"].get("context_key") == self.context_key and \
                     (fidelity is None or rec["result"]["fidelity"] == fidelity):
                 out.append(rec["result"])
         return out

@@ -23,7 +23,7 @@ from .errors import QRError
 from .models import block_linears, transformer_blocks
 from .progress import tqdm
 from .quant import QuantConfig, check_bits, get_backend
-from .store import content_hash, read_json, write_artifact, write_json
+from .store import cached, content_hash, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,10 @@ def profile(model, tok, texts, cfg: SensitivityConfig, qcfg: QuantConfig, partia
     # bf16 halves the memory of the cached reference distributions; KL is computed in float32.
     reference = [_logprobs(model, b).to(torch.bfloat16) for b in batches]
     blocks = transformer_blocks(model)
-    done = read_json(partial) if partial is not None and partial.exists() else {}
+    try:
+        done = read_json(partial) if partial is not None and partial.exists() else {}
+    except ValueError:  # damaged progress: redo the blocks rather than fail
+        done = {}
     cache = default_cache(qcfg) if backend.cacheable else None
     dense = use_dense(qcfg, model)  # the same weights training computes with
     todo = [(i, b) for b in cfg.bits for i in range(len(blocks)) if f"{b}:{i}" not in done]
@@ -101,20 +104,14 @@ def run(profile_cfg, out_dir: Path, model=None, tok=None, progress: bool = True)
     config = {"model": profile_cfg.model, "dtype": profile_cfg.dtype,
               "text": {"source": d.text, "n_calib": d.n_calib, "n_heldout": d.n_heldout, "seed": d.seed},
               "quant": profile_cfg.quant, "sensitivity": profile_cfg.sensitivity}
-    key = content_hash(config)
-    out = Path(out_dir) / "sensitivity.json"
-    if out.exists():
-        previous = read_json(out)
-        if previous["config"].get("key") == key:
-            return previous["result"]
-    if model is None:
-        model, tok = load_model(profile_cfg.model, profile_cfg.dtype, profile_cfg.device)
-    calib, _ = load_texts(d)
-    t0 = time.time()
-    result = profile(model, tok, calib, profile_cfg.sensitivity, profile_cfg.quant,
-                     partial=Path(out_dir) / f".sensitivity-{key}.partial.json", progress=progress)
-    result["seconds"] = round(time.time() - t0, 1)
-    result["n_texts"] = len(calib)
-    write_artifact(out, {**config, "key": key}, result)
-    (Path(out_dir) / f".sensitivity-{key}.partial.json").unlink(missing_ok=True)
+    partial = Path(out_dir) / f".sensitivity-{content_hash(config)}.partial.json"  # per-block progress
+
+    def compute():
+        m, t = (model, tok) if model is not None else load_model(profile_cfg.model, profile_cfg.dtype, profile_cfg.device)
+        calib, _ = load_texts(d)
+        t0 = time.time()
+        result = profile(m, t, calib, profile_cfg.sensitivity, profile_cfg.quant, partial=partial, progress=progress)
+        return {**result, "seconds": round(time.time() - t0, 1), "n_texts": len(calib)}
+    result = cached(Path(out_dir) / "sensitivity.json", config, compute)
+    partial.unlink(missing_ok=True)
     return result

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .data import STOCK
 from .evaluate import EvalConfig, run_tasks
-from .store import read_json, write_artifact
+from .store import read_artifact, write_artifact
 
 REFERENCE = Path(__file__).parent / "reference" / "smollm2_lm_eval.json"
 
@@ -32,8 +32,9 @@ def run(profile, out_dir: Path, limit: int | None = None, base=None, tok=None, p
     rows = []
     for task in STOCK:
         path = where / f"{task}-{'full' if limit is None else limit}.json"
-        if path.exists():
-            metrics = read_json(path)["result"]
+        stored = read_artifact(path)
+        if stored is not None:
+            metrics = stored["result"]
         else:
             if base is None:
                 base, tok = load_model(profile.model, profile.dtype, profile.device)

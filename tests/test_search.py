@@ -308,3 +308,24 @@ def test_a_candidate_that_diverges_is_recorded_and_the_search_goes_on(smoke, bas
     records = read_json(tmp_path / "nsga.json")["result"]["evaluations"]
     assert sum(r["failed"] for r in records) == 1 and len(records) > 2
     assert result["selected_scores"]["objective"] < fitness.FAILED_LOSS
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_a_damaged_or_edited_evaluation_is_recomputed_not_used(smoke, base, tmp_path, damage):
+    import json
+
+    from qr_lib.allocation import uniform
+    ev = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
+    alloc, fid = uniform(4, 4, 8), fitness.full_fidelity(smoke)
+    first = ev.evaluate(alloc, fid)
+    path = ev.path(alloc, fid)
+    if damage == "truncate":
+        path.write_text(path.read_text()[:200])
+    else:                                                   # valid JSON, a better score written by hand
+        rec = json.loads(path.read_text())
+        rec["result"]["objective"] = 0.001
+        path.write_text(json.dumps(rec))
+    again = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        rec = again.evaluate(alloc, fid)
+    assert again.misses == 1 and rec["objective"] == pytest.approx(first["objective"])

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import QRError
 from ..fitness import ProxyEvaluator, full_fidelity, summarize
-from ..store import content_hash, read_json, write_artifact
+from ..store import cached
 from .problem import SearchSpace, pareto_set
 
 
@@ -162,10 +162,4 @@ def run(profile, out_dir: Path, evaluator: ProxyEvaluator, space: SearchSpace, p
         phase2_key: str, progress: bool = True) -> dict:
     """Phase III for a Profile; reuses results/<profile>/bo.json while its config matches."""
     config = {"bo": profile.bo, "proxy": profile.proxy, "phase2_key": phase2_key}
-    key = content_hash(config)
-    out = Path(out_dir) / "bo.json"
-    if out.exists() and read_json(out)["config"].get("key") == key:
-        return read_json(out)["result"]
-    result = refine(profile, evaluator, space, phase2, progress)
-    write_artifact(out, {**config, "key": key}, result)
-    return read_json(out)["result"]  # what a rerun reads back: JSON types, whichever way it came
+    return cached(Path(out_dir) / "bo.json", config, lambda: refine(profile, evaluator, space, phase2, progress))

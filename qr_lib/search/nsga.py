@@ -27,7 +27,7 @@ from pymoo.optimize import minimize
 from ..errors import QRError
 from ..fitness import FAILED_LOSS, Fidelity, ProxyEvaluator, full_fidelity, summarize
 from ..memory import budget_bytes
-from ..store import content_hash, read_json, write_artifact
+from ..store import cached
 from .problem import (AllocationProblem, BlockCrossover, BudgetRepair, NeighbourMutation, SearchSpace,
                       hypervolume, initial_population, knapsack, pareto_mask, pareto_set, search_space)
 
@@ -170,10 +170,4 @@ def run(profile, out_dir: Path, evaluator: ProxyEvaluator, sensitivity: dict, se
     config = {"context": evaluator.context, "proxy": profile.proxy, "nsga": profile.nsga,
               "ladders": [profile.bit_ladder, profile.rank_ladder],
               "budget": [profile.budget_bits, profile.budget_rank], "sensitivity_key": sensitivity_key}
-    key = content_hash(config)
-    out = Path(out_dir) / "nsga.json"
-    if out.exists() and read_json(out)["config"].get("key") == key:
-        return read_json(out)["result"]
-    result = search(profile, evaluator, sensitivity)
-    write_artifact(out, {**config, "key": key}, result)
-    return read_json(out)["result"]  # what a rerun reads back: JSON types, whichever way it came
+    return cached(Path(out_dir) / "nsga.json", config, lambda: search(profile, evaluator, sensitivity))
