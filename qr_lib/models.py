@@ -78,8 +78,12 @@ def resolve(name: str) -> str:
     """Map a model name to something from_pretrained can open without a network."""
     if name == EMBEDDED:
         return str(embedded_dir())
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise QRError(f"no config.json in {folder}: not a model folder; give a folder that "
+                          "save_pretrained wrote, a Hugging Face model id, or 'embedded'")
+        return str(folder)
     return name
 
 

@@ -186,10 +186,16 @@ def cache_root() -> Path:
 
 
 def results_dir(profile: str) -> Path:
-    """results/<profile>/ of this checkout (QR_RESULTS_DIR overrides the results/ root)."""
+    """results/<profile>/ of this checkout (QR_RESULTS_DIR overrides the results/ root), checked
+    writable before any work goes into it."""
     root = os.environ.get("QR_RESULTS_DIR") or Path(__file__).resolve().parents[1] / "results"
     out = Path(root) / profile
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise QRError(f"cannot write results to {out} ({e.strerror}); make it writable or point "
+                      "QR_RESULTS_DIR at a folder you can write") from None
     return out
 
 
