@@ -95,13 +95,20 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
         print(f"[{i}/{len(todo)}] {nb.name} (profile {name})", flush=True)
         before, t0 = _outputs(out), time.time()
         try:
-            pm.execute_notebook(str(nb), str(out / "notebooks" / nb.name), parameters={"PROFILE": profile, "OVERRIDES": overrides},
+            pm.execute_notebook(str(nb), str(out / "notebooks" / nb.name),
+                                parameters={"PROFILE": profile, "OVERRIDES": overrides},
                                 cwd=str(NOTEBOOK_DIR), kernel_name=kernel, progress_bar=False,
                                 log_output=log_output)
         except pm.PapermillExecutionError as e:
             print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"
                   f"the executed copy with the error is {out / 'notebooks' / nb.name}", file=sys.stderr)
             raise SystemExit(1)
+        except RuntimeError as e:
+            if "didn't respond" not in str(e):
+                raise
+            raise QRError("the notebook kernel did not answer: papermill talks to it over localhost, and this "
+                          "machine (or network namespace) seems to have no loopback interface; bring `lo` up, "
+                          "or run the stages' library functions directly (docs/EXTENDING.md)") from None
         after = _outputs(out)
         for f, mtime in after.items():
             if before.get(f) != mtime:
