@@ -85,8 +85,23 @@ def cmd_plan(args) -> None:
 def cmd_stage(args) -> None:
     if getattr(args, "dry_run", False):
         return cmd_plan(args)
+    if args.command == "reproduce" and not args.only:
+        _say_expected_time(args)
     prefixes = list(args.only) if getattr(args, "only", None) else STAGES[args.command][0]
     _run_notebooks(args, prefixes)
+
+
+def _say_expected_time(args) -> None:
+    """Before a whole run: its size, and its time where a finished run of the profile measured one."""
+    from . import plan
+    from .store import results_dir
+    profile = _profile(args)
+    step = plan.measured_step_seconds(results_dir(profile.name))
+    p = plan.plan(profile, step)
+    hours = p.get("hours (training steps only)", {}).get("total")
+    when = f", about {hours:.1f} h of training at the {step:.2f} s per step the last run measured" if hours else ""
+    print(f"profile {profile.name}: {p['total LoRA steps']:,} LoRA steps{when} "
+          f"(`qr-adaptor plan --profile {args.profile}` for the breakdown)", flush=True)
 
 
 def cmd_export(args) -> None:
