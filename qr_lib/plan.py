@@ -28,7 +28,9 @@ def search_counts(profile, space) -> dict:
     full_scored = (cfg.promote * cfg.generations if multi else search_scored) + profile.bo.iterations
     steps = (search_scored * (cfg.low_steps if multi else profile.proxy.steps)
              + (full_scored * profile.proxy.steps if multi else profile.bo.iterations * profile.proxy.steps))
-    return {"first generation": first, "search-fidelity candidates": search_scored,
+    # The first generation's size depends on Phase I (duplicates are dropped), so it is counted here
+    # with a flat profile: close, not exact.
+    return {"first generation (about)": first, "search-fidelity candidates": search_scored,
             "full-fidelity candidates (at most)": full_scored, "proxy steps (at most)": steps}
 
 
