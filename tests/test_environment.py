@@ -19,7 +19,7 @@ def test_environment_yml_matches_pyproject_pins():
 
 def test_top_level_layout():
     expected = {"notebooks", "qr_lib", "results", "environment.yml", "tests", "Makefile", "README.md",
-                "pyproject.toml", "LICENSE", "CITATION.cff"}
+                "pyproject.toml", "LICENSE", "CITATION.cff", "docs"}
     present = {p.name for p in ROOT.iterdir() if not p.name.startswith(".")} - {"__pycache__"}
     present -= {p for p in present if p.endswith(".egg-info")}
     assert present == expected
