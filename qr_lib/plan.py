@@ -46,7 +46,7 @@ def plan(profile, step_seconds: float | None = None) -> dict:
     shapes = model_shapes(skeleton)
     budget = budget_bytes(shapes, profile.quant, profile.budget_bits, profile.budget_rank)
     zero_kl = {str(b): [0.0] * shapes.n_blocks for b in profile.sensitivity.bits}
-    space = nsga.make_space(profile, shapes, zero_kl)
+    space = nsga.make_space(profile, shapes, {"kl": zero_kl})
     f, d = profile.finetune, profile.data
     steps_per_run = math.ceil(f.epochs * d.n_train / (f.batch_size * f.grad_accum))
     if f.max_steps:

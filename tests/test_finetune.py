@@ -81,7 +81,7 @@ def test_a_run_is_saved_reloads_to_the_same_logits_and_is_not_redone(quick, base
     model_, tok = base
     rec = finetune.run(quick, finetune.load_method("hqq3"), 0, tmp_path, model_, tok, progress=False)
     where = finetune.run_dir(tmp_path, finetune.load_method("hqq3"), 0)
-    assert set(rec) == {"config", "environment", "result"}
+    assert set(rec) == {"config", "environment", "result", "checksum"}
     r = rec["result"]
     assert r["train"]["steps"] == 3 and len(r["train"]["losses"]) == 3
     assert r["benchmarks"]["arc_easy"]["n"] == 2 and r["avg_bits"] == 3

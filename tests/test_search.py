@@ -169,7 +169,7 @@ def test_search_writes_every_artifact_and_selects_a_feasible_allocation(smoke_ru
     from qr_lib.store import read_json
     out, result = smoke_run
     for name in ("sensitivity.json", "nsga.json", "bo.json", "search.json"):
-        assert set(read_json(out / name)) == {"config", "environment", "result"}
+        assert set(read_json(out / name)) == {"config", "environment", "result", "checksum"}
     phase2 = read_json(out / "nsga.json")["result"]
     assert [g["generation"] for g in phase2["generations"]] == [1, 2]
     assert all(0 <= g["hv"] for g in phase2["generations"])

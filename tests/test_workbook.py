@@ -90,7 +90,8 @@ def test_an_unchanged_artifact_keeps_the_provenance_of_the_run_that_made_it(tmp_
     assert store.read_json(path)["environment"] == first["environment"]
     store.write_artifact(path, {"steps": (1, 2)}, {"loss": 0.4})
     assert store.read_json(path) == {"config": {"steps": [1, 2]}, "environment": {"time": "later"},
-                                     "result": {"loss": 0.4}}
+                                     "result": {"loss": 0.4},
+                                     "checksum": store.checksum({"steps": [1, 2]}, {"loss": 0.4})}
 
 
 def test_every_notebook_runs_on_the_projects_kernel():
