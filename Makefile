@@ -4,11 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= default
+# Dotted profile settings for this run only, e.g. SET='finetune.seeds=[0] eval.limit=20'
+SET ?=
+# The CLI goes offline by itself unless the profile reads the hub (the paper profile does).
+CLI = TOKENIZERS_PARALLELISM=false $(PY) -m qr_lib
+ARGS = --profile $(PROFILE) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv test test-fast reproduce search lab benchmark clean-smoke
+.PHONY: venv test test-fast reproduce search lab benchmark stock-eval clean-smoke
 
 venv: $(STAMP)
 
@@ -31,17 +36,24 @@ test-fast: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -m "not integration"
 
 reproduce: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE)
+	$(CLI) reproduce $(ARGS)
 
 # The three-phase search alone (notebooks 02-04: artifacts, tables and plots).
 search: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.reproduce --profile $(PROFILE) --only 02 03 04
+	$(CLI) search $(ARGS)
+
+# lm-eval's stock task formats on the base model, full splits (hours on 2 CPU cores; resumes per task).
+stock-eval: $(STAMP)
+	$(CLI) stock $(ARGS)
 
 benchmark: $(STAMP)
-	$(OFFLINE) $(PY) -m qr_lib.bench_memory --out results/benchmarks/memory_step_time.json
+	$(CLI) benchmark $(ARGS)
 
+# JupyterLab at the repository root (notebooks/ and results/ both in reach), on the project's kernel
+# (registered inside .venv), with the same offline settings as every other target.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -c "from qr_lib.reproduce import ensure_kernel; ensure_kernel()"
+	$(OFFLINE) $(VENV)/bin/jupyter lab --notebook-dir=.
 
 clean-smoke:
 	rm -rf results/smoke

@@ -9,12 +9,10 @@ ratio is the median over rounds of a step's time over the 16-bit step of the sam
 drift of a shared machine (measured: the same step 2.4-3.7 s, 5% coefficient of variation) hits both
 sides alike. A second, identical 16-bit build is timed as a control: its ratio shows the resolution
 of the measurement. Peak memory is each build's own (memory.PeakMemory), measured with that build
-alone. It reports; it does not assert.
-    python -m qr_lib.bench_memory --out results/benchmarks/memory_step_time.json
+alone. It reports; it does not assert. Run it with `make benchmark` (`qr-adaptor benchmark`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -206,18 +204,8 @@ def write_markdown(path: Path, result: dict, profile: str, batch_size: int, seq_
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="default")
-    ap.add_argument("--out", type=Path, default=Path("results/benchmarks/memory_step_time.json"))
-    ap.add_argument("--steps", type=int, default=20, help="timed rounds (default 20: about 2%% resolution here)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--dtype-rounds", type=int, default=3, help="timed rounds of the float32/bfloat16 check")
-    a = ap.parse_args(argv)
-    run(a.profile, a.out, a.steps, a.warmup, a.batch_size, a.seq_len, a.dtype_rounds)
-
-
-if __name__ == "__main__":
-    main()
+def default_out(profile: str) -> Path:
+    """The committed figures are the default profile's; any other profile writes beside them."""
+    root = Path(__file__).resolve().parents[1] / "results" / "benchmarks"
+    name = load_profile(profile).name
+    return root / "memory_step_time.json" if name == "default" else root / name / "memory_step_time.json"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,10 @@ from .progress import tqdm
 from .quant import QuantConfig, check_bits, densify, get_backend
 from .quant.cache import BlockCache, block_fingerprint
 from .store import cache_root
+
+# peft's get_peft_model reads transformers' deprecated `is_gradient_checkpointing` property on every
+# build; the warning names nothing this project can change, and it would repeat in every cell.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,21 @@
 
 Columns: memory (formula bytes of the blocks, average bits), trainable parameters, each task's
 headline metric (see evaluate.py), their average, loss on the held-out test split and held-out
-perplexity; mean and standard deviation over seeds. Reads artifacts only.
+perplexity; mean and standard deviation over seeds. Claims (reference/claims.json) are paired
+comparisons over the runs' per-example test losses and per-document benchmark results (stats.py).
+Reads artifacts only.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .allocation import Allocation
+from . import stats
+from .errors import QRError
 from .evaluate import headline
 from .store import read_json
 
@@ -80,82 +84,95 @@ def formatted(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     return out
 
 
-# The paper's headline claims at the 4-bit budget: (other method, relation QR-Adaptor should have to it).
-CLAIMS = [("lora16", "matches"), ("hqq4", "beats"), ("nf4", "beats")]
-# (column, label, +1 if higher is better)
-CLAIM_METRICS = [("test_loss", "test loss", -1), ("average", "benchmark average", +1)]
+CLAIMS = Path(__file__).parent / "reference" / "claims.json"
 
 
-def seed_spread(a, b, col: str) -> float:
-    """Two summary rows' standard deviations over seeds of `col`, added in quadrature; a one-seed row
-    (no standard deviation) adds none. A gap between the rows counts only beyond it."""
-    stds = [float(r.get(f"{col}_std", 0.0)) for r in (a, b)]
-    return float(np.hypot(*[0.0 if np.isnan(s) else s for s in stds]))
+@dataclass(frozen=True)
+class ComparisonConfig:
+    """How claims are judged. The margins are settings, not measurements: a difference inside them
+    is too small to matter for choosing a method."""
+    margin_loss: float = 0.01      # nats per answer token: exp(0.01) = 1% perplexity
+    margin_accuracy: float = 0.01  # one accuracy point (fraction), the paper's tables' resolution
+    n_boot: int = 4000
+    seed: int = 0
 
 
-def claims(table: pd.DataFrame, method: str = "qr_adaptor") -> pd.DataFrame:
-    """Each of the paper's claims checked on this run's summary table.
-
-    A gap counts only beyond the seeds' spread (the two standard deviations added in quadrature; a
-    one-seed method contributes none): 'beats' holds when `method` is better by more than the spread,
-    'matches' when it is not worse by more than it. Rows for methods that have not run are left out."""
-    rows_by_id = {r["method"]: r for _, r in table.iterrows()}
-    if method not in rows_by_id:
-        return pd.DataFrame()
-    ours, rows = rows_by_id[method], []
-    for other_id, relation in CLAIMS:
-        if other_id not in rows_by_id:
-            continue
-        other = rows_by_id[other_id]
-        for col, label, sign in CLAIM_METRICS:
-            if col not in table.columns:
-                continue
-            spread = seed_spread(ours, other, col)
-            advantage = sign * (ours[col] - other[col])  # > 0: ours is better
-            holds = advantage > spread if relation == "beats" else advantage >= -spread
-            rows.append({"claim": f"{ours['name']} {relation} {other['name']}", "metric": label,
-                         "ours": ours[col], "other": other[col], "ours_better_by": advantage,
-                         "seed_spread": spread, "seeds": f"{int(ours['seeds'])} vs {int(other['seeds'])}",
-                         "holds": bool(holds)})
-    return pd.DataFrame(rows)
-
-
-def _setting(config: dict, allocation: dict) -> tuple[str, str]:
-    """What must agree for a final run and a proxy score to be of the same model."""
-    fields = json.dumps([config[k] for k in ("model", "dtype", "data", "quant", "lora")], sort_keys=True)
-    return fields, Allocation.from_dict(allocation).key()
-
-
-def proxy_vs_final(out_dir: Path) -> pd.DataFrame:
-    """Each run whose exact setting the search scored at full fidelity, with that proxy score (on the
-    search-validation split) beside the final test loss (mean over seeds): did the short proxy
-    fine-tune rank them as the full one does?
-
-    A run matches a cached score when model, dtype, data, quantization, LoRA settings and allocation are
-    the same and the adapter is plain LoRA (AdaLoRA and LoftQ train differently from the proxy)."""
-    proxies = {}
-    for path in Path(out_dir).glob("evaluations/*.json"):
-        rec = read_json(path)
-        if rec["result"]["fidelity"] == "full" and not rec["result"]["failed"]:
-            proxies[_setting(rec["config"]["context"], rec["result"]["allocation"])] = rec["result"]["val_loss"]
-    rows = []
+def per_example(out_dir: Path) -> dict:
+    """(method, seed) -> what a paired comparison needs: the test split's summed NLL and answer tokens
+    per example, and each benchmark's per-document values (by doc_id)."""
+    out = {}
     for path in sorted(Path(out_dir).glob("runs/*/seed*/result.json")):
-        run = read_json(path)
-        cfg, res = run["config"], run["result"]
-        if cfg["method"]["adapter"] != "lora":
-            continue
-        proxy = proxies.get(_setting(cfg, res["allocation"]))
-        if proxy is not None:
-            rows.append({"method": res["method"], "name": res["name"], "proxy_val_loss": proxy,
-                         "final_test_loss": res["test_loss"]})
-    if not rows:
-        return pd.DataFrame()
-    df = pd.DataFrame(rows).groupby(["method", "name"], sort=False)
-    out = df["proxy_val_loss"].first().to_frame().join(df["final_test_loss"].agg(["mean", "count"]))
-    out = out.rename(columns={"mean": "final_test_loss", "count": "seeds"}).reset_index()
-    out["proxy_rank"] = out["proxy_val_loss"].rank().astype(int)
-    out["final_rank"] = out["final_test_loss"].rank().astype(int)
-    return out.sort_values("proxy_val_loss").reset_index(drop=True)
+        r = read_json(path)["result"]
+        docs = {t: dict(zip(m["per_document"]["doc_id"], m["per_document"]["value"]))
+                for t, m in r["benchmarks"].items() if "per_document" in m}
+        out[(r["method"], r["seed"])] = {"name": r["name"], "nll": np.asarray(r["test_examples"]["nll_sum"]),
+                                         "tokens": np.asarray(r["test_examples"]["tokens"]), "docs": docs}
+    return out
+
+
+def _paired_arrays(data: dict, a: str, b: list[str], metric: str):
+    """[seeds, units] arrays for a and b (b averaged over its methods per seed) and the unit weights,
+    over the seeds a shares with b; None when they share none."""
+    seeds = sorted(s for m, s in data if m == a and any((x, s) in data for x in b))
+    if metric == "test loss":
+        seeds = [s for s in seeds if data[(a, s)]["nll"].size]
+        if not seeds:
+            return None
+        tokens = data[(a, seeds[0])]["tokens"]
+        rows = [(a, s) for s in seeds] + [(x, s) for x in b for s in seeds if (x, s) in data]
+        if any(not np.array_equal(data[k]["tokens"], tokens) for k in rows):
+            raise QRError(f"{a} and {b} were scored on different test examples; rerun them with the same "
+                          "data settings (profile data.*, finetune.n_test)")
+        A = np.stack([data[(a, s)]["nll"] for s in seeds])
+        B = np.stack([np.mean([data[(x, s)]["nll"] for x in b if (x, s) in data], axis=0) for s in seeds])
+        return A, B, tokens, seeds
+    seeds = [s for s in seeds if data[(a, s)]["docs"] and all(data[(x, s)]["docs"] for x in b if (x, s) in data)]
+    if not seeds:
+        return None
+    keys = [(a, s) for s in seeds] + [(x, s) for x in b for s in seeds if (x, s) in data]
+    tasks = sorted(set.intersection(*(set(data[k]["docs"]) for k in keys)))
+    units = [(t, d) for t in tasks for d in sorted(set.intersection(*(set(data[k]["docs"][t]) for k in keys)))]
+    if not units:
+        return None
+    per_task = {t: sum(u[0] == t for u in units) for t in tasks}
+    weight = np.array([1.0 / (per_task[t] * len(tasks)) for t, _ in units])  # the mean of task means
+
+    def values(k):
+        return np.array([data[k]["docs"][t][d] for t, d in units]) * weight
+    A = np.stack([values((a, s)) for s in seeds])
+    B = np.stack([np.mean([values((x, s)) for x in b if (x, s) in data], axis=0) for s in seeds])
+    return A, B, weight, seeds
+
+
+def paired(data: dict, a: str, b: list[str], metric: str, label: str | None = None,
+           cfg: ComparisonConfig = ComparisonConfig()) -> stats.Paired | None:
+    """Method `a` against method(s) `b` (several = one baseline, averaged per seed) on "test loss" or
+    "benchmark average", paired over shared seeds and examples; None when they share no seed."""
+    arrays = _paired_arrays(data, a, b, metric)
+    if arrays is None:
+        return None
+    A, B, w, seeds = arrays
+    margin, lower = (cfg.margin_loss, True) if metric == "test loss" else (cfg.margin_accuracy, False)
+    b_name = label or data[(b[0], seeds[0])]["name"]
+    return stats.compare(metric, data[(a, seeds[0])]["name"], A, b_name, B, tokens=w, margin=margin,
+                         lower_is_better=lower, n_boot=cfg.n_boot, seed=cfg.seed)
+
+
+def claims(out_dir: Path, cfg: ComparisonConfig = ComparisonConfig(), claims_file: Path = CLAIMS) -> pd.DataFrame:
+    """Every claim of `claims_file` whose methods have run, as a paired comparison with a 95% interval
+    on the test loss and on the benchmark average (stats.compare), and whether the claim holds:
+    'beats' needs the verdict 'better', 'matches' needs 'better' or 'equivalent'."""
+    data = per_example(out_dir)
+    rows = []
+    for c in json.loads(Path(claims_file).read_text())["claims"]:
+        for metric in ("test loss", "benchmark average"):
+            r = paired(data, c["a"], c["b"], metric, c["label"], cfg)
+            if r is None:
+                continue
+            holds = r.verdict == "better" if c["relation"] == "beats" else r.verdict in ("better", "equivalent")
+            rows.append({"claim": f"{r.a} {c['relation']} {c['label']}", **r.as_row(),
+                         "b_methods": len(c["b"]), "holds": holds, "where": c["where"]})
+    return pd.DataFrame(rows)
 
 
 def paper_reference() -> dict:

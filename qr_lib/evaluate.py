@@ -9,11 +9,14 @@ for GSM8K.
 """
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from .data import BENCHMARKS
+from .data import BENCHMARKS, STOCK
 from .errors import QRError
 
 TASK_DIR = Path(__file__).parent / "tasks"
@@ -60,19 +63,53 @@ def _per_document(samples: list[dict], metric_used: str) -> dict:
     return {"doc_id": [d for d, _ in rows], "value": [v for _, v in rows]}
 
 
-def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
-    """{task: {metric: value, metric_stderr: value, 'n': documents, 'metric_used': name,
-    'per_document': {'doc_id': [...], 'value': [...]}}}."""
-    import lm_eval
+@contextmanager
+def _quiet_lm_eval():
+    """lm-eval draws a progress bar per task while building requests (with no switch to turn it off)
+    and logs a warning for every custom, i.e. offline, dataset: dozens of lines per run in a notebook
+    cell. Our own progress line per stage says what is running."""
+    import lm_eval.api.task as task_module
+    from tqdm import tqdm
+
+    logger, saved = logging.getLogger("lm_eval"), task_module.tqdm
+    level = logger.level
+    task_module.tqdm = partial(tqdm, disable=True)
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        task_module.tqdm = saved
+        logger.setLevel(level)
+
+
+def _quiet_hflm():
+    """HFLM whose request loops run without their progress bars (lm-eval's own `disable_tqdm`)."""
     from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+    return QuietHFLM
+
+
+def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path | None = None) -> dict:
+    """{task: {metric: value, metric_stderr: value, 'n': documents, 'metric_used': name,
+    'per_document': {'doc_id': [...], 'value': [...]}}}. With `log_dir`, lm-eval's own results JSON
+    and its per-document samples (prompts, answers, log-likelihoods) are kept there as lm-eval wrote
+    them: results_<tasks>.json and samples_<task>.jsonl."""
+    import lm_eval
 
     if not cfg.tasks:
         return {}
-    unknown = sorted(set(cfg.tasks) - set(BENCHMARKS))
+    known = (*BENCHMARKS, *(f"stock_{t}" for t in STOCK))
+    unknown = sorted(set(cfg.tasks) - set(known))
     if unknown:
-        raise QRError(f"unknown benchmark(s) {unknown}; the tasks are {list(BENCHMARKS)}")
+        raise QRError(f"unknown benchmark(s) {unknown}; the tasks are {list(known)}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lm = HFLM(pretrained=base, tokenizer=tok, batch_size=cfg.batch_size, max_length=2048,
+    lm = _quiet_hflm()(pretrained=base, tokenizer=tok, batch_size=cfg.batch_size, max_length=2048,
               device=str(next(base.parameters()).device))
     groups: dict = {}  # one lm-eval call per distinct limit
     for task in cfg.tasks:
@@ -81,9 +118,12 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
     for limit, tasks in groups.items():
         if progress:
             print(f"lm-eval: {', '.join(tasks)} (limit {limit})", flush=True)
-        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                      gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, log_samples=True,
-                                      verbosity="ERROR", bootstrap_iters=1000)
+        with _quiet_lm_eval():
+            res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                          gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, log_samples=True,
+                                          verbosity="ERROR", bootstrap_iters=1000)
+        if log_dir is not None:
+            _keep(res, Path(log_dir), tasks)
         for task in tasks:
             metrics = _metrics(res["results"][task])
             metrics["n"] = int(res["n-samples"][task]["effective"])
@@ -91,6 +131,20 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
             metrics["per_document"] = _per_document(res["samples"][task], metrics["metric_used"])
             out[task] = metrics
     return {task: out[task] for task in cfg.tasks}
+
+
+def _keep(res: dict, log_dir: Path, tasks: list[str]) -> None:
+    import json
+
+    from .store import atomic_write_bytes, to_jsonable
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in res.items() if k != "samples"}
+    atomic_write_bytes(log_dir / f"results_{'+'.join(tasks)}.json",
+                       json.dumps(to_jsonable(summary), indent=1, default=str).encode())
+    for task in tasks:
+        lines = (json.dumps(to_jsonable(s), default=str) for s in res["samples"][task])
+        atomic_write_bytes(log_dir / f"samples_{task}.jsonl", ("\n".join(lines) + "\n").encode())
 
 
 def headline(task_metrics: dict) -> tuple[float, float | None]:

@@ -17,10 +17,10 @@ from .store import read_json
 
 class Explorer:
     def __init__(self, profile, out_dir: Path, n_groups: int = 3, base=None):
-        from .models import load_model
+        from .models import load_skeleton
 
         if base is None:
-            base, _ = load_model(profile.model, profile.dtype, "cpu")
+            base = load_skeleton(profile.model)  # shapes only: no weights are read
         self.profile, self.out_dir = profile, Path(out_dir)
         self.shapes = model_shapes(base)
         self.budget = budget_bytes(self.shapes, profile.quant, profile.budget_bits, profile.budget_rank)
@@ -73,10 +73,8 @@ class Explorer:
     def widget(self):
         """Sliders per block group; the summary and the allocation heatmap redraw on every change."""
         import ipywidgets as W
-        import matplotlib.pyplot as plt
-        from IPython.display import display
 
-        from .plots import allocation_heatmap
+        from .plots import allocation_heatmap, show
 
         out = W.Output()
         sliders = []
@@ -102,9 +100,7 @@ class Explorer:
                 for n in d["nearest"]:
                     print(f"  {n['distance']} rungs away: {n['metric']} objective {n['objective']:.4f} ({n['fidelity']} fidelity), "
                           f"{n['budget_ratio']:.3f} x budget")
-                fig = allocation_heatmap(alloc, "your allocation")
-                display(fig)
-                plt.close(fig)
+                show(allocation_heatmap(alloc, "your allocation"))
 
         for b, r in sliders:
             b.observe(redraw, names="value")

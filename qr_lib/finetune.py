@@ -22,12 +22,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .adapters import prepare
 from .allocation import Allocation, split, uniform
 from .errors import QRError
-from .memory import formula_bytes, model_shapes
+from .memory import budget_bytes, formula_bytes, model_shapes
 from .quant import QuantConfig
-from .store import content_hash, read_json, write_artifact, write_json
+from .store import content_hash, read_artifact, read_json, write_artifact, write_json
 from .train import TrainConfig, example_losses, mean_loss, perplexity, train
 
 METHOD_DIR = Path(__file__).parent / "methods"
@@ -60,10 +62,13 @@ class Method:
     id: str
     name: str
     allocation: object             # {"bits": b, "rank": r} | {"shallow": [b, r], "deep": [b, r]}
-                                   # | "search" | {"search": {profile overrides}}
+                                   # | "search" | {"search_at": bits} | {"search": {profile overrides}}
+                                   # | {"random": {"bits": b, "draw": k}}
     quant: dict = field(default_factory=dict)
     adapter: str = "lora"
     multi_seed: bool = False
+    seed_index: int | None = None  # run only at the profile's seeds[seed_index] (random draw k: seed k)
+    benchmarks: bool = True        # False: test loss and perplexity only, no lm-eval (chance draws)
     description: str = ""
 
 
@@ -72,10 +77,18 @@ def method_ids() -> list[str]:
 
 
 def load_method(method_id: str) -> Method:
-    path = METHOD_DIR / f"{method_id}.json"
+    """A method by id (a file under qr_lib/methods/) or the path of a method JSON anywhere (its id is
+    the file's stem)."""
+    path = Path(method_id) if method_id.endswith(".json") else METHOD_DIR / f"{method_id}.json"
     if not path.exists():
-        raise QRError(f"method {method_id!r} does not exist; choose one of {method_ids()}")
-    values = json.loads(path.read_text())
+        raise QRError(f"method {method_id!r} does not exist; choose one of {method_ids()} or give the path "
+                      "of a method JSON (see docs/EXTENDING.md)")
+    method_id = path.stem
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QRError(f"method file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                      "fix the file") from None
     known = {f.name for f in dataclasses.fields(Method)} - {"id"}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -86,18 +99,41 @@ def load_method(method_id: str) -> Method:
 def resolve_allocation(profile, method: Method, n_blocks: int, out_dir: Path, ev=None) -> Allocation:
     """The method's allocation; a variant search runs (or resumes) under out_dir/searches/<id>/."""
     spec = method.allocation
+    if isinstance(spec, dict) and "bits" in spec and not (isinstance(spec["bits"], int) and isinstance(spec.get("rank"), int)):
+        raise QRError(f"method {method.id}: a uniform allocation is {{\"bits\": b, \"rank\": r}} with two integers, got "
+                      f"{spec!r}; per-block choices are what the search selects ({{\"search_at\": bits}}) or a "
+                      "shallow/deep split ({\"shallow\": [b, r], \"deep\": [b, r]})")
     if isinstance(spec, dict) and "bits" in spec:
         return uniform(n_blocks, spec["bits"], spec["rank"], profile.bit_ladder, profile.rank_ladder,
                        name=method.name)
     if isinstance(spec, dict) and "shallow" in spec:
         return split(n_blocks, tuple(spec["shallow"]), tuple(spec["deep"]), spec.get("boundary"),
                      profile.bit_ladder, profile.rank_ladder, name=method.name)
-    if spec == "search":
+    if spec == "search" or (isinstance(spec, dict) and "search_at" in spec):
         path = Path(out_dir) / "search.json"
         if not path.exists():
             raise QRError(f"{path} does not exist; run the search first (notebook 04_bo_refinement or "
-                          f"`python -m qr_lib.search --profile {profile.name}`)")
-        return dataclasses.replace(Allocation.from_dict(read_json(path)["result"]["selected"]), name=method.name)
+                          f"`qr-adaptor search --profile {profile.name}`)")
+        result = read_json(path)["result"]
+        if spec == "search":
+            return dataclasses.replace(Allocation.from_dict(result["selected"]), name=method.name)
+        at = result["selected_at"].get(str(float(spec["search_at"])))
+        if at is None:
+            raise QRError(f"method {method.id}: the search selected nothing at {spec['search_at']} bits; add it to "
+                          f"the profile's select_at (now {list(profile.select_at)}) and rerun the search")
+        return dataclasses.replace(Allocation.from_dict(at["allocation"]), name=method.name)
+    if isinstance(spec, dict) and "random" in spec:
+        from .search.problem import level_bytes, random_allocation, search_space
+
+        r, shapes = spec["random"], model_shapes(ev[0]) if ev else None
+        if shapes is None:
+            raise QRError(f"method {method.id}: a random allocation needs the model's shapes")
+        space = search_space(shapes, dataclasses.replace(profile.quant, **method.quant), profile.bit_ladder,
+                             profile.rank_ladder, None, budget_bytes(shapes, profile.quant, profile.budget_bits,
+                                                                     profile.budget_rank))
+        level = level_bytes(space, r["bits"], tuple(sorted(profile.rank_ladder)).index(profile.budget_rank))
+        genes = random_allocation(space, level, np.random.default_rng([int(r["draw"]), int(round(10 * r["bits"]))]))
+        return space.allocation(genes, name=method.name)
     if isinstance(spec, dict) and "search" in spec:
         from . import search
 
@@ -106,8 +142,9 @@ def resolve_allocation(profile, method: Method, n_blocks: int, out_dir: Path, ev
         if unknown:
             raise QRError(f"method {method.id}: {unknown} are not profile fields; a variant search may set "
                           f"top-level fields such as bit_ladder or rank_ladder")
-        variant = dataclasses.replace(profile, **{k: tuple(v) if isinstance(v, list) else v
-                                                  for k, v in spec["search"].items()})
+        # A variant selects at the main budget only: its ladders may not reach the others.
+        variant = dataclasses.replace(profile, select_at=(), **{k: tuple(v) if isinstance(v, list) else v
+                                                                for k, v in spec["search"].items()})
         res = search.run(variant, Path(out_dir) / "searches" / method.id, sensitivity_dir=Path(out_dir),
                          evaluations_dir=Path(out_dir) / "evaluations",
                          base=ev[0] if ev else None, tok=ev[1] if ev else None)
@@ -156,8 +193,8 @@ def run(profile, method: Method, seed: int, out_dir: Path, base=None, tok=None, 
         base, tok = load_model(profile.model, profile.dtype, profile.device)
     shapes = model_shapes(base)
     allocation = resolve_allocation(profile, method, shapes.n_blocks, out_dir, (base, tok))
-    if (where / "result.json").exists():
-        done = read_json(where / "result.json")
+    done = read_artifact(where / "result.json")  # None when missing, damaged or edited
+    if done is not None:
         same = Allocation.from_dict(done["result"]["allocation"]).pairs() == allocation.pairs()
         if done["config"].get("key") == key and same:  # a new search selection means a new run
             return done
@@ -180,7 +217,8 @@ def run(profile, method: Method, seed: int, out_dir: Path, base=None, tok=None, 
         "test_loss": mean_loss(per_example),
         "test_examples": {"nll_sum": [x for x, _ in per_example], "tokens": [n for _, n in per_example]},
         "heldout_perplexity": perplexity(model, tok, data.heldout, max_len=256),
-        "benchmarks": run_tasks(model, tok, profile.eval, progress=progress) if profile.eval.benchmarks(seed) else {},
+        "benchmarks": run_tasks(model, tok, profile.eval, progress=progress, log_dir=where / "lm_eval")
+        if method.benchmarks and profile.eval.benchmarks(seed) else {},
         "seconds": round(time.time() - t0, 1),
     }
     return write_artifact(where / "result.json", {**config, "key": key}, result)
@@ -215,18 +253,31 @@ def load_finetuned(where: Path, base=None, tok=None):
 
 
 def plan(profile, methods: list[str] | None = None) -> list[tuple[Method, int]]:
-    """(method, seed) pairs: every seed of the profile for multi-seed methods, the first otherwise.
-    Seed-major, so a run stopped half-way already has one result for every method."""
+    """(method, seed) pairs: every seed of the profile for multi-seed methods, the one at `seed_index`
+    for a method that names it, the first otherwise. Seed-major, so a run stopped half-way already has
+    one result for (nearly) every method."""
     chosen = [load_method(m) for m in (methods or profile.finetune.methods or method_ids())]
     seeds = profile.finetune.seeds
-    return [(m, s) for k, s in enumerate(seeds) for m in chosen if k == 0 or m.multi_seed]
+    for m in chosen:
+        if m.seed_index is not None and not 0 <= m.seed_index < len(seeds):
+            raise QRError(f"method {m.id} runs at seed index {m.seed_index} but the profile has {len(seeds)} "
+                          f"seeds {list(seeds)}; add seeds (finetune.seeds) or drop the method")
+
+    def runs_at(m, k):
+        return k == m.seed_index if m.seed_index is not None else (k == 0 or m.multi_seed)
+    return [(m, s) for k, s in enumerate(seeds) for m in chosen if runs_at(m, k)]
 
 
 def run_all(profile, out_dir: Path, methods: list[str] | None = None, progress: bool = True) -> list[dict]:
-    """Every planned run, in order; finished ones are read back, not redone."""
+    """Every planned run, in order; finished ones are read back, not redone. With parallel.backend
+    "dask" the unfinished runs go to the workers first (each writes its own run folder)."""
+    from . import parallel
     from .models import load_model
 
     todo = plan(profile, methods)
+    with parallel.executor(profile.parallel, profile.device) as client:
+        if client is not None:
+            parallel.finetune_all(client, profile, out_dir, todo)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     data = run_data(profile)
     records = []
@@ -235,26 +286,3 @@ def run_all(profile, out_dir: Path, methods: list[str] | None = None, progress: 
             print(f"[run {k}/{len(todo)}] {method.name}, seed {seed}", flush=True)
         records.append(run(profile, method, seed, out_dir, base, tok, progress, data))
     return records
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    from .config import load_profile, profile_names
-    from .store import results_dir
-
-    ap = argparse.ArgumentParser(description="Fine-tune and evaluate methods (qr_lib/methods/*.json) for a profile; "
-                                             "finished runs are read back.")
-    ap.add_argument("--profile", default="default", choices=profile_names())
-    ap.add_argument("--method", nargs="*", choices=method_ids(), help="method ids; default: the profile's list")
-    args = ap.parse_args(argv)
-    try:
-        records = run_all(load_profile(args.profile), results_dir(args.profile), args.method)
-    except QRError as e:
-        raise SystemExit(f"error: {e}")
-    for r in (rec["result"] for rec in records):
-        print(f"{r['name']} seed {r['seed']}: test loss {r['test_loss']:.4f}, {r['memory_bytes'] / 2**20:.1f} MiB")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,7 @@ from .allocation import Allocation
 from .build import build
 from .memory import budget_bytes, formula_bytes, model_shapes
 from .progress import tqdm
-from .store import content_hash, package_versions, read_json, write_artifact
+from .store import content_hash, package_versions, read_artifact, write_artifact
 from .train import TrainConfig, eval_loss, train
 
 # A diverged candidate scores this objective: worse than any real one, yet finite, so pymoo's
@@ -61,6 +61,7 @@ class ProxyEvaluator:
         self.context_key = content_hash(self.context)
         self.metric, self.metric_limit = profile.proxy_metric, profile.proxy_metric_limit
         self.hits = self.misses = 0
+        self.client = None  # a Dask client while search.run holds one (parallel.executor)
 
     def memory(self, allocation: Allocation) -> dict:
         m = formula_bytes(self.shapes, allocation, self.profile.quant)
@@ -78,9 +79,10 @@ class ProxyEvaluator:
     def evaluate(self, allocation: Allocation, fidelity: Fidelity) -> dict:
         """The record of one scored candidate, from the cache when it is there."""
         path = self.path(allocation, fidelity)
-        if path.exists():
+        stored = read_artifact(path)  # None when missing, damaged or edited: then it is recomputed
+        if stored is not None:
             self.hits += 1
-            return read_json(path)["result"]
+            return stored["result"]
         self.misses += 1
         t0 = time.time()
         model = build(self.base, allocation, self.profile.quant, self.profile.lora, progress=False,
@@ -109,6 +111,13 @@ class ProxyEvaluator:
         return result
 
     def evaluate_many(self, allocations: list[Allocation], fidelity: Fidelity, desc: str) -> list[dict]:
+        """Records in the order given. With a Dask client (self.client, parallel.py) the uncached
+        candidates are scored on the workers first; every record is then read back from the cache."""
+        if self.client is not None:
+            todo = list({self.key(a, fidelity): a for a in allocations if not self.path(a, fidelity).exists()}.values())
+            if todo:
+                from .parallel import evaluate_all
+                evaluate_all(self.client, self.profile, self.cache_dir, todo, fidelity, self.profile.parallel.retries)
         return [self.evaluate(a, fidelity)
                 for a in tqdm(allocations, desc=desc, disable=not self.progress, leave=False)]
 
@@ -116,8 +125,8 @@ class ProxyEvaluator:
         """Every cached record of this context (optionally one fidelity), in key order."""
         out = []
         for path in sorted(self.cache_dir.glob("*.json")):
-            rec = read_json(path)
-            if rec["config"].get("context_key") == self.context_key and \
+            rec = read_artifact(path)
+            if rec is not None and rec["config"].get("context_key") == self.context_key and \
                     (fidelity is None or rec["result"]["fidelity"] == fidelity):
                 out.append(rec["result"])
         return out

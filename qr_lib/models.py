@@ -8,6 +8,7 @@ precision" is a dequantized 4.5-bit checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -77,8 +78,12 @@ def resolve(name: str) -> str:
     """Map a model name to something from_pretrained can open without a network."""
     if name == EMBEDDED:
         return str(embedded_dir())
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise QRError(f"no config.json in {folder}: not a model folder; give a folder that "
+                          "save_pretrained wrote, a Hugging Face model id, or 'embedded'")
+        return str(folder)
     return name
 
 
@@ -98,6 +103,9 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     except OSError as e:
+        if "gated" in str(e).lower() or "401" in str(e):
+            raise QRError(f"model {name!r} is gated: accept its license on https://huggingface.co/{name}, then "
+                          "`huggingface-cli login` (or set HF_TOKEN) on this machine and rerun") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = ("HF_HUB_OFFLINE=1 is set, so it must already be in the Hugging Face cache: download it "
                 "on a machine with network (`huggingface-cli download " + name + "`) or pass a local folder"
@@ -109,6 +117,33 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
     model.to(device)
     model.eval()
     return model, tok
+
+
+# Architecture configs of the paper's models, for shapes without a hub (reference/configs/).
+SHIPPED_CONFIGS = Path(__file__).parent / "reference" / "configs"
+
+
+def load_skeleton(name: str = EMBEDDED) -> nn.Module:
+    """The model's architecture with no weights (on the meta device): enough for shapes and the
+    memory model, in seconds and no memory even for an 8B model. Reads only its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name == TINY:
+        vocab = len(AutoTokenizer.from_pretrained(embedded_dir()))  # as load_model builds it
+        with torch.device("meta"):
+            return tiny_llama(vocab=vocab)
+    shipped = SHIPPED_CONFIGS / f"{name.replace('/', '--')}.json"
+    if shipped.exists():  # the paper's models: no hub needed to count their shapes
+        fields = {k: v for k, v in json.loads(shipped.read_text()).items() if not k.startswith("_")}
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(resolve(name))
+        except OSError as e:
+            raise QRError(f"could not read the config of model {name!r}: {str(e).splitlines()[0]}; check the id "
+                          f"or folder, or use {EMBEDDED!r}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:

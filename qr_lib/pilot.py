@@ -1,10 +1,15 @@
 """The pilot study (Configs A-D): can adapter rank buy back fidelity lost to quantization?
 
-Four configurations on the same model, fine-tuned and scored the same way (test loss after a short
+Four configurations at the same memory, fine-tuned and scored the same way (test loss after a short
 fine-tune, plus any lm-eval tasks configured), over several seeds:
-  A  uniform 4-bit, rank 8 (the budget)            B  uniform 2-bit, rank 16
-  C  shallow half 4-bit r16 / deep half 2-bit r16   D  shallow half 2-bit r8 / deep half 4-bit r8
-C and D hold the same bits, mirrored; C has twice D's rank. The paper finds C fails against D.
+  A  uniform 4-bit                       B  uniform 2-bit
+  C  shallow half 4-bit / deep half 2-bit D  shallow half 2-bit / deep half 4-bit
+The paper records one of them: C at rank 16 (deep blocks at 2 bits) fails against D. C at rank 16
+sets the memory; every other config gets the one rank (all blocks) that brings it closest, and must
+land within `memory_tolerance` of it. So A against B asks whether rank buys back bits at equal memory
+(B gets several times A's rank), and C against D, whose bits are mirrored, whether it matters where
+the 2-bit blocks sit; mirrored bits at equal memory force equal rank, so unlike the paper's C and D
+they do not also differ in rank. Both are judged by paired comparisons (comparison.paired).
 A sweep over uniform (bits, rank) shows where adding rank stops helping as bits fall.
 Every run goes through finetune.run (cached per run under results/<profile>/pilot/).
 """
@@ -14,15 +19,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import finetune
-from .comparison import seed_spread
+from .allocation import split
+from .errors import QRError
 from .finetune import Method
+from .memory import formula_bytes
 
-CONFIGS = {
-    "A": ("uniform 4-bit r8", {"bits": 4, "rank": 8}),
-    "B": ("uniform 2-bit r16", {"bits": 2, "rank": 16}),
-    "C": ("shallow 4-bit r16 / deep 2-bit r16", {"shallow": [4, 16], "deep": [2, 16]}),
-    "D": ("shallow 2-bit r8 / deep 4-bit r8", {"shallow": [2, 8], "deep": [4, 8]}),
-}
+# config -> (label, bits of the shallow half, bits of the deep half)
+CONFIGS = {"A": ("uniform 4-bit", 4, 4), "B": ("uniform 2-bit", 2, 2),
+           "C": ("shallow 4-bit / deep 2-bit", 4, 2), "D": ("shallow 2-bit / deep 4-bit", 2, 4)}
+TARGET = ("C", 16)   # the paper's recorded config and rank: the memory every config matches
 
 
 @dataclass(frozen=True)
@@ -32,15 +37,40 @@ class PilotConfig:
     tasks: tuple = ()              # lm-eval tasks per run; the test loss is always measured
     limit: int = 100
     n_test: int | None = 256       # test pairs scored per run (the first n of the test split)
+    memory_tolerance: float = 0.03  # every config within this fraction of the target memory
     sweep_bits: tuple = (2, 3, 4)
     sweep_ranks: tuple = (4, 8, 16)
 
 
-def methods(cfg: PilotConfig) -> tuple[list[Method], list[Method]]:
-    configs = [Method(id=f"config_{k}", name=f"Config {k}: {label}", allocation=spec) for k, (label, spec) in CONFIGS.items()]
-    sweep = [Method(id=f"sweep_{b}bit_r{r}", name=f"{b}-bit r{r}", allocation={"bits": b, "rank": r})
-             for b in cfg.sweep_bits for r in cfg.sweep_ranks]
-    return configs, sweep
+def matched_ranks(shapes, qcfg, tolerance: float) -> dict:
+    """config -> (rank, bytes / target bytes): the rank whose memory is closest to the target's."""
+    n = shapes.n_blocks
+
+    def mem(sh, dp, r):
+        return formula_bytes(shapes, split(n, (sh, r), (dp, r)), qcfg)["blocks"]
+    k, r0 = TARGET
+    target = mem(CONFIGS[k][1], CONFIGS[k][2], r0)
+    out = {}
+    for key, (label, sh, dp) in CONFIGS.items():
+        r = r0 if key == k else min(range(1, 257), key=lambda r: abs(mem(sh, dp, r) - target))
+        ratio = mem(sh, dp, r) / target
+        if abs(ratio - 1) > tolerance:
+            raise QRError(f"pilot config {key} ({label}) reaches only {ratio:.3f} x the target memory at its "
+                          f"closest rank {r}; raise pilot.memory_tolerance (now {tolerance}) or change CONFIGS")
+        out[key] = (r, ratio)
+    return out
+
+
+def config_methods(ranks: dict) -> list[Method]:
+    """The four configs at their matched ranks (matched_ranks)."""
+    return [Method(id=f"config_{k}", name=f"Config {k}: {label} r{ranks[k][0]}",
+                   allocation={"shallow": [sh, ranks[k][0]], "deep": [dp, ranks[k][0]]})
+            for k, (label, sh, dp) in CONFIGS.items()]
+
+
+def sweep_methods(cfg: PilotConfig) -> list[Method]:
+    return [Method(id=f"sweep_{b}bit_r{r}", name=f"{b}-bit r{r}", allocation={"bits": b, "rank": r})
+            for b in cfg.sweep_bits for r in cfg.sweep_ranks]
 
 
 def pilot_profile(profile):
@@ -52,13 +82,15 @@ def pilot_profile(profile):
 
 def run(profile, out_dir: Path, progress: bool = True) -> Path:
     """Every pilot run (configs x seeds, then the sweep at the first seed); returns the pilot folder."""
+    from .memory import model_shapes
     from .models import load_model
 
     cfg, where = profile.pilot, Path(out_dir) / "pilot"
     prof = pilot_profile(profile)
-    configs, sweep = methods(cfg)
-    todo = [(m, s) for m in configs for s in cfg.seeds] + [(m, cfg.seeds[0]) for m in sweep]
     base, tok = load_model(profile.model, profile.dtype, profile.device)
+    configs = config_methods(matched_ranks(model_shapes(base), profile.quant, cfg.memory_tolerance))
+    sweep = sweep_methods(cfg)
+    todo = [(m, s) for m in configs for s in cfg.seeds] + [(m, cfg.seeds[0]) for m in sweep]
     data = finetune.run_data(profile)
     for k, (method, seed) in enumerate(todo, 1):
         if progress:
@@ -72,21 +104,23 @@ def tables(profile, where: Path):
     from . import comparison
 
     per_run = comparison.runs(where)
-    configs, sweep = methods(profile.pilot)
-    summary = comparison.summary(per_run[per_run["method"].isin([m.id for m in configs])])
-    budget = summary.loc[summary["method"] == "config_A", "memory_MiB"].iloc[0]
-    summary.insert(3, "memory / A", summary["memory_MiB"] / budget)
-    spec = {m.id: m.allocation for m in sweep}
+    configs = per_run[per_run["method"].str.startswith("config_")]
+    summary = comparison.summary(configs)
+    target = summary.loc[summary["method"] == f"config_{TARGET[0]}", "memory_MiB"].iloc[0]
+    summary.insert(3, f"memory / {TARGET[0]}", summary["memory_MiB"] / target)
+    spec = {m.id: m.allocation for m in sweep_methods(profile.pilot)}
     sw = per_run[per_run["method"].isin(list(spec))].copy()
     sw["bits"] = [spec[m]["bits"] for m in sw["method"]]
     sw["rank"] = [spec[m]["rank"] for m in sw["method"]]
     return summary, sw
 
 
-def verdict(summary, metric: str = "test_loss") -> dict:
-    """C against D on a lower-is-better metric: the gap, and whether it exceeds the seeds' spread."""
-    row = {k: summary.loc[summary["method"] == f"config_{k}"].iloc[0] for k in "CD"}
-    gap = row["C"][metric] - row["D"][metric]
-    spread = seed_spread(row["C"], row["D"], metric)
-    return {"C": float(row["C"][metric]), "D": float(row["D"][metric]), "C_minus_D": float(gap),
-            "spread": spread, "C_worse_than_D": bool(gap > spread), "seeds": int(row["C"]["seeds"])}
+def verdicts(where: Path, cfg=None) -> list:
+    """Paired comparisons of the pilot (comparison.paired on the test loss): C against D (the paper
+    finds C worse) and B against A (can rank buy back bits at equal memory?)."""
+    from . import comparison
+
+    data = comparison.per_example(where)
+    pairs = [("config_C", "config_D"), ("config_B", "config_A")]
+    out = [comparison.paired(data, a, [b], "test loss", cfg=cfg or comparison.ComparisonConfig()) for a, b in pairs]
+    return [r for r in out if r is not None]

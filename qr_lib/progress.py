@@ -1,7 +1,7 @@
 """Progress bars: widgets in JupyterLab, plain text when `make reproduce` streams notebooks to a terminal.
 
 A notebook kernel makes tqdm.auto draw an ipywidget, which papermill cannot show in a terminal;
-`python -m qr_lib.reproduce` sets PLAIN_ENV so the kernels it starts print text bars instead, at most
+the command line (qr_lib/cli.py) sets PLAIN_ENV so the kernels it starts print text bars instead, at most
 one line every PLAIN_INTERVAL seconds so the terminal stays readable.
 """
 from __future__ import annotations

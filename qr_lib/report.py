@@ -8,20 +8,22 @@ from pathlib import Path
 SECTIONS = [
     ("The model and data", "00_setup", ["tables/setup_model.md", "tables/setup_datasets.md"]),
     ("Pilot: can rank buy back fidelity? (Configs A-D)", "01_pilot_fidelity_plasticity",
-     ["tables/pilot_configs.md", "tables/pilot_verdict.md", "figures/pilot_configs.png", "figures/pilot_rank_sweep.png"]),
+     ["tables/pilot_configs.md", "tables/pilot_verdict.md", "figures/pilot_configs.png"]),
     ("Phase I: sensitivity", "02_sensitivity_profiling",
-     ["figures/sensitivity_kl.png", "figures/sensitivity_seed_allocation.png"]),
+     ["figures/sensitivity_kl.png", "figures/sensitivity_knapsack.png"]),
     ("Phase II: NSGA-II", "03_nsga2_search",
-     ["figures/nsga_objective_space.png", "figures/nsga_hypervolume.png", "tables/nsga_pareto.md"]),
+     ["tables/nsga_first_generation.md", "figures/nsga_objective_space.png", "figures/nsga_hypervolume.png",
+      "tables/nsga_pareto.md"]),
     ("Phase III: refinement and the selected allocation", "04_bo_refinement",
      ["figures/bo_objective_space.png", "tables/bo_steps.md", "tables/search_summary.md",
       "tables/search_vs_uniform.md", "figures/search_selected_allocation.png"]),
     ("Final fine-tune", "05_final_finetune", ["tables/finetune_runs.md", "tables/finetune_peak_memory.md",
                                               "figures/finetune_loss_curves.png"]),
     ("Benchmarks", "06_benchmarks",
-     ["tables/benchmarks.md", "tables/benchmarks_claims.md", "tables/benchmarks_sample_sizes.md",
+     ["tables/benchmarks.md", "tables/benchmarks_claims.md", "figures/benchmarks_claims.png",
+      "tables/benchmarks_sample_sizes.md",
       "figures/accuracy_vs_memory.png", "figures/test_loss_vs_memory.png", "figures/benchmark_bars.png",
-      "tables/proxy_vs_final.md"]),
+      "tables/proxy_calibration.md", "figures/proxy_calibration.png"]),
 ]
 
 

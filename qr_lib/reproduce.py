@@ -6,17 +6,14 @@ interruption redoes only unfinished work; the first failing notebook stops the r
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from .config import profile_names
-from .progress import PLAIN_ENV
+from .config import load_profile
+from .errors import QRError
 from .report import compute_time
 from .store import cache_root, read_json, results_dir, save_table, write_json
 
@@ -33,6 +30,19 @@ def starting_state(out: Path) -> dict:
     return {"artifacts": artifacts, "caches": caches, "from_nothing": not artifacts and not caches}
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+# The project's Jupyter kernel: this environment's Python, registered inside the environment (not the
+# user's home), named in every notebook's metadata; JupyterLab and papermill both run it.
+KERNEL, KERNEL_DISPLAY = "qr-adaptor", "QR-Adaptor (.venv)"
+
+
+def ensure_kernel() -> str:
+    """Register KERNEL for this interpreter under sys.prefix if it is missing; returns its name."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if KERNEL not in KernelSpecManager().find_kernel_specs():
+        from ipykernel.kernelspec import install
+        install(kernel_name=KERNEL, display_name=KERNEL_DISPLAY, prefix=sys.prefix)
+    return KERNEL
 
 
 def notebooks() -> list[Path]:
@@ -62,34 +72,50 @@ def write_index(out: Path, profile: str, manifest: dict) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
-def run(profile: str, only: list[str] | None = None, log_output: bool = False) -> None:
-    """Run the notebooks; with `log_output` their output (stage progress) streams to the terminal."""
+def run(profile: str, only: list[str] | None = None, log_output: bool = False,
+        overrides: dict | None = None, skip: list[str] | None = None) -> None:
+    """Run the notebooks for a profile (a name or a path, with dotted `overrides`); with `log_output`
+    their output (stage progress) streams to the terminal."""
     import papermill as pm
 
-    out = results_dir(profile)
+    overrides = overrides or {}
+    name = load_profile(profile, overrides).name  # a bad profile fails here, before any notebook
+    out = results_dir(name)
     manifest_path = out / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.exists() else {"files": {}, "notebooks": {}}
     (out / "notebooks").mkdir(exist_ok=True)
-    todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
+    todo = [nb for nb in notebooks() if (not only or any(nb.name.startswith(o) for o in only))
+            and not any(nb.name.startswith(k) for k in skip or ())]
+    if not todo:
+        raise QRError(f"--only {' '.join(only or [])} --skip {' '.join(skip or [])} leaves no notebook; give prefixes of "
+                      f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
+    kernel = ensure_kernel()
     start, started = starting_state(out), time.time()
     for i, nb in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
+        print(f"[{i}/{len(todo)}] {nb.name} (profile {name})", flush=True)
         before, t0 = _outputs(out), time.time()
         try:
-            pm.execute_notebook(str(nb), str(out / "notebooks" / nb.name), parameters={"PROFILE": profile},
-                                cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False,
+            pm.execute_notebook(str(nb), str(out / "notebooks" / nb.name),
+                                parameters={"PROFILE": profile, "OVERRIDES": overrides},
+                                cwd=str(NOTEBOOK_DIR), kernel_name=kernel, progress_bar=False,
                                 log_output=log_output)
         except pm.PapermillExecutionError as e:
             print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"
                   f"the executed copy with the error is {out / 'notebooks' / nb.name}", file=sys.stderr)
             raise SystemExit(1)
+        except RuntimeError as e:
+            if "didn't respond" not in str(e):
+                raise
+            raise QRError("the notebook kernel did not answer: papermill talks to it over localhost, and this "
+                          "machine (or network namespace) seems to have no loopback interface; bring `lo` up, "
+                          "or run the stages' library functions directly (docs/EXTENDING.md)") from None
         after = _outputs(out)
         for f, mtime in after.items():
             if before.get(f) != mtime:
                 manifest["files"][f] = {"notebook": nb.name}
         manifest["notebooks"][nb.name] = {"seconds": round(time.time() - t0, 1)}
         write_json(manifest_path, manifest)
-        write_index(out, profile, manifest)
+        write_index(out, name, manifest)
     wall = round(time.time() - started, 1)
     manifest.setdefault("runs", []).append({
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)), "wall_seconds": wall,
@@ -99,7 +125,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False) -
     cost = compute_time(out)
     if cost:
         save_table(pd.DataFrame(cost), out, "compute_time")
-    write_index(out, profile, manifest)
+    write_index(out, name, manifest)
     total = f"; work the artifacts record: {cost[-1]['seconds']:.0f} s (tables/compute_time.md)" if cost else ""
     print(f"done: {len(todo)} notebooks in {wall:.0f} s of wall-clock time{total}; results in {out}")
 
@@ -110,17 +136,3 @@ def wall_clock(manifest: dict) -> list[dict]:
              "notebooks": len(r["notebooks"]), "from nothing": r["from_nothing"],
              "artifacts present at start": ", ".join(r["artifacts"]) or "none",
              "caches present at start": ", ".join(r["caches"]) or "none"} for r in manifest.get("runs", [])]
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="default", choices=profile_names())
-    ap.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 03")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
-    os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars the log can show
-    run(args.profile, args.only, log_output=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -23,7 +23,7 @@ from .errors import QRError
 from .models import block_linears, transformer_blocks
 from .progress import tqdm
 from .quant import QuantConfig, check_bits, get_backend
-from .store import content_hash, read_json, write_artifact, write_json
+from .store import cached, content_hash, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,10 @@ def profile(model, tok, texts, cfg: SensitivityConfig, qcfg: QuantConfig, partia
     # bf16 halves the memory of the cached reference distributions; KL is computed in float32.
     reference = [_logprobs(model, b).to(torch.bfloat16) for b in batches]
     blocks = transformer_blocks(model)
-    done = read_json(partial) if partial is not None and partial.exists() else {}
+    try:
+        done = read_json(partial) if partial is not None and partial.exists() else {}
+    except ValueError:  # damaged progress: redo the blocks rather than fail
+        done = {}
     cache = default_cache(qcfg) if backend.cacheable else None
     dense = use_dense(qcfg, model)  # the same weights training computes with
     todo = [(i, b) for b in cfg.bits for i in range(len(blocks)) if f"{b}:{i}" not in done]
@@ -101,43 +104,14 @@ def run(profile_cfg, out_dir: Path, model=None, tok=None, progress: bool = True)
     config = {"model": profile_cfg.model, "dtype": profile_cfg.dtype,
               "text": {"source": d.text, "n_calib": d.n_calib, "n_heldout": d.n_heldout, "seed": d.seed},
               "quant": profile_cfg.quant, "sensitivity": profile_cfg.sensitivity}
-    key = content_hash(config)
-    out = Path(out_dir) / "sensitivity.json"
-    if out.exists():
-        previous = read_json(out)
-        if previous["config"].get("key") == key:
-            return previous["result"]
-    if model is None:
-        model, tok = load_model(profile_cfg.model, profile_cfg.dtype, profile_cfg.device)
-    calib, _ = load_texts(d)
-    t0 = time.time()
-    result = profile(model, tok, calib, profile_cfg.sensitivity, profile_cfg.quant,
-                     partial=Path(out_dir) / f".sensitivity-{key}.partial.json", progress=progress)
-    result["seconds"] = round(time.time() - t0, 1)
-    result["n_texts"] = len(calib)
-    write_artifact(out, {**config, "key": key}, result)
-    (Path(out_dir) / f".sensitivity-{key}.partial.json").unlink(missing_ok=True)
+    partial = Path(out_dir) / f".sensitivity-{content_hash(config)}.partial.json"  # per-block progress
+
+    def compute():
+        m, t = (model, tok) if model is not None else load_model(profile_cfg.model, profile_cfg.dtype, profile_cfg.device)
+        calib, _ = load_texts(d)
+        t0 = time.time()
+        result = profile(m, t, calib, profile_cfg.sensitivity, profile_cfg.quant, partial=partial, progress=progress)
+        return {**result, "seconds": round(time.time() - t0, 1), "n_texts": len(calib)}
+    result = cached(Path(out_dir) / "sensitivity.json", config, compute)
+    partial.unlink(missing_ok=True)
     return result
-
-
-def normalized(kl: list[float]) -> np.ndarray:
-    """Min-max normalized sensitivity in [0, 1] (all-equal profiles map to 0.5)."""
-    x = np.asarray(kl, dtype=float)
-    span = x.max() - x.min()
-    return np.full_like(x, 0.5) if span <= 0 else (x - x.min()) / span
-
-
-def seed_allocation(kl: list[float], bit_ladder, rank_ladder, max_lowest: int | None = None,
-                    name: str = "phase-I seed") -> Allocation:
-    """Map normalized sensitivity onto the ladders: fragile blocks get more bits and more rank.
-    At most `max_lowest` blocks may sit at the lowest bit-width (the least sensitive stay there)."""
-    s = normalized(kl)
-    bit_ladder, rank_ladder = tuple(sorted(bit_ladder)), tuple(sorted(rank_ladder))
-    bi = np.rint(s * (len(bit_ladder) - 1)).astype(int)
-    ri = np.rint(s * (len(rank_ladder) - 1)).astype(int)
-    if max_lowest is not None:
-        lowest = [i for i in np.argsort(s) if bi[i] == 0]
-        for i in lowest[max_lowest:]:
-            bi[i] = min(1, len(bit_ladder) - 1)
-    return Allocation(bits=tuple(bit_ladder[i] for i in bi), ranks=tuple(rank_ladder[i] for i in ri),
-                      bit_ladder=bit_ladder, rank_ladder=rank_ladder, name=name)

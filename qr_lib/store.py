@@ -1,6 +1,8 @@
-"""Artifact I/O: atomic writes, content hashes and the environment every artifact records.
+"""Artifact I/O: atomic writes, content hashes, checksums and the environment every artifact records.
 
-One schema for every artifact: {"config": ..., "environment": ..., "result": ...}.
+One schema for every artifact: {"config": ..., "environment": ..., "result": ..., "checksum": ...},
+and one stage protocol, `cached(path, config, compute)`: read back while the config is unchanged and
+the file untouched, else compute and write.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import platform
 import subprocess
 import tempfile
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -21,12 +24,20 @@ TRACKED_PACKAGES = ("torch", "transformers", "peft", "hqq", "bitsandbytes", "pym
                     "scikit-optimize", "lm_eval", "numpy")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file and rename, so a killed process never leaves half a file."""
+    """Write through a temporary file and rename, so a killed process never leaves half a file. The
+    file gets the user's umask (mkstemp alone makes it 0600: a shared cache unreadable to others)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -117,21 +128,54 @@ def environment() -> dict:
     }
 
 
+def checksum(config, result) -> str:
+    """SHA-256 of an artifact's config and result (canonical JSON): what read_artifact checks."""
+    return hashlib.sha256(json.dumps({"config": config, "result": result}, sort_keys=True).encode()).hexdigest()
+
+
 def write_artifact(path: Path, config, result) -> dict:
-    """Write {config, environment, result}. A record whose config and result did not change is kept,
-    so a rerun that reads its inputs back leaves the provenance of the run that did the work."""
+    """Write {config, environment, result, checksum}. A record whose config and result did not change
+    is kept, so a rerun that reads its inputs back leaves the provenance of the run that did the work."""
     path = Path(path)
     config, result = (json.loads(json.dumps(to_jsonable(x))) for x in (config, result))
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("config") == config and old.get("result") == result:
-            return old
-    record = {"config": config, "environment": environment(), "result": result}
+    old = read_artifact(path, quiet=True)
+    if old is not None and old["config"] == config and old["result"] == result:
+        return old
+    record = {"config": config, "environment": environment(), "result": result, "checksum": checksum(config, result)}
     write_json(path, record)
     return record
+
+
+def read_artifact(path: Path, quiet: bool = False) -> dict | None:
+    """The record at `path` if it is whole and untouched; None if it is missing, is not JSON, or its
+    checksum does not match its content (a truncated or edited file). Such a file is named in a
+    warning and the caller recomputes it; the rewrite replaces it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        ok = record.get("checksum") == checksum(record["config"], record["result"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        if not quiet:
+            warnings.warn(f"{path} is damaged or was edited (its checksum does not match); recomputing it",
+                          stacklevel=2)
+        return None
+    return record
+
+
+def cached(path: Path, config: dict, compute):
+    """The stage protocol: the result stored at `path` for this `config`, or compute()'s, written there
+    atomically with its config, its key (content_hash of the config), provenance and checksum. A stage
+    whose config changed, or whose file is damaged, is recomputed; anything else is read back."""
+    key = content_hash(config)
+    record = read_artifact(path)
+    if record is not None and record["config"].get("key") == key:
+        return record["result"]
+    write_artifact(path, {**config, "key": key}, compute())
+    return read_artifact(path)["result"]  # what a rerun reads back: JSON types, whichever way it came
 
 
 def cache_root() -> Path:
@@ -142,10 +186,16 @@ def cache_root() -> Path:
 
 
 def results_dir(profile: str) -> Path:
-    """results/<profile>/ of this checkout (QR_RESULTS_DIR overrides the results/ root)."""
+    """results/<profile>/ of this checkout (QR_RESULTS_DIR overrides the results/ root), checked
+    writable before any work goes into it."""
     root = os.environ.get("QR_RESULTS_DIR") or Path(__file__).resolve().parents[1] / "results"
     out = Path(root) / profile
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise QRError(f"cannot write results to {out} ({e.strerror}); make it writable or point "
+                      "QR_RESULTS_DIR at a folder you can write") from None
     return out
 
 
@@ -158,9 +208,28 @@ def save_table(df, out_dir: Path, name: str) -> Path:
     return d / f"{name}.csv"
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, or papermill executing a notebook)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
 def save_figure(fig, out_dir: Path, name: str) -> Path:
+    """A figure as PNG under out_dir/figures/. In a notebook kernel the same PNG is also shown inline,
+    so executed copies carry their figures (plots.py draws on the headless Agg backend, which shows
+    nothing by itself). The figure is closed afterwards."""
+    import matplotlib.pyplot as plt
+
     d = Path(out_dir) / "figures"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=str(path)))
     return path

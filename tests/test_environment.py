@@ -19,7 +19,36 @@ def test_environment_yml_matches_pyproject_pins():
 
 def test_top_level_layout():
     expected = {"notebooks", "qr_lib", "results", "environment.yml", "tests", "Makefile", "README.md",
-                "pyproject.toml", "LICENSE", "CITATION.cff"}
+                "pyproject.toml", "LICENSE", "CITATION.cff", "docs"}
     present = {p.name for p in ROOT.iterdir() if not p.name.startswith(".")} - {"__pycache__"}
     present -= {p for p in present if p.endswith(".egg-info")}
     assert present == expected
+
+
+def test_qr_lib_is_a_regular_package_and_artifacts_follow_the_umask(tmp_path):
+    import os
+
+    import qr_lib
+    from qr_lib.store import atomic_write_bytes
+    assert qr_lib.__file__ is not None                      # not a namespace package
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_unwritable_results_folder_and_a_folder_that_is_no_model_are_named(tmp_path, monkeypatch):
+    import pytest
+
+    from qr_lib.errors import QRError
+    from qr_lib.models import resolve
+    from qr_lib.store import results_dir
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")                           # a folder cannot be made under a file, even by root
+    monkeypatch.setenv("QR_RESULTS_DIR", str(blocker))
+    with pytest.raises(QRError, match="cannot write results"):
+        results_dir("smoke")
+    with pytest.raises(QRError, match="not a model folder"):
+        resolve(str(tmp_path))

@@ -48,9 +48,28 @@ def test_every_method_file_loads_and_unknown_ones_are_refused():
         finetune.load_method("qlora_9bit")
 
 
-def test_plan_repeats_only_multi_seed_methods(quick):
-    pairs = finetune.plan(quick, ["qr_adaptor", "hqq2"])
-    assert [(m.id, s) for m, s in pairs] == [("qr_adaptor", 0), ("hqq2", 0), ("qr_adaptor", 1)]
+def test_plan_repeats_only_multi_seed_methods_and_pairs_a_random_draw_with_its_seed(quick):
+    pairs = finetune.plan(quick, ["qr_adaptor", "hqq2", "random4_0", "random4_1"])
+    assert [(m.id, s) for m, s in pairs] == [("qr_adaptor", 0), ("hqq2", 0), ("random4_0", 0),
+                                             ("qr_adaptor", 1), ("random4_1", 1)]
+    with pytest.raises(QRError, match="seed index 2"):
+        finetune.plan(quick, ["random4_2"])              # the smoke profile has two seeds
+
+
+def test_a_random_draw_spends_its_budget_and_is_reproducible(quick, base, tmp_path):
+    from qr_lib.memory import budget_bytes, formula_bytes, model_shapes
+    shapes = model_shapes(base[0])
+    budget = budget_bytes(shapes, quick.quant, 4, 8)
+    draws = [finetune.resolve_allocation(quick, finetune.load_method(f"random4_{k}"), 4, tmp_path, base) for k in (0, 1)]
+    assert draws[0].pairs() != draws[1].pairs()
+    assert draws[0].pairs() == finetune.resolve_allocation(quick, finetune.load_method("random4_0"), 4, tmp_path,
+                                                           base).pairs()
+    for d in draws:
+        used = formula_bytes(shapes, d, quick.quant)["blocks"]
+        assert 0.8 * budget < used <= budget
+    low = finetune.resolve_allocation(quick, finetune.load_method("random3p5_0"), 4, tmp_path, base)
+    three = budget_bytes(shapes, quick.quant, 3, 8)
+    assert formula_bytes(shapes, low, quick.quant)["blocks"] <= (three + budget) / 2
 
 
 def test_searched_method_without_a_search_is_a_clear_error(quick, tmp_path):
@@ -62,10 +81,13 @@ def test_a_run_is_saved_reloads_to_the_same_logits_and_is_not_redone(quick, base
     model_, tok = base
     rec = finetune.run(quick, finetune.load_method("hqq3"), 0, tmp_path, model_, tok, progress=False)
     where = finetune.run_dir(tmp_path, finetune.load_method("hqq3"), 0)
-    assert set(rec) == {"config", "environment", "result"}
+    assert set(rec) == {"config", "environment", "result", "checksum"}
     r = rec["result"]
     assert r["train"]["steps"] == 3 and len(r["train"]["losses"]) == 3
     assert r["benchmarks"]["arc_easy"]["n"] == 2 and r["avg_bits"] == 3
+    kept = where / "lm_eval"                     # lm-eval's own results and samples, as it wrote them
+    assert (kept / "results_arc_easy.json").exists()
+    assert len((kept / "samples_arc_easy.jsonl").read_text().splitlines()) == 2
     assert r["train"]["peak_memory"]["peak_bytes"] > 0
     assert rec["environment"]["auto_dtype_cpu"] in ("float32", "bfloat16")  # which dtype auto would pick here
     assert (where / "adapter" / "adapter_model.safetensors").exists()
@@ -176,63 +198,46 @@ def test_peak_memory_per_method_and_its_ratio_to_qlora():
     assert t.loc["lora16", "/ nf4"] == pytest.approx(1.5) and t.loc["qr", "/ nf4"] == pytest.approx(0.9)
 
 
-def test_claims_count_a_gap_only_beyond_the_seed_spread():
-    table = pd.DataFrame([
-        {"method": "qr_adaptor", "name": "QR", "seeds": 3, "test_loss": 3.50, "test_loss_std": 0.02,
-         "average": 0.50, "average_std": 0.01},
-        {"method": "lora16", "name": "LoRA", "seeds": 3, "test_loss": 3.48, "test_loss_std": 0.02,
-         "average": 0.55, "average_std": 0.01},
-        {"method": "hqq4", "name": "HQQ4", "seeds": 3, "test_loss": 3.60, "test_loss_std": 0.02,
-         "average": 0.51, "average_std": 0.01},
-        {"method": "nf4", "name": "NF4", "seeds": 1, "test_loss": 3.51, "test_loss_std": float("nan"),
-         "average": 0.40, "average_std": float("nan")},
-    ])
-    got = {(r["claim"], r["metric"]): r["holds"] for _, r in comparison.claims(table).iterrows()}
-    assert got == {
-        ("QR matches LoRA", "test loss"): True,      # 0.02 worse, spread 0.028
-        ("QR matches LoRA", "benchmark average"): False,   # 5 points worse, spread 1.4
-        ("QR beats HQQ4", "test loss"): True,        # 0.10 better
-        ("QR beats HQQ4", "benchmark average"): False,     # 1 point worse
-        ("QR beats NF4", "test loss"): False,        # 0.01 better, within QR's own spread
-        ("QR beats NF4", "benchmark average"): True,       # 10 points better
-    }
-    assert comparison.claims(table.iloc[1:]).empty       # no QR-Adaptor run yet: nothing to claim
+def test_claims_are_paired_comparisons_with_known_answers(tmp_path):
+    """Constructed runs: QR-Adaptor is 0.001 nats/token worse than LoRA-16 (equivalent within 0.01),
+    0.05 better than HQQ 4-bit on every example (better), and each random draw, run at its own seed,
+    is 0.2 worse (better than chance). Examples differ far more than methods: only pairing can tell."""
+    import numpy as np
 
-
-def test_proxy_vs_final_pairs_runs_with_the_search_score_of_the_same_setting(tmp_path):
     from qr_lib.store import write_json
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 12, size=300)
+    difficulty = rng.gamma(2.0, 1.5, size=300)
+    docs = {"doc_id": list(range(40)), "value": [float(v) for v in rng.integers(0, 2, size=40)]}
 
-    setting = {"model": "tiny", "dtype": "float32", "data": {"seed": 0}, "quant": {"backend": "hqq"},
-               "lora": {"alpha_ratio": 2.0}}
-    alloc = {"name": "", "bits": [4, 4], "ranks": [8, 8]}
-    other = {"name": "", "bits": [4, 3], "ranks": [8, 16]}
-    for key, a, fidelity, loss in [("a", alloc, "full", 3.9), ("b", alloc, "low", 5.0), ("c", other, "full", 3.8)]:
-        write_json(tmp_path / "evaluations" / f"{key}.json",
-                   {"config": {"context": {**setting, "versions": {}}},
-                    "result": {"fidelity": fidelity, "failed": False, "allocation": a, "val_loss": loss}})
-
-    def run(method, seed, a, loss, adapter="lora", quant=None):
-        cfg = {**setting, "quant": quant or setting["quant"], "method": {"adapter": adapter}}
-        write_json(tmp_path / "runs" / method / f"seed{seed}" / "result.json",
-                   {"config": cfg, "result": {"method": method, "name": method.upper(), "allocation": a,
-                                              "test_loss": loss}})
-
-    run("uniform", 0, alloc, 3.3)
-    run("uniform", 1, alloc, 3.5)
-    run("searched", 0, other, 3.45)
-    run("loftq", 0, alloc, 3.0, adapter="loftq")             # trains differently from the proxy
-    run("nf4", 0, alloc, 3.1, quant={"backend": "bnb"})     # another quantizer than the search's
-    table = comparison.proxy_vs_final(tmp_path)
-    assert table["method"].tolist() == ["searched", "uniform"]  # sorted by proxy score
-    assert table["proxy_val_loss"].tolist() == [3.8, 3.9]       # the full-fidelity score, not the low one
-    assert table["final_test_loss"].tolist() == pytest.approx([3.45, 3.4])
-    assert table["seeds"].tolist() == [1, 2]
-    assert table["final_rank"].tolist() == [2, 1]               # the proxy's order did not hold
+    def write(method, seed, shift, noise=0.002):
+        per_token = difficulty + shift + rng.normal(0, noise, size=300)
+        write_json(tmp_path / "runs" / method / f"seed{seed}" / "result.json", {"config": {}, "result": {
+            "method": method, "name": method, "seed": seed,
+            "test_examples": {"nll_sum": (per_token * tokens).tolist(), "tokens": tokens.tolist()},
+            "benchmarks": {"arc_easy": {"per_document": docs}}}})
+    for seed in (0, 1, 2):
+        write("qr_adaptor", seed, 0.0)
+        write("lora16", seed, -0.001)
+        write("hqq4", seed, 0.05)
+        write(f"random4_{seed}", seed, 0.2)
+    got = comparison.claims(tmp_path).set_index(["claim", "metric"])
+    loss = got.xs("test loss", level="metric")
+    assert loss.loc["qr_adaptor matches 16-bit LoRA", "verdict"] == "equivalent"
+    assert loss.loc["qr_adaptor beats uniform HQQ 4-bit r8", "verdict"] == "better"
+    assert loss.loc["qr_adaptor beats uniform HQQ 4-bit r8", "a_minus_b"] == pytest.approx(-0.05, abs=1e-3)
+    chance = loss.loc["qr_adaptor beats random allocations at the 4-bit budget"]
+    assert chance["verdict"] == "better" and chance["b_methods"] == 3 and chance["seeds"] == 3
+    assert loss["holds"].all()
+    same_docs = got.xs("benchmark average", level="metric")   # identical answers everywhere
+    assert (same_docs["a_minus_b"] == 0).all() and (same_docs["verdict"] == "equivalent").all()
+    assert not any("nf4" in c or "3.5" in c for c in got.index.get_level_values("claim"))  # not run: left out
 
 
 def test_one_method_runs_alone_from_the_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
-    finetune.main(["--profile", "smoke", "--method", "hqq2"])
+    from qr_lib import cli
+    assert cli.main(["finetune", "--profile", "smoke", "--method", "hqq2"]) == 0
     assert (tmp_path / "smoke" / "runs" / "hqq2" / "seed0" / "result.json").exists()
     assert "QLoRA HQQ 2-bit seed 0: test loss" in capsys.readouterr().out
 
@@ -241,9 +246,50 @@ def test_the_memory_plot_zooms_on_the_methods_near_the_budget_error_bars_include
     import matplotlib
     matplotlib.use("Agg")
     from qr_lib.plots import metric_vs_memory
-    table = pd.DataFrame({"name": ["LoRA-16", "4-bit", "mixed", "2-bit"], "memory_MiB": [210.0, 63.0, 62.0, 38.0],
+    table = pd.DataFrame({"method": ["lora16", "hqq4", "qr_adaptor", "random4_0"], "name": ["LoRA-16", "4-bit", "QR", "r"],
+                          "memory_MiB": [210.0, 63.0, 62.0, 38.0],
                           "test_loss": [3.2, 3.4, 3.5, 7.6], "test_loss_std": [0.01, float("nan"), 0.2, float("nan")]})
-    fig = metric_vs_memory(table, "test_loss", "loss", pareto_mib=[61.0, 62.5], budget_mib=63.0)
+    fig = metric_vs_memory(table, "test_loss", "loss", budget_mib=63.0)
     full, zoom = fig.axes
     assert zoom.get_xlim()[0] > 50 and zoom.get_ylim()[0] < 3.4 and zoom.get_ylim()[1] > 3.7
+    labels = full.get_legend_handles_labels()[1]
+    assert "QR" in labels and "random allocations" in labels and "budget" in labels
     assert len(metric_vs_memory(table, "test_loss", "loss").axes) == 1  # no budget, nothing to zoom on
+
+
+def test_every_method_keeps_one_colour_and_the_figures_say_what_made_them():
+    from qr_lib import plots
+    from qr_lib.config import load_profile
+    assert plots.style("qr_adaptor") != plots.style("hqq4")
+    assert plots.style("random4_0") == plots.style("random3p5_2")       # one baseline, one look
+    assert "SmolLM2-135M" in plots.figure_caption(load_profile("default"))
+    assert "profile smoke" in plots.figure_caption(load_profile("smoke"))
+
+
+def test_a_broken_method_file_names_itself_and_the_schema(tmp_path, quick, base):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "x",\n "allocation": {"bits": 4 "rank": 8}}')
+    with pytest.raises(QRError, match="bad.json is not valid JSON \\(line 2"):
+        finetune.load_method(str(bad))
+    lists = tmp_path / "lists.json"
+    lists.write_text('{"name": "x", "allocation": {"bits": [4, 4, 4, 4], "ranks": [8, 8, 8, 8]}}')
+    with pytest.raises(QRError, match="two integers"):
+        finetune.resolve_allocation(quick, finetune.load_method(str(lists)), 4, tmp_path, base)
+
+
+def test_a_run_killed_before_its_result_is_redone_never_read_half_written(quick, base, tmp_path):
+    """kill -9 between the adapter and result.json leaves a half-written adapter and no result: the
+    rerun trains again, writes both, and reloads to the same logits as a clean run."""
+    model_, tok = base
+    method = finetune.load_method("hqq4")
+    first = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)["result"]
+    where = finetune.run_dir(tmp_path, method, 0)
+    (where / "result.json").unlink()
+    weights = where / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])              # what a kill mid-write leaves
+    again = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)["result"]
+    assert again["test_loss"] == pytest.approx(first["test_loss"])
+    reloaded, _ = finetune.load_finetuned(where, model_, tok)
+    ids = torch.tensor([[1, 5, 9, 42]])
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=ids).logits).all()

@@ -87,3 +87,13 @@ def test_peak_memory_is_each_runs_own():
     assert first.result["peak_bytes"] - first.result["start_bytes"] >= 250 * 2**20
     assert second.result["peak_bytes"] < first.result["peak_bytes"] - 200 * 2**20  # not the earlier peak
     assert second.result["peak_bytes"] >= second.result["start_bytes"] + 15 * 2**20
+
+
+@pytest.mark.integration
+def test_shapes_come_from_the_config_without_weights(embedded32):
+    from qr_lib.memory import model_shapes
+    from qr_lib.models import load_model, load_skeleton
+    for name, (model, _) in (("tiny", load_model("tiny", "float32")), ("embedded", embedded32)):
+        skeleton = load_skeleton(name)
+        assert next(skeleton.parameters()).device.type == "meta"
+        assert model_shapes(skeleton) == model_shapes(model)

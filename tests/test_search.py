@@ -16,11 +16,10 @@ Q = QuantConfig(group_size=64, hqq_optimize=False)
 BITS, RANKS = (2, 3, 4, 8), (4, 8, 16)
 
 
-def _space(kl2=(0.5, 0.1, 0.2, 0.05), budget_bits=4, budget_rank=8, rank_weight=0.1):
+def _space(kl2=(0.5, 0.1, 0.2, 0.05), budget_bits=4, budget_rank=8):
     from qr_lib.memory import budget_bytes
     shapes = model_shapes(tiny_llama())
-    return P.search_space(shapes, Q, BITS, RANKS, {"2": list(kl2)}, budget_bytes(shapes, Q, budget_bits, budget_rank),
-                          rank_weight)
+    return P.search_space(shapes, Q, BITS, RANKS, {"2": list(kl2)}, budget_bytes(shapes, Q, budget_bits, budget_rank))
 
 
 # -- hypervolume and Pareto sets ---------------------------------------------------------------
@@ -60,11 +59,54 @@ def test_repair_always_returns_a_feasible_allocation():
     assert (P.repair(space, feasible) == feasible).all()
 
 
-def test_repair_downgrades_the_least_sensitive_blocks_first():
-    space = _space(kl2=(10.0, 0.01, 0.01, 0.01))
-    top = space.upper.copy()
-    fixed = P.repair(space, top)
-    assert fixed[0] > max(fixed[2], fixed[4], fixed[6])
+def test_the_knapsack_finds_the_least_kl_allocation_that_fits():
+    """Brute force over every bit assignment at rank 8 of the 4-block tiny model."""
+    import itertools
+    space = _space(kl2=(3.0, 0.1, 0.9, 0.02))
+    floor = space.bytes(P.uniform_genes(space, 0, 1))
+    for budget in (space.budget, (space.budget + floor) / 2, floor + 1, floor):
+        best = min((sum(space.kl[i, j] for i, j in enumerate(js)), js)
+                   for js in itertools.product(range(len(BITS)), repeat=4)
+                   if space.bytes(np.ravel([[j, 1] for j in js])) <= budget)
+        got = P.knapsack(space, budget, rank_rung=1)
+        assert space.bytes(got) <= budget and (got[1::2] == 1).all()
+        assert space.kl[np.arange(4), got[0::2]].sum() == pytest.approx(best[0])
+    assert P.knapsack(space, space.budget, 1)[0] >= P.knapsack(space, space.budget, 1)[6]  # fragile block 0 keeps more
+
+
+def test_a_random_allocation_spends_its_budget():
+    space = _space()
+    rng = np.random.default_rng(0)
+    for level in (space.budget, 0.7 * space.budget):
+        for _ in range(10):
+            g = P.random_allocation(space, level, rng)
+            assert space.bytes(g) <= level
+            ups = [g + np.eye(8, dtype=int)[i] for i in np.flatnonzero(g < space.upper)]
+            assert all(space.bytes(u) > level for u in ups)  # maximal: no one-rung upgrade still fits
+
+
+def test_the_first_generation_covers_the_memory_range():
+    space = _space()
+    members = P.initial_population(space, rank_rung=1, n_random=3, rng=np.random.default_rng(0))
+    labels = [label for label, _ in members]
+    genes = {tuple(g) for _, g in members}
+    assert len(genes) == len(members)                                  # distinct
+    assert tuple(P.uniform_genes(space, 2, 1)) in genes                # uniform 4-bit r8, the budget itself
+    assert tuple(P.uniform_genes(space, 1, 1)) in genes                # uniform 3-bit r8
+    assert "Phase I knapsack r4 at the budget" in labels
+    assert sum(label.startswith("random") for label in labels) == 3
+    ratios = sorted(space.bytes(g) / space.budget for _, g in members)
+    assert all(r <= 1 for r in ratios)
+    assert ratios[0] <= space.bytes(P.uniform_genes(space, 0, 1)) / space.budget + 1e-9  # down to uniform 2-bit
+    levels = P.memory_levels(space, 1)
+    assert levels[-1] == pytest.approx(space.budget) and len(levels) == 5   # 2, 2.5, 3, 3.5, 4 bits
+
+
+def test_promotions_spread_over_the_front():
+    assert nsga.spread(list("abcde"), 2) == ["a", "e"]
+    assert nsga.spread(list("abcde"), 3) == ["a", "c", "e"]
+    assert nsga.spread(list("ab"), 3) == ["a", "b"]
+    assert nsga.spread(list("abc"), 1) == ["c"]
 
 
 def test_an_unreachable_budget_is_a_clear_error():
@@ -88,28 +130,7 @@ def test_crossover_inherits_whole_block_pairs_and_mutation_moves_one_rung():
     assert (y != x).any()
 
 
-def test_seeded_sampling_starts_from_the_phase_one_seed():
-    space = _space()
-    problem = P.AllocationProblem(space, score=None)
-    seed = np.array([1, 1, 0, 0, 2, 1, 0, 0])
-    pop = P.SeededSampling(seed, jitter=0.3, space=space)._do(problem, 6, random_state=np.random.default_rng(0))
-    assert (pop[0] == P.repair(space, seed)).all()
-    assert len({tuple(x) for x in pop}) == 6
-    assert all(space.bytes(x) <= space.budget for x in pop)
-
-
 # -- the proxy evaluator -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smoke():
-    return load_profile("smoke")
-
-
-@pytest.fixture(scope="module")
-def base(smoke):
-    from qr_lib.models import load_model
-    return load_model(smoke.model, smoke.dtype, smoke.device)
-
-
 def test_cache_hits_skip_training(smoke, base, tmp_path, monkeypatch):
     from qr_lib.allocation import uniform
     ev = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
@@ -143,18 +164,12 @@ def test_a_diverged_candidate_scores_the_worst_loss(smoke, base, tmp_path, monke
     assert rec["failed"] and rec["objective"] == fitness.FAILED_LOSS and rec["val_loss"] is None
 
 
-# -- the whole search on the smoke profile ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def smoke_run(smoke, base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("search")
-    return out, search.run(smoke, out, *base, progress=False)
-
-
+# -- the whole search on the smoke profile (smoke_run: conftest.py) ---------------------------------
 def test_search_writes_every_artifact_and_selects_a_feasible_allocation(smoke_run):
     from qr_lib.store import read_json
     out, result = smoke_run
     for name in ("sensitivity.json", "nsga.json", "bo.json", "search.json"):
-        assert set(read_json(out / name)) == {"config", "environment", "result"}
+        assert set(read_json(out / name)) == {"config", "environment", "result", "checksum"}
     phase2 = read_json(out / "nsga.json")["result"]
     assert [g["generation"] for g in phase2["generations"]] == [1, 2]
     assert all(0 <= g["hv"] for g in phase2["generations"])
@@ -179,18 +194,19 @@ def test_the_search_is_deterministic(smoke, base, smoke_run, tmp_path):
     assert [r["objective"] for r in a["pareto"]] == pytest.approx([r["objective"] for r in b["pareto"]])
 
 
-def test_the_warm_start_uses_the_phase_one_profile(smoke, base, smoke_run):
+def test_the_first_generation_is_scored_whole_and_promotions_are_distinct(smoke, base, smoke_run):
     from qr_lib.store import read_json
     out, _ = smoke_run
     phase1 = read_json(out / "sensitivity.json")["result"]
     phase2 = read_json(out / "nsga.json")["result"]
-    space = nsga.make_space(smoke, fitness.ProxyEvaluator(smoke, out / "evaluations", *base, progress=False), phase1)
-    seed = nsga.seed_genes(smoke, phase1, space)
-    assert phase2["seed_genes"] == seed.tolist()
-    first = phase2["evaluations"][0]  # the first individual scored is the seed itself
-    assert first["generation"] == 1 and space.genes(first).tolist() == seed.tolist()
-    flipped = {"bits": phase1["bits"], "kl": {b: v[::-1] for b, v in phase1["kl"].items()}}
-    assert nsga.seed_genes(smoke, flipped, space).tolist() != seed.tolist()
+    space = nsga.make_space(smoke, model_shapes(base[0]), phase1)
+    first = nsga.first_generation(smoke, space)
+    assert [m["origin"] for m in phase2["first_generation"]] == [label for label, _ in first]
+    scored = {r["key"] for r in phase2["evaluations"] if r["generation"] == 1}
+    assert {m["key"] for m in phase2["first_generation"]} == scored       # all of it, before any offspring
+    assert any(m["origin"] == "uniform 4-bit r8" for m in phase2["first_generation"])
+    keys = [r["key"] for r in phase2["promoted"]]
+    assert len(keys) == len(set(keys))                                    # never promoted twice
 
 
 def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_scores(smoke, base, smoke_run):
@@ -206,15 +222,6 @@ def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_score
     assert uniform4["budget_ratio"] == pytest.approx(1.0)  # the budget is uniform 4-bit r8
     lower = ex.describe(ex.allocation([2, 2], [8, 8]))
     assert lower["predicted_kl"] > uniform4["predicted_kl"] and lower["memory_MiB"] < uniform4["memory_MiB"]
-
-
-def test_fill_spends_the_budget_on_the_most_sensitive_blocks():
-    space = _space(kl2=(10.0, 0.01, 0.01, 0.01))
-    filled = P.fill(space, np.zeros(8, dtype=int))
-    assert space.bytes(filled) <= space.budget
-    room = space.budget - space.bytes(filled)
-    assert all(m[2] > room for m in P._moves(space, filled, +1))  # no affordable upgrade is left
-    assert filled[0] == space.upper[0]  # the fragile block is upgraded first, to the top rung
 
 
 def test_a_killed_search_resumes_without_losing_finished_evaluations(smoke, base, tmp_path, monkeypatch):
@@ -238,6 +245,28 @@ def test_a_killed_search_resumes_without_losing_finished_evaluations(smoke, base
     assert set(finished) <= {p.name for p in (tmp_path / "evaluations").glob("*.json")}
 
 
+def test_the_selection_is_never_dominated():
+    """The audit's case: a one-point front made every utility 0 and the first record, dominated, won."""
+    recs = [{"key": "dominated", "objective": 3.0, "budget_ratio": 0.99},
+            {"key": "better", "objective": 2.9, "budget_ratio": 0.95},
+            {"key": "over", "objective": 1.0, "budget_ratio": 1.2},
+            {"key": "small", "objective": 3.5, "budget_ratio": 0.7}]
+    assert bo.select(recs)["key"] == "better"
+    assert bo.select(recs, max_ratio=0.8)["key"] == "small"
+    assert bo.select(recs, max_ratio=0.5) is None
+    chosen = bo.select(recs)
+    assert not any(r["objective"] <= chosen["objective"] and r["budget_ratio"] <= chosen["budget_ratio"]
+                   and r is not chosen for r in recs)
+
+
+def test_an_uninformative_gp_is_reported():
+    stuck = {"length_scale": 0.05, "at_bound": True}
+    assert bo.diagnosis([{"max_ei": 5e-5, "gp": stuck}], 1e-4)[0] is False
+    informative, why = bo.diagnosis([{"max_ei": 0.01, "gp": stuck}, {"max_ei": 0.01, "gp": stuck}], 1e-4)
+    assert not informative and "bound" in why
+    assert bo.diagnosis([{"max_ei": 0.01, "gp": {"length_scale": 0.7, "at_bound": False}}], 1e-4)[0]
+
+
 def test_bo_utility_and_neighbours():
     front = [{"objective": 1.0, "budget_ratio": 1.0}, {"objective": 2.0, "budget_ratio": 0.5}]
     u = bo.utility(front, front, alpha=0.6)
@@ -246,3 +275,57 @@ def test_bo_utility_and_neighbours():
     genes = P.repair(space, np.ones(8, dtype=int))
     near = bo.neighbours(space, genes)
     assert near and all(np.abs(g - genes).sum() == 1 and space.bytes(g) <= space.budget for g in near)
+
+
+@pytest.mark.integration
+def test_two_dask_workers_find_the_serial_pareto_set(smoke, base, smoke_run, tmp_path):
+    """The smoke search on 2 local workers sharing the cache: the same Pareto set as the serial run."""
+    pytest.importorskip("dask.distributed")
+    import dataclasses
+
+    from qr_lib.parallel import ParallelConfig
+    from qr_lib.store import read_json
+    out, _ = smoke_run
+    parallel = dataclasses.replace(smoke, parallel=ParallelConfig(backend="dask", workers=2))
+    search.run(parallel, tmp_path, *base, progress=False)
+    serial, dask = (read_json(d / "nsga.json")["result"]["pareto"] for d in (out, tmp_path))
+    assert [r["key"] for r in dask] == [r["key"] for r in serial]
+    assert [r["objective"] for r in dask] == pytest.approx([r["objective"] for r in serial])
+
+
+def test_a_candidate_that_diverges_is_recorded_and_the_search_goes_on(smoke, base, tmp_path, monkeypatch):
+    real, calls = fitness.train, []
+
+    def second_diverges(*args, **kwargs):
+        calls.append(1)
+        log = real(*args, **kwargs)
+        return {**log, "diverged": True} if len(calls) == 2 else log
+
+    monkeypatch.setattr(fitness, "train", second_diverges)
+    small = load_profile("smoke", {"nsga.generations": 1, "nsga.n_random": 0, "bo.iterations": 1, "select_at": []})
+    result = search.run(small, tmp_path, *base, progress=False)
+    from qr_lib.store import read_json
+    records = read_json(tmp_path / "nsga.json")["result"]["evaluations"]
+    assert sum(r["failed"] for r in records) == 1 and len(records) > 2
+    assert result["selected_scores"]["objective"] < fitness.FAILED_LOSS
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_a_damaged_or_edited_evaluation_is_recomputed_not_used(smoke, base, tmp_path, damage):
+    import json
+
+    from qr_lib.allocation import uniform
+    ev = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
+    alloc, fid = uniform(4, 4, 8), fitness.full_fidelity(smoke)
+    first = ev.evaluate(alloc, fid)
+    path = ev.path(alloc, fid)
+    if damage == "truncate":
+        path.write_text(path.read_text()[:200])
+    else:                                                   # valid JSON, a better score written by hand
+        rec = json.loads(path.read_text())
+        rec["result"]["objective"] = 0.001
+        path.write_text(json.dumps(rec))
+    again = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        rec = again.evaluate(alloc, fid)
+    assert again.misses == 1 and rec["objective"] == pytest.approx(first["objective"])

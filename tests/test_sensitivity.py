@@ -39,17 +39,6 @@ def test_bits_the_backend_lacks_are_refused(tok):
         S.profile(_model(tok), tok, TEXTS, S.SensitivityConfig(bits=(2,)), QuantConfig(backend="bnb"), progress=False)
 
 
-def test_seed_maps_sensitivity_onto_ladders():
-    kl = [0.1, 0.5, 0.9, 0.2, 0.1]
-    seed = S.seed_allocation(kl, (2, 3, 4, 8), (4, 8, 16))
-    assert seed.bits[2] == 8 and seed.ranks[2] == 16  # most sensitive: top rungs
-    assert seed.bits[0] == 2 and seed.ranks[0] == 4    # least sensitive: bottom rungs
-    order = sorted(range(5), key=lambda i: kl[i])
-    assert [seed.bits[i] for i in order] == sorted(seed.bits)
-    bounded = S.seed_allocation(kl, (2, 3, 4, 8), (4, 8, 16), max_lowest=1)
-    assert bounded.bits.count(2) == 1
-
-
 def test_run_reuses_its_artifact(monkeypatch, tmp_path):
     from qr_lib.config import load_profile
     p = load_profile("smoke")

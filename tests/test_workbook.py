@@ -4,25 +4,25 @@ import pytest
 
 from qr_lib import pilot, report, reproduce
 from qr_lib.config import load_profile
+from qr_lib.errors import QRError
 
 
-def test_pilot_configs_are_the_papers_four_and_c_mirrors_d():
-    configs, sweep = pilot.methods(pilot.PilotConfig())
-    spec = {m.id: m.allocation for m in configs}
+def test_pilot_configs_are_memory_matched_and_c_mirrors_d():
+    from qr_lib.memory import model_shapes
+    from qr_lib.models import tiny_llama
+    from qr_lib.quant import QuantConfig
+
+    ranks = pilot.matched_ranks(model_shapes(tiny_llama()), QuantConfig(group_size=64, hqq_optimize=False), 0.03)
+    assert ranks["C"][0] == 16 and all(abs(ratio - 1) <= 0.03 for _, ratio in ranks.values())
+    assert ranks["B"][0] > ranks["A"][0]          # 2-bit weights leave room for more rank
+    assert ranks["C"] == ranks["D"]                # mirrored bits at equal memory: equal rank
+    spec = {m.id: m.allocation for m in pilot.config_methods(ranks)}
     assert list(spec) == ["config_A", "config_B", "config_C", "config_D"]
     assert spec["config_C"]["shallow"][0] == spec["config_D"]["deep"][0] == 4
     assert spec["config_C"]["deep"][0] == spec["config_D"]["shallow"][0] == 2
-    assert spec["config_C"]["deep"][1] == 2 * spec["config_D"]["deep"][1]  # C has twice D's rank
-    assert len(sweep) == 9 and len({m.id for m in sweep}) == 9
-
-
-def test_verdict_counts_a_gap_only_beyond_the_seed_spread():
-    def table(c, d, std):
-        return pd.DataFrame({"method": ["config_C", "config_D"], "seeds": [3, 3], "test_loss": [c, d],
-                             "test_loss_std": [std, std]})
-    assert pilot.verdict(table(4.0, 3.5, 0.1))["C_worse_than_D"]
-    v = pilot.verdict(table(3.52, 3.5, 0.1))
-    assert not v["C_worse_than_D"] and v["C_minus_D"] == pytest.approx(0.02)
+    assert len(pilot.sweep_methods(pilot.PilotConfig())) == 9
+    with pytest.raises(QRError, match="memory_tolerance"):
+        pilot.matched_ranks(model_shapes(tiny_llama()), QuantConfig(group_size=64, hqq_optimize=False), 1e-6)
 
 
 def test_pilot_profile_keeps_the_callers_other_settings():
@@ -90,4 +90,37 @@ def test_an_unchanged_artifact_keeps_the_provenance_of_the_run_that_made_it(tmp_
     assert store.read_json(path)["environment"] == first["environment"]
     store.write_artifact(path, {"steps": (1, 2)}, {"loss": 0.4})
     assert store.read_json(path) == {"config": {"steps": [1, 2]}, "environment": {"time": "later"},
-                                     "result": {"loss": 0.4}}
+                                     "result": {"loss": 0.4},
+                                     "checksum": store.checksum({"steps": [1, 2]}, {"loss": 0.4})}
+
+
+def test_every_notebook_runs_on_the_projects_kernel():
+    import json
+    for nb in reproduce.notebooks():
+        spec = json.loads(nb.read_text())["metadata"]["kernelspec"]
+        assert spec["name"] == reproduce.KERNEL, nb.name
+
+
+def test_a_saved_figure_is_written_and_closed_outside_a_notebook(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from qr_lib.store import in_notebook, save_figure
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    path = save_figure(fig, tmp_path, "line")
+    assert path.exists() and path.stat().st_size > 0
+    assert not plt.fignum_exists(fig.number) and not in_notebook()
+
+
+def test_reproduce_refuses_a_selection_that_matches_no_notebook(tmp_path, monkeypatch):
+    from qr_lib.errors import QRError
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    with pytest.raises(QRError, match="leaves no notebook"):
+        reproduce.run("smoke", only=["99"])
+    assert not (tmp_path / "smoke" / "tables").exists()       # nothing written
+
+
+def test_a_benchmark_of_another_profile_never_overwrites_the_committed_one():
+    from qr_lib.bench_memory import default_out
+    assert default_out("default").name == "memory_step_time.json" and default_out("default").parent.name == "benchmarks"
+    assert default_out("smoke").parent.name == "smoke"

@@ -50,7 +50,8 @@ class BlockCache:
             digest.unlink(missing_ok=True)
             return None
         self.hits += 1
-        return torch.load(io.BytesIO(data), weights_only=False)
+        # weights_only: the cache may be shared, and a pickle from someone else's file could run code.
+        return torch.load(io.BytesIO(data), weights_only=True)
 
     def save(self, fingerprint: str, bits: int, states: dict) -> None:
         self.misses += 1

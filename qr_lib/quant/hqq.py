@@ -87,6 +87,26 @@ class HqqBackend:
         """HQQ's own dequantization, (out, in) in the module's compute dtype."""
         return module.dequantize()
 
+    @staticmethod
+    def export(module) -> dict:
+        """The module in a form any framework can read: one uint8 code per weight [out, in], and the
+        16-bit scale and zero of each group [out, in / group_size], such that
+        W[o, i] = (codes[o, i] - zero[o, i // group_size]) * scale[o, i // group_size]."""
+        from hqq.core.quantize import Quantizer
+
+        meta = module.meta
+        if meta.get("quant_zero") or meta.get("quant_scale") or meta["axis"] != 1:
+            raise QRError("export handles HQQ modules with plain 16-bit scales and zeros grouped along the input "
+                          "axis (this project's settings); this module was quantized otherwise")
+        out_f, in_f = meta["shape"]
+        g = meta["group_size"]
+        w_q = module.W_q.view(meta["unpack_view_dtype"]) if meta.get("view_as_float") else module.W_q
+        codes = Quantizer.unpack[meta["packing"]](w_q, dtype=torch.uint8)[: out_f * in_f // g]  # 3-bit pads
+        return {"codes": codes.reshape(out_f, in_f).contiguous(),
+                "scale": meta["scale"].reshape(out_f, in_f // g).to(STORAGE_DTYPE).contiguous(),
+                "zero": meta["zero"].reshape(out_f, in_f // g).to(STORAGE_DTYPE).contiguous(),
+                "settings": {"backend": "hqq", "bits": meta["nbits"], "group_size": g, "shape": [out_f, in_f]}}
+
     def formula_bytes(self, out_features: int, in_features: int, bits: int) -> int:
         """Packed codes (the group count padded to whole storage words) plus a 16-bit scale and a
         16-bit zero per group."""

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import sensitivity
+from .. import parallel, sensitivity
 from ..allocation import Allocation
-from ..fitness import ProxyEvaluator, epoch_tokens
+from ..errors import QRError
+from ..fitness import ProxyEvaluator, epoch_tokens, full_fidelity, summarize
 from ..store import read_json, write_artifact
 from . import bo, nsga
+from .problem import level_bytes
 
 
 def evaluator(profile, cache_dir: Path, base=None, tok=None, progress: bool = True) -> ProxyEvaluator:
@@ -32,7 +34,7 @@ def _phase2(profile, out_dir: Path, ev: ProxyEvaluator, p1: dict, sdir: Path) ->
 
 
 def _phase3(profile, out_dir: Path, ev: ProxyEvaluator, p1: dict, p2: dict, progress: bool) -> dict:
-    space = nsga.make_space(profile, ev, p1)
+    space = nsga.make_space(profile, ev.shapes, p1)
     return bo.run(profile, out_dir, ev, space, p2, _key(Path(out_dir) / "nsga.json"), progress)
 
 
@@ -47,6 +49,29 @@ def phase3(profile, out_dir: Path, ev: ProxyEvaluator, progress: bool = True, se
     return _phase3(profile, out_dir, ev, p1, _phase2(profile, out_dir, ev, p1, sdir), progress)
 
 
+def select_at(profile, ev: ProxyEvaluator, p1: dict, p2: dict, p3: dict) -> dict:
+    """The best full-fidelity proxy score within each budget (profile.budget_bits and select_at, in
+    average bits), from one front. A budget with no full-fidelity score inside it gets its best
+    low-fidelity candidate scored at full fidelity, so every budget has a selection."""
+    space = nsga.make_space(profile, ev.shapes, p1)
+    rank_rung = nsga.budget_rank_rung(profile)
+    out = {}
+    for bits in (profile.budget_bits, *profile.select_at):
+        ratio = level_bytes(space, bits, rank_rung) / space.budget
+        rec, scored = bo.select(p3["observed"], ratio), False
+        if rec is None:
+            low = bo.select(p2["evaluations"], ratio)
+            if low is None:
+                raise QRError(f"nothing the search scored fits {bits} average bits; lower select_at or widen the "
+                              "first generation (nsga.n_random)")
+            rec, scored = summarize(ev.evaluate(space.allocation(space.genes(low)), full_fidelity(profile))), True
+        alloc = Allocation(rec["bits"], rec["ranks"], profile.bit_ladder, profile.rank_ladder,
+                           name=f"QR-Adaptor at {bits} bits")
+        out[str(float(bits))] = {"allocation": alloc.to_dict(), "max_budget_ratio": ratio,
+                                 "scored_for_selection": scored, "record": rec}
+    return out
+
+
 def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
         sensitivity_dir: Path | None = None, evaluations_dir: Path | None = None) -> dict:
     """Phase I -> II -> III; returns the search.json result (its "selected" is an Allocation dict).
@@ -55,21 +80,28 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
     sdir = Path(sensitivity_dir or out_dir)
     ev = evaluator(profile, evaluations_dir or out_dir / "evaluations", base, tok, progress)
     p1 = phase1(profile, sdir, ev, progress)
-    p2 = _phase2(profile, out_dir, ev, p1, sdir)
-    p3 = _phase3(profile, out_dir, ev, p1, p2, progress)
+    with parallel.executor(profile.parallel, profile.device) as client:  # None: serial
+        ev.client = client
+        p2 = _phase2(profile, out_dir, ev, p1, sdir)
+        p3 = _phase3(profile, out_dir, ev, p1, p2, progress)
+        ev.client = None
     chosen = p3["selected"]
     selected = Allocation(chosen["bits"], chosen["ranks"], profile.bit_ladder, profile.rank_ladder,
                           name="QR-Adaptor")
+    selected_at = select_at(profile, ev, p1, p2, p3)
     # Cost from the records themselves, so a resumed search still reports what its scores cost.
     unique = {r["key"]: r for r in p2["evaluations"] + p2["promoted"]
-              + [s["candidate"] for s in p3["steps"] if "candidate" in s]}
+              + [s["candidate"] for s in p3["steps"] if "candidate" in s]
+              + [v["record"] for v in selected_at.values() if v["scored_for_selection"]]}
     tokens = sum(r["train_tokens"] for r in unique.values())
     proxy_seconds = sum(r["seconds"] for r in unique.values())
     epoch = epoch_tokens(ev.train_set, ev.tok, profile.proxy.max_len)
     result = {
         "selected": selected.to_dict(),
+        # the best full-fidelity proxy score within each budget, from one front
+        "selected_at": selected_at,
         "selected_scores": {k: chosen[k] for k in ("objective", "metric", "val_loss", "accuracy", "budget_ratio",
-                                                   "avg_bits", "mean_rank", "utility")},
+                                                   "avg_bits", "mean_rank")},
         "cost": {"phase1_seconds": p1["seconds"], "proxy_seconds": round(proxy_seconds, 1),
                  "total_seconds": round(p1["seconds"] + proxy_seconds, 1),
                  "unique_evaluations": len(unique),
@@ -80,22 +112,3 @@ def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True,
                                              "nsga": _key(out_dir / "nsga.json"), "bo": _key(out_dir / "bo.json"),
                                              "profile": profile.name}, result)
     return result
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    from ..config import load_profile, profile_names
-    from ..errors import QRError
-    from ..store import results_dir
-
-    ap = argparse.ArgumentParser(description="Run the three-phase QR-Adaptor search for a profile.")
-    ap.add_argument("--profile", default="default", choices=profile_names())
-    args = ap.parse_args(argv)
-    try:
-        result = run(load_profile(args.profile), results_dir(args.profile))
-    except QRError as e:
-        raise SystemExit(f"error: {e}")
-    sel = Allocation.from_dict(result["selected"])
-    print(sel.table())
-    print(result["cost"])

@@ -1,10 +1,15 @@
 """Phase II: NSGA-II over (bits, rank) per block, seeded by Phase I, scored by proxy fine-tunes.
 
 pymoo runs the algorithm (constrained domination, crowding distance); this module supplies the
-seeded population and the paper's operators (problem.py) and records what happened: every scored
+first generation and the paper's operators (problem.py) and records what happened: every scored
 candidate, each generation's front and hypervolume, and the final Pareto set.
-With `low_steps > 0` (multi-fidelity) NSGA-II ranks children by a cheap proxy and the best
-`promote` of every generation's front are re-scored by the full proxy; the Pareto set handed to
+
+The first generation covers the memory range (problem.initial_population: the uniform allocations
+that fit, Phase I knapsack optima at several memory levels, random allocations), so the search can
+find, and cannot fail to consider, the uniform 4-bit allocation at the budget; it is larger than
+`pop_size`, which later generations keep. With `low_steps > 0` (multi-fidelity) NSGA-II ranks
+children by a cheap proxy and `promote` members of every generation's front, spread over its memory
+range and never one already scored, are re-scored by the full proxy; the Pareto set handed to
 Phase III holds full-fidelity scores only.
 """
 from __future__ import annotations
@@ -19,11 +24,12 @@ from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.callback import Callback
 from pymoo.optimize import minimize
 
+from ..errors import QRError
 from ..fitness import FAILED_LOSS, Fidelity, ProxyEvaluator, full_fidelity, summarize
-from ..sensitivity import seed_allocation
-from ..store import content_hash, read_json, write_artifact
-from .problem import (AllocationProblem, BlockCrossover, BudgetRepair, NeighbourMutation,
-                      SeededSampling, SearchSpace, fill, hypervolume, pareto_mask, pareto_set, search_space)
+from ..memory import budget_bytes
+from ..store import cached
+from .problem import (AllocationProblem, BlockCrossover, BudgetRepair, NeighbourMutation, SearchSpace,
+                      hypervolume, initial_population, knapsack, pareto_mask, pareto_set, search_space)
 
 
 @dataclass(frozen=True)
@@ -31,13 +37,9 @@ class NSGAConfig:
     pop_size: int = 8
     generations: int = 3
     seed: int = 0
-    jitter: float = 0.3             # prob. that a gene of a seeded copy moves one rung
+    n_random: int = 4               # random allocations in the first generation (coverage)
     mutation_prob: float = 0.1      # prob. that a block mutates
     crossover_prob: float = 0.9
-    max_lowest: int | None = None   # at most this many blocks at the lowest bits in the seed
-    # KL charged per unit fraction of a block's rank, in units of its lowest-bit KL. Small: the
-    # paper's premise is that rank cannot buy back fidelity, so repair and the seed trade bits first.
-    repair_rank_weight: float = 0.02
     low_steps: int = 0              # > 0: multi-fidelity, children scored with this many steps
     low_n_val: int = 32
     promote: int = 2                # full-fidelity re-scores per generation (multi-fidelity only)
@@ -48,23 +50,43 @@ def low_fidelity(profile, cfg: NSGAConfig) -> Fidelity:
                     min(cfg.low_n_val, profile.data.n_val))
 
 
-def make_space(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> SearchSpace:
-    return search_space(evaluator.shapes, profile.quant, profile.bit_ladder, profile.rank_ladder,
-                        sensitivity["kl"], evaluator.budget, profile.nsga.repair_rank_weight)
+def make_space(profile, shapes, sensitivity: dict) -> SearchSpace:
+    """The search space of a profile: its ladders, its budget and the Phase I profile."""
+    budget = budget_bytes(shapes, profile.quant, profile.budget_bits, profile.budget_rank)
+    return search_space(shapes, profile.quant, profile.bit_ladder, profile.rank_ladder, sensitivity["kl"], budget)
 
 
-def seed_genes(profile, sensitivity: dict, space: SearchSpace) -> np.ndarray:
-    """Phase I's seed: normalized sensitivity mapped onto the ladders, then brought to the budget
-    (repaired if over, filled by the most KL recovered per byte if under), so the first individual
-    spends the memory the budget allows."""
-    lowest = str(min(int(b) for b in sensitivity["kl"]))
-    seed = seed_allocation(sensitivity["kl"][lowest], profile.bit_ladder, profile.rank_ladder,
-                           profile.nsga.max_lowest)
-    return fill(space, seed.to_genes())
+def budget_rank_rung(profile) -> int:
+    ladder = tuple(sorted(profile.rank_ladder))
+    if profile.budget_rank not in ladder:
+        raise QRError(f"budget_rank {profile.budget_rank} is not on the rank ladder {list(ladder)}; add it to "
+                      "rank_ladder or choose a budget_rank from it")
+    return ladder.index(profile.budget_rank)
+
+
+def phase1_choice(profile, space: SearchSpace):
+    """What Phase I alone would choose: the least additive KL that fits the budget, at the budget's rank."""
+    return space.allocation(knapsack(space, space.budget, budget_rank_rung(profile)), name="Phase I knapsack")
+
+
+def first_generation(profile, space: SearchSpace) -> list[tuple[str, np.ndarray]]:
+    """problem.initial_population for a profile: the budget's rank, the profile's random count and seed."""
+    return initial_population(space, budget_rank_rung(profile), profile.nsga.n_random,
+                              np.random.default_rng(profile.nsga.seed))
+
+
+def spread(items: list, k: int) -> list:
+    """k items evenly spaced over a sorted list (its first and last included when k >= 2)."""
+    if k >= len(items):
+        return list(items)
+    if k == 1:
+        return [items[-1]]
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
 
 
 class _Recorder(Callback):
-    """Per generation: the front of the population, and promotions to the full proxy.
+    """Per generation: the front of the population, and promotions to the full proxy: `promote`
+    front members not yet scored at full fidelity, spread over the front's memory range.
     `generation` is the one being scored now (pymoo calls notify after each one)."""
 
     def __init__(self, space, evaluator, search: Fidelity, full: Fidelity, promote: int):
@@ -80,7 +102,10 @@ class _Recorder(Callback):
         keys = [self.evaluator.key(self.space.allocation(pop[i].X), self.search) for i in front]
         self.generations.append({"generation": algorithm.n_gen, "front": keys, "F": F[front].tolist()})
         if self.search.name != self.full.name:
-            for i in sorted(front, key=lambda i: F[i, 0])[:self.promote]:
+            done = {r["key"] for r in self.promoted}
+            fresh = [i for i in sorted(front, key=lambda i: F[i, 1])
+                     if self.evaluator.key(self.space.allocation(pop[i].X), self.full) not in done]
+            for i in spread(fresh, self.promote):
                 rec = self.evaluator.evaluate(self.space.allocation(pop[i].X), self.full)
                 self.promoted.append(summarize(rec, algorithm.n_gen))
         self.generation = algorithm.n_gen + 1
@@ -101,7 +126,7 @@ def hv_curve(generations: list[dict]) -> tuple[list[float], dict]:
 def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
     """Run NSGA-II; returns the Phase II result (see module docstring)."""
     cfg = profile.nsga
-    space = make_space(profile, evaluator, sensitivity)
+    space = make_space(profile, evaluator.shapes, sensitivity)
     full = full_fidelity(profile)
     fidelity = low_fidelity(profile, cfg) if cfg.low_steps > 0 else full
     recorder = _Recorder(space, evaluator, fidelity, full, cfg.promote)
@@ -112,8 +137,8 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
         scored.extend(summarize(r, recorder.generation) for r in recs)
         return [min(r["objective"], FAILED_LOSS) for r in recs]
 
-    seed = seed_genes(profile, sensitivity, space)
-    algorithm = NSGA2(pop_size=cfg.pop_size, sampling=SeededSampling(seed, cfg.jitter, space),
+    first = first_generation(profile, space)
+    algorithm = NSGA2(pop_size=cfg.pop_size, sampling=np.array([g for _, g in first]),
                       crossover=BlockCrossover(cfg.crossover_prob),
                       mutation=NeighbourMutation(cfg.mutation_prob),
                       repair=BudgetRepair(space), eliminate_duplicates=True)
@@ -126,7 +151,10 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
         g["hv"] = hv
     unique = {r["key"]: r for r in scored + full_records}
     return {"search_fidelity": fidelity.name, "fidelities": {fidelity.name: fidelity, full.name: full},
-            "budget_bytes": space.budget, "seed_genes": seed.tolist(),
+            "budget_bytes": space.budget,
+            "first_generation": [{"origin": label, "key": evaluator.key(space.allocation(g), fidelity),
+                                  "bits": space.allocation(g).bits, "ranks": space.allocation(g).ranks,
+                                  "budget_ratio": space.bytes(g) / space.budget} for label, g in first],
             "evaluations": scored, "promoted": recorder.promoted,
             "generations": recorder.generations, "hv_normalization": norm,
             "pareto": pareto_set(full_records),
@@ -142,10 +170,4 @@ def run(profile, out_dir: Path, evaluator: ProxyEvaluator, sensitivity: dict, se
     config = {"context": evaluator.context, "proxy": profile.proxy, "nsga": profile.nsga,
               "ladders": [profile.bit_ladder, profile.rank_ladder],
               "budget": [profile.budget_bits, profile.budget_rank], "sensitivity_key": sensitivity_key}
-    key = content_hash(config)
-    out = Path(out_dir) / "nsga.json"
-    if out.exists() and read_json(out)["config"].get("key") == key:
-        return read_json(out)["result"]
-    result = search(profile, evaluator, sensitivity)
-    write_artifact(out, {**config, "key": key}, result)
-    return result
+    return cached(Path(out_dir) / "nsga.json", config, lambda: search(profile, evaluator, sensitivity))

@@ -3,8 +3,12 @@
 An individual is 2 integer genes per block: (bit-ladder index, rank-ladder index). Objectives
 (both minimized): the proxy fine-tune's objective (fitness.py), and block bytes / budget. Constraint:
 bytes / budget - 1 <= 0. Operators: layer-wise crossover (a block's pair is inherited whole),
-neighbour mutation (one rung up or down), and a greedy repair that downgrades, one rung at a time,
-whatever loses the least sensitivity per byte saved until the child fits the budget.
+neighbour mutation (one rung up or down), and a repair that touches only what is over the budget.
+
+No weight here is invented. Phase I measures what each bit rung costs a block (KL); it measures
+nothing about rank, so nothing converts a rank rung into KL: the Phase I seeds are knapsack optima of
+the additive KL at a fixed rank, and the repair downgrades random rungs (selection, not a guessed
+exchange rate, decides which allocations survive).
 """
 from __future__ import annotations
 
@@ -32,7 +36,6 @@ class SearchSpace:
     cost: np.ndarray        # [block, bit index, rank index] -> formula bytes (weights + LoRA)
     kl: np.ndarray          # [block, bit index] -> KL lost by quantizing the block alone to that rung
     budget: float           # bytes
-    rank_weight: float      # how much KL a block loses per unit fraction of its rank removed
 
     @property
     def n_blocks(self) -> int:
@@ -79,8 +82,8 @@ def kl_by_rung(kl_by_bits: dict, bit_ladder, n_blocks: int) -> np.ndarray:
     return out
 
 
-def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict, budget: float,
-                 rank_weight: float = 0.02) -> SearchSpace:
+def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict | None, budget: float) -> SearchSpace:
+    """kl_by_bits=None: a space for memory alone (random allocations), every KL 0."""
     bit_ladder, rank_ladder = tuple(sorted(bit_ladder)), tuple(sorted(rank_ladder))
     n = shapes.n_blocks
     cost = np.zeros((n, len(bit_ladder), len(rank_ladder)))
@@ -88,8 +91,8 @@ def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict, budget
         for k, r in enumerate(rank_ladder):
             per_block = block_bytes(shapes, uniform(n, b, r, bit_ladder, rank_ladder), qcfg)
             cost[:, j, k] = [blk["total"] for blk in per_block]
-    space = SearchSpace(bit_ladder, rank_ladder, cost, kl_by_rung(kl_by_bits, bit_ladder, n),
-                        float(budget), rank_weight)
+    kl = np.zeros((n, len(bit_ladder))) if kl_by_bits is None else kl_by_rung(kl_by_bits, bit_ladder, n)
+    space = SearchSpace(bit_ladder, rank_ladder, cost, kl, float(budget))
     floor = space.bytes(np.zeros(2 * n, dtype=int))
     if floor > budget:
         raise QRError(f"even every block at {bit_ladder[0]} bits and rank {rank_ladder[0]} needs "
@@ -98,48 +101,106 @@ def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict, budget
     return space
 
 
-def _moves(space: SearchSpace, g: np.ndarray, direction: int):
-    """Every one-rung move (gene index, sensitivity changed, bytes changed) of allocation `g`:
-    downgrades (direction -1) lose sensitivity, upgrades (+1) recover it. A bit move changes the
-    block's KL (Phase I); a rank move is charged rank_weight x the block's lowest-bit KL x the
-    fraction of rank it changes (fragile blocks need their adapters more)."""
-    out = []
-    for i in range(space.n_blocks):
-        b, r = g[2 * i], g[2 * i + 1]
-        nb, nr = b + direction, r + direction
-        if 0 <= nb < len(space.bit_ladder):
-            lo, hi = min(b, nb), max(b, nb)
-            out.append((2 * i, max(space.kl[i, lo] - space.kl[i, hi], 0.0),
-                        abs(space.cost[i, nb, r] - space.cost[i, b, r])))
-        if 0 <= nr < len(space.rank_ladder):
-            lo, hi = min(r, nr), max(r, nr)
-            fraction = 1 - space.rank_ladder[lo] / space.rank_ladder[hi]
-            out.append((2 * i + 1, space.rank_weight * space.kl[i, 0] * fraction,
-                        abs(space.cost[i, b, nr] - space.cost[i, b, r])))
-    return out
+def uniform_genes(space: SearchSpace, bit_rung: int, rank_rung: int) -> np.ndarray:
+    return np.array([bit_rung, rank_rung] * space.n_blocks)
 
 
-def repair(space: SearchSpace, genes) -> np.ndarray:
-    """Greedy downgrades until the allocation fits: each step takes the one-rung move (bits or
-    rank, any block) with the least sensitivity lost per byte saved."""
+def knapsack(space: SearchSpace, budget: float, rank_rung: int) -> np.ndarray:
+    """The allocation with the least total Phase I KL whose bytes fit `budget`, every block at rank
+    rung `rank_rung`: a multiple-choice knapsack, solved exactly by dynamic programming over the
+    partial allocations that no other beats in both bytes and KL (a few thousand at most: blocks of
+    one shape differ only in how many sit at each rung)."""
+    n, nb = space.n_blocks, len(space.bit_ladder)
+    cost = space.cost[:, :, rank_rung]
+    if cost[:, 0].sum() > budget:
+        raise QRError(f"no allocation at rank {space.rank_ladder[rank_rung]} fits {budget / 2**20:.1f} MiB, "
+                      "not even every block at the lowest bits; raise the budget or lower the rank")
+    used, kl, picks = np.zeros(1), np.zeros(1), np.zeros((1, 0), dtype=int)
+    for i in range(n):
+        used = (used[:, None] + cost[i][None, :]).ravel()
+        kl = (kl[:, None] + space.kl[i][None, :]).ravel()
+        picks = np.column_stack([np.repeat(picks, nb, axis=0), np.tile(np.arange(nb), len(picks))])
+        order = np.lexsort((kl, used))
+        order = order[used[order] <= budget]
+        used, kl, picks = used[order], kl[order], picks[order]
+        best_before = np.minimum.accumulate(np.concatenate([[np.inf], kl[:-1]]))
+        keep = kl < best_before             # more bytes only if they buy less KL
+        used, kl, picks = used[keep], kl[keep], picks[keep]
+    genes = np.full(2 * n, rank_rung)
+    genes[0::2] = picks[-1]                 # the last kept state has the least KL
+    return genes
+
+
+def repair(space: SearchSpace, genes, rng=None) -> np.ndarray:
+    """Random one-rung downgrades (bits or rank, any block) until the allocation fits; a feasible
+    allocation is returned unchanged."""
+    rng = rng if rng is not None else np.random.default_rng(0)
     g = np.asarray(genes, dtype=int).copy()
     while space.bytes(g) > space.budget:
-        gene, _, _ = min(_moves(space, g, -1), key=lambda m: m[1] / max(m[2], 1.0))
-        g[gene] -= 1  # search_space() checked that the all-minimum allocation fits, so a move exists
+        g[rng.choice(np.flatnonzero(g > 0))] -= 1   # search_space() checked the all-minimum fits
     return g
 
 
-def fill(space: SearchSpace, genes) -> np.ndarray:
-    """Greedy upgrades while the budget allows: each step takes the affordable one-rung move with
-    the most sensitivity recovered per byte spent (the mirror of repair)."""
-    g = repair(space, genes)
+def random_allocation(space: SearchSpace, budget: float, rng) -> np.ndarray:
+    """A random allocation that spends `budget`: random genes, random downgrades until it fits, then
+    random one-rung upgrades while one still fits. Its bytes lie within one rung's step below
+    `budget`: the memory-matched chance baseline of a searched allocation."""
+    g = rng.integers(0, space.upper + 1)
+    while space.bytes(g) > budget:
+        g[rng.choice(np.flatnonzero(g > 0))] -= 1
     while True:
-        room = space.budget - space.bytes(g)
-        moves = [m for m in _moves(space, g, +1) if m[2] <= room]
-        if not moves:
+        up = [i for i in np.flatnonzero(g < space.upper) if space.bytes(g + np.eye(len(g), dtype=int)[i]) <= budget]
+        if not up:
             return g
-        gene, _, _ = max(moves, key=lambda m: m[1] / max(m[2], 1.0))
-        g[gene] += 1
+        g[rng.choice(up)] += 1
+
+
+def level_bytes(space: SearchSpace, bits: float, rank_rung: int) -> float:
+    """The memory of `bits` average bits at `rank_rung`: a uniform allocation's bytes when `bits` is a
+    rung, linear between the neighbouring rungs otherwise (3.5 bits = halfway from 3 to 4)."""
+    rungs = [b for b in space.bit_ladder]
+    if not rungs[0] <= bits <= rungs[-1]:
+        raise QRError(f"{bits} bits lies outside the bit ladder {list(space.bit_ladder)}; choose a budget within it")
+    return float(np.interp(bits, rungs, [space.bytes(uniform_genes(space, j, rank_rung)) for j in range(len(rungs))]))
+
+
+def memory_levels(space: SearchSpace, rank_rung: int) -> list[float]:
+    """The memory range the first generation covers: each uniform allocation at `rank_rung` (the
+    budget's rank) that fits the budget, and the midpoints between consecutive ones (2, 2.5, 3, 3.5
+    and 4 bits at rank 8 under the default 4-bit budget)."""
+    points = [space.bytes(uniform_genes(space, j, rank_rung)) for j in range(len(space.bit_ladder))]
+    points = [p for p in points if p <= space.budget]
+    return sorted(points + [(a + b) / 2 for a, b in zip(points, points[1:])])
+
+
+def initial_population(space: SearchSpace, rank_rung: int, n_random: int, rng) -> list[tuple[str, np.ndarray]]:
+    """The first generation, spanning the memory range rather than one point: every uniform
+    allocation that fits the budget, the Phase I knapsack optimum at the budget for each rank rung (that
+    fits at all) and
+    at every memory level (memory_levels) at `rank_rung` (the budget's rank), and `n_random` random allocations
+    spread over those levels. Labelled by origin; duplicates are dropped (the first label stays)."""
+    members = []
+    for j, b in enumerate(space.bit_ladder):
+        for k, r in enumerate(space.rank_ladder):
+            g = uniform_genes(space, j, k)
+            if space.bytes(g) <= space.budget:
+                members.append((f"uniform {b}-bit r{r}", g))
+    for k, r in enumerate(space.rank_ladder):
+        if space.bytes(uniform_genes(space, 0, k)) <= space.budget:
+            members.append((f"Phase I knapsack r{r} at the budget", knapsack(space, space.budget, k)))
+    levels, k = memory_levels(space, rank_rung), rank_rung
+    for level in levels:
+        members.append((f"Phase I knapsack r{space.rank_ladder[k]} at {level / space.budget:.2f} x budget",
+                        knapsack(space, level, k)))
+    for i in range(n_random):
+        level = levels[i % len(levels)]
+        members.append((f"random at {level / space.budget:.2f} x budget", random_allocation(space, level, rng)))
+    seen, out = set(), []
+    for label, g in members:
+        if tuple(g) not in seen:
+            seen.add(tuple(g))
+            out.append((label, g))
+    return out
 
 
 class BudgetRepair(Repair):
@@ -147,30 +208,8 @@ class BudgetRepair(Repair):
         super().__init__()
         self.space = space
 
-    def _do(self, problem, X, **kwargs):
-        return np.array([repair(self.space, x) for x in X])
-
-
-class SeededSampling(Sampling):
-    """The Phase I seed plus jittered copies of it (each gene moves one rung with prob. `jitter`)."""
-
-    def __init__(self, seed_genes, jitter: float, space: SearchSpace):
-        super().__init__()
-        self.seed_genes, self.jitter, self.space = np.asarray(seed_genes, dtype=int), jitter, space
-
-    def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
-        out = [repair(self.space, self.seed_genes)]
-        for _ in range(50 * n_samples):  # jitter until the population is distinct (or give up)
-            if len(out) == n_samples:
-                break
-            step = random_state.choice([-1, 1], size=problem.n_var)
-            moved = random_state.random(problem.n_var) < self.jitter
-            x = repair(self.space, np.clip(self.seed_genes + step * moved, 0, problem.xu))
-            if not any(np.array_equal(x, y) for y in out):
-                out.append(x)
-        while len(out) < n_samples:
-            out.append(out[-1])
-        return np.array(out)
+    def _do(self, problem, X, random_state=None, **kwargs):
+        return np.array([repair(self.space, x, random_state) for x in X])
 
 
 class BlockCrossover(Crossover):

@@ -44,3 +44,19 @@ def gsm8k_prompt(doc):
     from qr_lib.data import gsm8k_fewshot
 
     return f"{gsm8k_fewshot()}Question: {doc['question']}\nAnswer:"
+
+
+# lm-eval's stock tasks over offline documents (stock_*.yaml): raw rows in the stock schema, no shuffle
+# (the stock tasks are scored on full splits), and the stock HellaSwag preprocessing itself.
+def load_stock(task: str, **_):
+    from datasets import Dataset, DatasetDict
+
+    from qr_lib.data import stock_docs
+
+    return DatasetDict({"test": Dataset.from_list(stock_docs(task))})
+
+
+def hellaswag_process_docs(dataset):
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    return process_docs(dataset)

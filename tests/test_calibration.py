@@ -1,0 +1,66 @@
+"""The proxy calibration study: its statistics on constructed scores, and a real run on the smoke profile."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from qr_lib import calibration
+
+
+def _scores(truth, noise_by_length, rng):
+    rows = []
+    for length, noise in noise_by_length.items():
+        for seed in (0, 1):
+            for m, t in truth.items():
+                for n_val in (16, 64):
+                    rows.append({"method": m, "seed": seed, "length": length, "n_val": n_val,
+                                 "proxy_loss": t + rng.normal(0, noise * (2 if n_val == 16 else 1))})
+    return pd.DataFrame(rows)
+
+
+def test_longer_proxies_rank_better_and_the_cheapest_good_one_is_recommended():
+    rng = np.random.default_rng(0)
+    truth = {f"m{i}": 3.0 + 0.1 * i for i in range(10)}
+    finals = pd.DataFrame({"method": list(truth), "final_test_loss": list(truth.values())})
+    table = calibration.summary(_scores(truth, {0: 1.0, 8: 0.02, 16: 0.005}, rng), finals, batch_size=4)
+    by = table.set_index(["length", "n_val"])
+    assert by.loc[(16, 64), "spearman"] > 0.95 and by.loc[(0, 64), "spearman"] < 0.8
+    assert by.loc[(16, 64), "signal_to_noise"] > by.loc[(0, 64), "signal_to_noise"]
+    rec = calibration.recommend(table, 0.8)
+    assert rec["reaches"] and rec["length"] == 8                     # 16 steps also works, but costs more
+    none = calibration.recommend(table.assign(spearman=table["spearman"] * 0.5), 0.8)
+    assert not none["reaches"] and "no proxy setting reaches" in none["statement"]
+
+
+@pytest.mark.integration
+def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
+    """Final runs for three allocations, then the study: every (length, n_val) has a row, and a
+    checkpoint at L equals a separate proxy run of L steps (constant schedule)."""
+    import dataclasses
+
+    from qr_lib import finetune
+    from qr_lib.config import load_profile
+    from qr_lib.data import load_finetune
+    from qr_lib.models import load_model
+    from qr_lib.train import example_losses, mean_loss, train
+    from qr_lib.build import build
+
+    p = load_profile("smoke", {"calibration.methods": ["hqq3", "hqq4", "lora16"], "calibration.lengths": [0, 2, 4],
+                               "calibration.n_val": [8, 16], "finetune.max_steps": 2})
+    base, tok = load_model(p.model, p.dtype, p.device)
+    for m in p.calibration.methods:
+        finetune.run(p, finetune.load_method(m), 0, tmp_path, base, tok, progress=False)
+    result = calibration.run(p, tmp_path, base, tok, progress=False)
+    table = pd.DataFrame(result["table"])
+    assert len(table) == 3 * 2 and table["allocations"].eq(3).all()
+    assert result["recommendation"]["length"] in (0, 2, 4)
+    again = calibration.run(p, tmp_path, base, tok, progress=False)      # cached curves
+    assert again["scores"] == result["scores"]
+
+    alloc = finetune.resolve_allocation(p, finetune.load_method("hqq4"), 4, tmp_path, (base, tok))
+    splits = load_finetune(p.data)
+    model = build(base, alloc, p.quant, p.lora, progress=False, seed=0)
+    train(model, tok, splits.train, dataclasses.replace(p.proxy, steps=2, seed=0), progress=False)
+    separate = mean_loss(example_losses(model, tok, splits.val[:16], p.proxy.max_len))
+    row = [s for s in result["scores"] if s["method"] == "hqq4" and s["seed"] == 0 and s["length"] == 2
+           and s["n_val"] == 16][0]
+    assert row["proxy_loss"] == pytest.approx(separate, rel=1e-5)

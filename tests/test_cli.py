@@ -1,0 +1,50 @@
+"""The command line: every command documented, bad input exits 2 before any work, --help is quick."""
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qr_lib import cli
+
+
+def test_every_stage_and_tool_is_a_command_with_its_options_documented(capsys):
+    for command in (*cli.STAGES, "export", "stock", "benchmark"):
+        with pytest.raises(SystemExit) as done:
+            cli.main([command, "--help"])
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+        if command != "export":
+            assert "--profile" in text and "--set" in text and "(default: default)" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reproduce", "--profile", "nope"], "choose one of"),
+    (["reproduce", "--profile", "smoke", "--set", "nsga.pop_size=\"4\""], "must be int"),
+    (["reproduce", "--profile", "smoke", "--set", "proxy.stepz=4"], "did you mean 'steps'"),
+    (["reproduce", "--profile", "smoke", "--only", "99"], "leaves no notebook"),
+    (["reproduce", "--profile", "smoke", "--only", "01", "--skip", "01"], "leaves no notebook"),
+    (["finetune", "--profile", "smoke", "--set", "finetune.seeds"], "not KEY=VALUE"),
+])
+def test_bad_input_exits_2_naming_the_problem(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*.json"))                     # nothing written
+
+
+def test_help_answers_without_loading_the_heavy_libraries():
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "qr_lib", "--help"], capture_output=True, text=True, check=True)
+    assert "reproduce" in out.stdout and time.time() - t0 < 5
+    loaded = subprocess.run([sys.executable, "-c", "import sys, qr_lib.cli; print('torch' in sys.modules)"],
+                            capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"
+
+
+def test_the_paper_profile_plans_offline_without_a_gpu(capsys):
+    assert cli.main(["reproduce", "--profile", "paper", "--dry-run", "--step-seconds", "1.5"]) == 0
+    text = capsys.readouterr().out
+    assert "meta-llama/Meta-Llama-3-8B" in text and "Phases II-III" in text
+    assert "model parameters: 8,030,261,248" in text               # LLaMA-3-8B, from its shipped config
+    assert " h" in text.split("time at 1.50 s per step")[1]

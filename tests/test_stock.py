@@ -1,0 +1,46 @@
+"""lm-eval's stock task formats, offline: the same prompts as the installed lm-eval, and a real run."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qr_lib.evaluate import TASK_DIR
+
+FIELDS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list")
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_multi_constructor("!", lambda loader, suffix, node: f"!{suffix}")
+
+
+def _yaml(path: Path) -> dict:
+    data = yaml.load(path.read_text(), Loader=_Loader)
+    if "include" in data:
+        data = {**_yaml(path.parent / data.pop("include")), **data}
+    return data
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "hellaswag", "piqa"])
+def test_the_offline_twins_ask_what_lm_evals_stock_tasks_ask(task):
+    import lm_eval
+    stock_dir = Path(lm_eval.__file__).parent / "tasks" / ("arc" if task.startswith("arc") else task)
+    stock = _yaml(stock_dir / f"{task}.yaml")
+    ours = _yaml(TASK_DIR / f"stock_{task}.yaml")
+    for field in FIELDS:
+        assert ours[field] == stock[field], (task, field)
+
+
+@pytest.mark.integration
+def test_the_stock_table_sets_our_scores_beside_the_published_ones(tmp_path, embedded32):
+    from qr_lib import stock
+    from qr_lib.config import load_profile
+    model, tok = embedded32
+    table = stock.run(load_profile("default"), tmp_path, limit=4, base=model, tok=tok, progress=False)
+    assert list(table["task"]) == ["arc_easy", "arc_challenge", "hellaswag", "piqa"]
+    assert (table["n"] == 4).all() and table["published (%)"].notna().all()
+    assert (tmp_path / "tables" / "stock_lm_eval.md").exists()
+    again = stock.run(load_profile("default"), tmp_path, limit=4, progress=False)     # cached per task
+    assert again.equals(table)
