@@ -51,6 +51,9 @@ class Paired:
 
 def verdict(low: float, high: float, margin: float, lower_is_better: bool) -> str:
     """Classify a 95% interval of a - b (see the module docstring)."""
+    # Bootstrap bounds are ratios of weighted sums and carry float noise (1e-17 where the exact bound is
+    # 0, as for accuracies, whose differences are multiples of 1/n): a bound at 0 must read as 0.
+    low, high = round(low, 12), round(high, 12)
     if -margin < low and high < margin:
         return "equivalent"
     if high < 0 or low > 0:

@@ -68,3 +68,11 @@ def test_random_draws_are_averaged_and_resampled():
     assert r.low < -0.3 < r.high                              # which draws came up is uncertain too
     with pytest.raises(ValueError, match="same seeds"):
         stats.compare("loss", "a", a, "random", draws[:, :, :10])
+
+
+def test_an_interval_that_touches_zero_is_not_a_difference():
+    """Float noise in a bootstrap bound (1e-17 where the exact bound is 0) must not turn 'can't tell'
+    into 'better': the default run's first claims table had such a row."""
+    assert stats.verdict(2.8e-17, 0.12, 0.01, lower_is_better=False) == "can't tell"
+    assert stats.verdict(-0.12, -2.8e-17, 0.01, lower_is_better=True) == "can't tell"
+    assert stats.verdict(0.006, 0.12, 0.01, lower_is_better=False) == "better"
