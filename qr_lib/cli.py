@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from .errors import QRError
 
@@ -51,7 +52,7 @@ def _profile(args):
     return load_profile(args.profile, parse_overrides(args.set))
 
 
-def _run_notebooks(args, prefixes: list[str]) -> None:
+def _run_notebooks(args, prefixes: list[str], begun=None) -> None:
     import logging
 
     from . import reproduce
@@ -60,7 +61,7 @@ def _run_notebooks(args, prefixes: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
     os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars the terminal can show
     reproduce.run(args.profile, prefixes or None, log_output=True, overrides=parse_overrides(args.set),
-                  skip=getattr(args, "skip", None))
+                  skip=getattr(args, "skip", None), begun=begun)
 
 
 def cmd_finetune(args) -> None:
@@ -85,10 +86,16 @@ def cmd_plan(args) -> None:
 def cmd_stage(args) -> None:
     if getattr(args, "dry_run", False):
         return cmd_plan(args)
+    begun = None
     if args.command == "reproduce" and not args.only:
+        # The run's starting state and clock come first: the estimate may read the model, which
+        # converts and caches it on a machine that has never seen it.
+        from .reproduce import starting_state
+        from .store import results_dir
+        begun = (starting_state(results_dir(_profile(args).name)), time.time())
         _say_expected_time(args)
     prefixes = list(args.only) if getattr(args, "only", None) else STAGES[args.command][0]
-    _run_notebooks(args, prefixes)
+    _run_notebooks(args, prefixes, begun)
 
 
 def _say_expected_time(args) -> None:

@@ -73,9 +73,11 @@ def write_index(out: Path, profile: str, manifest: dict) -> None:
 
 
 def run(profile: str, only: list[str] | None = None, log_output: bool = False,
-        overrides: dict | None = None, skip: list[str] | None = None) -> None:
+        overrides: dict | None = None, skip: list[str] | None = None,
+        begun: tuple[dict, float] | None = None) -> None:
     """Run the notebooks for a profile (a name or a path, with dotted `overrides`); with `log_output`
-    their output (stage progress) streams to the terminal."""
+    their output (stage progress) streams to the terminal. `begun`: (starting_state, time.time())
+    taken by a caller that did work of its own first; by default both are taken here."""
     import papermill as pm
 
     overrides = overrides or {}
@@ -90,7 +92,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
         raise QRError(f"--only {' '.join(only or [])} --skip {' '.join(skip or [])} leaves no notebook; give prefixes of "
                       f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
     kernel = ensure_kernel()
-    start, started = starting_state(out), time.time()
+    start, started = begun or (starting_state(out), time.time())
     for i, nb in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.name} (profile {name})", flush=True)
         before, t0 = _outputs(out), time.time()

@@ -48,3 +48,20 @@ def test_the_paper_profile_plans_offline_without_a_gpu(capsys):
     assert "meta-llama/Meta-Llama-3-8B" in text and "Phases II-III" in text
     assert "model parameters: 8,030,261,248" in text               # LLaMA-3-8B, from its shipped config
     assert " h" in text.split("time at 1.50 s per step")[1]
+
+
+def test_a_whole_run_takes_its_starting_state_before_the_time_estimate(monkeypatch, tmp_path):
+    """The estimate may read the model, which converts and caches it on a fresh machine: the default
+    run of 2026-12-02 recorded "from nothing: False" and lost that conversion from its clock."""
+    from qr_lib import cli, reproduce
+    monkeypatch.setenv("QR_LIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path / "results"))
+
+    def estimate(args):
+        (tmp_path / "cache" / "models" / "converted").mkdir(parents=True)
+
+    seen = {}
+    monkeypatch.setattr(cli, "_say_expected_time", estimate)
+    monkeypatch.setattr(reproduce, "run", lambda *a, begun=None, **k: seen.update(begun=begun))
+    assert cli.main(["reproduce", "--profile", "smoke"]) == 0
+    assert seen["begun"][0]["from_nothing"] and seen["begun"][1] > 0
