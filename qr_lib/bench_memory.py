@@ -89,13 +89,13 @@ def interleaved_step_times(models: dict, batch, rounds: int, warmup: int) -> dic
     return times
 
 
-def dtype_check(profile, batch, rounds: int) -> dict:
-    """The 16-bit LoRA step in float32 and bfloat16, timed round-robin after one warm-up step each."""
+def dtype_check(profile, loaded: dict, n_blocks: int, batch, rounds: int) -> dict:
+    """The 16-bit LoRA step in float32 and bfloat16, timed round-robin after one warm-up step each.
+    `loaded` maps a dtype name to a base model already in memory; only a missing dtype is loaded."""
     builds = {}
     for dtype in ("float32", "bfloat16"):
-        base, _ = load_model(profile.model, dtype, profile.device)
-        builds[dtype] = build(base, uniform(len(memory.model_shapes(base).linears), 16, 8), profile.quant,
-                              lora=profile.lora, progress=False)
+        base = loaded.get(dtype) or load_model(profile.model, dtype, profile.device)[0]
+        builds[dtype] = build(base, uniform(n_blocks, 16, 8), profile.quant, lora=profile.lora, progress=False)
     times = interleaved_step_times(builds, batch, rounds, warmup=1)
     out = {f"{d}_s": statistics.median(t) for d, t in times.items()}
     return {**out, "bfloat16_over_float32": out["bfloat16_s"] / out["float32_s"], "rounds": rounds,
@@ -161,7 +161,8 @@ def run(profile_name: str, out: Path, steps: int, warmup: int, batch_size: int, 
               "worst_quantized_allocation": max(dense_rows, key=lambda r: r["train"]["over_16bit"])["allocation"],
               "step_ratio_mixed_over_uniform4": over(("mixed-3/4/8", "train"), ("uniform-4bit-r8", "train"))}
     del builds
-    result["dtype_check"] = dtype_check(profile, batch, rounds=dtype_rounds)
+    loaded = {str(m.dtype).removeprefix("torch."): m for m in (base, stored)}
+    result["dtype_check"] = dtype_check(profile, loaded, shapes.n_blocks, batch, rounds=dtype_rounds)
     print(f"16-bit LoRA step: float32 {result['dtype_check']['float32_s']:.2f} s, bfloat16 "
           f"{result['dtype_check']['bfloat16_s']:.2f} s; auto picks {profile.dtype} here")
     print(f"slowest HQQ/NF4 step / 16-bit LoRA step: {result['worst_quantized_step_over_16bit']:.3f} "
