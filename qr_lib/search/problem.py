@@ -175,10 +175,10 @@ def memory_levels(space: SearchSpace, rank_rung: int) -> list[float]:
 
 def initial_population(space: SearchSpace, rank_rung: int, n_random: int, rng) -> list[tuple[str, np.ndarray]]:
     """The first generation, spanning the memory range rather than one point: every uniform
-    allocation that fits the budget, the Phase I knapsack optimum at the budget for each rank rung (that
-    fits at all) and
-    at every memory level (memory_levels) at `rank_rung` (the budget's rank), and `n_random` random allocations
-    spread over those levels. Labelled by origin; duplicates are dropped (the first label stays)."""
+    allocation that fits the budget, the Phase I knapsack optimum at the budget for each rank rung that
+    fits at all and at every memory level (memory_levels) at `rank_rung` (the budget's rank), and
+    `n_random` random allocations spread over those levels. Labelled by origin; duplicates are dropped
+    (the first label stays)."""
     members = []
     for j, b in enumerate(space.bit_ladder):
         for k, r in enumerate(space.rank_ladder):
