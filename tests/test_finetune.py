@@ -27,7 +27,7 @@ def base():
 def quick():
     """The smoke profile with one task, two documents: exercises the path, not the numbers."""
     return load_profile("smoke", {"eval.tasks": ["arc_easy"], "eval.limit": 2, "finetune.max_steps": 3,
-                                  "eval.seeds": [0]})
+                                  "eval.seeds": [0], "finetune.seeds": [0, 1]})
 
 
 def test_train_config_covers_the_requested_epochs():

@@ -214,27 +214,6 @@ def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_score
     assert lower["predicted_kl"] > uniform4["predicted_kl"] and lower["memory_MiB"] < uniform4["memory_MiB"]
 
 
-def test_a_killed_search_resumes_without_losing_finished_evaluations(smoke, base, tmp_path, monkeypatch):
-    real = fitness.ProxyEvaluator.evaluate
-
-    def dies_after_three(self, allocation, fidelity):
-        if self.misses >= 3 and not self.path(allocation, fidelity).exists():
-            raise KeyboardInterrupt("killed")
-        return real(self, allocation, fidelity)
-
-    monkeypatch.setattr(fitness.ProxyEvaluator, "evaluate", dies_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        search.run(smoke, tmp_path, *base, progress=False)
-    finished = sorted(p.name for p in (tmp_path / "evaluations").glob("*.json"))
-    assert len(finished) == 3
-    monkeypatch.setattr(fitness.ProxyEvaluator, "evaluate", real)
-    ev = fitness.ProxyEvaluator(smoke, tmp_path / "evaluations", *base, progress=False)
-    phase1 = search.sensitivity.run(smoke, tmp_path, *base, progress=False)
-    nsga.search(smoke, ev, phase1)
-    assert ev.hits >= 3
-    assert set(finished) <= {p.name for p in (tmp_path / "evaluations").glob("*.json")}
-
-
 def test_the_selection_is_never_dominated():
     """The audit's case: a one-point front made every utility 0 and the first record, dominated, won."""
     recs = [{"key": "dominated", "objective": 3.0, "budget_ratio": 0.99},
