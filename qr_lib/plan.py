@@ -18,14 +18,15 @@ import numpy as np
 
 def search_counts(profile, space) -> dict:
     """Proxy candidates of the three phases: the first generation (its size depends on the ladders
-    and the budget), offspring of later generations, promotions and BO steps."""
+    and the budget), offspring of later generations, the uniform anchors, promotions and BO steps."""
     from .search import nsga
 
     first = len(nsga.first_generation(profile, space))
     cfg = profile.nsga
     multi = cfg.low_steps > 0
     search_scored = first + (cfg.generations - 1) * cfg.pop_size
-    full_scored = (cfg.promote * cfg.generations if multi else search_scored) + profile.bo.iterations
+    anchors = len(nsga.uniform_anchors(profile, space)) if multi else 0
+    full_scored = (anchors + cfg.promote * cfg.generations if multi else search_scored) + profile.bo.iterations
     steps = (search_scored * (cfg.low_steps if multi else profile.proxy.steps)
              + (full_scored * profile.proxy.steps if multi else profile.bo.iterations * profile.proxy.steps))
     # The first generation's size depends on Phase I (duplicates are dropped), so it is counted here

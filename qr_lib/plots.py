@@ -100,6 +100,19 @@ def sensitivity_plot(result: dict):
     return fig
 
 
+def mark_uniform(ax, members: list[dict], records: list[dict]) -> None:
+    """Open diamonds, labelled, on the uniform allocations among `members` ({"origin", "key"}) that
+    have a record here."""
+    by_key = {r["key"]: r for r in records}
+    uniform = [(m["origin"].removeprefix("uniform "), by_key[m["key"]]) for m in members
+               if m["origin"].startswith("uniform") and m["key"] in by_key and not by_key[m["key"]]["failed"]]
+    if uniform:
+        ax.scatter([r["budget_ratio"] for _, r in uniform], [r["objective"] for _, r in uniform], marker="D", s=40,
+                   facecolors="none", edgecolors="tab:purple", label="uniform allocations")
+        for label, r in uniform:
+            ax.annotate(label, (r["budget_ratio"], r["objective"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
+
+
 def objective_space(phase2: dict, phase3: dict | None = None):
     """Proxy loss against memory, one panel per fidelity (a 4-step and a 16-step loss never share an
     axis). Search fidelity: every candidate by generation, the uniform allocations marked. Full
@@ -117,20 +130,14 @@ def objective_space(phase2: dict, phase3: dict | None = None):
         pts = [(r["budget_ratio"], r["objective"]) for r in evals if r["generation"] == g and not r["failed"]]
         if pts:
             ax.scatter(*zip(*pts), s=18, color=cmap(k), alpha=0.8, label=f"generation {g}")
-    by_key = {r["key"]: r for r in evals}
-    uniform = [(m["origin"].removeprefix("uniform "), by_key[m["key"]]) for m in phase2.get("first_generation", [])
-               if m["origin"].startswith("uniform") and m["key"] in by_key and not by_key[m["key"]]["failed"]]
-    if uniform:
-        ax.scatter([r["budget_ratio"] for _, r in uniform], [r["objective"] for _, r in uniform], marker="D", s=40,
-                   facecolors="none", edgecolors="tab:purple", label="uniform allocations")
-        for label, r in uniform:
-            ax.annotate(label, (r["budget_ratio"], r["objective"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    mark_uniform(ax, phase2.get("first_generation", []), evals)
     ax.set_title(f"{fid} fidelity ({steps[fid]} steps)", fontsize=9)
     if multi:
         ax = axes[0][1]
         full = [(r["budget_ratio"], r["objective"]) for r in phase2["promoted"] if not r["failed"]]
         if full:
             ax.scatter(*zip(*full), s=30, color="k", alpha=0.6, label="promoted")
+        mark_uniform(ax, phase2.get("anchors", []), phase2["promoted"])
         ax.set_title(f"full fidelity ({steps['full']} steps)", fontsize=9)
     front = sorted((r["budget_ratio"], r["objective"]) for r in (phase3 or phase2)["pareto"])
     if front:

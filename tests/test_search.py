@@ -184,7 +184,7 @@ def test_search_writes_every_artifact_and_selects_a_feasible_allocation(smoke_ru
             assert step["candidate"]["fidelity"] == "full" and step["candidate"]["train_tokens"] > 0
 
 
-def test_the_first_generation_is_scored_whole_and_promotions_are_distinct(smoke, base, smoke_run):
+def test_the_first_generation_is_scored_whole_uniform_points_at_full_fidelity_and_promotions_distinct(smoke, base, smoke_run):
     from qr_lib.store import read_json
     out, _ = smoke_run
     phase1 = read_json(out / "sensitivity.json")["result"]
@@ -197,6 +197,12 @@ def test_the_first_generation_is_scored_whole_and_promotions_are_distinct(smoke,
     assert any(m["origin"] == "uniform 4-bit r8" for m in phase2["first_generation"])
     keys = [r["key"] for r in phase2["promoted"]]
     assert len(keys) == len(set(keys))                                    # never promoted twice
+    # The uniform allocations at the budget's rank are scored at full fidelity whatever the low one says.
+    full = {(tuple(r["bits"]), tuple(r["ranks"])) for r in phase2["promoted"]}
+    n = space.n_blocks
+    assert {((b,) * n, (8,) * n) for b in (2, 3, 4)} <= full
+    assert [a["origin"] for a in phase2["anchors"]] == ["uniform 2-bit r8", "uniform 3-bit r8", "uniform 4-bit r8"]
+    assert {a["key"] for a in phase2["anchors"]} <= set(keys)
 
 
 def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_scores(smoke, base, smoke_run):

@@ -10,7 +10,10 @@ find, and cannot fail to consider, the uniform 4-bit allocation at the budget; i
 `pop_size`, which later generations keep. With `low_steps > 0` (multi-fidelity) NSGA-II ranks
 children by a cheap proxy and `promote` members of every generation's front, spread over its memory
 range and never one already scored, are re-scored by the full proxy; the Pareto set handed to
-Phase III holds full-fidelity scores only.
+Phase III holds full-fidelity scores only. The uniform allocations at the budget's rank that fit are
+always scored at full fidelity too (`uniform_anchors`): the low fidelity can rank a uniform point
+below the Phase I knapsack when the full proxy prefers it (the 4-step score mostly measures the
+quantized base), and the front must show the uniform points it is judged against.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from ..fitness import FAILED_LOSS, Fidelity, ProxyEvaluator, full_fidelity, summ
 from ..memory import budget_bytes
 from ..store import cached
 from .problem import (AllocationProblem, BlockCrossover, BudgetRepair, NeighbourMutation, SearchSpace,
-                      hypervolume, initial_population, knapsack, pareto_mask, pareto_set, search_space)
+                      hypervolume, initial_population, knapsack, pareto_mask, pareto_set, search_space,
+                      uniform_genes)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,13 @@ def first_generation(profile, space: SearchSpace) -> list[tuple[str, np.ndarray]
                               np.random.default_rng(profile.nsga.seed))
 
 
+def uniform_anchors(profile, space: SearchSpace) -> list[np.ndarray]:
+    """The uniform allocations at the budget's rank that fit the budget (e.g. 2/3/4-bit r8)."""
+    k = budget_rank_rung(profile)
+    genes = [uniform_genes(space, j, k) for j in range(len(space.bit_ladder))]
+    return [g for g in genes if space.bytes(g) <= space.budget]
+
+
 def spread(items: list, k: int) -> list:
     """k items evenly spaced over a sorted list (its first and last included when k >= 2)."""
     if k >= len(items):
@@ -85,13 +96,15 @@ def spread(items: list, k: int) -> list:
 
 
 class _Recorder(Callback):
-    """Per generation: the front of the population, and promotions to the full proxy: `promote`
-    front members not yet scored at full fidelity, spread over the front's memory range.
+    """Per generation: the front of the population, and promotions to the full proxy: after the first
+    generation the `anchors` (uniform allocations), then each generation `promote` front members not
+    yet scored at full fidelity, spread over the front's memory range.
     `generation` is the one being scored now (pymoo calls notify after each one)."""
 
-    def __init__(self, space, evaluator, search: Fidelity, full: Fidelity, promote: int):
+    def __init__(self, space, evaluator, search: Fidelity, full: Fidelity, promote: int, anchors: list):
         super().__init__()
         self.space, self.evaluator, self.search, self.full, self.promote = space, evaluator, search, full, promote
+        self.anchors = anchors
         self.generation, self.generations, self.promoted = 1, [], []
 
     def notify(self, algorithm):
@@ -102,6 +115,10 @@ class _Recorder(Callback):
         keys = [self.evaluator.key(self.space.allocation(pop[i].X), self.search) for i in front]
         self.generations.append({"generation": algorithm.n_gen, "front": keys, "F": F[front].tolist()})
         if self.search.name != self.full.name:
+            if algorithm.n_gen == 1:
+                recs = self.evaluator.evaluate_many([self.space.allocation(g) for g in self.anchors], self.full,
+                                                    desc="uniform anchors")
+                self.promoted.extend(summarize(r, algorithm.n_gen) for r in recs)
             done = {r["key"] for r in self.promoted}
             fresh = [i for i in sorted(front, key=lambda i: F[i, 1])
                      if self.evaluator.key(self.space.allocation(pop[i].X), self.full) not in done]
@@ -129,7 +146,7 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
     space = make_space(profile, evaluator.shapes, sensitivity)
     full = full_fidelity(profile)
     fidelity = low_fidelity(profile, cfg) if cfg.low_steps > 0 else full
-    recorder = _Recorder(space, evaluator, fidelity, full, cfg.promote)
+    recorder = _Recorder(space, evaluator, fidelity, full, cfg.promote, uniform_anchors(profile, space))
     scored: list[dict] = []
 
     def score(allocations):
@@ -155,6 +172,8 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
             "first_generation": [{"origin": label, "key": evaluator.key(space.allocation(g), fidelity),
                                   "bits": space.allocation(g).bits, "ranks": space.allocation(g).ranks,
                                   "budget_ratio": space.bytes(g) / space.budget} for label, g in first],
+            "anchors": [{"origin": f"uniform {a.bits[0]}-bit r{a.ranks[0]}", "key": evaluator.key(a, full)}
+                        for a in map(space.allocation, recorder.anchors)] if fidelity.name != full.name else [],
             "evaluations": scored, "promoted": recorder.promoted,
             "generations": recorder.generations, "hv_normalization": norm,
             "pareto": pareto_set(full_records),
