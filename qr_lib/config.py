@@ -16,7 +16,7 @@ from .calibration import CalibrationConfig
 from .comparison import ComparisonConfig
 from .data import DataConfig
 from .errors import QRError
-from .evaluate import EvalConfig
+from .evaluate import EvalConfig, check_tasks
 from .finetune import FinetuneConfig
 from .hardware import resolve_dtype
 from .parallel import ParallelConfig
@@ -101,10 +101,15 @@ def _build(cls, values: dict, where: str):
 
 def validate(profile: Profile) -> None:
     """What the stages would otherwise find out after hours: ladders the backend cannot build, budgets
-    off the ladders, non-positive ranks."""
+    off the ladders, non-positive ranks, unknown benchmark tasks."""
     from .quant import check_bits, get_backend
 
     where = f"profile {profile.name!r}"
+    try:
+        metric = () if profile.proxy_metric == "loss" else (profile.proxy_metric,)
+        check_tasks((*profile.eval.tasks, *profile.eval.task_limits, *profile.pilot.tasks, *metric))
+    except QRError as e:
+        raise QRError(f"{where}: {e}") from None
     check_bits(get_backend(profile.quant), profile.bit_ladder)
     ranks = [r for r in profile.rank_ladder if not (isinstance(r, int) and r > 0)]
     if ranks:

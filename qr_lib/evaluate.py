@@ -1,7 +1,10 @@
 """Benchmarks through lm-evaluation-harness, offline, on in-memory models.
 
 The tasks are the YAML files in qr_lib/tasks/ over the documents of qr_lib.data; a TaskManager
-sees only them (no hub access). Multiple-choice tasks report acc and acc_norm (length-normalized);
+sees only them (no hub access). The workbook's own tasks are named qr_<source> (prompts in their
+YAMLs, one shared template through lm-eval's `include:`), so their numbers are not mistaken for
+lm-eval's stock tasks; stock_<task> are lm-eval's stock prompts (stock.py).
+Multiple-choice tasks report acc and acc_norm (length-normalized);
 tables use acc_norm for ARC, HellaSwag, OpenBookQA, PIQA and MMLU (answers of unequal length), acc
 for WinoGrande and BoolQ, and exact match after the "The answer is N" extraction (strict-match)
 for GSM8K.
@@ -16,16 +19,16 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from .data import BENCHMARKS, STOCK
+from .data import BENCHMARKS, TASK_DIR
 from .errors import QRError
 
-TASK_DIR = Path(__file__).parent / "tasks"
-HEADLINE = {"winogrande": "acc", "boolq": "acc", "gsm8k": "exact_match,strict-match"}  # else acc_norm
+TASKS = tuple(f"qr_{t}" for t in BENCHMARKS)
+HEADLINE = {"qr_winogrande": "acc", "qr_boolq": "acc", "qr_gsm8k": "exact_match,strict-match"}  # else acc_norm
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    tasks: tuple = BENCHMARKS
+    tasks: tuple = TASKS
     limit: int | None = 200            # documents per task; None = the full split
     task_limits: dict = field(default_factory=dict)  # per-task overrides of `limit`
     batch_size: int = 8
@@ -36,6 +39,16 @@ class EvalConfig:
 
     def benchmarks(self, seed: int) -> bool:
         return bool(self.tasks) and (self.seeds is None or seed in self.seeds)
+
+
+def check_tasks(tasks) -> None:
+    known = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))  # a task is a YAML file there
+    unknown = sorted(set(tasks) - set(known))
+    if unknown:
+        old = [t for t in unknown if t in BENCHMARKS]
+        hint = (f"; the workbook's tasks are named qr_<task> (its prompts) and stock_<task> (lm-eval's), "
+                f"e.g. {['qr_' + t for t in old]}" if old else "")
+        raise QRError(f"unknown benchmark(s) {unknown}{hint}; the tasks are {list(known)}")
 
 
 def task_manager():
@@ -104,10 +117,7 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path 
 
     if not cfg.tasks:
         return {}
-    known = (*BENCHMARKS, *(f"stock_{t}" for t in STOCK))
-    unknown = sorted(set(cfg.tasks) - set(known))
-    if unknown:
-        raise QRError(f"unknown benchmark(s) {unknown}; the tasks are {list(known)}")
+    check_tasks(cfg.tasks)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm = _quiet_hflm()(pretrained=base, tokenizer=tok, batch_size=cfg.batch_size, max_length=2048,
               device=str(next(base.parameters()).device))

@@ -25,7 +25,7 @@ STYLE = {
 RANDOM_STYLE = ("#b0b0b0", "x")      # every random draw: one look, they are one baseline
 GREYS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
 HIGHLIGHT = ("qr_adaptor", "qr_adaptor_3p5")
-# Chance level of each benchmark's headline metric (multiple choice: 1 / choices; BoolQ: yes/no).
+# Chance level of each benchmark's headline metric (multiple choice: 1 / choices; BoolQ: yes/no), by source.
 CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "openbookqa": 0.25, "mmlu": 0.25,
           "piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "gsm8k": 0.0}
 
@@ -250,8 +250,8 @@ def task_bars(table, tasks: list[str], n_docs: dict | None = None):
         ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=errs, capsize=2, label=row["name"],
                color=style(row["method"], k)[0], edgecolor="k" if row["method"] in HIGHLIGHT else "none")
     for i, t in enumerate(tasks):
-        if t in CHANCE:
-            ax.hlines(100 * CHANCE[t], i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1,
+        if (chance := CHANCE.get(t.removeprefix("qr_").removeprefix("stock_"))) is not None:
+            ax.hlines(100 * chance, i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1,
                       label="chance" if i == 0 else None)
     names = [f"{t}\n(n={n_docs[t]})" if n_docs and t in n_docs else t for t in tasks]
     ax.set_xticks(x, names)
@@ -351,7 +351,8 @@ def paired_intervals(claims):
 
 
 def calibration_plot(result: dict):
-    """Left: Spearman (proxy vs final test loss) against proxy length, one line per n_val. Right: the
+    """Left: Spearman (proxy vs final test loss) against proxy length, one line per n_val, over all
+    allocations (solid) and over the best few by final loss (dotted). Right: the
     recommended proxy's score (mean over proxy seeds, bars = the seeds' range) against the final loss."""
     import pandas as pd
 
@@ -359,8 +360,11 @@ def calibration_plot(result: dict):
     finals = pd.DataFrame(result["finals"]).set_index("method")
     rec = result["recommendation"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for n_val, g in table.groupby("n_val"):
-        a.plot(g["length"], g["spearman"], marker="o", label=f"{n_val} validation pairs")
+    for k, (n_val, g) in enumerate(table.groupby("n_val")):
+        a.plot(g["length"], g["spearman"], marker="o", color=f"C{k}", label=f"{n_val} validation pairs")
+        if "spearman_top" in g:
+            a.plot(g["length"], g["spearman_top"], marker="x", ls=":", color=f"C{k}",
+                   label=f"{n_val} pairs, best {int(g['top_k'].iloc[0])} by final loss")
     a.axhline(0.8, color="gray", ls="--", lw=0.8)
     a.set_xlabel("proxy length (LoRA steps; 0 = before training)")
     a.set_ylabel("Spearman with the final test loss")

@@ -13,7 +13,7 @@ SECTIONS = [
      ["figures/sensitivity_kl.png", "figures/sensitivity_knapsack.png"]),
     ("Phase II: NSGA-II", "03_nsga2_search",
      ["tables/nsga_first_generation.md", "figures/nsga_objective_space.png", "figures/nsga_hypervolume.png",
-      "tables/nsga_pareto.md"]),
+      "tables/nsga_fidelity_agreement.md", "tables/nsga_pareto.md"]),
     ("Phase III: refinement and the selected allocation", "04_bo_refinement",
      ["figures/bo_objective_space.png", "tables/bo_steps.md", "tables/search_summary.md",
       "tables/search_vs_uniform.md", "figures/search_selected_allocation.png"]),

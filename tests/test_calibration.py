@@ -31,6 +31,20 @@ def test_longer_proxies_rank_better_and_the_cheapest_good_one_is_recommended():
     assert not none["reaches"] and "no proxy setting reaches" in none["statement"]
 
 
+def test_a_proxy_that_only_separates_far_allocations_is_caught_near_the_front():
+    """Five far allocations (random draws) ranked right and five close ones ranked in reverse: the
+    whole-set Spearman looks fine, the top-5 one says the proxy cannot make the search's decisions."""
+    close, far = {f"c{i}": 3.0 + 0.1 * i for i in range(5)}, {f"f{i}": 8.0 + i for i in range(5)}
+    truth = {**close, **far}
+    proxy = {**{m: 3.4 - (t - 3.0) for m, t in close.items()}, **far}
+    finals = pd.DataFrame({"method": list(truth), "final_test_loss": list(truth.values())})
+    scores = pd.DataFrame([{"method": m, "seed": s, "length": 16, "n_val": 64, "proxy_loss": v + 0.001 * s}
+                           for m, v in proxy.items() for s in (0, 1)])
+    row = calibration.summary(scores, finals, batch_size=4, top_k=5).iloc[0]
+    assert row["spearman"] > 0.5 and row["top_k"] == 5
+    assert row["spearman_top"] == pytest.approx(-1.0) and row["kendall_top"] == pytest.approx(-1.0)
+
+
 @pytest.mark.integration
 def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
     """Final runs for three allocations, then the study: every (length, n_val) has a row, and a

@@ -56,6 +56,20 @@ def test_benchmark_docs_are_normalized(sources):
     assert {d["subject"] for d in D.benchmark_docs("mmlu", sources)} == {"anatomy", "astronomy"}
 
 
+def test_prompts_live_in_the_task_yamls_and_the_overlap_check_renders_them(sources):
+    doc = D.benchmark_docs("arc_easy", sources)[0]
+    assert "query" not in doc and D.task_prompt("arc_easy") == "Question: {{question}}\nAnswer:"
+    assert D.benchmark_query_text("arc_easy", doc) == f"Question: {doc['question']}\nAnswer:"
+    boolq = D.benchmark_docs("boolq", sources)[0]
+    assert D.benchmark_query_text("boolq", boolq).endswith(f"Question: {boolq['question']}?\nAnswer:")
+
+
+def test_stock_task_names_are_refused_with_the_workbook_names(sources):
+    from qr_lib.config import load_profile
+    with pytest.raises(QRError, match=r"qr_<task>.*\['qr_arc_easy'\]"):
+        load_profile("smoke", {"eval.tasks": ["arc_easy"]})
+
+
 def test_gsm8k_fewshot_has_eight_exemplars(sources):
     shots = D.gsm8k_fewshot(sources)
     assert shots.count("Question: ") == 8 and shots.count("So the answer is") == 8

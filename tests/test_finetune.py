@@ -26,7 +26,7 @@ def base():
 @pytest.fixture(scope="module")
 def quick():
     """The smoke profile with one task, two documents: exercises the path, not the numbers."""
-    return load_profile("smoke", {"eval.tasks": ["arc_easy"], "eval.limit": 2, "finetune.max_steps": 3,
+    return load_profile("smoke", {"eval.tasks": ["qr_arc_easy"], "eval.limit": 2, "finetune.max_steps": 3,
                                   "eval.seeds": [0], "finetune.seeds": [0, 1]})
 
 
@@ -84,10 +84,10 @@ def test_a_run_is_saved_reloads_to_the_same_logits_and_is_not_redone(quick, base
     assert set(rec) == {"config", "environment", "result", "checksum"}
     r = rec["result"]
     assert r["train"]["steps"] == 3 and len(r["train"]["losses"]) == 3
-    assert r["benchmarks"]["arc_easy"]["n"] == 2 and r["avg_bits"] == 3
+    assert r["benchmarks"]["qr_arc_easy"]["n"] == 2 and r["avg_bits"] == 3
     kept = where / "lm_eval"                     # lm-eval's own results and samples, as it wrote them
-    assert (kept / "results_arc_easy.json").exists()
-    assert len((kept / "samples_arc_easy.jsonl").read_text().splitlines()) == 2
+    assert (kept / "results_qr_arc_easy.json").exists()
+    assert len((kept / "samples_qr_arc_easy.jsonl").read_text().splitlines()) == 2
     assert r["train"]["peak_memory"]["peak_bytes"] > 0
     assert rec["environment"]["auto_dtype_cpu"] in ("float32", "bfloat16")  # which dtype auto would pick here
     assert (where / "adapter" / "adapter_model.safetensors").exists()
@@ -102,7 +102,7 @@ def test_a_run_is_saved_reloads_to_the_same_logits_and_is_not_redone(quick, base
 
 def test_the_recipe_is_a_full_epoch_and_benchmarks_only_the_listed_seeds(base, tmp_path):
     model_, tok = base
-    profile = load_profile("smoke", {"eval.tasks": ["arc_easy"], "eval.limit": 2, "eval.seeds": [0]})
+    profile = load_profile("smoke", {"eval.tasks": ["qr_arc_easy"], "eval.limit": 2, "eval.seeds": [0]})
     rec = finetune.run(profile, finetune.load_method("hqq4"), 1, tmp_path, model_, tok, progress=False)["result"]
     assert rec["train"]["epochs"] >= 1.0 and rec["train"]["steps"] == profile.data.n_train // 4
     assert rec["benchmarks"] == {}  # seed 1 is not benchmarked; its test loss is measured
@@ -146,15 +146,16 @@ def test_adalora_trains_on_nf4(base):
 
 
 def test_every_task_yaml_runs_offline(base):
+    """Every qr_* task (the shared template through `include:`, the prompt in its YAML) scores offline."""
     model_, tok = base
     res = run_tasks(model_, tok, EvalConfig(limit=2, max_gen_toks=4), progress=False)
-    assert set(res) == {"arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
-                        "mmlu", "gsm8k"}
+    assert set(res) == {f"qr_{t}" for t in ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq",
+                                             "openbookqa", "mmlu", "gsm8k")}
     for task, m in res.items():
         value, stderr = headline(m)
         assert m["n"] == 2 and 0 <= value <= 1, task
         assert len(m["per_document"]["doc_id"]) == 2 and sum(m["per_document"]["value"]) / 2 == pytest.approx(value)
-    assert "acc_norm" in res["arc_easy"] and res["gsm8k"]["metric_used"] == "exact_match,strict-match"
+    assert "acc_norm" in res["qr_arc_easy"] and res["qr_gsm8k"]["metric_used"] == "exact_match,strict-match"
 
 
 def test_comparison_table_averages_seeds(quick, base, tmp_path):
@@ -165,7 +166,7 @@ def test_comparison_table_averages_seeds(quick, base, tmp_path):
     table = comparison.summary(per_seed)
     assert len(per_seed) == 2 and table.loc[0, "seeds"] == 2
     assert table.loc[0, "test_loss"] == pytest.approx(per_seed["test_loss"].mean())
-    text = comparison.formatted(table, ["arc_easy"])
+    text = comparison.formatted(table, ["qr_arc_easy"])
     assert "±" in text.loc[0, "test loss"]
     assert comparison.paper_reference()["entries"]
 
@@ -215,7 +216,7 @@ def test_claims_are_paired_comparisons_with_known_answers(tmp_path):
         write_json(tmp_path / "runs" / method / f"seed{seed}" / "result.json", {"config": {}, "result": {
             "method": method, "name": method, "seed": seed,
             "test_examples": {"nll_sum": (per_token * tokens).tolist(), "tokens": tokens.tolist()},
-            "benchmarks": {"arc_easy": {"per_document": docs}}}})
+            "benchmarks": {"qr_arc_easy": {"per_document": docs}}}})
     for seed in (0, 1, 2):
         write("qr_adaptor", seed, 0.0)
         write("lora16", seed, -0.001)

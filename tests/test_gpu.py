@@ -49,8 +49,8 @@ def test_a_smoke_sized_search_and_a_final_run_with_lm_eval_on_cuda(tmp_path):
     profile = load_profile("gpu", {"nsga.pop_size": 4, "nsga.generations": 1, "nsga.n_random": 1, "bo.iterations": 1,
                                    "proxy.steps": 2, "nsga.low_steps": 1, "data.n_train": 16, "data.n_val": 8,
                                    "data.n_test": 16, "data.n_calib": 2, "finetune.max_steps": 2,
-                                   "eval.limit": 4, "eval.tasks": ["arc_easy"], "select_at": []})
+                                   "eval.limit": 4, "eval.tasks": ["qr_arc_easy"], "select_at": []})
     result = search.run(profile, tmp_path, progress=False)
     assert result["selected_scores"]["budget_ratio"] <= 1
     rec = finetune.run(profile, finetune.load_method("qr_adaptor"), 0, tmp_path, progress=False)["result"]
-    assert rec["benchmarks"]["arc_easy"]["n"] == 4 and rec["train"]["peak_memory"]["scope"].startswith("run (CUDA")
+    assert rec["benchmarks"]["qr_arc_easy"]["n"] == 4 and rec["train"]["peak_memory"]["scope"].startswith("run (CUDA")

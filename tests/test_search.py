@@ -145,10 +145,10 @@ def test_cache_hits_skip_training(smoke, base, tmp_path, monkeypatch):
 
 def test_a_task_accuracy_can_be_the_proxy_objective(smoke, base, tmp_path):
     from qr_lib.allocation import uniform
-    p = load_profile("smoke", {"proxy_metric": "arc_easy", "proxy_metric_limit": 4})
+    p = load_profile("smoke", {"proxy_metric": "qr_arc_easy", "proxy_metric_limit": 4})
     ev = fitness.ProxyEvaluator(p, tmp_path, *base, progress=False)
     rec = ev.evaluate(uniform(4, 4, 8), fitness.full_fidelity(p))
-    assert rec["metric"] == "arc_easy" and rec["objective"] == pytest.approx(1 - rec["accuracy"])
+    assert rec["metric"] == "qr_arc_easy" and rec["objective"] == pytest.approx(1 - rec["accuracy"])
     assert rec["val_loss"] > 0  # measured either way
     loss_key = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False).key(uniform(4, 4, 8),
                                                                                fitness.full_fidelity(smoke))
@@ -203,6 +203,15 @@ def test_the_first_generation_is_scored_whole_uniform_points_at_full_fidelity_an
     assert {((b,) * n, (8,) * n) for b in (2, 3, 4)} <= full
     assert [a["origin"] for a in phase2["anchors"]] == ["uniform 2-bit r8", "uniform 3-bit r8", "uniform 4-bit r8"]
     assert {a["key"] for a in phase2["anchors"]} <= set(keys)
+    assert phase2["fidelity_agreement"]["allocations"] == len(keys)    # each was scored at low fidelity first
+
+
+def test_fidelity_agreement_pairs_the_two_scores_of_one_allocation():
+    low = [{"bits": [2], "ranks": [8], "objective": o, "failed": False} for o in (1.0,)] + \
+          [{"bits": [b], "ranks": [8], "objective": o, "failed": False} for b, o in ((3, 2.0), (4, 3.0))]
+    full = [{"bits": [b], "ranks": [8], "objective": o, "failed": False} for b, o in ((4, 0.1), (3, 0.2), (2, 0.3))]
+    agree = nsga.fidelity_agreement(low, full)
+    assert agree["allocations"] == 3 and agree["spearman"] == pytest.approx(-1.0)
 
 
 def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_scores(smoke, base, smoke_run):

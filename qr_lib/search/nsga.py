@@ -140,12 +140,27 @@ def hv_curve(generations: list[dict]) -> tuple[list[float], dict]:
     return curve, {"min": lo.tolist(), "max": hi.tolist(), "ref": [1.1, 1.1]}
 
 
+def fidelity_agreement(low: list[dict], full: list[dict]) -> dict:
+    """Rank agreement of the low and the full fidelity on the allocations scored at both (the anchors
+    and the promoted ones): the evidence for letting the low fidelity choose whom to promote."""
+    from scipy.stats import kendalltau, spearmanr
+
+    by_alloc = {(tuple(r["bits"]), tuple(r["ranks"])): r["objective"] for r in low if not r["failed"]}
+    pairs = [(by_alloc[a], r["objective"]) for r in full if not r["failed"]
+             and (a := (tuple(r["bits"]), tuple(r["ranks"]))) in by_alloc]
+    if len(pairs) < 3:
+        return {"allocations": len(pairs), "spearman": None, "kendall": None}
+    x, y = zip(*pairs)
+    return {"allocations": len(pairs), "spearman": float(spearmanr(x, y)[0]), "kendall": float(kendalltau(x, y)[0])}
+
+
 def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
     """Run NSGA-II; returns the Phase II result (see module docstring)."""
     cfg = profile.nsga
     space = make_space(profile, evaluator.shapes, sensitivity)
     full = full_fidelity(profile)
-    fidelity = low_fidelity(profile, cfg) if cfg.low_steps > 0 else full
+    multi_fidelity = cfg.low_steps > 0
+    fidelity = low_fidelity(profile, cfg) if multi_fidelity else full
     recorder = _Recorder(space, evaluator, fidelity, full, cfg.promote, uniform_anchors(profile, space))
     scored: list[dict] = []
 
@@ -173,10 +188,11 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
                                   "bits": space.allocation(g).bits, "ranks": space.allocation(g).ranks,
                                   "budget_ratio": space.bytes(g) / space.budget} for label, g in first],
             "anchors": [{"origin": f"uniform {a.bits[0]}-bit r{a.ranks[0]}", "key": evaluator.key(a, full)}
-                        for a in map(space.allocation, recorder.anchors)] if fidelity.name != full.name else [],
+                        for a in map(space.allocation, recorder.anchors)] if multi_fidelity else [],
             "evaluations": scored, "promoted": recorder.promoted,
             "generations": recorder.generations, "hv_normalization": norm,
             "pareto": pareto_set(full_records),
+            "fidelity_agreement": fidelity_agreement(scored, recorder.promoted) if multi_fidelity else None,
             "train_tokens": sum(r["train_tokens"] for r in unique.values()),
             "n_unique_evaluations": len(unique),
             # what the scores cost when computed (a resumed run reads most from the cache)
