@@ -68,3 +68,17 @@ def smoke_run(smoke, base, tmp_path_factory):
     from qr_lib import search
     out = tmp_path_factory.mktemp("search")
     return out, search.run(smoke, out, *base, progress=False)
+
+
+@pytest.fixture
+def network_cut(tmp_path):
+    """Environment for child processes whose network is cut (tests/offline_guard) and whose HF_*_OFFLINE
+    switches are unset, so the code itself, not those switches, must stay offline; returns (env, log),
+    where log lists every connection attempted."""
+    import os
+    guard = Path(__file__).parent / "offline_guard"
+    log = tmp_path / "network.log"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(guard), env.get("PYTHONPATH")]))
+    env["QR_NETWORK_LOG"] = str(log)
+    return env, log

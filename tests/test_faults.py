@@ -1,7 +1,8 @@
-"""Faults, as a hostile environment makes them: kill -9 mid-search with the network cut, then rerun.
+"""Faults, as a hostile environment makes them: kill -9 mid-search or mid-fine-tune with the network
+cut, then rerun.
 
-One search runs in a child process whose sockets refuse everything but loopback (and whose
-HF_*_OFFLINE variables are unset): it is killed with SIGKILL once a few candidates are on disk, then
+One search runs in a child process whose sockets refuse everything but loopback (tests/offline_guard;
+its HF_*_OFFLINE variables unset): it is killed with SIGKILL once a few candidates are on disk, then
 rerun the same way. The rerun must finish, recompute no candidate that had finished, and reach the
 same Pareto set as the uninterrupted serial run (smoke_run) with the same seed: resumable, offline
 and deterministic in one test.
@@ -15,27 +16,9 @@ import time
 
 import pytest
 
-SCRIPT = r"""
-import socket, sys
+SEARCH = r"""
+import sys
 from pathlib import Path
-
-LOCAL = ("127.0.0.1", "::1", "localhost")
-real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-
-def connect(self, address):
-    if isinstance(address, tuple) and address[0] not in LOCAL:
-        raise OSError(f"the test cut the network: connect to {address}")
-    return real_connect(self, address)
-
-
-def getaddrinfo(host, *args, **kwargs):
-    if host not in LOCAL and host is not None:
-        raise OSError(f"the test cut the network: resolve {host}")
-    return real_getaddrinfo(host, *args, **kwargs)
-
-
-socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
 from qr_lib import search
 from qr_lib.config import load_profile
 
@@ -43,33 +26,49 @@ search.run(load_profile("smoke"), Path(sys.argv[1]), progress=False)
 print("search finished")
 """
 
+FINETUNE = r"""
+import sys
+from pathlib import Path
+from qr_lib import finetune
+from qr_lib.config import load_profile
 
-def _child(out, env):
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out)], env=env, start_new_session=True,
+profile = load_profile("smoke", {"eval.tasks": [], "finetune.seeds": [0, 1]})
+finetune.run_all(profile, Path(sys.argv[1]), methods=["hqq4", "lora16"], progress=False)
+print("runs finished")
+"""
+
+
+def _child(script, out, env):
+    return subprocess.Popen([sys.executable, "-c", script, str(out)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.integration
-def test_a_search_killed_offline_resumes_to_the_uninterrupted_pareto_set(smoke_run, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
-    out = tmp_path / "killed"
-    child = _child(out, env)
-    evaluations = out / "evaluations"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(evaluations.glob("*.json"))) < 3 and child.poll() is None:
+def _kill_when(child, ready, timeout=300):
+    """SIGKILL the child's whole process group once ready() holds (it must still be running then)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready() and child.poll() is None:
         time.sleep(0.2)
-    assert child.poll() is None, child.stdout.read()            # still running: kill it mid-search
+    assert child.poll() is None, child.stdout.read()            # still running: kill it mid-work
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
+
+
+@pytest.mark.integration
+def test_a_search_killed_offline_resumes_to_the_uninterrupted_pareto_set(smoke_run, tmp_path, network_cut):
+    env, network_log = network_cut
+    out = tmp_path / "killed"
+    child = _child(SEARCH, out, env)
+    evaluations = out / "evaluations"
+    _kill_when(child, lambda: len(list(evaluations.glob("*.json"))) >= 3)
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in evaluations.glob("*.json")}
     assert len(before) >= 3
     for p in evaluations.glob("*.json"):                          # atomic writes: no half a record
         json.loads(p.read_text())
 
-    rerun = _child(out, env)
+    rerun = _child(SEARCH, out, env)
     log, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0 and "search finished" in log, log[-3000:]
-    assert "cut the network" not in log
+    assert not network_log.exists(), network_log.read_text()     # not one connection was attempted
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in evaluations.glob("*.json")}
     assert all(after[name] == seen for name, seen in before.items())    # nothing finished was redone
 
@@ -79,3 +78,24 @@ def test_a_search_killed_offline_resumes_to_the_uninterrupted_pareto_set(smoke_r
     assert [r["objective"] for r in resumed] == pytest.approx([r["objective"] for r in serial], abs=0)
     selected = [json.loads((d / "search.json").read_text())["result"]["selected"] for d in (smoke_run[0], out)]
     assert selected[0] == selected[1]
+
+
+@pytest.mark.integration
+def test_final_runs_killed_offline_resume_run_by_run(tmp_path, network_cut):
+    """Four final runs in one child process, killed with SIGKILL once the first result is on disk (the
+    second run is training): the rerun keeps the finished run as it is and completes the others."""
+    env, network_log = network_cut
+    out = tmp_path / "runs"
+    child = _child(FINETUNE, out, env)
+    _kill_when(child, lambda: len(list(out.glob("runs/*/seed*/result.json"))) >= 1)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("runs/*/seed*/result.json")}
+    assert 1 <= len(before) < 4
+    for p in before:                                              # atomic writes: no half a record
+        json.loads(p.read_text())
+
+    rerun = _child(FINETUNE, out, env)
+    log, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0 and "runs finished" in log, log[-3000:]
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("runs/*/seed*/result.json")}
+    assert len(after) == 4 and all(after[p] == seen for p, seen in before.items())
+    assert not network_log.exists(), network_log.read_text()

@@ -1,6 +1,7 @@
 """On the embedded SmolLM2-135M and the installed data packages (slower; `make test` runs them)."""
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -70,10 +71,19 @@ def test_unknown_model_offline_gives_a_clear_error(monkeypatch):
         load_model("no-such-org/no-such-model")
 
 
-def test_smoke_notebooks_execute_write_every_headline_and_rerun_without_redoing(tmp_path, monkeypatch):
+def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_redoing(tmp_path, monkeypatch,
+                                                                                        network_cut):
+    """The whole workbook, setup to report, in notebook kernels whose network is cut (and whose
+    HF_*_OFFLINE switches are unset): not one connection is attempted."""
     from qr_lib import report, reproduce
+    env, network_log = network_cut
+    for k in [k for k in os.environ if k.endswith("_OFFLINE")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    monkeypatch.setenv("QR_NETWORK_LOG", env["QR_NETWORK_LOG"])
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
     reproduce.run("smoke")
+    assert not network_log.exists(), network_log.read_text()
     out = tmp_path / "smoke"
     executed = {p.name for p in (out / "notebooks").glob("*.ipynb")}
     assert executed == {p.name for p in reproduce.notebooks()}
