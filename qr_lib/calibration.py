@@ -33,8 +33,8 @@ from .train import example_losses, train
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    methods: tuple = ("hqq3", "hqq4", "qr_adaptor", "qr_adaptor_3p5", "random4_0", "random4_1", "random4_2",
-                      "random3p5_0", "random3p5_1", "random3p5_2")
+    methods: tuple = ("hqq3", "hqq4", "qr_adaptor", "qr_adaptor_3p5", "phase1_knapsack4", "random4_0", "random4_1",
+                      "random4_2", "random3p5_0", "random3p5_1", "random3p5_2")
     lengths: tuple = (0, 4, 8, 16)   # proxy steps scored
     n_val: tuple = (16, 32, 64)      # validation examples scored (the first n)
     seeds: tuple = (0, 1)            # proxy seeds per allocation
@@ -45,14 +45,20 @@ class CalibrationConfig:
 
 
 def final_losses(out_dir: Path, methods) -> pd.DataFrame:
-    """Each method's allocation and final test loss (mean over its finished seeds)."""
+    """Each distinct allocation's final test loss (mean over its finished seeds), under the first method
+    that has it; `same_as` names the others (a search that selects a uniform allocation makes two
+    methods one allocation, which a rank correlation must count once)."""
     rows = []
     for m in methods:
         runs = sorted(Path(out_dir).glob(f"runs/{m}/seed*/result.json"))
         if not runs:
             continue
         res = [read_json(p)["result"] for p in runs]
-        rows.append({"method": m, "name": res[0]["name"], "allocation": res[0]["allocation"],
+        same = [r for r in rows if r["allocation"] == res[0]["allocation"]]
+        if same:
+            same[0]["same_as"].append(m)
+            continue
+        rows.append({"method": m, "name": res[0]["name"], "allocation": res[0]["allocation"], "same_as": [],
                      "avg_bits": res[0]["avg_bits"], "memory_MiB": res[0]["memory_bytes"] / 2**20,
                      "final_test_loss": float(np.mean([r["test_loss"] for r in res])), "final_seeds": len(res)})
     return pd.DataFrame(rows)

@@ -64,6 +64,7 @@ class Method:
     allocation: object             # {"bits": b, "rank": r} | {"shallow": [b, r], "deep": [b, r]}
                                    # | "search" | {"search_at": bits} | {"search": {profile overrides}}
                                    # | {"random": {"bits": b, "draw": k}}
+                                   # | {"knapsack": {"bits": b, "rank": r}} (Phase I alone)
     quant: dict = field(default_factory=dict)
     adapter: str = "lora"
     multi_seed: bool = False
@@ -122,6 +123,21 @@ def resolve_allocation(profile, method: Method, n_blocks: int, out_dir: Path, ev
             raise QRError(f"method {method.id}: the search selected nothing at {spec['search_at']} bits; add it to "
                           f"the profile's select_at (now {list(profile.select_at)}) and rerun the search")
         return dataclasses.replace(Allocation.from_dict(at["allocation"]), name=method.name)
+    if isinstance(spec, dict) and "knapsack" in spec:
+        from .search import nsga
+        from .search.problem import knapsack, level_bytes
+
+        path, k = Path(out_dir) / "sensitivity.json", spec["knapsack"]
+        if not path.exists():
+            raise QRError(f"{path} does not exist; method {method.id} needs Phase I first (notebook "
+                          f"02_sensitivity_profiling or `qr-adaptor profile --profile {profile.name}`)")
+        if k.get("rank") not in profile.rank_ladder:
+            raise QRError(f"method {method.id}: knapsack rank {k.get('rank')!r} is not on the rank ladder "
+                          f"{sorted(profile.rank_ladder)}")
+        space = nsga.make_space(profile, model_shapes(ev[0]), read_json(path)["result"])
+        level = level_bytes(space, k["bits"], nsga.budget_rank_rung(profile))
+        genes = knapsack(space, level, tuple(space.rank_ladder).index(k["rank"]))
+        return space.allocation(genes, name=method.name)
     if isinstance(spec, dict) and "random" in spec:
         from .search.problem import level_bytes, random_allocation, search_space
 
@@ -150,7 +166,7 @@ def resolve_allocation(profile, method: Method, n_blocks: int, out_dir: Path, ev
                          base=ev[0] if ev else None, tok=ev[1] if ev else None)
         return dataclasses.replace(Allocation.from_dict(res["selected"]), name=method.name)
     raise QRError(f"method {method.id}: allocation {spec!r} is not {{'bits', 'rank'}}, {{'shallow', 'deep'}}, "
-                  "'search' or {'search': {...}}")
+                  "'search', {'search_at': bits}, {'random': {...}}, {'knapsack': {...}} or {'search': {...}}")
 
 
 def run_dir(out_dir: Path, method: Method, seed: int) -> Path:

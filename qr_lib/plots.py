@@ -375,7 +375,9 @@ def calibration_plot(result: dict):
     y = finals.loc[stats.index, "final_test_loss"]
     b.errorbar(stats["mean"], y, xerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]], fmt="o", capsize=3)
     for m, xv, yv in zip(stats.index, stats["mean"], y):
-        b.annotate(finals.loc[m, "name"], (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        same = finals.loc[m].get("same_as") or []
+        label = finals.loc[m, "name"] + (f" (= {', '.join(same)})" if len(same) else "")
+        b.annotate(label, (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
     b.set_xlabel(f"proxy loss ({rec['length']} steps, {rec['n_val']} pairs; bars: proxy seeds)")
     b.set_ylabel("final test loss")
     b.grid(alpha=0.3)

@@ -45,6 +45,17 @@ def test_a_proxy_that_only_separates_far_allocations_is_caught_near_the_front():
     assert row["spearman_top"] == pytest.approx(-1.0) and row["kendall_top"] == pytest.approx(-1.0)
 
 
+def test_two_methods_with_one_allocation_count_once(tmp_path):
+    from qr_lib.store import write_json
+    for method, alloc, loss in (("hqq4", {"bits": [4], "ranks": [8]}, 3.7), ("qr_adaptor", {"bits": [4], "ranks": [8]}, 3.7),
+                                ("hqq3", {"bits": [3], "ranks": [8]}, 5.3)):
+        write_json(tmp_path / "runs" / method / "seed0" / "result.json",
+                   {"result": {"name": method, "allocation": alloc, "avg_bits": alloc["bits"][0], "memory_bytes": 1,
+                               "test_loss": loss}})
+    finals = calibration.final_losses(tmp_path, ("hqq4", "qr_adaptor", "hqq3"))
+    assert list(finals["method"]) == ["hqq4", "hqq3"] and finals.loc[0, "same_as"] == ["qr_adaptor"]
+
+
 @pytest.mark.integration
 def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
     """Final runs for three allocations, then the study: every (length, n_val) has a row, and a

@@ -214,6 +214,17 @@ def test_fidelity_agreement_pairs_the_two_scores_of_one_allocation():
     assert agree["allocations"] == 3 and agree["spearman"] == pytest.approx(-1.0)
 
 
+def test_the_phase1_knapsack_method_is_phase1s_choice_at_its_rank(smoke, base, smoke_run):
+    from qr_lib import finetune
+    from qr_lib.search.problem import knapsack
+    from qr_lib.store import read_json
+    out, _ = smoke_run
+    space = nsga.make_space(smoke, model_shapes(base[0]), read_json(out / "sensitivity.json")["result"])
+    alloc = finetune.resolve_allocation(smoke, finetune.load_method("phase1_knapsack4"), space.n_blocks, out, base)
+    assert alloc.pairs() == space.allocation(knapsack(space, space.budget, space.rank_ladder.index(4))).pairs()
+    assert set(alloc.ranks) == {4} and space.bytes(space.genes(alloc.to_dict())) <= space.budget
+
+
 def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_scores(smoke, base, smoke_run):
     from qr_lib.explorer import Explorer
     out, result = smoke_run

@@ -97,8 +97,10 @@ def test_an_unchanged_artifact_keeps_the_provenance_of_the_run_that_made_it(tmp_
 def test_every_notebook_runs_on_the_projects_kernel():
     import json
     for nb in reproduce.notebooks():
-        spec = json.loads(nb.read_text())["metadata"]["kernelspec"]
-        assert spec["name"] == reproduce.KERNEL, nb.name
+        content = json.loads(nb.read_text())
+        assert content["metadata"]["kernelspec"]["name"] == reproduce.KERNEL, nb.name
+        # nbformat 4.5 cells carry ids; without them papermill warns and future nbformat refuses.
+        assert all("id" in c for c in content["cells"]), nb.name
 
 
 def test_a_saved_figure_is_written_and_closed_outside_a_notebook(tmp_path):
