@@ -43,6 +43,7 @@ def test_a_proxy_that_only_separates_far_allocations_is_caught_near_the_front():
     row = calibration.summary(scores, finals, batch_size=4, top_k=5).iloc[0]
     assert row["spearman"] > 0.5 and row["top_k"] == 5
     assert row["spearman_top"] == pytest.approx(-1.0) and row["kendall_top"] == pytest.approx(-1.0)
+    assert not calibration.recommend(pd.DataFrame([row]), 0.8)["reaches"]   # so it is not recommended
 
 
 def test_two_methods_with_one_allocation_count_once(tmp_path):
