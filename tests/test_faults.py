@@ -32,7 +32,7 @@ from pathlib import Path
 from qr_lib import finetune
 from qr_lib.config import load_profile
 
-profile = load_profile("smoke", {"eval.tasks": [], "finetune.seeds": [0, 1]})
+profile = load_profile("smoke", {"eval.tasks": [], "finetune.seeds": [0, 1], "finetune.max_steps": 8})
 finetune.run_all(profile, Path(sys.argv[1]), methods=["hqq4", "lora16"], progress=False)
 print("runs finished")
 """
