@@ -132,7 +132,6 @@ def run(profile_name: str, out: Path, steps: int, warmup: int, batch_size: int, 
         print(f"{alloc.name:>18} {qcfg.backend:>4}  bits {f['avg_bits']:5.2f}  formula {f['blocks'] / 2**20:7.2f} MiB  "
               f"measured {m['blocks'] / 2**20:7.2f} MiB  ratio {m['blocks'] / f['blocks']:.4f}  "
               f"train-path peak {row['train']['peak_bytes'] / 2**30:.2f} GiB", flush=True)
-    del stored
     reference = ("uniform-16bit-r8", "train")
     makers[CONTROL] = makers[reference]
     builds = {k: make() for k, make in makers.items()}

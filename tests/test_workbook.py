@@ -126,3 +126,13 @@ def test_a_benchmark_of_another_profile_never_overwrites_the_committed_one():
     from qr_lib.bench_memory import default_out
     assert default_out("default").name == "memory_step_time.json" and default_out("default").parent.name == "benchmarks"
     assert default_out("smoke").parent.name == "smoke"
+
+
+def test_the_benchmark_runs_end_to_end_on_smoke(tmp_path):
+    """Every part of `make benchmark` (memory, round-robin step times, the dtype check) on the tiny model."""
+    from qr_lib import bench_memory
+    out = tmp_path / "memory_step_time.json"
+    result = bench_memory.run("smoke", out, steps=1, warmup=0, batch_size=2, seq_len=16, dtype_rounds=1)
+    assert all(r["measured_over_formula"] == 1 for r in result["rows"])
+    assert result["dtype_check"]["float32_s"] > 0 and result["dtype_check"]["bfloat16_s"] > 0
+    assert "Compute dtype on this machine" in out.with_suffix(".md").read_text()
