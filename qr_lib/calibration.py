@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .allocation import Allocation
 from .build import build
 from .errors import QRError
 from .store import content_hash, package_versions, read_artifact, read_json, write_artifact
@@ -54,8 +55,8 @@ def final_losses(out_dir: Path, methods) -> pd.DataFrame:
         if not runs:
             continue
         res = [read_json(p)["result"] for p in runs]
-        pairs = lambda a: (a["bits"], a["ranks"])  # noqa: E731 - the allocation, not its name
-        same = [r for r in rows if pairs(r["allocation"]) == pairs(res[0]["allocation"])]
+        pairs = Allocation.from_dict(res[0]["allocation"]).pairs()  # the allocation, not its name
+        same = [r for r in rows if Allocation.from_dict(r["allocation"]).pairs() == pairs]
         if same:
             same[0]["same_as"].append(m)
             continue
@@ -86,7 +87,6 @@ def proxy_curve(profile, allocation, seed: int, cfg: CalibrationConfig, base, to
 def run(profile, out_dir: Path, base=None, tok=None, progress: bool = True) -> dict:
     """Score every calibration allocation's proxy curve (cached per allocation and seed under
     results/<profile>/calibration/) and write calibration.json."""
-    from .allocation import Allocation
     from .data import load_finetune
     from .models import load_model
     from .progress import tqdm

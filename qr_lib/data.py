@@ -389,7 +389,6 @@ def benchmark_query_text(task: str, doc: dict) -> str:
     return apply_template(task_prompt(task), doc)
 
 
-
 @functools.lru_cache(maxsize=None)
 def task_prompt(task: str) -> str:
     """The doc_to_text template of the workbook's task over `task`'s documents (qr_<task>.yaml)."""
