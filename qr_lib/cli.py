@@ -86,6 +86,8 @@ def cmd_plan(args) -> None:
 def cmd_stage(args) -> None:
     if getattr(args, "dry_run", False):
         return cmd_plan(args)
+    from .reproduce import check_loopback
+    check_loopback()  # before the estimate below, which may convert the model
     begun = None
     if args.command == "reproduce" and not args.only:
         # The run's starting state and clock come first: the estimate may read the model, which

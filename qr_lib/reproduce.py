@@ -45,6 +45,22 @@ def ensure_kernel() -> str:
     return KERNEL
 
 
+def check_loopback() -> None:
+    """Papermill reaches its kernel over TCP on 127.0.0.1: without a working loopback interface (a
+    network namespace with `lo` down) the kernel start waits 60 s and fails with a message that names
+    neither cause nor fix. A connection to ourselves answers in milliseconds."""
+    import socket
+
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                socket.create_connection(server.getsockname(), timeout=5):
+            pass
+    except OSError as e:
+        raise QRError(f"no loopback network ({e.strerror or e}): the notebooks' kernel is reached over localhost, and "
+                      "this machine or network namespace cannot connect to 127.0.0.1; bring `lo` up (`ip link set lo "
+                      "up`), or run the stages' library functions directly (docs/EXTENDING.md)") from None
+
+
 def notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
@@ -91,6 +107,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     if not todo:
         raise QRError(f"--only {' '.join(only or [])} --skip {' '.join(skip or [])} leaves no notebook; give prefixes of "
                       f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
+    check_loopback()
     kernel = ensure_kernel()
     start, started = begun or (starting_state(out), time.time())
     for i, nb in enumerate(todo, 1):
@@ -105,12 +122,6 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
             print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"
                   f"the executed copy with the error is {out / 'notebooks' / nb.name}", file=sys.stderr)
             raise SystemExit(1)
-        except RuntimeError as e:
-            if "didn't respond" not in str(e):
-                raise
-            raise QRError("the notebook kernel did not answer: papermill talks to it over localhost, and this "
-                          "machine (or network namespace) seems to have no loopback interface; bring `lo` up, "
-                          "or run the stages' library functions directly (docs/EXTENDING.md)") from None
         after = _outputs(out)
         for f, mtime in after.items():
             if before.get(f) != mtime:

