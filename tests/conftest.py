@@ -82,3 +82,16 @@ def network_cut(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(guard), env.get("PYTHONPATH")]))
     env["QR_NETWORK_LOG"] = str(log)
     return env, log
+
+
+@pytest.fixture
+def network_cut_inherited(network_cut, monkeypatch):
+    """network_cut set in this process's own environment, for children started without an `env`
+    (papermill's notebook kernels); returns the log of attempted connections."""
+    import os
+    env, log = network_cut
+    for k in [k for k in os.environ if k.endswith("_OFFLINE")]:
+        monkeypatch.delenv(k)
+    for k in ("PYTHONPATH", "QR_NETWORK_LOG"):
+        monkeypatch.setenv(k, env[k])
+    return log

@@ -1,7 +1,6 @@
 """On the embedded SmolLM2-135M and the installed data packages (slower; `make test` runs them)."""
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
@@ -72,15 +71,11 @@ def test_unknown_model_offline_gives_a_clear_error(monkeypatch):
 
 
 def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_redoing(tmp_path, monkeypatch,
-                                                                                        network_cut):
+                                                                                        network_cut_inherited):
     """The whole workbook, setup to report, in notebook kernels whose network is cut (and whose
     HF_*_OFFLINE switches are unset): not one connection is attempted."""
     from qr_lib import report, reproduce
-    env, network_log = network_cut
-    for k in [k for k in os.environ if k.endswith("_OFFLINE")]:
-        monkeypatch.delenv(k)
-    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
-    monkeypatch.setenv("QR_NETWORK_LOG", env["QR_NETWORK_LOG"])
+    network_log = network_cut_inherited
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
     reproduce.run("smoke")
     assert not network_log.exists(), network_log.read_text()

@@ -1,5 +1,4 @@
 """The pilot study's bookkeeping, the report's index and the reproduce runner's plumbing."""
-import pandas as pd
 import pytest
 
 from qr_lib import pilot, report, reproduce

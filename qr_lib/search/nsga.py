@@ -33,7 +33,7 @@ from ..memory import budget_bytes
 from ..store import cached
 from .problem import (AllocationProblem, BlockCrossover, BudgetRepair, NeighbourMutation, SearchSpace,
                       hypervolume, initial_population, knapsack, pareto_mask, pareto_set, search_space,
-                      uniform_genes)
+                      uniform_genes, uniform_label)
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def search(profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
             "first_generation": [{"origin": label, "key": evaluator.key(space.allocation(g), fidelity),
                                   "bits": space.allocation(g).bits, "ranks": space.allocation(g).ranks,
                                   "budget_ratio": space.bytes(g) / space.budget} for label, g in first],
-            "anchors": [{"origin": f"uniform {a.bits[0]}-bit r{a.ranks[0]}", "key": evaluator.key(a, full)}
+            "anchors": [{"origin": uniform_label(a.bits[0], a.ranks[0]), "key": evaluator.key(a, full)}
                         for a in map(space.allocation, recorder.anchors)] if multi_fidelity else [],
             "evaluations": scored, "promoted": recorder.promoted,
             "generations": recorder.generations, "hv_normalization": norm,

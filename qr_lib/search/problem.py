@@ -19,7 +19,6 @@ from pymoo.core.crossover import Crossover
 from pymoo.core.mutation import Mutation
 from pymoo.core.problem import Problem
 from pymoo.core.repair import Repair
-from pymoo.core.sampling import Sampling
 from pymoo.indicators.hv import HV
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
@@ -105,6 +104,11 @@ def uniform_genes(space: SearchSpace, bit_rung: int, rank_rung: int) -> np.ndarr
     return np.array([bit_rung, rank_rung] * space.n_blocks)
 
 
+def uniform_label(bits: int, rank: int) -> str:
+    """How a uniform allocation is named in the search's records (plots read the "uniform " prefix)."""
+    return f"uniform {bits}-bit r{rank}"
+
+
 def knapsack(space: SearchSpace, budget: float, rank_rung: int) -> np.ndarray:
     """The allocation with the least total Phase I KL whose bytes fit `budget`, every block at rank
     rung `rank_rung`: a multiple-choice knapsack, solved exactly by dynamic programming over the
@@ -184,7 +188,7 @@ def initial_population(space: SearchSpace, rank_rung: int, n_random: int, rng) -
         for k, r in enumerate(space.rank_ladder):
             g = uniform_genes(space, j, k)
             if space.bytes(g) <= space.budget:
-                members.append((f"uniform {b}-bit r{r}", g))
+                members.append((uniform_label(b, r), g))
     for k, r in enumerate(space.rank_ladder):
         if space.bytes(uniform_genes(space, 0, k)) <= space.budget:
             members.append((f"Phase I knapsack r{r} at the budget", knapsack(space, space.budget, k)))
