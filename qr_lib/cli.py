@@ -123,7 +123,7 @@ def cmd_stock(args) -> None:
     from . import stock
     from .store import results_dir
     profile = _profile(args)
-    print(stock.run(profile, results_dir(profile.name), args.limit).round(2).to_string(index=False))
+    print(stock.run(profile, results_dir(profile.name), args.max_docs).round(2).to_string(index=False))
 
 
 def cmd_benchmark(args) -> None:
@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="ARC-Easy/Challenge, HellaSwag and PIQA in lm-eval's stock formats on the model "
                                    "as loaded, beside published numbers; resumes task by task (hours on a CPU).")
     _common(p)
-    p.add_argument("--limit", type=int, default=None, help="documents per task; default: the full split")
+    p.add_argument("--max-docs", type=int, default=None,
+                   help="a split longer than this is scored on a seeded random sample of this many documents; "
+                        "default: every split in full (HellaSwag's 10,042 take hours on a CPU)")
     p.set_defaults(func=cmd_stock)
     p = sub.add_parser("benchmark", formatter_class=fmt, help="memory (formula vs packed model) and step times",
                        description="Formula against measured memory of packed builds, per-build peak memory, "

@@ -108,16 +108,20 @@ def _quiet_hflm():
     return QuietHFLM
 
 
-def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path | None = None) -> dict:
+def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path | None = None,
+              samples: dict[str, list[int]] | None = None) -> dict:
     """{task: {metric: value, metric_stderr: value, 'n': documents, 'metric_used': name,
     'per_document': {'doc_id': [...], 'value': [...]}}}. With `log_dir`, lm-eval's own results JSON
     and its per-document samples (prompts, answers, log-likelihoods) are kept there as lm-eval wrote
-    them: results_<tasks>.json and samples_<task>.jsonl."""
+    them: results_<tasks>.json and samples_<task>.jsonl. `samples` (task -> document indices, lm-eval's
+    own option) scores those documents instead of the first `limit`."""
     import lm_eval
 
     if not cfg.tasks:
         return {}
     check_tasks(cfg.tasks)
+    if samples and (cfg.limit is not None or cfg.task_limits):
+        raise QRError("give either document indices (samples) or a limit, not both")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm = _quiet_hflm()(pretrained=base, tokenizer=tok, batch_size=cfg.batch_size, max_length=2048,
               device=str(next(base.parameters()).device))
@@ -130,6 +134,7 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path 
             print(f"lm-eval: {', '.join(tasks)} (limit {limit})", flush=True)
         with _quiet_lm_eval():
             res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                          samples={t: samples[t] for t in tasks if t in (samples or {})} or None,
                                           gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, log_samples=True,
                                           verbosity="ERROR", bootstrap_iters=1000)
         if log_dir is not None:
