@@ -58,6 +58,7 @@ def run(profile, out_dir: Path, max_docs: int | None = None, base=None, tok=None
             metrics = run_tasks(base, tok, cfg, progress=progress, log_dir=where / "lm_eval",
                                 samples=None if chosen is None else {name: chosen})[name]
             metrics.pop("per_document")
+            _compress(where / "lm_eval" / f"samples_{name}.jsonl")  # MBs of prompts and log-likelihoods
             write_artifact(path, {"model": profile.model, "dtype": profile.dtype, "task": task,
                                   "documents": "all" if chosen is None else {"seed": SAMPLE_SEED, "n": len(chosen)}},
                            metrics)
@@ -66,6 +67,17 @@ def run(profile, out_dir: Path, max_docs: int | None = None, base=None, tok=None
     table = beside_reference(pd.DataFrame(rows))
     save_table(table, out_dir, "stock_lm_eval")
     return table
+
+
+def _compress(path: Path) -> None:
+    import gzip
+    import os
+
+    tmp = path.with_name(path.name + ".gz.tmp")
+    with open(path, "rb") as f, gzip.open(tmp, "wb") as g:
+        g.write(f.read())
+    os.replace(tmp, path.with_name(path.name + ".gz"))
+    path.unlink()
 
 
 def beside_reference(ours: pd.DataFrame) -> pd.DataFrame:
