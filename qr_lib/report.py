@@ -25,6 +25,11 @@ SECTIONS = [
       "figures/accuracy_vs_memory.png", "figures/test_loss_vs_memory.png", "figures/benchmark_bars.png",
       "tables/proxy_calibration.md", "figures/proxy_calibration.png"]),
 ]
+# Written by commands outside `make reproduce` (hours on a CPU): shown when present, never required.
+OPTIONAL = [
+    ("The base model in lm-eval's stock formats, beside published numbers", "make stock-eval",
+     "tables/stock_lm_eval.md"),
+]
 
 
 def items(out_dir: Path):
@@ -49,6 +54,10 @@ def show(out_dir: Path) -> None:
             display(Image(filename=str(path)))
         else:
             display(Markdown(path.read_text()))
+    for title, command, f in OPTIONAL:
+        if (Path(out_dir) / f).exists():
+            display(Markdown(f"## {title}\n*from `{command}`, not part of `make reproduce`*\n\n"
+                             + (Path(out_dir) / f).read_text()))
     if rows := compute_time(out_dir):
         import pandas as pd
         display(Markdown("## Compute time\n*seconds of work the artifacts record (2 CPU cores for the "

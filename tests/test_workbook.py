@@ -135,3 +135,17 @@ def test_the_benchmark_runs_end_to_end_on_smoke(tmp_path):
     assert all(r["measured_over_formula"] == 1 for r in result["rows"])
     assert result["dtype_check"]["float32_s"] > 0 and result["dtype_check"]["bfloat16_s"] > 0
     assert "Compute dtype on this machine" in out.with_suffix(".md").read_text()
+
+
+def test_the_report_shows_an_optional_table_only_when_its_command_wrote_it(tmp_path, monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda x: shown.append(getattr(x, "data", "")))
+    report.show(tmp_path)
+    assert not any("stock formats" in str(s) for s in shown)
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "stock_lm_eval.md").write_text("| task |\n|---|\n| piqa |\n")
+    shown.clear()
+    report.show(tmp_path)
+    assert any("stock formats" in str(s) and "| piqa |" in str(s) for s in shown)
