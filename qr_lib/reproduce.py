@@ -14,7 +14,7 @@ import pandas as pd
 
 from .config import load_profile
 from .errors import QRError
-from .report import compute_time
+from .report import OPTIONAL, compute_time
 from .store import cache_root, read_json, results_dir, save_table, write_json
 
 # Stage artifacts whose presence means a run does not start from nothing.
@@ -79,6 +79,9 @@ def write_index(out: Path, profile: str, manifest: dict) -> None:
         lines += [f"## {nb}", f"Ran for {run.get('seconds', 0):.0f} s; executed copy: `notebooks/{nb}`.", ""]
         lines += [f"- [`{f}`]({f})" for f, v in sorted(manifest["files"].items()) if v["notebook"] == nb]
         lines.append("")
+    for title, command, f in OPTIONAL:
+        if (out / f).exists():
+            lines += [f"## {title}", f"Written by `{command}`, not part of `make reproduce`: [`{f}`]({f}).", ""]
     if (out / "tables" / "reproduce_wall_clock.md").exists():
         lines += ["## Wall-clock time", "Every `make reproduce` of this folder, how long it took and whether it started "
                   "from nothing (no artifacts, no caches): [`tables/reproduce_wall_clock.md`](tables/reproduce_wall_clock.md).", ""]

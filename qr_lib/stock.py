@@ -64,7 +64,7 @@ def run(profile, out_dir: Path, max_docs: int | None = None, base=None, tok=None
                            metrics)
         rows.append({"task": task, **{k: metrics.get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
                      "n": metrics["n"], "of": total})
-    table = beside_reference(pd.DataFrame(rows))
+    table = beside_reference(pd.DataFrame(rows)).round(2)  # the stock/*.json artifacts keep every digit
     save_table(table, out_dir, "stock_lm_eval")
     return table
 
