@@ -16,6 +16,7 @@ take whole activity groups), and the table says how many of how many were scored
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,12 @@ def run(profile, out_dir: Path, max_docs: int | None = None, base=None, tok=None
         else:
             if base is None:
                 base, tok = load_model(profile.model, profile.dtype, profile.device)
-            name = f"stock_{task}"
+            name, t0 = f"stock_{task}", time.time()
             cfg = EvalConfig(tasks=(name,), limit=None, batch_size=profile.eval.batch_size)
             metrics = run_tasks(base, tok, cfg, progress=progress, log_dir=where / "lm_eval",
                                 samples=None if chosen is None else {name: chosen})[name]
             metrics.pop("per_document")
+            metrics["seconds"] = round(time.time() - t0, 1)
             _compress(where / "lm_eval" / f"samples_{name}.jsonl")  # MBs of prompts and log-likelihoods
             write_artifact(path, {"model": profile.model, "dtype": profile.dtype, "task": task,
                                   "documents": "all" if chosen is None else {"seed": SAMPLE_SEED, "n": len(chosen)}},

@@ -1,4 +1,5 @@
 """lm-eval's stock task formats, offline: the same prompts as the installed lm-eval, and a real run."""
+import json
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def test_the_stock_table_sets_our_scores_beside_the_published_ones(tmp_path, emb
     assert (table["n"] == 4).all() and (table["of"] > 1000).all() and table["published (%)"].notna().all()
     assert table["95% interval (points)"].notna().all()
     assert (tmp_path / "tables" / "stock_lm_eval.md").exists()
+    assert json.loads((tmp_path / "stock" / "piqa-sample4.json").read_text())["result"]["seconds"] > 0
     logged = sorted(p.name for p in (tmp_path / "stock" / "lm_eval").iterdir())
     assert "samples_stock_piqa.jsonl.gz" in logged and not any(n.endswith(".jsonl") for n in logged)
     again = stock.run(load_profile("default"), tmp_path, max_docs=4, progress=False)     # cached per task
