@@ -24,7 +24,7 @@ import pandas as pd
 
 from .data import STOCK, stock_docs
 from .evaluate import EvalConfig, run_tasks
-from .store import read_artifact, write_artifact
+from .store import atomic_write_bytes, read_artifact, write_artifact
 
 REFERENCE = Path(__file__).parent / "reference" / "smollm2_lm_eval.json"
 SAMPLE_SEED = 0
@@ -73,12 +73,8 @@ def run(profile, out_dir: Path, max_docs: int | None = None, base=None, tok=None
 
 def _compress(path: Path) -> None:
     import gzip
-    import os
 
-    tmp = path.with_name(path.name + ".gz.tmp")
-    with open(path, "rb") as f, gzip.open(tmp, "wb") as g:
-        g.write(f.read())
-    os.replace(tmp, path.with_name(path.name + ".gz"))
+    atomic_write_bytes(path.with_name(path.name + ".gz"), gzip.compress(path.read_bytes(), mtime=0))
     path.unlink()
 
 
