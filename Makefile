@@ -49,13 +49,14 @@ STOCK_MAX_DOCS ?= 2500
 stock-eval: $(STAMP)
 	$(CLI) stock $(ARGS) $(if $(STOCK_MAX_DOCS),--max-docs $(STOCK_MAX_DOCS))
 
+# Memory (formula against packed models), peak training memory and step times: a script outside the package.
 benchmark: $(STAMP)
-	$(CLI) benchmark $(ARGS)
+	$(OFFLINE) $(PY) benchmarks/memory_step_time.py $(ARGS)
 
 # JupyterLab at the repository root (notebooks/ and results/ both in reach), on the project's kernel
 # (registered inside .venv), with the same offline settings as every other target.
 lab: $(STAMP)
-	$(PY) -c "from qr_lib.reproduce import ensure_kernel; ensure_kernel()"
+	$(PY) -c "from qr_lib.workbook.reproduce import ensure_kernel; ensure_kernel()"
 	$(OFFLINE) $(VENV)/bin/jupyter lab --notebook-dir=.
 
 clean-smoke:

@@ -1,7 +1,18 @@
 """QR-Adaptor workbook: per-block bit-width and LoRA-rank allocation for quantized fine-tuning.
 
-The stages, in the order the notebooks run them: data and models (data.py, models.py), quantization
-(quant/, build.py, memory.py), Phase I (sensitivity.py), the proxy (fitness.py), Phases II-III
-(search/), the final fine-tune and its comparison (finetune.py, evaluate.py, comparison.py, stats.py,
-calibration.py), and what reads artifacts only (report.py, plots.py, explorer.py).
+The package reads top-down:
+  algorithm/  QR-Adaptor itself: allocations, quantization backends (quant/), the memory model, the
+              LoRA build and training loop, Phase I (sensitivity), the proxy fine-tune, and the
+              search (search/: Phase II NSGA-II, Phase III Bayesian refinement).
+  workbook/   the reproduction around it: profiles (config), the results layout, the pilot, the final
+              fine-tunes and their comparison, calibration, stock lm-eval, figures, report, explorer.
+  models.py, data.py, evaluate.py   the inputs both use: models, datasets, lm-eval.
+  store.py    artifacts: atomic checksummed JSON with provenance, and the stage protocol.
+  cli.py      every entry point (`qr-adaptor ...`).
+profiles/, methods/, tasks/ and reference/ are data: run settings, final-run methods, lm-eval task
+YAMLs (the prompts), and the paper's reference numbers and model configs.
 """
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent   # profiles/, methods/, tasks/, reference/ live here
+REPO_DIR = PACKAGE_DIR.parent                   # notebooks/, results/ in a checkout

@@ -1,33 +1,182 @@
-"""Profiles as data: one frozen dataclass per stage, grouped in a Profile.
+"""Every setting of a run, as frozen dataclasses: the schema that profiles (qr_lib/profiles/*.json) fill in.
 
-`smoke` is a tiny in-process model (tests, CI, minutes), `default` the embedded SmolLM2-135M on
-2 CPU cores, `paper` the paper's scale on a GPU. A profile is a JSON file under profiles/ that
-overrides the dataclass defaults; `overrides` like {"proxy.steps": 10} override it again.
+One dataclass per stage, grouped in `Profile`. They hold values and a few derived helpers, nothing else,
+so every module can take a typed `Profile` without importing the stages that use its parts. Loading a
+profile (files, overrides, did-you-mean checks, validation) is workbook/profiles.py. A default that is a
+measurement or the paper's says so beside it; the others are settings.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 
-from .allocation import DEFAULT_BIT_LADDER, DEFAULT_RANK_LADDER
-from .build import LoraSettings
-from .calibration import CalibrationConfig
-from .comparison import ComparisonConfig
-from .data import DataConfig
-from .errors import QRError
-from .evaluate import EvalConfig, check_tasks
-from .finetune import FinetuneConfig
-from .hardware import resolve_dtype
-from .parallel import ParallelConfig
-from .pilot import PilotConfig
-from .profile_files import profile_values
-from .quant import QuantConfig
-from .search.bo import BOConfig
-from .search.nsga import NSGAConfig
-from .sensitivity import SensitivityConfig
-from .train import TrainConfig
+UNQUANTIZED = 16                  # a "bit-width" that leaves a block unquantized (baselines)
+DEFAULT_BIT_LADDER = (2, 3, 4, 8)
+DEFAULT_RANK_LADDER = (4, 8, 16)
+# The benchmarks qr_lib reads offline (data.py); lm-eval runs them as tasks qr_<name> (qr_lib/tasks/).
+BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
+              "mmlu", "gsm8k")
+TASKS = tuple(f"qr_{t}" for t in BENCHMARKS)
 
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "commonsense" (offline mix of train splits), "alpaca" (hub), or a local .jsonl / .csv file
+    # (absolute, or relative to the repository root) with the columns of local_pool()
+    finetune: str = "commonsense"
+    text: str = "lambada"          # offline passages; "wikitext2" or "c4" with a hub
+    n_train: int = 2000            # fine-tuning pairs
+    n_val: int = 128               # search-validation pairs: the proxy's only scoring data
+    n_test: int = 512              # test pairs: read only by the final comparison
+    n_calib: int = 32              # calibration passages (Phase I)
+    n_heldout: int = 64            # held-out passages (perplexity)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    backend: str = "hqq"           # "hqq" (2, 3, 4, 8 bits) or "bnb" (4 = NF4, 8 = int8)
+    # HQQ weights per scale/zero. It must divide every quantized linear's in_features, so that no
+    # group spans two output rows (HQQ groups the flattened weight). The paper's code uses 128.
+    group_size: int = 128
+    hqq_optimize: bool = True      # HQQ's half-quadratic optimizer (slower, better) vs plain rounding
+    bnb_double_quant: bool = True  # QLoRA's double quantization of NF4 absmax
+    dequantize_once: bool = True   # CPU only: compute with the dequantized weight (see module docstring)
+
+    def quantizer_settings(self) -> dict:
+        """The settings that change the stored codes (the block cache's key); not how they compute."""
+        return {k: v for k, v in asdict(self).items() if k != "dequantize_once"}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    alpha_ratio: float = 2.0   # alpha = alpha_ratio x rank (the authors' code uses 2)
+    dropout: float = 0.05
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 30
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_steps: int = 3
+    # After warm-up: "linear" decays to zero at the last step (Hugging Face Trainer's default),
+    # "cosine" likewise along a half cosine, "constant" keeps the peak rate.
+    schedule: str = "linear"
+    max_len: int = 128
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    bits: tuple = (2,)       # rungs to profile; the paper profiles the lowest one
+    seq_len: int = 128
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class NSGAConfig:
+    pop_size: int = 8
+    generations: int = 3
+    seed: int = 0
+    n_random: int = 4               # random allocations in the first generation (coverage)
+    mutation_prob: float = 0.1      # prob. that a block mutates
+    crossover_prob: float = 0.9
+    low_steps: int = 0              # > 0: multi-fidelity, children scored with this many steps
+    low_n_val: int = 32
+    promote: int = 2                # full-fidelity re-scores per generation (multi-fidelity only)
+
+
+@dataclass(frozen=True)
+class BOConfig:
+    iterations: int = 3
+    alpha: float = 0.6        # weight of performance against memory in the utility
+    ei_tol: float = 1e-4
+    xi: float = 0.01          # EI exploration margin (in utility units)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    backend: str = "serial"        # "serial" or "dask"
+    workers: int = 2               # local CPU workers (on CUDA: one per visible GPU instead)
+    threads_per_worker: int = 1    # torch threads per worker; workers x threads <= cores
+    address: str | None = None     # a running Dask scheduler to use instead of a local cluster
+    retries: int = 2               # times a task whose worker died is retried elsewhere
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None   # a cap; None = the whole `epochs` (the paper's recipe)
+    batch_size: int = 4
+    grad_accum: int = 1            # the authors' code: 4
+    lr: float = 2e-4
+    warmup_ratio: float = 0.03
+    schedule: str = "linear"       # after warm-up; see train.TrainConfig
+    max_len: int = 128             # the authors' code: 512
+    n_test: int | None = None      # test pairs scored per run (the first n); None = the whole split
+    seeds: tuple = (0, 1, 2)       # for methods with "multi_seed"; the others run seeds[0]
+    methods: tuple | None = None   # method ids a full run covers; None = every file in methods/
+
+    def train_config(self, n_train: int, seed: int) -> TrainConfig:
+        steps = math.ceil(self.epochs * n_train / (self.batch_size * self.grad_accum))
+        steps = min(steps, self.max_steps) if self.max_steps else steps
+        return TrainConfig(steps=steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
+                           warmup_steps=max(1, round(self.warmup_ratio * steps)), schedule=self.schedule,
+                           max_len=self.max_len, seed=seed)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple = TASKS
+    limit: int | None = 200            # documents per task; None = the full split
+    task_limits: dict = field(default_factory=dict)  # per-task overrides of `limit`
+    batch_size: int = 8
+    max_gen_toks: int = 256
+    # Final runs whose seed is listed are benchmarked (None = every seed); every run gets its test
+    # loss and perplexity. On a CPU, lm-eval costs as much as the fine-tune itself.
+    seeds: tuple | None = None
+
+    def benchmarks(self, seed: int) -> bool:
+        return bool(self.tasks) and (self.seeds is None or seed in self.seeds)
+
+
+@dataclass(frozen=True)
+class PilotConfig:
+    steps: int = 40
+    seeds: tuple = (0, 1, 2)
+    tasks: tuple = ()              # lm-eval tasks per run; the test loss is always measured
+    limit: int = 100
+    n_test: int | None = 256       # test pairs scored per run (the first n of the test split)
+    memory_tolerance: float = 0.03  # every config within this fraction of the target memory
+    sweep_bits: tuple = (2, 3, 4)
+    sweep_ranks: tuple = (4, 8, 16)
+
+
+@dataclass(frozen=True)
+class ComparisonConfig:
+    """How claims are judged. The margins are settings, not measurements: a difference inside them
+    is too small to matter for choosing a method."""
+    margin_loss: float = 0.01      # nats per answer token: exp(0.01) = 1% perplexity
+    margin_accuracy: float = 0.01  # one accuracy point (fraction), the paper's tables' resolution
+    n_boot: int = 4000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    methods: tuple = ("hqq3", "hqq4", "qr_adaptor", "qr_adaptor_3p5", "phase1_knapsack4", "random4_0", "random4_1",
+                      "random4_2", "random3p5_0", "random3p5_1", "random3p5_2")
+    lengths: tuple = (0, 4, 8, 16)   # proxy steps scored
+    n_val: tuple = (16, 32, 64)      # validation examples scored (the first n)
+    seeds: tuple = (0, 1)            # proxy seeds per allocation
+    min_spearman: float = 0.8
+    # Rank agreement is also measured among the top_k allocations by final test loss: the random draws
+    # sit far from the rest and make the whole-set correlation easy; the search decides near the front.
+    top_k: int = 5
 
 
 @dataclass(frozen=True)
@@ -56,79 +205,3 @@ class Profile:
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-
-def _check_type(value, default, where: str):
-    """The value a setting gets, or a QRError naming the setting and the type it needs. The type is
-    the default's (ints accept no strings or bools, floats accept ints, tuples accept lists); a
-    setting whose default is None is not checked."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(value, bool) and isinstance(default, bool)
-    elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float)) and (isinstance(default, float) or float(value).is_integer())
-        value = type(default)(value) if ok else value
-    elif isinstance(default, tuple):
-        ok = isinstance(value, (list, tuple))
-        value = tuple(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise QRError(f"{where} must be {type(default).__name__} like the default {default!r}, got {value!r}; "
-                      "fix the profile or the override")
-    return value
-
-
-def _build(cls, values: dict, where: str):
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        hints = {k: difflib.get_close_matches(k, list(known), n=1) for k in unknown}
-        said = ", ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
-        raise QRError(f"{where}: unknown setting(s) {said}; known: {sorted(known)}")
-    kwargs = {}
-    for k, v in values.items():
-        default = known[k].default_factory() if known[k].default_factory is not dataclasses.MISSING else known[k].default
-        if dataclasses.is_dataclass(default):
-            if not isinstance(v, dict):
-                raise QRError(f"{where}.{k} must be a mapping of {type(default).__name__} settings, got {v!r}")
-            kwargs[k] = _build(type(default), {**dataclasses.asdict(default), **v}, f"{where}.{k}")
-        else:
-            kwargs[k] = _check_type(v, default if default is not dataclasses.MISSING else None, f"{where}.{k}")
-    return cls(**kwargs)
-
-
-def validate(profile: Profile) -> None:
-    """What the stages would otherwise find out after hours: ladders the backend cannot build, budgets
-    off the ladders, non-positive ranks, unknown benchmark tasks."""
-    from .quant import check_bits, get_backend
-
-    where = f"profile {profile.name!r}"
-    try:
-        metric = () if profile.proxy_metric == "loss" else (profile.proxy_metric,)
-        check_tasks((*profile.eval.tasks, *profile.eval.task_limits, *profile.pilot.tasks, *metric))
-    except QRError as e:
-        raise QRError(f"{where}: {e}") from None
-    check_bits(get_backend(profile.quant), profile.bit_ladder)
-    ranks = [r for r in profile.rank_ladder if not (isinstance(r, int) and r > 0)]
-    if ranks:
-        raise QRError(f"{where}: rank_ladder holds {ranks}; ranks are positive integers, e.g. [4, 8, 16]")
-    if profile.budget_rank not in profile.rank_ladder:
-        raise QRError(f"{where}: budget_rank {profile.budget_rank} is not on rank_ladder {list(profile.rank_ladder)}")
-    lo, hi = min(profile.bit_ladder), max(profile.bit_ladder)
-    for bits in (profile.budget_bits, *profile.select_at):
-        if not lo <= bits <= hi:
-            raise QRError(f"{where}: a budget of {bits} average bits lies outside bit_ladder "
-                          f"{list(profile.bit_ladder)}; choose budgets between {lo} and {hi}")
-
-
-def load_profile(name: str = "default", overrides: dict | None = None) -> Profile:
-    """A profile by name or path (its results go to results/<file stem>/), with `overrides`, dotted
-    settings such as {"finetune.seeds": [0]}, applied on top."""
-    path, values = profile_values(name, overrides)
-    values["name"] = path.stem
-    profile = _build(Profile, values, f"profile {path.stem!r}")
-    validate(profile)
-    # Resolved once here, so every stage, cache key and artifact sees the dtype that really computed.
-    return dataclasses.replace(profile, dtype=resolve_dtype(profile.dtype, profile.device))

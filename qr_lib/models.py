@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import PACKAGE_DIR
 from .errors import QRError
+from .hardware import resolve_dtype
 from .store import cache_root
 
 EMBEDDED = "embedded"
@@ -92,8 +94,6 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
     in compute dtype `dtype` ("auto": the fastest on this machine, hardware.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .hardware import resolve_dtype
-
     dtype = resolve_dtype(dtype, device)
     if name == TINY:
         tok = AutoTokenizer.from_pretrained(embedded_dir())
@@ -120,7 +120,7 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
 
 
 # Architecture configs of the paper's models, for shapes without a hub (reference/configs/).
-SHIPPED_CONFIGS = Path(__file__).parent / "reference" / "configs"
+SHIPPED_CONFIGS = PACKAGE_DIR / "reference" / "configs"
 
 
 def load_skeleton(name: str = EMBEDDED) -> nn.Module:

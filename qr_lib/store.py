@@ -1,8 +1,8 @@
 """Artifact I/O: atomic writes, content hashes, checksums and the environment every artifact records.
 
 One schema for every artifact: {"config": ..., "environment": ..., "result": ..., "checksum": ...},
-and one stage protocol, `cached(path, config, compute)`: read back while the config is unchanged and
-the file untouched, else compute and write.
+and one stage protocol, `cached(path, config, compute)`: read back while the stored config equals
+the current one and the file is untouched, else compute and write. Paths come from layout.Layout.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import QRError
+from .hardware import describe
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "hqq", "bitsandbytes", "pymoo",
                     "scikit-optimize", "lm_eval", "numpy")
@@ -113,8 +114,6 @@ def git_commit() -> str | None:
 def environment() -> dict:
     import torch
 
-    from .hardware import describe
-
     return {
         "packages": package_versions(),
         "python": platform.python_version(),
@@ -133,11 +132,16 @@ def checksum(config, result) -> str:
     return hashlib.sha256(json.dumps({"config": config, "result": result}, sort_keys=True).encode()).hexdigest()
 
 
+def _plain(obj):
+    """obj as the JSON a file holds (dataclasses to dicts, tuples to lists): what a stored record compares to."""
+    return json.loads(json.dumps(to_jsonable(obj)))
+
+
 def write_artifact(path: Path, config, result) -> dict:
     """Write {config, environment, result, checksum}. A record whose config and result did not change
     is kept, so a rerun that reads its inputs back leaves the provenance of the run that did the work."""
     path = Path(path)
-    config, result = (json.loads(json.dumps(to_jsonable(x))) for x in (config, result))
+    config, result = _plain(config), _plain(result)
     old = read_artifact(path, quiet=True)
     if old is not None and old["config"] == config and old["result"] == result:
         return old
@@ -156,7 +160,7 @@ def read_artifact(path: Path, quiet: bool = False) -> dict | None:
     try:
         record = json.loads(path.read_text())
         ok = record.get("checksum") == checksum(record["config"], record["result"])
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         if not quiet:
@@ -166,16 +170,29 @@ def read_artifact(path: Path, quiet: bool = False) -> dict | None:
     return record
 
 
-def cached(path: Path, config: dict, compute):
-    """The stage protocol: the result stored at `path` for this `config`, or compute()'s, written there
-    atomically with its config, its key (content_hash of the config), provenance and checksum. A stage
-    whose config changed, or whose file is damaged, is recomputed; anything else is read back."""
-    key = content_hash(config)
+def keyed(config: dict) -> dict:
+    """`config` with its content hash as "key": the short name a later stage's config cites."""
+    return {**config, "key": content_hash(config)}
+
+
+def cached(path: Path, config, compute, valid=None):
+    """The stage protocol: the result stored at `path` if the file is whole (its checksum), its stored
+    config equals `config`, and `valid(result)` holds where given; else compute()'s, written there
+    atomically with its config, provenance and checksum. So a stage whose config changed, or whose file
+    is damaged or edited, is recomputed, and anything else is read back, never recomputed."""
     record = read_artifact(path)
-    if record is not None and record["config"].get("key") == key:
+    if record is not None and record["config"] == _plain(config) and (valid is None or valid(record["result"])):
         return record["result"]
-    write_artifact(path, {**config, "key": key}, compute())
-    return read_artifact(path)["result"]  # what a rerun reads back: JSON types, whichever way it came
+    return write_artifact(path, config, compute())["result"]  # JSON types, whichever way it came
+
+
+def stored_result(path: Path, config=None):
+    """The result at `path` if the file is whole (and its config equals `config`, where given); None
+    otherwise: for readers that cannot recompute a stage (tables, figures, the explorer)."""
+    record = read_artifact(path)
+    if record is None or (config is not None and record["config"] != _plain(config)):
+        return None
+    return record["result"]
 
 
 def cache_root() -> Path:
@@ -185,27 +202,12 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def results_dir(profile: str) -> Path:
-    """results/<profile>/ of this checkout (QR_RESULTS_DIR overrides the results/ root), checked
-    writable before any work goes into it."""
-    root = os.environ.get("QR_RESULTS_DIR") or Path(__file__).resolve().parents[1] / "results"
-    out = Path(root) / profile
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise QRError(f"cannot write results to {out} ({e.strerror}); make it writable or point "
-                      "QR_RESULTS_DIR at a folder you can write") from None
-    return out
-
-
-def save_table(df, out_dir: Path, name: str) -> Path:
-    """A table as CSV (for machines) and Markdown (for readers) under out_dir/tables/."""
-    d = Path(out_dir) / "tables"
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(d / f"{name}.csv", df.to_csv(index=False).encode())
-    atomic_write_bytes(d / f"{name}.md", (df.to_markdown(index=False) + "\n").encode())
-    return d / f"{name}.csv"
+def save_table(df, layout, name: str) -> Path:
+    """A table as CSV (for machines) and Markdown (for readers), where the layout keeps tables."""
+    csv, md = layout.table(name, ".csv"), layout.table(name, ".md")
+    atomic_write_bytes(csv, df.to_csv(index=False).encode())
+    atomic_write_bytes(md, (df.to_markdown(index=False) + "\n").encode())
+    return csv
 
 
 def in_notebook() -> bool:
@@ -218,15 +220,14 @@ def in_notebook() -> bool:
     return shell is not None and hasattr(shell, "kernel")
 
 
-def save_figure(fig, out_dir: Path, name: str) -> Path:
+def save_figure(fig, layout, name: str) -> Path:
     """A figure as PNG under out_dir/figures/. In a notebook kernel the same PNG is also shown inline,
     so executed copies carry their figures (plots.py draws on the headless Agg backend, which shows
     nothing by itself). The figure is closed afterwards."""
     import matplotlib.pyplot as plt
 
-    d = Path(out_dir) / "figures"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{name}.png"
+    path = layout.figure(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     if in_notebook():

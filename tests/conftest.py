@@ -53,7 +53,7 @@ def embedded32():
 # The smoke profile's model and one whole serial search, shared by the search and fault tests.
 @pytest.fixture(scope="session")
 def smoke():
-    from qr_lib.config import load_profile
+    from qr_lib.workbook.profiles import load_profile
     return load_profile("smoke")
 
 
@@ -65,7 +65,7 @@ def base(smoke):
 
 @pytest.fixture(scope="session")
 def smoke_run(smoke, base, tmp_path_factory):
-    from qr_lib import search
+    from qr_lib.algorithm import search
     out = tmp_path_factory.mktemp("search")
     return out, search.run(smoke, out, *base, progress=False)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from qr_lib.allocation import Allocation, split, uniform
+from qr_lib.algorithm.allocation import Allocation, split, uniform
 from qr_lib.errors import QRError
 
 
@@ -43,7 +43,7 @@ def test_table_lists_every_block():
 
 
 def test_heatmap_has_a_row_for_bits_and_one_for_ranks():
-    from qr_lib.plots import allocation_heatmap
+    from qr_lib.workbook.plots import allocation_heatmap
     fig = allocation_heatmap(Allocation(bits=(2, 4, 8), ranks=(4, 8, 16), name="x"))
     bits_ax, rank_ax = fig.axes
     assert [t.get_text() for t in bits_ax.texts] == ["2", "4", "8"]

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from qr_lib.allocation import Allocation, uniform
-from qr_lib.build import build, lora_parameters
+from qr_lib.algorithm.allocation import Allocation, uniform
+from qr_lib.algorithm.build import build, lora_parameters
+from qr_lib.algorithm.quant.cache import BlockCache
+from qr_lib.config import QuantConfig
 from qr_lib.errors import QRError
-from qr_lib.quant import QuantConfig
-from qr_lib.quant.cache import BlockCache
 
 HQQ = QuantConfig(backend="hqq", group_size=64, hqq_optimize=False)
 BNB = QuantConfig(backend="bnb")

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qr_lib import calibration
+from qr_lib.workbook import calibration
 
 
 def _scores(truth, noise_by_length, rng):
@@ -63,12 +63,12 @@ def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
     checkpoint at L equals a separate proxy run of L steps (constant schedule)."""
     import dataclasses
 
-    from qr_lib import finetune
-    from qr_lib.config import load_profile
+    from qr_lib.algorithm.build import build
+    from qr_lib.algorithm.train import example_losses, mean_loss, train
     from qr_lib.data import load_finetune
     from qr_lib.models import load_model
-    from qr_lib.train import example_losses, mean_loss, train
-    from qr_lib.build import build
+    from qr_lib.workbook import finetune
+    from qr_lib.workbook.profiles import load_profile
 
     p = load_profile("smoke", {"calibration.methods": ["hqq3", "hqq4", "lora16"], "calibration.lengths": [0, 2, 4],
                                "calibration.n_val": [8, 16], "finetune.max_steps": 2})

@@ -54,7 +54,8 @@ def test_the_paper_profile_plans_offline_without_a_gpu(capsys):
 def test_a_whole_run_takes_its_starting_state_before_the_time_estimate(monkeypatch, tmp_path):
     """The estimate may read the model, which converts and caches it on a fresh machine: the default
     run of 2026-12-02 recorded "from nothing: False" and lost that conversion from its clock."""
-    from qr_lib import cli, reproduce
+    from qr_lib import cli
+    from qr_lib.workbook import reproduce
     monkeypatch.setenv("QR_LIB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path / "results"))
 

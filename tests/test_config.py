@@ -1,8 +1,12 @@
 import pytest
 
-from qr_lib.config import load_profile
-from qr_lib.profile_files import needs_hub, profile_names, profile_values
 from qr_lib.errors import QRError
+from qr_lib.workbook.profiles import (
+    load_profile,
+    needs_hub,
+    profile_names,
+    profile_values,
+)
 
 
 def test_profiles_load():

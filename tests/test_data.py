@@ -65,7 +65,7 @@ def test_prompts_live_in_the_task_yamls_and_the_overlap_check_renders_them(sourc
 
 
 def test_stock_task_names_are_refused_with_the_workbook_names(sources):
-    from qr_lib.config import load_profile
+    from qr_lib.workbook.profiles import load_profile
     with pytest.raises(QRError, match=r"qr_<task>.*\['qr_arc_easy'\]"):
         load_profile("smoke", {"eval.tasks": ["arc_easy"]})
 

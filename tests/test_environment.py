@@ -1,7 +1,8 @@
 """The conda environment and the pip install must pin the same versions."""
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ import pytest
 SEARCH = r"""
 import sys
 from pathlib import Path
-from qr_lib import search
-from qr_lib.config import load_profile
+from qr_lib.algorithm import search
+from qr_lib.workbook.profiles import load_profile
 
 search.run(load_profile("smoke"), Path(sys.argv[1]), progress=False)
 print("search finished")
@@ -29,8 +29,8 @@ print("search finished")
 FINETUNE = r"""
 import sys
 from pathlib import Path
-from qr_lib import finetune
-from qr_lib.config import load_profile
+from qr_lib.workbook import finetune
+from qr_lib.workbook.profiles import load_profile
 
 profile = load_profile("smoke", {"eval.tasks": [], "finetune.seeds": [0, 1], "finetune.max_steps": 8})
 finetune.run_all(profile, Path(sys.argv[1]), methods=["hqq4", "lora16"], progress=False)

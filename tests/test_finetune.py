@@ -4,15 +4,14 @@ import pandas as pd
 import pytest
 import torch
 
-from qr_lib import comparison, finetune
-from qr_lib.adapters import loftq_init, prepare
-from qr_lib.allocation import uniform
-from qr_lib.build import LoraSettings
-from qr_lib.config import load_profile
+from qr_lib.algorithm.adapters import loftq_init, prepare
+from qr_lib.algorithm.allocation import uniform
+from qr_lib.algorithm.train import eval_loss, train
+from qr_lib.config import EvalConfig, LoraSettings, QuantConfig, TrainConfig
 from qr_lib.errors import QRError
-from qr_lib.evaluate import EvalConfig, headline, run_tasks
-from qr_lib.quant import QuantConfig
-from qr_lib.train import TrainConfig, eval_loss, train
+from qr_lib.evaluate import headline, run_tasks
+from qr_lib.workbook import comparison, finetune
+from qr_lib.workbook.profiles import load_profile
 
 Q = QuantConfig(group_size=64, hqq_optimize=False)
 
@@ -57,7 +56,7 @@ def test_plan_repeats_only_multi_seed_methods_and_pairs_a_random_draw_with_its_s
 
 
 def test_a_random_draw_spends_its_budget_and_is_reproducible(quick, base, tmp_path):
-    from qr_lib.memory import budget_bytes, formula_bytes, model_shapes
+    from qr_lib.algorithm.memory import budget_bytes, formula_bytes, model_shapes
     shapes = model_shapes(base[0])
     budget = budget_bytes(shapes, quick.quant, 4, 8)
     draws = [finetune.resolve_allocation(quick, finetune.load_method(f"random4_{k}"), 4, tmp_path, base) for k in (0, 1)]
@@ -246,7 +245,7 @@ def test_one_method_runs_alone_from_the_command_line(tmp_path, monkeypatch, caps
 def test_the_memory_plot_zooms_on_the_methods_near_the_budget_error_bars_included():
     import matplotlib
     matplotlib.use("Agg")
-    from qr_lib.plots import metric_vs_memory
+    from qr_lib.workbook.plots import metric_vs_memory
     table = pd.DataFrame({"method": ["lora16", "hqq4", "qr_adaptor", "random4_0"], "name": ["LoRA-16", "4-bit", "QR", "r"],
                           "memory_MiB": [210.0, 63.0, 62.0, 38.0],
                           "test_loss": [3.2, 3.4, 3.5, 7.6], "test_loss_std": [0.01, float("nan"), 0.2, float("nan")]})
@@ -259,8 +258,8 @@ def test_the_memory_plot_zooms_on_the_methods_near_the_budget_error_bars_include
 
 
 def test_every_method_keeps_one_colour_and_the_figures_say_what_made_them():
-    from qr_lib import plots
-    from qr_lib.config import load_profile
+    from qr_lib.workbook import plots
+    from qr_lib.workbook.profiles import load_profile
     assert plots.style("qr_adaptor") != plots.style("hqq4")
     assert plots.style("random4_0") == plots.style("random3p5_2")       # one baseline, one look
     assert "SmolLM2-135M" in plots.figure_caption(load_profile("default"))

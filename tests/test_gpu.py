@@ -4,7 +4,7 @@ and a final fine-tune with lm-eval. Skipped without CUDA (conftest.py)."""
 import pytest
 import torch
 
-from qr_lib.allocation import uniform
+from qr_lib.algorithm.allocation import uniform
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
@@ -17,11 +17,16 @@ def cuda_model():
 
 @pytest.mark.parametrize("backend, bits", [("hqq", 2), ("hqq", 3), ("hqq", 4), ("hqq", 8), ("bnb", 4), ("bnb", 8)])
 def test_packed_backends_train_on_cuda_and_the_peak_is_the_runs_own(cuda_model, backend, bits):
-    from qr_lib.build import build, lora_parameters, use_dense
-    from qr_lib.data import DataConfig, load_finetune
-    from qr_lib.memory import PeakMemory, formula_bytes, measured_bytes, model_shapes
-    from qr_lib.quant import QuantConfig
-    from qr_lib.train import TrainConfig, train
+    from qr_lib.algorithm.build import build, lora_parameters, use_dense
+    from qr_lib.algorithm.memory import (
+        PeakMemory,
+        formula_bytes,
+        measured_bytes,
+        model_shapes,
+    )
+    from qr_lib.algorithm.train import train
+    from qr_lib.config import DataConfig, QuantConfig, TrainConfig
+    from qr_lib.data import load_finetune
 
     model, tok = cuda_model
     qcfg = QuantConfig(backend=backend, group_size=64)
@@ -43,8 +48,9 @@ def test_packed_backends_train_on_cuda_and_the_peak_is_the_runs_own(cuda_model, 
 
 
 def test_a_smoke_sized_search_and_a_final_run_with_lm_eval_on_cuda(tmp_path):
-    from qr_lib import finetune, search
-    from qr_lib.config import load_profile
+    from qr_lib.algorithm import search
+    from qr_lib.workbook import finetune
+    from qr_lib.workbook.profiles import load_profile
 
     profile = load_profile("gpu", {"nsga.pop_size": 4, "nsga.generations": 1, "nsga.n_random": 1, "bo.iterations": 1,
                                    "proxy.steps": 2, "nsga.low_steps": 1, "data.n_train": 16, "data.n_val": 8,

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from qr_lib import data as D
-from qr_lib import memory
-from qr_lib.allocation import Allocation
-from qr_lib.build import build, lora_parameters
-from qr_lib.config import load_profile
+from qr_lib.algorithm import memory
+from qr_lib.algorithm.allocation import Allocation
+from qr_lib.algorithm.build import build, lora_parameters
+from qr_lib.algorithm.train import perplexity, train
+from qr_lib.config import QuantConfig, TrainConfig
 from qr_lib.errors import QRError
 from qr_lib.models import load_model, tiny_llama
-from qr_lib.quant import QuantConfig
-from qr_lib.train import TrainConfig, perplexity, train
+from qr_lib.workbook.profiles import load_profile
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
                                                                                         network_cut_inherited):
     """The whole workbook, setup to report, in notebook kernels whose network is cut (and whose
     HF_*_OFFLINE switches are unset): not one connection is attempted."""
-    from qr_lib import report, reproduce
+    from qr_lib.workbook import report, reproduce
     network_log = network_cut_inherited
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
     reproduce.run("smoke")

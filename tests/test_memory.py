@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from qr_lib import memory
-from qr_lib.allocation import Allocation, uniform
-from qr_lib.build import build
+from qr_lib.algorithm import memory
+from qr_lib.algorithm.allocation import Allocation, uniform
+from qr_lib.algorithm.build import build
+from qr_lib.algorithm.quant.cache import BlockCache
+from qr_lib.config import QuantConfig
 from qr_lib.models import tiny_llama
-from qr_lib.quant import QuantConfig
-from qr_lib.quant.cache import BlockCache
 
 CASES = [(QuantConfig(backend="hqq", group_size=64, hqq_optimize=False), b) for b in (2, 3, 4, 8, 16)]
 CASES += [(QuantConfig(backend="bnb"), b) for b in (4, 8)]
@@ -91,7 +91,7 @@ def test_peak_memory_is_each_runs_own():
 
 @pytest.mark.integration
 def test_shapes_come_from_the_config_without_weights(embedded32):
-    from qr_lib.memory import model_shapes
+    from qr_lib.algorithm.memory import model_shapes
     from qr_lib.models import load_model, load_skeleton
     for name, (model, _) in (("tiny", load_model("tiny", "float32")), ("embedded", embedded32)):
         skeleton = load_skeleton(name)

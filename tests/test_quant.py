@@ -3,12 +3,13 @@ dequantization, and compute the same logits as the packed modules."""
 import pytest
 import torch
 
-from qr_lib.allocation import uniform
-from qr_lib.build import build, lora_parameters
+from qr_lib.algorithm.allocation import uniform
+from qr_lib.algorithm.build import build, lora_parameters
+from qr_lib.algorithm.memory import budget_bytes, model_shapes
+from qr_lib.algorithm.quant import DenseQuantLinear, dequantize, get_backend
+from qr_lib.config import QuantConfig
 from qr_lib.errors import QRError
-from qr_lib.memory import budget_bytes, model_shapes
 from qr_lib.models import tiny_llama
-from qr_lib.quant import DenseQuantLinear, QuantConfig, dequantize, get_backend
 
 
 def _rows_of_two_scales(out_features=8, in_features=192):
@@ -99,7 +100,7 @@ def test_int8_stays_packed_because_it_also_quantizes_activations(tiny):
 
 
 def test_dense_is_the_cpu_default_and_trains(tiny):
-    from qr_lib.build import use_dense
+    from qr_lib.algorithm.build import use_dense
     q = QuantConfig(group_size=64, hqq_optimize=False)
     assert use_dense(q, tiny) and not use_dense(QuantConfig(dequantize_once=False), tiny)
     model = build(tiny, uniform(4, 3, 8), q, progress=False)

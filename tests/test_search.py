@@ -2,22 +2,23 @@
 import numpy as np
 import pytest
 
-from qr_lib import fitness, search
-from qr_lib.allocation import Allocation
-from qr_lib.config import load_profile
+from qr_lib.algorithm import proxy as fitness
+from qr_lib.algorithm import search
+from qr_lib.algorithm.allocation import Allocation
+from qr_lib.algorithm.memory import model_shapes
+from qr_lib.algorithm.search import bo, nsga
+from qr_lib.algorithm.search import problem as P
+from qr_lib.config import QuantConfig
 from qr_lib.errors import QRError
-from qr_lib.memory import model_shapes
 from qr_lib.models import tiny_llama
-from qr_lib.quant import QuantConfig
-from qr_lib.search import bo, nsga
-from qr_lib.search import problem as P
+from qr_lib.workbook.profiles import load_profile
 
 Q = QuantConfig(group_size=64, hqq_optimize=False)
 BITS, RANKS = (2, 3, 4, 8), (4, 8, 16)
 
 
 def _space(kl2=(0.5, 0.1, 0.2, 0.05), budget_bits=4, budget_rank=8):
-    from qr_lib.memory import budget_bytes
+    from qr_lib.algorithm.memory import budget_bytes
     shapes = model_shapes(tiny_llama())
     return P.search_space(shapes, Q, BITS, RANKS, {"2": list(kl2)}, budget_bytes(shapes, Q, budget_bits, budget_rank))
 
@@ -132,7 +133,7 @@ def test_crossover_inherits_whole_block_pairs_and_mutation_moves_one_rung():
 
 # -- the proxy evaluator -------------------------------------------------------------------------
 def test_cache_hits_skip_training(smoke, base, tmp_path, monkeypatch):
-    from qr_lib.allocation import uniform
+    from qr_lib.algorithm.allocation import uniform
     ev = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
     alloc, fid = uniform(4, 4, 8), fitness.full_fidelity(smoke)
     first = ev.evaluate(alloc, fid)
@@ -144,7 +145,7 @@ def test_cache_hits_skip_training(smoke, base, tmp_path, monkeypatch):
 
 
 def test_a_task_accuracy_can_be_the_proxy_objective(smoke, base, tmp_path):
-    from qr_lib.allocation import uniform
+    from qr_lib.algorithm.allocation import uniform
     p = load_profile("smoke", {"proxy_metric": "qr_arc_easy", "proxy_metric_limit": 4})
     ev = fitness.ProxyEvaluator(p, tmp_path, *base, progress=False)
     rec = ev.evaluate(uniform(4, 4, 8), fitness.full_fidelity(p))
@@ -156,7 +157,7 @@ def test_a_task_accuracy_can_be_the_proxy_objective(smoke, base, tmp_path):
 
 
 def test_a_diverged_candidate_scores_the_worst_loss(smoke, base, tmp_path, monkeypatch):
-    from qr_lib.allocation import uniform
+    from qr_lib.algorithm.allocation import uniform
     monkeypatch.setattr(fitness, "train", lambda *a, **k: {"losses": [], "train_tokens": 10, "seconds": 0.0,
                                                            "diverged": True, "peak_memory": {}})
     rec = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False).evaluate(uniform(4, 2, 4),
@@ -215,9 +216,9 @@ def test_fidelity_agreement_pairs_the_two_scores_of_one_allocation():
 
 
 def test_the_phase1_knapsack_method_is_phase1s_choice_at_its_rank(smoke, base, smoke_run):
-    from qr_lib import finetune
-    from qr_lib.search.problem import knapsack
+    from qr_lib.algorithm.search.problem import knapsack
     from qr_lib.store import read_json
+    from qr_lib.workbook import finetune
     out, _ = smoke_run
     space = nsga.make_space(smoke, model_shapes(base[0]), read_json(out / "sensitivity.json")["result"])
     alloc = finetune.resolve_allocation(smoke, finetune.load_method("phase1_knapsack4"), space.n_blocks, out, base)
@@ -226,7 +227,7 @@ def test_the_phase1_knapsack_method_is_phase1s_choice_at_its_rank(smoke, base, s
 
 
 def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_scores(smoke, base, smoke_run):
-    from qr_lib.explorer import Explorer
+    from qr_lib.workbook.explorer import Explorer
     out, result = smoke_run
     ex = Explorer(smoke, out, n_groups=2, base=base[0])
     sel = result["selected"]
@@ -278,7 +279,7 @@ def test_two_dask_workers_find_the_serial_pareto_set(smoke, base, smoke_run, tmp
     pytest.importorskip("dask.distributed")
     import dataclasses
 
-    from qr_lib.parallel import ParallelConfig
+    from qr_lib.config import ParallelConfig
     from qr_lib.store import read_json
     out, _ = smoke_run
     parallel = dataclasses.replace(smoke, parallel=ParallelConfig(backend="dask", workers=2))
@@ -309,7 +310,7 @@ def test_a_candidate_that_diverges_is_recorded_and_the_search_goes_on(smoke, bas
 def test_a_damaged_or_edited_evaluation_is_recomputed_not_used(smoke, base, tmp_path, damage):
     import json
 
-    from qr_lib.allocation import uniform
+    from qr_lib.algorithm.allocation import uniform
     ev = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
     alloc, fid = uniform(4, 4, 8), fitness.full_fidelity(smoke)
     first = ev.evaluate(alloc, fid)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qr_lib import sensitivity as S
-from qr_lib.quant import QuantConfig
+from qr_lib.algorithm import sensitivity as S
+from qr_lib.config import QuantConfig
 from qr_lib.store import write_json
 
 Q = QuantConfig(group_size=64, hqq_optimize=False)
@@ -40,7 +40,7 @@ def test_bits_the_backend_lacks_are_refused(tok):
 
 
 def test_run_reuses_its_artifact(monkeypatch, tmp_path):
-    from qr_lib.config import load_profile
+    from qr_lib.workbook.profiles import load_profile
     p = load_profile("smoke")
     first = S.run(p, tmp_path, progress=False)
     monkeypatch.setattr(S, "profile", lambda *a, **k: pytest.fail("recomputed a finished profile"))

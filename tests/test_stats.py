@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from qr_lib import stats
+from qr_lib.workbook import stats
 
 
 def test_a_constant_shift_is_found_exactly_and_classified_by_the_margin():

@@ -35,7 +35,7 @@ def test_the_offline_twins_ask_what_lm_evals_stock_tasks_ask(task):
 
 
 def test_a_long_split_is_sampled_the_same_way_every_run():
-    from qr_lib import stock
+    from qr_lib.workbook import stock
     assert stock.sample(100, None) is None and stock.sample(100, 100) is None
     picked = stock.sample(10_042, 50)
     assert picked == stock.sample(10_042, 50) and len(set(picked)) == 50 and picked == sorted(picked)
@@ -44,8 +44,8 @@ def test_a_long_split_is_sampled_the_same_way_every_run():
 
 @pytest.mark.integration
 def test_the_stock_table_sets_our_scores_beside_the_published_ones(tmp_path, embedded32):
-    from qr_lib import stock
-    from qr_lib.config import load_profile
+    from qr_lib.workbook import stock
+    from qr_lib.workbook.profiles import load_profile
     model, tok = embedded32
     table = stock.run(load_profile("default"), tmp_path, max_docs=4, base=model, tok=tok, progress=False)
     assert list(table["task"]) == ["arc_easy", "arc_challenge", "hellaswag", "piqa"]

@@ -1,17 +1,27 @@
 import math
 
+import pytest
 import torch
 
-from qr_lib.allocation import uniform
-from qr_lib.build import build
+from qr_lib.algorithm.allocation import uniform
+from qr_lib.algorithm.build import build
+from qr_lib.algorithm.quant.cache import BlockCache
+from qr_lib.algorithm.train import (
+    IGNORE,
+    _batches,
+    collate,
+    encode,
+    eval_loss,
+    example_losses,
+    lr_factor,
+    mean_loss,
+    perplexity,
+    row_losses,
+    train,
+)
+from qr_lib.config import QuantConfig, TrainConfig
 from qr_lib.data import Example
-from qr_lib.quant import QuantConfig
-from qr_lib.quant.cache import BlockCache
-import pytest
-
 from qr_lib.errors import QRError
-from qr_lib.train import (IGNORE, TrainConfig, _batches, collate, encode, eval_loss, example_losses, lr_factor,
-                          mean_loss, perplexity, row_losses, train)
 
 EXAMPLES = [Example(f"Question: what is {i} plus one?\nAnswer:", f" {i + 1}", "toy") for i in range(16)]
 

@@ -1,15 +1,15 @@
 """The pilot study's bookkeeping, the report's index and the reproduce runner's plumbing."""
 import pytest
 
-from qr_lib import pilot, report, reproduce
-from qr_lib.config import load_profile
 from qr_lib.errors import QRError
+from qr_lib.workbook import pilot, report, reproduce
+from qr_lib.workbook.profiles import load_profile
 
 
 def test_pilot_configs_are_memory_matched_and_c_mirrors_d():
-    from qr_lib.memory import model_shapes
+    from qr_lib.algorithm.memory import model_shapes
+    from qr_lib.config import QuantConfig
     from qr_lib.models import tiny_llama
-    from qr_lib.quant import QuantConfig
 
     ranks = pilot.matched_ranks(model_shapes(tiny_llama()), QuantConfig(group_size=64, hqq_optimize=False), 0.03)
     assert ranks["C"][0] == 16 and all(abs(ratio - 1) <= 0.03 for _, ratio in ranks.values())

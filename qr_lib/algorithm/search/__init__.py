@@ -1,0 +1,153 @@
+"""The QR-Adaptor search: Phase I (sensitivity) -> Phase II (NSGA-II) -> Phase III (BO).
+
+`run(profile, layout, base, tok)` runs all three, each reusing its artifact while its config matches,
+and returns (and writes to search.json) a SearchResult: the selected allocation at each budget and
+what the search cost. Later stages read it back with `load_result(layout)`; they never search.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import Profile
+from ...errors import QRError
+from ...layout import Layout
+from ...store import cached, read_artifact
+from .. import sensitivity
+from ..allocation import Allocation
+from ..proxy import ProxyEvaluator, epoch_tokens, full_fidelity
+from ..runner import SERIAL, Runner
+from . import bo, nsga
+from .problem import budget_rank_rung, level_bytes, space_for
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The best full-fidelity proxy score within one budget (average bits at the budget's rank)."""
+    allocation: Allocation
+    max_budget_ratio: float
+    scored_for_selection: bool     # no full-fidelity score fitted, so its best low-fidelity one was scored
+    record: dict                   # the proxy record (Evaluation.summary) it was chosen by
+
+    def to_dict(self) -> dict:
+        return {"allocation": self.allocation.to_dict(), "max_budget_ratio": self.max_budget_ratio,
+                "scored_for_selection": self.scored_for_selection, "record": self.record}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Selection":
+        return cls(Allocation.from_dict(d["allocation"]), d["max_budget_ratio"], d["scored_for_selection"], d["record"])
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What search.json holds: the selection (Phase III's pick at the main budget), the selection at
+    each budget from one front, the selection's proxy scores, and the cost of the search."""
+    selected: Allocation
+    selected_at: dict              # "<bits as float>" -> Selection, e.g. "4.0", "3.5"
+    selected_scores: dict
+    cost: dict
+
+    def at(self, bits: float) -> Allocation:
+        chosen = self.selected_at.get(str(float(bits)))
+        if chosen is None:
+            raise QRError(f"the search selected nothing at {bits} bits (it selected at {sorted(self.selected_at)}); "
+                          "add the budget to the profile's select_at and rerun the search")
+        return chosen.allocation
+
+    def to_dict(self) -> dict:
+        return {"selected": self.selected.to_dict(),
+                "selected_at": {k: v.to_dict() for k, v in self.selected_at.items()},
+                "selected_scores": self.selected_scores, "cost": self.cost}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchResult":
+        return cls(Allocation.from_dict(d["selected"]), {k: Selection.from_dict(v) for k, v in d["selected_at"].items()},
+                   d["selected_scores"], d["cost"])
+
+
+def load_result(layout: Layout) -> SearchResult:
+    """The finished search of a layout, checksum-checked; a QRError that says how to run it otherwise."""
+    record = read_artifact(layout.search)
+    if record is None:
+        raise QRError(f"{layout.search} is missing or damaged; run the search first (notebook 04_bo_refinement or "
+                      "`qr-adaptor search`)")
+    return SearchResult.from_dict(record["result"])
+
+
+def evaluator(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL,
+              progress: bool = True) -> ProxyEvaluator:
+    """The proxy of a profile, scoring into the layout's evaluations/ through `runner`."""
+    return ProxyEvaluator(profile, layout, base, tok, runner, progress)
+
+
+def phase1(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> dict:
+    return sensitivity.run(profile, layout, ev.base, ev.tok, progress)
+
+
+def phase2(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> dict:
+    return nsga.run(profile, layout, ev, phase1(profile, layout, ev, progress), sensitivity.config(profile)["key"])
+
+
+def phase3(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> dict:
+    p1 = phase1(profile, layout, ev, progress)
+    p2 = nsga.run(profile, layout, ev, p1, sensitivity.config(profile)["key"])
+    nsga_key = nsga.config(profile, ev, sensitivity.config(profile)["key"])["key"]
+    return bo.run(profile, layout, ev, space_for(profile, ev.shapes, p1), p2, nsga_key, progress)
+
+
+def select_at(profile: Profile, ev: ProxyEvaluator, p1: dict, p2: dict, p3: dict) -> dict[str, Selection]:
+    """The best full-fidelity proxy score within each budget (profile.budget_bits and select_at, in
+    average bits), from one front. A budget with no full-fidelity score inside it gets its best
+    low-fidelity candidate scored at full fidelity, so every budget has a selection."""
+    space = space_for(profile, ev.shapes, p1)
+    rank_rung = budget_rank_rung(profile)
+    out = {}
+    for bits in (profile.budget_bits, *profile.select_at):
+        ratio = level_bytes(space, bits, rank_rung) / space.budget
+        rec, scored = bo.select(p3["observed"], ratio), False
+        if rec is None:
+            low = bo.select(p2["evaluations"], ratio)
+            if low is None:
+                raise QRError(f"nothing the search scored fits {bits} average bits; lower select_at or widen the "
+                              "first generation (nsga.n_random)")
+            rec, scored = ev.evaluate(space.allocation(space.genes(low)), full_fidelity(profile)).summary(), True
+        alloc = Allocation(rec["bits"], rec["ranks"], profile.bit_ladder, profile.rank_ladder,
+                           name=f"QR-Adaptor at {bits} bits")
+        out[str(float(bits))] = Selection(alloc, ratio, scored, rec)
+    return out
+
+
+def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, progress: bool = True) -> SearchResult:
+    """Phase I -> II -> III, then the selections; candidates are scored through `runner`. A variant
+    search (other ladders) runs in layout.variant(<method>), sharing Phase I and the evaluations."""
+    ev = evaluator(profile, layout, base, tok, runner, progress)
+    sens_key = sensitivity.config(profile)["key"]
+    nsga_key = nsga.config(profile, ev, sens_key)["key"]
+    p1 = phase1(profile, layout, ev, progress)
+    p2 = nsga.run(profile, layout, ev, p1, sens_key)
+    p3 = bo.run(profile, layout, ev, space_for(profile, ev.shapes, p1), p2, nsga_key, progress)
+
+    def compute() -> dict:
+        chosen = p3["selected"]
+        selected_at = select_at(profile, ev, p1, p2, p3)
+        # Cost from the records themselves, so a resumed search still reports what its scores cost.
+        unique = {r["key"]: r for r in p2["evaluations"] + p2["promoted"]
+                  + [s["candidate"] for s in p3["steps"] if "candidate" in s]
+                  + [v.record for v in selected_at.values() if v.scored_for_selection]}
+        tokens = sum(r["train_tokens"] for r in unique.values())
+        proxy_seconds = sum(r["seconds"] for r in unique.values())
+        epoch = epoch_tokens(ev.train_set, ev.tok, profile.proxy.max_len)
+        return SearchResult(
+            selected=Allocation(chosen["bits"], chosen["ranks"], profile.bit_ladder, profile.rank_ladder,
+                                name="QR-Adaptor"),
+            selected_at=selected_at,
+            selected_scores={k: chosen[k] for k in ("objective", "metric", "val_loss", "accuracy", "budget_ratio",
+                                                    "avg_bits", "mean_rank")},
+            cost={"phase1_seconds": p1["seconds"], "proxy_seconds": round(proxy_seconds, 1),
+                  "total_seconds": round(p1["seconds"] + proxy_seconds, 1),
+                  "unique_evaluations": len(unique),
+                  "by_fidelity": {f: sum(r["fidelity"] == f for r in unique.values()) for f in ("low", "full")},
+                  "search_train_tokens": tokens, "epoch_tokens": epoch, "epoch_equivalents": tokens / epoch},
+        ).to_dict()
+    config = {"sensitivity": sens_key, "nsga": nsga_key, "bo": bo.config(profile, nsga_key)["key"],
+              "profile": profile.name}
+    return SearchResult.from_dict(cached(layout.search, config, compute))

@@ -1,0 +1,170 @@
+"""Proxy calibration: does the search's short proxy fine-tune rank allocations as the final recipe does?
+
+The search trusts a proxy (a few LoRA steps, a loss on the search-validation split) to stand in for
+the final fine-tune. This study measures that trust on allocations spanning the front, each of which
+also has a final run (the methods in `CalibrationConfig.methods`: uniform ones, the searched ones at
+each budget, random ones): for every allocation and proxy seed, one proxy run of max(lengths) steps,
+scored per example at each length in `lengths` (0 = the quantized model before any training). With a
+constant rate after warm-up (the default proxy's schedule) the score at length L is exactly what a
+proxy of L steps computes, so one run gives every length; per-example losses give every n_val (the
+first n examples) at no cost.
+
+For each (length, n_val): Spearman and Kendall between the proxy (mean over proxy seeds) and the final
+test loss (mean over the final runs' seeds), over all allocations and over the `top_k` best by final
+loss (the close decisions the search makes near its front), and the proxy's seed-to-seed noise
+against the spread between allocations. The recommendation is the cheapest setting with Spearman >=
+`min_spearman` over both, or, if none reaches it, the best one, said plainly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pandas as pd
+
+from ..algorithm.allocation import Allocation
+from ..algorithm.build import build
+from ..algorithm.train import example_losses, train
+from ..config import CalibrationConfig, Profile
+from ..data import load_finetune
+from ..errors import QRError
+from ..layout import Layout
+from ..progress import tqdm
+from ..store import cached, content_hash, package_versions, write_artifact
+from .finetune import results
+from .methods import load_method
+
+
+def final_losses(layout: Layout, methods) -> pd.DataFrame:
+    """Each distinct allocation's final test loss (mean over its finished seeds), under the first method
+    that has it; `same_as` names the others (a search that selects a uniform allocation makes two
+    methods one allocation, which a rank correlation must count once)."""
+    rows = []
+    for m in methods:
+        res = results(layout, m)
+        if not res:
+            continue
+        pairs = res[0].allocation.pairs()  # the allocation, not its name
+        same = [r for r in rows if Allocation.from_dict(r["allocation"]).pairs() == pairs]
+        if same:
+            same[0]["same_as"].append(m)
+            continue
+        rows.append({"method": m, "name": res[0].name, "allocation": res[0].allocation.to_dict(), "same_as": [],
+                     "avg_bits": res[0].avg_bits, "memory_MiB": res[0].memory_bytes / 2**20,
+                     "final_test_loss": float(np.mean([r.test_loss for r in res])), "final_seeds": len(res)})
+    return pd.DataFrame(rows)
+
+
+def proxy_curve(profile: Profile, allocation, seed: int, cfg: CalibrationConfig, base, tok, train_set, val) -> dict:
+    """length -> per-example (summed NLL, tokens) on `val`, from one proxy run of max(lengths) steps."""
+    tcfg = dataclasses.replace(profile.proxy, steps=max(cfg.lengths), seed=seed)
+    model = build(base, allocation, profile.quant, profile.lora, progress=False, seed=seed)
+    curve = {}
+    if 0 in cfg.lengths:
+        curve[0] = example_losses(model, tok, val, tcfg.max_len)
+
+    def checkpoint(step):
+        if step + 1 in cfg.lengths:
+            curve[step + 1] = example_losses(model, tok, val, tcfg.max_len)
+            model.train()
+    log = train(model, tok, train_set, tcfg, progress=False, on_step=checkpoint)
+    if log["diverged"]:
+        raise QRError(f"the calibration proxy of {allocation.name} diverged at seed {seed}; lower proxy.lr")
+    return curve
+
+
+def run(profile: Profile, layout: Layout, base, tok, progress: bool = True) -> dict:
+    """Score every calibration allocation's proxy curve (an artifact per allocation and seed) and
+    write calibration.json."""
+    cfg = profile.calibration
+    if profile.proxy.schedule != "constant":
+        raise QRError(f"proxy.schedule is {profile.proxy.schedule!r}; calibration scores one run at several "
+                      "lengths, which equals separate proxies only with proxy.schedule = 'constant'")
+    other = [m for m in cfg.methods if load_method(m).quant or load_method(m).adapter != "lora"]
+    if other:
+        raise QRError(f"calibration methods {other} use another quantizer or adapter than the search's proxy; "
+                      "calibrate on methods the search could have chosen (HQQ allocations, plain LoRA)")
+    finals = final_losses(layout, cfg.methods)
+    if len(finals) < 3:
+        raise QRError(f"only {len(finals)} of the calibration methods {list(cfg.methods)} have final runs; run "
+                      "notebook 05 (or `qr-adaptor finetune`) for them first")
+    splits = load_finetune(profile.data)
+    val = splits.val[:max(cfg.n_val)]
+    context = {"model": profile.model, "dtype": profile.dtype, "quant": profile.quant, "lora": profile.lora,
+               "data": profile.data, "proxy": profile.proxy, "lengths": cfg.lengths, "n_val": max(cfg.n_val),
+               "versions": package_versions(("torch", "transformers", "peft", "hqq"))}
+    scores, t0 = [], time.time()
+    todo = [(row, s) for _, row in finals.iterrows() for s in cfg.seeds]
+    for row, seed in tqdm(todo, desc="calibration proxies", disable=not progress):
+        alloc = Allocation.from_dict(row["allocation"])
+        key = content_hash({"context": context, "allocation": alloc.key(), "seed": seed})
+
+        def compute(alloc=alloc, seed=seed):
+            t = time.time()
+            got = proxy_curve(profile, alloc, seed, cfg, base, tok, splits.train, val)
+            return {"curve": {str(k): v for k, v in got.items()}, "seconds": round(time.time() - t, 1)}
+        curve = cached(layout.calibration_curve(key), {**context, "allocation": alloc.to_dict(), "seed": seed},
+                       compute)["curve"]
+        for length, per_example in curve.items():
+            nll = np.array([x for x, _ in per_example])
+            tokens = np.array([n for _, n in per_example])
+            for n in cfg.n_val:
+                scores.append({"method": row["method"], "seed": seed, "length": int(length), "n_val": n,
+                               "proxy_loss": float(nll[:n].sum() / tokens[:n].sum())})
+    result = {"finals": finals.drop(columns="allocation").to_dict("records"), "scores": scores,
+              "wall_seconds": round(time.time() - t0, 1)}
+    result["table"] = summary(pd.DataFrame(scores), finals, profile.proxy.batch_size, cfg.top_k).to_dict("records")
+    result["recommendation"] = recommend(pd.DataFrame(result["table"]), cfg.min_spearman)
+    write_artifact(layout.calibration, {"calibration": cfg, "context": context}, result)
+    return result
+
+
+def summary(scores: pd.DataFrame, finals: pd.DataFrame, batch_size: int, top_k: int = 5) -> pd.DataFrame:
+    """Per (length, n_val): rank agreement with the final test loss (all allocations, and the top_k
+    by final loss), and noise against signal."""
+    from scipy.stats import kendalltau, spearmanr
+
+    final = finals.set_index("method")["final_test_loss"]
+    rows = []
+    for (length, n_val), g in scores.groupby(["length", "n_val"]):
+        per_seed = g.pivot_table(index="method", columns="seed", values="proxy_loss")
+        proxy = per_seed.mean(axis=1)
+        y = final.loc[proxy.index]
+        noise = float(per_seed.std(axis=1, ddof=1).mean()) if per_seed.shape[1] > 1 else float("nan")
+        top = y.nsmallest(top_k).index
+        rows.append({"length": int(length), "n_val": int(n_val), "allocations": len(proxy),
+                     "spearman": float(spearmanr(proxy, y)[0]), "kendall": float(kendalltau(proxy, y)[0]),
+                     "top_k": len(top), "spearman_top": float(spearmanr(proxy[top], y[top])[0]),
+                     "kendall_top": float(kendalltau(proxy[top], y[top])[0]),
+                     "seed_noise": noise, "allocation_spread": float(proxy.std(ddof=1)),
+                     "signal_to_noise": float(proxy.std(ddof=1) / noise) if noise and noise > 0 else float("nan"),
+                     # what one proxy score costs, in training examples plus examples scored
+                     "cost_examples": int(length) * batch_size + int(n_val)})
+    return pd.DataFrame(rows).sort_values(["length", "n_val"]).reset_index(drop=True)
+
+
+def recommend(table: pd.DataFrame, min_spearman: float) -> dict:
+    """The cheapest (length, n_val) whose Spearman reaches `min_spearman` over all allocations and over
+    the top_k (where the table has it: a proxy that only separates far allocations cannot make the
+    search's decisions); else the best one, with what that means for the search."""
+    good = table["spearman"] >= min_spearman
+    if "spearman_top" in table:
+        good &= table["spearman_top"] >= min_spearman
+    ok = table[good].sort_values(["cost_examples", "length"])
+    if len(ok):
+        best = ok.iloc[0]
+        return {"length": int(best["length"]), "n_val": int(best["n_val"]), "spearman": float(best["spearman"]),
+                "reaches": True,
+                "statement": f"the cheapest proxy that ranks allocations as the final fine-tune does (Spearman "
+                             f"{best['spearman']:.2f}"
+                             + (f", {best['spearman_top']:.2f} among the best {int(best['top_k'])}" if "spearman_top" in best else "")
+                             + f"; >= {min_spearman}) is {int(best['length'])} steps scored on "
+                             f"{int(best['n_val'])} validation pairs"}
+    best = table.sort_values(["spearman", "cost_examples"], ascending=[False, True]).iloc[0]
+    return {"length": int(best["length"]), "n_val": int(best["n_val"]), "spearman": float(best["spearman"]),
+            "reaches": False,
+            "statement": f"no proxy setting reaches Spearman {min_spearman}; the best, {int(best['length'])} steps "
+                         f"on {int(best['n_val'])} pairs, reaches {best['spearman']:.2f}: the search ranks "
+                         "allocations by a score that often disagrees with the final fine-tune, so its selection "
+                         "is a guess the final comparison must check, not an optimum"}

@@ -1,0 +1,170 @@
+"""The comparison table: every finished run under results/<profile>/runs/, one row per method.
+
+Columns: memory (formula bytes of the blocks, average bits), trainable parameters, each task's
+headline metric (see evaluate.py), their average, loss on the held-out test split and held-out
+perplexity; mean and standard deviation over seeds. Claims (reference/claims.json) are paired
+comparisons over the runs' per-example test losses and per-document benchmark results (stats.py).
+Reads artifacts only.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import PACKAGE_DIR
+from ..config import ComparisonConfig
+from ..errors import QRError
+from ..evaluate import headline
+from ..layout import Layout
+from . import stats
+from .finetune import results
+
+REFERENCE = PACKAGE_DIR / "reference" / "paper_results.json"
+
+
+def runs(layout: Layout) -> pd.DataFrame:
+    """One row per (method, seed) with every number the table needs."""
+    rows = []
+    for r in results(layout):
+        row = {"method": r.method, "name": r.name, "seed": r.seed,
+               "memory_MiB": r.memory_bytes / 2**20, "avg_bits": r.avg_bits,
+               "trainable_params": r.trainable_parameters, "test_loss": r.test_loss,
+               "heldout_ppl": r.heldout_perplexity, "train_seconds": r.train["seconds"],
+               "peak_GiB": r.train["peak_memory"]["peak_bytes"] / 2**30}
+        for task, metrics in r.benchmarks.items():
+            row[task], row[f"{task}_stderr"] = headline(metrics)
+            row[f"{task}_n"] = metrics["n"]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    tasks = [c for c in df.columns if f"{c}_stderr" in df.columns]
+    if tasks:
+        df["average"] = df[tasks].mean(axis=1)
+    return df
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds; 'seeds' says how many runs each row averages."""
+    if df.empty:
+        return df
+    skip = {"method", "name", "seed"} | {c for c in df.columns if c.endswith(("_stderr", "_n"))}
+    values = [c for c in df.columns if c not in skip]
+    g = df.groupby(["method", "name"], sort=False)
+    mean, std = g[values].mean(), g[values].std(ddof=1)
+    out = mean.copy()
+    for c in values:
+        out[f"{c}_std"] = std[c]
+    out.insert(0, "seeds", g.size())
+    return out.reset_index()
+
+
+def peak_memory(per_seed: pd.DataFrame, reference: str = "nf4") -> pd.DataFrame:
+    """Each method's peak training memory (every run's own, memory.PeakMemory), mean and max over
+    seeds, and its ratio to the reference method (uniform 4-bit QLoRA, NF4, by default)."""
+    g = per_seed.groupby(["method", "name"], sort=False)["peak_GiB"].agg(["mean", "max", "count"]).reset_index()
+    g = g.rename(columns={"mean": "peak GiB (mean)", "max": "peak GiB (max)", "count": "runs"})
+    ref = g.loc[g["method"] == reference, "peak GiB (mean)"]
+    g[f"/ {reference}"] = g["peak GiB (mean)"] / ref.iloc[0] if len(ref) else float("nan")
+    return g
+
+
+def formatted(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """The readable table: accuracies in %, 'mean ± std' where a method has several seeds."""
+    def cell(row, col, scale=1.0, digits=1):
+        m, s = row[col] * scale, row.get(f"{col}_std")
+        return f"{m:.{digits}f}" if row["seeds"] < 2 or pd.isna(s) else f"{m:.{digits}f} ± {s * scale:.{digits}f}"
+    out = pd.DataFrame({"method": table["name"], "seeds": table["seeds"],
+                        "memory (MiB)": table["memory_MiB"].round(1), "avg bits": table["avg_bits"].round(2),
+                        "trainable": table["trainable_params"].astype(int)})
+    for t in tasks + (["average"] if tasks else []):
+        out[t] = [cell(r, t, 100) for _, r in table.iterrows()]
+    out["test loss"] = [cell(r, "test_loss", 1, 3) for _, r in table.iterrows()]
+    out["held-out ppl"] = [cell(r, "heldout_ppl", 1, 1) for _, r in table.iterrows()]
+    return out
+
+
+CLAIMS = PACKAGE_DIR / "reference" / "claims.json"
+
+
+def per_example(layout: Layout) -> dict:
+    """(method, seed) -> what a paired comparison needs: the test split's summed NLL and answer tokens
+    per example, and each benchmark's per-document values (by doc_id)."""
+    out = {}
+    for r in results(layout):
+        docs = {t: dict(zip(m["per_document"]["doc_id"], m["per_document"]["value"]))
+                for t, m in r.benchmarks.items() if "per_document" in m}
+        out[(r.method, r.seed)] = {"name": r.name, "nll": np.asarray(r.test_examples["nll_sum"]),
+                                   "tokens": np.asarray(r.test_examples["tokens"]), "docs": docs}
+    return out
+
+
+def _paired_arrays(data: dict, a: str, b: list[str], metric: str):
+    """[seeds, units] arrays for a and b (b averaged over its methods per seed) and the unit weights,
+    over the seeds a shares with b; None when they share none."""
+    seeds = sorted(s for m, s in data if m == a and any((x, s) in data for x in b))
+    if metric == "test loss":
+        seeds = [s for s in seeds if data[(a, s)]["nll"].size]
+        if not seeds:
+            return None
+        tokens = data[(a, seeds[0])]["tokens"]
+        rows = [(a, s) for s in seeds] + [(x, s) for x in b for s in seeds if (x, s) in data]
+        if any(not np.array_equal(data[k]["tokens"], tokens) for k in rows):
+            raise QRError(f"{a} and {b} were scored on different test examples; rerun them with the same "
+                          "data settings (profile data.*, finetune.n_test)")
+        A = np.stack([data[(a, s)]["nll"] for s in seeds])
+        B = np.stack([np.mean([data[(x, s)]["nll"] for x in b if (x, s) in data], axis=0) for s in seeds])
+        return A, B, tokens, seeds
+    seeds = [s for s in seeds if data[(a, s)]["docs"] and all(data[(x, s)]["docs"] for x in b if (x, s) in data)]
+    if not seeds:
+        return None
+    keys = [(a, s) for s in seeds] + [(x, s) for x in b for s in seeds if (x, s) in data]
+    tasks = sorted(set.intersection(*(set(data[k]["docs"]) for k in keys)))
+    units = [(t, d) for t in tasks for d in sorted(set.intersection(*(set(data[k]["docs"][t]) for k in keys)))]
+    if not units:
+        return None
+    per_task = {t: sum(u[0] == t for u in units) for t in tasks}
+    weight = np.array([1.0 / (per_task[t] * len(tasks)) for t, _ in units])  # the mean of task means
+
+    def values(k):
+        return np.array([data[k]["docs"][t][d] for t, d in units]) * weight
+    A = np.stack([values((a, s)) for s in seeds])
+    B = np.stack([np.mean([values((x, s)) for x in b if (x, s) in data], axis=0) for s in seeds])
+    return A, B, weight, seeds
+
+
+def paired(data: dict, a: str, b: list[str], metric: str, label: str | None = None,
+           cfg: ComparisonConfig = ComparisonConfig()) -> stats.Paired | None:
+    """Method `a` against method(s) `b` (several = one baseline, averaged per seed) on "test loss" or
+    "benchmark average", paired over shared seeds and examples; None when they share no seed."""
+    arrays = _paired_arrays(data, a, b, metric)
+    if arrays is None:
+        return None
+    A, B, w, seeds = arrays
+    margin, lower = (cfg.margin_loss, True) if metric == "test loss" else (cfg.margin_accuracy, False)
+    b_name = label or data[(b[0], seeds[0])]["name"]
+    return stats.compare(metric, data[(a, seeds[0])]["name"], A, b_name, B, tokens=w, margin=margin,
+                         lower_is_better=lower, n_boot=cfg.n_boot, seed=cfg.seed)
+
+
+def claims(layout: Layout, cfg: ComparisonConfig = ComparisonConfig(), claims_file: Path = CLAIMS) -> pd.DataFrame:
+    """Every claim of `claims_file` whose methods have run, as a paired comparison with a 95% interval
+    on the test loss and on the benchmark average (stats.compare), and whether the claim holds:
+    'beats' needs the verdict 'better', 'matches' needs 'better' or 'equivalent'."""
+    data = per_example(layout)
+    rows = []
+    for c in json.loads(Path(claims_file).read_text())["claims"]:
+        for metric in ("test loss", "benchmark average"):
+            r = paired(data, c["a"], c["b"], metric, c["label"], cfg)
+            if r is None:
+                continue
+            holds = r.verdict == "better" if c["relation"] == "beats" else r.verdict in ("better", "equivalent")
+            rows.append({"claim": f"{r.a} {c['relation']} {c['label']}", **r.as_row(),
+                         "b_methods": len(c["b"]), "holds": holds, "where": c["where"]})
+    return pd.DataFrame(rows)
+
+
+def paper_reference() -> dict:
+    """The paper's reported numbers, with their source; shown only as labelled reference."""
+    return json.loads(REFERENCE.read_text())

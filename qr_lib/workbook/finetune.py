@@ -1,0 +1,190 @@
+"""The final fine-tune of a method (the searched allocation or a baseline), saved and evaluated.
+
+`run(profile, layout, method, seed, base, tok)` trains one (method, seed), saves the adapter (peft
+`save_pretrained`) beside a JSON of the allocation and quantization, evaluates it (loss on the held-out
+test split, example by example, held-out perplexity, lm-eval) and writes its result.json through the
+stage protocol: a finished run whose configuration and allocation are unchanged is read back, so an
+interrupted `make reproduce` resumes run by run. The test split is read here and nowhere in the search.
+
+The recipe follows the paper's code where the CPU allows: lr 2e-4, at least one full epoch of the
+fine-tuning set, linear warm-up then linear decay to zero (Hugging Face Trainer's default schedule,
+on which such LoRA recipes run; a constant rate would leave every method at the noise level of its
+last steps), alpha = 2 x rank, dropout 0.05.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from ..algorithm.adapters import prepare
+from ..algorithm.allocation import Allocation
+from ..algorithm.build import build
+from ..algorithm.memory import formula_bytes, model_shapes
+from ..algorithm.runner import SERIAL, Runner
+from ..algorithm.train import example_losses, mean_loss, perplexity, train
+from ..config import LoraSettings, Profile, QuantConfig
+from ..data import load_finetune, load_texts
+from ..errors import QRError
+from ..evaluate import run_tasks
+from ..layout import Layout, RunDir
+from ..models import load_model
+from ..store import cached, keyed, read_artifact, read_json, write_json
+from .methods import Context, Method, load_method, method_ids
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished run, as its result.json holds it."""
+    method: str
+    name: str
+    seed: int
+    allocation: Allocation
+    memory_bytes: float
+    avg_bits: float
+    trainable_parameters: int
+    train: dict                    # losses, train_tokens, steps, epochs, seconds, peak_memory, diverged
+    adapter_notes: dict
+    test_loss: float
+    test_examples: dict            # nll_sum and tokens per test example, in test-split order
+    heldout_perplexity: float
+    benchmarks: dict               # task -> lm-eval metrics, with per_document values
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "allocation": self.allocation.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunResult":
+        return cls(**{**d, "allocation": Allocation.from_dict(d["allocation"])})
+
+
+def results(layout: Layout, method_id: str = "*") -> list[RunResult]:
+    """Every finished run under the layout (of one method, or all), checksum-checked: a damaged or
+    edited result is named in a warning and left out (the next run of the stage recomputes it)."""
+    out = []
+    for run_dir in layout.runs(method_id):
+        record = read_artifact(run_dir.result)
+        if record is not None:
+            out.append(RunResult.from_dict(record["result"]))
+    return out
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What a final run reads: the fine-tuning set, the test split and the held-out passages."""
+    train: list
+    test: list
+    heldout: list
+
+
+def run_data(profile: Profile) -> RunData:
+    splits = load_finetune(profile.data)
+    return RunData(splits.train, splits.test, load_texts(profile.data)[1])
+
+
+def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, progress: bool = True,
+        data: RunData | None = None) -> RunResult:
+    """Fine-tune, save and evaluate one (method, seed), or read it back. `data` = run_data(profile),
+    when the caller runs many (it is the same for all). Test losses are kept example by example (summed
+    NLL and answer tokens, in test-split order), so methods can be compared pair by pair."""
+    qcfg = method.quant_config(profile)
+    # Which seeds and methods a profile plans does not change this run, so they stay out of its key.
+    config = keyed({"model": profile.model, "dtype": profile.dtype, "data": profile.data, "method": method,
+                    "quant": qcfg, "lora": profile.lora,
+                    "finetune": dataclasses.replace(profile.finetune, seeds=(), methods=None),
+                    "eval": profile.eval, "seed": seed})
+    shapes = model_shapes(base)
+    allocation = method.resolve(Context(profile, shapes, layout))
+    where = layout.run(method.id, seed)
+
+    def compute() -> dict:
+        d = data or run_data(profile)
+        tcfg = profile.finetune.train_config(len(d.train), seed)
+        t0 = time.time()
+        model, hook, notes = prepare(base, allocation, qcfg, profile.lora, method.adapter, seed, tcfg.steps)
+        log = train(model, tok, d.train, tcfg, progress=progress, desc=f"{method.id} seed {seed}", on_step=hook)
+        train_seconds = time.time() - t0
+        per_example = example_losses(model, tok, d.test[:profile.finetune.n_test], tcfg.max_len)
+        save_adapter(model, where, allocation, qcfg, profile, method)
+        memory = formula_bytes(shapes, allocation, qcfg)
+        return RunResult(
+            method=method.id, name=method.name, seed=seed, allocation=allocation,
+            memory_bytes=memory["blocks"], avg_bits=memory["avg_bits"],
+            trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            train={**log, "steps": tcfg.steps, "epochs": tcfg.steps * tcfg.batch_size * tcfg.grad_accum / len(d.train),
+                   "seconds": round(train_seconds, 1)},
+            adapter_notes=notes, test_loss=mean_loss(per_example),
+            test_examples={"nll_sum": [x for x, _ in per_example], "tokens": [n for _, n in per_example]},
+            heldout_perplexity=perplexity(model, tok, d.heldout, max_len=256),
+            benchmarks=run_tasks(model, tok, profile.eval, progress=progress, log_dir=where.lm_eval)
+            if method.benchmarks and profile.eval.benchmarks(seed) else {},
+            seconds=round(time.time() - t0, 1)).to_dict()
+
+    # A new search selection is a new run, though the method's configuration is the same.
+    def same_allocation(result: dict) -> bool:
+        return Allocation.from_dict(result["allocation"]).pairs() == allocation.pairs()
+    return RunResult.from_dict(cached(where.result, config, compute, valid=same_allocation))
+
+
+def save_adapter(model, where: RunDir, allocation: Allocation, qcfg: QuantConfig, profile: Profile,
+                 method: Method) -> None:
+    """peft's adapter files plus what rebuilds the quantized model they sit on."""
+    model.save_pretrained(str(where.adapter))
+    write_json(where.allocation, {"allocation": allocation, "quant": qcfg, "lora": profile.lora,
+                                  "model": profile.model, "dtype": profile.dtype, "adapter": method.adapter})
+
+
+def load_finetuned(where: RunDir, base=None, tok=None):
+    """Rebuild a saved run for inference: same quantized blocks, the trained adapter weights."""
+    meta = read_json(where.allocation)
+    if meta["adapter"] == "adalora":
+        raise QRError("reloading AdaLoRA runs is not supported; load them with peft.PeftModel.from_pretrained")
+    if base is None:
+        base, tok = load_model(meta["model"], meta["dtype"])
+    model = build(base, Allocation.from_dict(meta["allocation"]), QuantConfig(**meta["quant"]),
+                  LoraSettings(**meta["lora"]), progress=False)
+    set_peft_model_state_dict(model, load_file(str(where.adapter / "adapter_model.safetensors")))
+    model.eval()
+    return model, tok
+
+
+def plan(profile: Profile, methods: list[str] | None = None) -> list[tuple[Method, int]]:
+    """(method, seed) pairs: every seed of the profile for multi-seed methods, the one at `seed_index`
+    for a method that names it, the first otherwise. Seed-major, so a run stopped half-way already has
+    one result for (nearly) every method."""
+    chosen = [load_method(m) for m in (methods or profile.finetune.methods or method_ids())]
+    seeds = profile.finetune.seeds
+    for m in chosen:
+        if m.seed_index is not None and not 0 <= m.seed_index < len(seeds):
+            raise QRError(f"method {m.id} runs at seed index {m.seed_index} but the profile has {len(seeds)} "
+                          f"seeds {list(seeds)}; add seeds (finetune.seeds) or drop the method")
+
+    def runs_at(m, k):
+        return k == m.seed_index if m.seed_index is not None else (k == 0 or m.multi_seed)
+    return [(m, s) for k, s in enumerate(seeds) for m in chosen if runs_at(m, k)]
+
+
+def run_on_worker(profile: Profile, layout: Layout, method: Method, seed: int) -> None:
+    """On a runner's worker: one final run, written into its run folder (the caller reads it back)."""
+    base, tok = load_model(profile.model, profile.dtype, profile.device)
+    run(profile, layout, method, seed, base, tok, progress=False)
+
+
+def run_all(profile: Profile, layout: Layout, base, tok, methods: list[str] | None = None,
+            runner: Runner = SERIAL, progress: bool = True) -> list[RunResult]:
+    """Every planned run, in order; finished ones are read back, not redone. A parallel runner trains
+    the runs on its workers first (each writes its own folder); all are then read back here."""
+    todo = plan(profile, methods)
+    if runner.parallel:
+        runner.map(run_on_worker, [(profile, layout, method, seed) for method, seed in todo])
+    data = run_data(profile)
+    out = []
+    for k, (method, seed) in enumerate(todo, 1):
+        if progress:
+            print(f"[run {k}/{len(todo)}] {method.name}, seed {seed}", flush=True)
+        out.append(run(profile, layout, method, seed, base, tok, progress, data))
+    return out

@@ -1,0 +1,385 @@
+"""Every figure, drawn from artifacts or values passed in; nothing here computes results.
+
+One colour and marker per method (STYLE), used by every figure that shows methods; notebooks add a
+caption naming the model, the profile and what the error bars are (caption()).
+"""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless everywhere; notebooks show figures through store.save_figure or show()
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ..algorithm.allocation import Allocation
+from ..config import Profile
+from ..models import EMBEDDED, EMBEDDED_GGUF
+
+# method id -> (colour, marker); methods not listed (pilot configs, new methods) get GREYS in order.
+STYLE = {
+    "qr_adaptor": ("#d62728", "*"), "qr_adaptor_3p5": ("#ff7f0e", "*"),
+    "lora16": ("#1f77b4", "o"), "nf4": ("#2ca02c", "s"),
+    "hqq4": ("#9467bd", "D"), "hqq3": ("#8c564b", "v"), "hqq2": ("#7f7f7f", "^"),
+    "adalora_nf4": ("#17becf", "P"), "loftq_hqq4": ("#bcbd22", "X"),
+    "bits_only": ("#e377c2", "<"), "rank_only": ("#aec7e8", ">"),
+}
+RANDOM_STYLE = ("#b0b0b0", "x")      # every random draw: one look, they are one baseline
+GREYS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
+HIGHLIGHT = ("qr_adaptor", "qr_adaptor_3p5")
+# Chance level of each benchmark's headline metric (multiple choice: 1 / choices; BoolQ: yes/no), by source.
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "openbookqa": 0.25, "mmlu": 0.25,
+          "piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "gsm8k": 0.0}
+
+
+def style(method: str, k: int = 0) -> tuple[str, str]:
+    if method in STYLE:
+        return STYLE[method]
+    if method.startswith("random"):
+        return RANDOM_STYLE
+    return GREYS[k % len(GREYS)], "o"
+
+
+def figure_caption(profile: Profile) -> str:
+    """Model, profile and compute dtype: what every figure of a run was made with."""
+    model = f"SmolLM2-135M-Instruct ({EMBEDDED_GGUF}, dequantized)" if profile.model == EMBEDDED else profile.model
+    return f"{model} · profile {profile.name} · {profile.dtype} on {profile.device}"
+
+
+def caption(fig, text: str):
+    """A footer line under the axes (the model, the profile, what the error bars are)."""
+    fig.text(0.01, -0.02, text, fontsize=7, color="#555555", ha="left", va="top")
+    return fig
+
+
+def show(fig) -> None:
+    """Display a figure inline as PNG (the Agg backend shows nothing by itself) and close it."""
+    import io
+
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(data=buf.getvalue()))
+
+
+def allocation_heatmap(allocation: Allocation, title: str | None = None):
+    """Two rows over block index: bit-width and LoRA rank, each cell labelled with its value."""
+    n = allocation.n_blocks
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.32 * n + 1.5), 2.4), sharex=True)
+    for ax, values, ladder, label, cmap in (
+        (axes[0], allocation.bits, allocation.bit_ladder, "bits", "viridis"),
+        (axes[1], allocation.ranks, allocation.rank_ladder, "rank", "magma"),
+    ):
+        idx = np.array([[ladder.index(v) for v in values]])
+        top = max(1, len(ladder) - 1)
+        ax.imshow(idx, aspect="auto", cmap=cmap, vmin=0, vmax=top)
+        for i, v in enumerate(values):
+            r, g, b, _ = plt.get_cmap(cmap)(idx[0, i] / top)
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5   # readable text on any cell
+            ax.text(i, 0, str(v), ha="center", va="center", fontsize=7, color="white" if dark else "black")
+        ax.set_yticks([0], [label])
+    axes[1].set_xticks(range(n), [str(i) for i in range(n)], fontsize=7)
+    axes[1].set_xlabel("transformer block")
+    fig.suptitle(title or allocation.name or "allocation", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def sensitivity_plot(result: dict):
+    """Phase I: KL divergence per block, one line per profiled bit-width (log scale)."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for bits, kl in sorted(result["kl"].items(), key=lambda kv: int(kv[0])):
+        ax.plot(range(len(kl)), kl, marker="o", ms=3, label=f"{bits}-bit")
+    ax.set_yscale("log")
+    ax.set_xlabel("transformer block (quantized alone)")
+    ax.set_ylabel("KL(full || quantized) per token")
+    ax.legend(title="block quantized to", bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def mark_uniform(ax, members: list[dict], records: list[dict]) -> None:
+    """Open diamonds, labelled, on the uniform allocations among `members` ({"origin", "key"}) that
+    have a record here."""
+    by_key = {r["key"]: r for r in records}
+    uniform = [(m["origin"].removeprefix("uniform "), by_key[m["key"]]) for m in members
+               if m["origin"].startswith("uniform") and m["key"] in by_key and not by_key[m["key"]]["failed"]]
+    if uniform:
+        ax.scatter([r["budget_ratio"] for _, r in uniform], [r["objective"] for _, r in uniform], marker="D", s=40,
+                   facecolors="none", edgecolors="tab:purple", label="uniform allocations")
+        for label, r in uniform:
+            ax.annotate(label, (r["budget_ratio"], r["objective"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
+
+
+def objective_space(phase2: dict, phase3: dict | None = None):
+    """Proxy loss against memory, one panel per fidelity (a 4-step and a 16-step loss never share an
+    axis). Search fidelity: every candidate by generation, the uniform allocations marked. Full
+    fidelity: promoted candidates, the Pareto set, and with Phase III its candidates and the selection."""
+    evals, fid = phase2["evaluations"], phase2["search_fidelity"]
+    multi = fid != "full"
+    fig, axes = plt.subplots(1, 2 if multi else 1, figsize=(12 if multi else 7, 4), squeeze=False)
+    metric = evals[0]["metric"] if evals else "loss"
+    ylabel = "proxy validation loss" if metric == "loss" else f"proxy error rate on {metric}"
+    steps = {name: f["train"]["steps"] for name, f in phase2["fidelities"].items()}
+    ax = axes[0][0]
+    gens = sorted({r["generation"] for r in evals})
+    cmap = plt.get_cmap("viridis", max(len(gens), 2))
+    for k, g in enumerate(gens):
+        pts = [(r["budget_ratio"], r["objective"]) for r in evals if r["generation"] == g and not r["failed"]]
+        if pts:
+            ax.scatter(*zip(*pts), s=18, color=cmap(k), alpha=0.8, label=f"generation {g}")
+    mark_uniform(ax, phase2.get("first_generation", []), evals)
+    ax.set_title(f"{fid} fidelity ({steps[fid]} steps)", fontsize=9)
+    if multi:
+        ax = axes[0][1]
+        full = [(r["budget_ratio"], r["objective"]) for r in phase2["promoted"] if not r["failed"]]
+        if full:
+            ax.scatter(*zip(*full), s=30, color="k", alpha=0.6, label="promoted")
+        mark_uniform(ax, phase2.get("anchors", []), phase2["promoted"])
+        ax.set_title(f"full fidelity ({steps['full']} steps)", fontsize=9)
+    front = sorted((r["budget_ratio"], r["objective"]) for r in (phase3 or phase2)["pareto"])
+    if front:
+        ax.plot(*zip(*front), "r-", marker="s", ms=5, label="Pareto set")
+    if phase3:
+        bo_pts = [(s["candidate"]["budget_ratio"], s["candidate"]["objective"]) for s in phase3["steps"]
+                  if "candidate" in s]
+        if bo_pts:
+            ax.scatter(*zip(*bo_pts), marker="*", s=140, color="orange", edgecolors="k", label="BO candidates")
+        sel = phase3["selected"]
+        ax.scatter([sel["budget_ratio"]], [sel["objective"]], marker="X", s=120, color="red", label="selected")
+    for ax in axes[0]:
+        ax.axvline(1.0, color="grey", ls="--", lw=1, label="budget")
+        ax.set_xlabel("block memory / budget (uniform 4-bit, rank 8)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def hypervolume_curve(phase2: dict):
+    fig, ax = plt.subplots(figsize=(5, 3))
+    gens = [g["generation"] for g in phase2["generations"]]
+    ax.plot(gens, [g["hv"] for g in phase2["generations"]], marker="o")
+    ax.set_xticks(gens)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("hypervolume (normalized)")
+    ax.set_title(f"NSGA-II front, {phase2['search_fidelity']} fidelity", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def bo_trace(phase3: dict):
+    """Each BO candidate's utility (points) and the best utility so far (step line), against the best
+    that Phase II had found; integer iterations."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    steps = [s for s in phase3["steps"] if "candidate" in s]
+    phase2 = [r["utility"] for r in phase3["observed"] if r["generation"] is not None]
+    best = max(phase2) if phase2 else -np.inf
+    its = [s["iteration"] for s in steps]
+    util = [s["observed_utility"] for s in steps]
+    ax.scatter(its, util, color="orange", edgecolors="k", zorder=3, label="BO candidate")
+    if its:
+        ax.step(its, np.maximum.accumulate(np.maximum(util, best)), where="post", color="k", lw=1,
+                label="best so far")
+    if phase2:
+        ax.axhline(best, color="grey", ls="--", label="best of Phase II")
+    values = util + ([best] if phase2 else [])
+    if values:
+        lo, hi = min(values), max(values)
+        pad = 0.15 * (hi - lo) or 0.1
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xticks(its or [1])
+    ax.set_xlabel("BO iteration")
+    ax.set_ylabel(f"utility (a = {phase3['alpha']})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def metric_vs_memory(table, metric: str, ylabel: str, budget_mib=None, scale: float = 1.0):
+    """One point per method (mean over seeds, error bar = std over seeds) against block memory, in each
+    method's colour and marker, QR-Adaptor enlarged; the budget line. With a budget, a second panel
+    zooms on the methods within 10% of it, where the comparison the paper makes happens."""
+    near = table[(table["memory_MiB"] - budget_mib).abs() <= 0.1 * budget_mib] if budget_mib else table.iloc[:0]
+    zoom = 1 < len(near) < len(table)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4), squeeze=False)
+    for ax in axes[0]:
+        labelled = set()
+        for k, (_, row) in enumerate(table.iterrows()):
+            colour, marker = style(row["method"], k)
+            err = row.get(f"{metric}_std")
+            big = row["method"] in HIGHLIGHT
+            label = "random allocations" if row["method"].startswith("random") else row["name"]
+            ax.errorbar(row["memory_MiB"], row[metric] * scale, yerr=None if err != err else err * scale,
+                        fmt=marker, color=colour, ms=12 if big else 6, capsize=3, mec="k" if big else colour,
+                        label=None if label in labelled else label)
+            labelled.add(label)
+        ax.set_xlabel("block memory (MiB, quantized weights + adapters)")
+        ax.grid(alpha=0.3)
+        if budget_mib:
+            ax.axvline(budget_mib, color="grey", ls="--", lw=1, label="budget")
+        ax.set_ylabel(ylabel)
+    if zoom:
+        ax = axes[0][1]
+        std = near[f"{metric}_std"].fillna(0) if f"{metric}_std" in near else 0
+        lo, hi = ((near[metric] - std) * scale).min(), ((near[metric] + std) * scale).max()
+        pad = 0.1 * (hi - lo) or 0.05 * abs(hi)
+        ax.set_xlim(0.9 * budget_mib, 1.03 * budget_mib)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_title("near the budget", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def task_bars(table, tasks: list[str], n_docs: dict | None = None):
+    """Grouped bars: headline metric per task (%), one bar per method in the table's order and each
+    method's colour, error bars = std over seeds; a dashed line at each task's chance level and the
+    documents scored under each task name."""
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(tasks) + 2), 3.8))
+    width = 0.8 / max(len(table), 1)
+    x = np.arange(len(tasks))
+    for k, (_, row) in enumerate(table.iterrows()):
+        vals = [row[t] * 100 for t in tasks]
+        errs = [0 if row.get(f"{t}_std") != row.get(f"{t}_std") else row.get(f"{t}_std", 0) * 100 for t in tasks]
+        ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=errs, capsize=2, label=row["name"],
+               color=style(row["method"], k)[0], edgecolor="k" if row["method"] in HIGHLIGHT else "none")
+    for i, t in enumerate(tasks):
+        if (chance := CHANCE.get(t.removeprefix("qr_").removeprefix("stock_"))) is not None:
+            ax.hlines(100 * chance, i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1,
+                      label="chance" if i == 0 else None)
+    names = [f"{t}\n(n={n_docs[t]})" if n_docs and t in n_docs else t for t in tasks]
+    ax.set_xticks(x, names)
+    ax.set_ylabel("accuracy / exact match (%)")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(runs, window: int = 5):
+    """Training loss per step (trailing mean over `window` steps), one line per method: the mean over
+    its seeds, the band the seeds' range. `runs`: [(method id, name, losses)], one per run."""
+    import pandas as pd
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    by_method: dict = {}
+    for method, name, losses in runs:
+        by_method.setdefault((method, name), []).append(losses)
+    for k, ((method, name), curves) in enumerate(by_method.items()):
+        n = min(len(c) for c in curves)
+        smooth = np.array([pd.Series(c[:n]).rolling(window, min_periods=1).mean() for c in curves])
+        colour = style(method, k)[0]
+        steps = np.arange(1, n + 1)
+        ax.plot(steps, smooth.mean(0), color=colour, lw=2 if method in HIGHLIGHT else 1.2,
+                label=f"{name} ({len(curves)} seeds)" if len(curves) > 1 else name)
+        if len(curves) > 1:
+            ax.fill_between(steps, smooth.min(0), smooth.max(0), color=colour, alpha=0.15)
+        ax.set_xlim(1, max(ax.get_xlim()[1], n))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"train loss (trailing mean of {window})")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def pilot_bars(table, metric: str = "test_loss", ylabel: str = "test loss after fine-tuning"):
+    """Configs A-D: mean over seeds, error bars = std over seeds; the y axis starts at 0 so bar
+    heights compare; the config and its memory under each bar."""
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    x = np.arange(len(table))
+    ax.bar(x, table[metric], yerr=table.get(f"{metric}_std"), capsize=4,
+           color=[GREYS[k % len(GREYS)] for k in range(len(table))], alpha=0.85)
+    labels = [f"{n.replace(': ', chr(10))}\n{m:.0f} MiB" for n, m in zip(table["name"], table["memory_MiB"])]
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylim(0, 1.12 * (table[metric] + table.get(f"{metric}_std", 0).fillna(0)).max())
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def rank_sweep(per_run, metric: str = "test_loss", ylabel: str = "test loss after fine-tuning"):
+    """Uniform (bits, rank) sweep: one line per bit-width over rank."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for bits, grp in per_run.groupby("bits"):
+        grp = grp.sort_values("rank")
+        ax.plot(grp["rank"], grp[metric], marker="o", label=f"{bits}-bit")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(per_run["rank"].unique()), [str(r) for r in sorted(per_run["rank"].unique())])
+    ax.set_xlabel("LoRA rank (every block)")
+    ax.set_ylabel(ylabel)
+    ax.legend(title="weights")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue", "can't tell": "tab:gray"}
+
+
+def paired_intervals(claims):
+    """Each claim's paired difference (a - b) with its 95% interval and margin, one panel per metric;
+    the colour is the verdict."""
+    metrics = list(dict.fromkeys(claims["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 0.55 * claims["claim"].nunique() + 1.6),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rows = claims[claims["metric"] == metric].reset_index(drop=True)
+        y = np.arange(len(rows))[::-1]
+        for yi, (_, r) in zip(y, rows.iterrows()):
+            ax.errorbar(r["a_minus_b"], yi, xerr=[[r["a_minus_b"] - r["ci95_low"]], [r["ci95_high"] - r["a_minus_b"]]],
+                        fmt="o", capsize=4, color=VERDICT_COLOURS[r["verdict"]], label=r["verdict"])
+        margin = rows["margin"].iloc[0]
+        ax.axvspan(-margin, margin, color="tab:blue", alpha=0.08)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, [f"{r['a']}\nvs {r['b']}" for _, r in rows.iterrows()], fontsize=8)
+        better = "lower" if metric == "test loss" else "higher"
+        ax.set_xlabel(f"{metric}: a - b ({better} is better for a); shaded: +-margin")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_plot(result: dict):
+    """Left: Spearman (proxy vs final test loss) against proxy length, one line per n_val, over all
+    allocations (solid) and over the best few by final loss (dotted). Right: the
+    recommended proxy's score (mean over proxy seeds, bars = the seeds' range) against the final loss."""
+    import pandas as pd
+
+    table, scores = pd.DataFrame(result["table"]), pd.DataFrame(result["scores"])
+    finals = pd.DataFrame(result["finals"]).set_index("method")
+    rec = result["recommendation"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, (n_val, g) in enumerate(table.groupby("n_val")):
+        a.plot(g["length"], g["spearman"], marker="o", color=f"C{k}", label=f"{n_val} validation pairs")
+        if "spearman_top" in g:
+            a.plot(g["length"], g["spearman_top"], marker="x", ls=":", color=f"C{k}",
+                   label=f"{n_val} pairs, best {int(g['top_k'].iloc[0])} by final loss")
+    a.axhline(0.8, color="gray", ls="--", lw=0.8)
+    a.set_xlabel("proxy length (LoRA steps; 0 = before training)")
+    a.set_ylabel("Spearman with the final test loss")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    g = scores[(scores["length"] == rec["length"]) & (scores["n_val"] == rec["n_val"])]
+    stats = g.groupby("method")["proxy_loss"].agg(["mean", "min", "max"])
+    y = finals.loc[stats.index, "final_test_loss"]
+    b.errorbar(stats["mean"], y, xerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]], fmt="o", capsize=3)
+    for m, xv, yv in zip(stats.index, stats["mean"], y):
+        same = finals.loc[m].get("same_as") or []
+        label = finals.loc[m, "name"] + (f" (= {', '.join(same)})" if len(same) else "")
+        b.annotate(label, (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    b.set_xlabel(f"proxy loss ({rec['length']} steps, {rec['n_val']} pairs; bars: proxy seeds)")
+    b.set_ylabel("final test loss")
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,164 @@
+"""Loading a profile: a JSON file of settings over the dataclass defaults (qr_lib/config.py), with
+dotted overrides, did-you-mean checks on every name, type checks on every value, and validation of
+what the stages would otherwise find out after hours.
+
+`smoke` is a tiny random-weight model (tests, CI, minutes), `default` the embedded SmolLM2-135M on
+2 CPU cores, `paper` the paper's scale on a GPU. A profile is a JSON file under qr_lib/profiles/ (or
+anywhere, by path) that may `include` another; `overrides` like {"proxy.steps": 10} apply on top.
+The command line reads the raw values (profile_values, needs_hub) before it imports any Hugging Face
+library, because whether a profile reads the hub decides whether the run may go online.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+
+from .. import PACKAGE_DIR
+from ..algorithm.quant import check_bits, get_backend
+from ..config import Profile
+from ..errors import QRError
+from ..evaluate import check_tasks
+from ..hardware import resolve_dtype
+
+PROFILE_DIR = PACKAGE_DIR / "profiles"
+LOCAL_MODELS = ("embedded", "tiny")
+HUB_DATA = {"finetune": ("alpaca",), "text": ("wikitext2", "c4")}
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def _nest(overrides: dict) -> dict:
+    out: dict = {}
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def profile_path(name: str) -> Path:
+    """A profile name (a file under qr_lib/profiles/) or the path of a profile JSON anywhere."""
+    given = Path(name)
+    if given.suffix == ".json":
+        if not given.exists():
+            raise QRError(f"profile file {given} does not exist; give a path to a JSON profile or one of "
+                          f"{profile_names()}")
+        return given
+    path = PROFILE_DIR / f"{name}.json"
+    if not path.exists():
+        raise QRError(f"profile {name!r} does not exist; choose one of {profile_names()} or give the path of a "
+                      "profile JSON (see docs/EXTENDING.md)")
+    return path
+
+
+def profile_values(name: str, overrides: dict | None = None, _seen: tuple = ()) -> tuple[Path, dict]:
+    """(the profile's file, its values with the dotted `overrides` applied). A profile may start from
+    another with `"include": "<name or path>"` and change only what differs (lm-eval's variants)."""
+    path = profile_path(name)
+    if path.resolve() in _seen:
+        raise QRError(f"profile {path} includes itself through {[str(p) for p in _seen]}; break the cycle")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QRError(f"profile {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                      "fix the file") from None
+    if "include" in values:
+        _, base = profile_values(values.pop("include"), None, (*_seen, path.resolve()))
+        values = _merge(base, values)
+    return path, _merge(values, _nest(overrides or {}))
+
+
+def needs_hub(values: dict) -> bool:
+    """Whether a profile reads anything from the Hugging Face hub: a model that is neither embedded
+    nor a local folder, or hub data (Alpaca, WikiText-2, C4)."""
+    model = values.get("model", "embedded")
+    data = values.get("data", {})
+    return ((model not in LOCAL_MODELS and not Path(model).expanduser().is_dir())
+            or any(data.get(k) in v for k, v in HUB_DATA.items()))
+
+
+def _check_type(value, default, where: str):
+    """The value a setting gets, or a QRError naming the setting and the type it needs. The type is
+    the default's (ints accept no strings or bools, floats accept ints, tuples accept lists); a
+    setting whose default is None is not checked."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and (isinstance(default, float) or float(value).is_integer())
+        value = type(default)(value) if ok else value
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise QRError(f"{where} must be {type(default).__name__} like the default {default!r}, got {value!r}; "
+                      "fix the profile or the override")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, list(known), n=1) for k in unknown}
+        said = ", ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
+        raise QRError(f"{where}: unknown setting(s) {said}; known: {sorted(known)}")
+    kwargs = {}
+    for k, v in values.items():
+        default = known[k].default_factory() if known[k].default_factory is not dataclasses.MISSING else known[k].default
+        if dataclasses.is_dataclass(default):
+            if not isinstance(v, dict):
+                raise QRError(f"{where}.{k} must be a mapping of {type(default).__name__} settings, got {v!r}")
+            kwargs[k] = _build(type(default), {**dataclasses.asdict(default), **v}, f"{where}.{k}")
+        else:
+            kwargs[k] = _check_type(v, default if default is not dataclasses.MISSING else None, f"{where}.{k}")
+    return cls(**kwargs)
+
+
+def validate(profile: Profile) -> None:
+    """What the stages would otherwise find out after hours: ladders the backend cannot build, budgets
+    off the ladders, non-positive ranks, unknown benchmark tasks."""
+    where = f"profile {profile.name!r}"
+    try:
+        metric = () if profile.proxy_metric == "loss" else (profile.proxy_metric,)
+        check_tasks((*profile.eval.tasks, *profile.eval.task_limits, *profile.pilot.tasks, *metric))
+    except QRError as e:
+        raise QRError(f"{where}: {e}") from None
+    check_bits(get_backend(profile.quant), profile.bit_ladder)
+    ranks = [r for r in profile.rank_ladder if not (isinstance(r, int) and r > 0)]
+    if ranks:
+        raise QRError(f"{where}: rank_ladder holds {ranks}; ranks are positive integers, e.g. [4, 8, 16]")
+    if profile.budget_rank not in profile.rank_ladder:
+        raise QRError(f"{where}: budget_rank {profile.budget_rank} is not on rank_ladder {list(profile.rank_ladder)}")
+    lo, hi = min(profile.bit_ladder), max(profile.bit_ladder)
+    for bits in (profile.budget_bits, *profile.select_at):
+        if not lo <= bits <= hi:
+            raise QRError(f"{where}: a budget of {bits} average bits lies outside bit_ladder "
+                          f"{list(profile.bit_ladder)}; choose budgets between {lo} and {hi}")
+
+
+def load_profile(name: str = "default", overrides: dict | None = None) -> Profile:
+    """A profile by name or path (its results go to results/<file stem>/), with `overrides`, dotted
+    settings such as {"finetune.seeds": [0]}, applied on top."""
+    path, values = profile_values(name, overrides)
+    values["name"] = path.stem
+    profile = _build(Profile, values, f"profile {path.stem!r}")
+    validate(profile)
+    # Resolved once here, so every stage, cache key and artifact sees the dtype that really computed.
+    return dataclasses.replace(profile, dtype=resolve_dtype(profile.dtype, profile.device))

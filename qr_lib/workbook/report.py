@@ -1,0 +1,113 @@
+"""The headline tables and figures, in reading order, for notebook 07 and the README, and the
+compute time the artifacts record. Only reads files the other notebooks wrote; it trains nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..layout import Layout
+from ..store import read_artifact, read_json
+
+SECTIONS = [
+    ("The model and data", "00_setup", [("table", "setup_model"), ("table", "setup_datasets")]),
+    ("Pilot: can rank buy back fidelity? (Configs A-D)", "01_pilot_fidelity_plasticity",
+     [("table", "pilot_configs"), ("table", "pilot_verdict"), ("figure", "pilot_configs")]),
+    ("Phase I: sensitivity", "02_sensitivity_profiling",
+     [("figure", "sensitivity_kl"), ("figure", "sensitivity_knapsack")]),
+    ("Phase II: NSGA-II", "03_nsga2_search",
+     [("table", "nsga_first_generation"), ("figure", "nsga_objective_space"), ("figure", "nsga_hypervolume"),
+      ("table", "nsga_fidelity_agreement"), ("table", "nsga_pareto")]),
+    ("Phase III: refinement and the selected allocation", "04_bo_refinement",
+     [("figure", "bo_objective_space"), ("table", "bo_steps"), ("table", "search_summary"),
+      ("table", "search_vs_uniform"), ("figure", "search_selected_allocation")]),
+    ("Final fine-tune", "05_final_finetune", [("table", "finetune_runs"), ("table", "finetune_peak_memory"),
+                                              ("figure", "finetune_loss_curves")]),
+    ("Benchmarks", "06_benchmarks",
+     [("table", "benchmarks"), ("table", "benchmarks_claims"), ("figure", "benchmarks_claims"),
+      ("table", "benchmarks_sample_sizes"),
+      ("figure", "accuracy_vs_memory"), ("figure", "test_loss_vs_memory"), ("figure", "benchmark_bars"),
+      ("table", "proxy_calibration"), ("figure", "proxy_calibration")]),
+]
+# Written by commands outside `make reproduce` (hours on a CPU): shown when present, never required.
+OPTIONAL = [
+    ("The base model in lm-eval's stock formats, beside published numbers", "make stock-eval",
+     ("table", "stock_lm_eval")),
+]
+
+
+def item_path(layout: Layout, item: tuple[str, str]) -> Path:
+    kind, name = item
+    return layout.table(name) if kind == "table" else layout.figure(name)
+
+
+def items(layout: Layout):
+    """(section title, notebook, path, exists) for every headline file."""
+    for title, notebook, files in SECTIONS:
+        for f in files:
+            yield title, notebook, item_path(layout, f), item_path(layout, f).exists()
+
+
+def show(layout: Layout) -> None:
+    """Display every headline table and figure (in a notebook), naming the missing ones."""
+    from IPython.display import Image, Markdown, display
+
+    current = None
+    for title, notebook, path, exists in items(layout):
+        if title != current:
+            display(Markdown(f"## {title}\n*from `{notebook}`*"))
+            current = title
+        if not exists:
+            display(Markdown(f"*`{path.name}` has not been written yet: run `{notebook}`.*"))
+        elif path.suffix == ".png":
+            display(Image(filename=str(path)))
+        else:
+            display(Markdown(path.read_text()))
+    for title, command, f in OPTIONAL:
+        if item_path(layout, f).exists():
+            display(Markdown(f"## {title}\n*from `{command}`, not part of `make reproduce`*\n\n"
+                             + item_path(layout, f).read_text()))
+    if rows := compute_time(layout):
+        display(Markdown("## Compute time\n*seconds of work the artifacts record (2 CPU cores for the "
+                         "default profile); `make reproduce` writes the same to `tables/compute_time.md`*\n\n"
+                         + pd.DataFrame(rows).to_markdown(index=False)))
+
+
+def _recorded(paths) -> tuple[int, float]:
+    """How many whole artifacts, and the seconds of work their results record (a damaged one is named
+    in a warning and left out)."""
+    seconds = [r["result"]["seconds"] for r in map(read_artifact, paths) if r is not None]
+    return len(seconds), round(sum(seconds), 1)
+
+
+def compute_time(layout: Layout) -> list[dict]:
+    """Seconds of work each stage's artifacts record, however many sessions or reruns they took.
+
+    A rerun that reads artifacts back costs little, so `make reproduce`'s own wall time is not the
+    cost of the results; this is. Search evaluations are counted once each (variant searches share
+    the cache), and the notebooks that only read artifacts are counted by their last run."""
+    # The manifest is make reproduce's own bookkeeping (which notebook ran how long), not a stage artifact.
+    notebooks = read_json(layout.manifest)["notebooks"] if layout.manifest.exists() else {}
+    rows = []
+
+    def add(stage, what, n, seconds, source: Path):
+        rows.append({"stage": stage, "work": what, "count": n, "seconds": seconds,
+                     "source": str(source.relative_to(layout.root)) if source else ""})
+
+    if "00_setup.ipynb" in notebooks:
+        add("00", "load model and data, held-out perplexity", 1, notebooks["00_setup.ipynb"]["seconds"], layout.manifest)
+    if runs := layout.pilot.runs():
+        add("01", "pilot fine-tuning runs", *_recorded([r.result for r in runs]), layout.pilot.run("*", "*").result)
+    if layout.sensitivity.exists():
+        add("02", "Phase I: KL sensitivity profiling", *_recorded([layout.sensitivity]), layout.sensitivity)
+    if evals := sorted(layout.evaluations.glob("*.json")):
+        add("03-04", "proxy fine-tunes of every search (each allocation once)", *_recorded(evals),
+            layout.evaluation("*"))
+    if runs := layout.runs():
+        add("05", "final fine-tuning runs with lm-eval", *_recorded([r.result for r in runs]), layout.run("*", "*").result)
+    for nb in ("06_benchmarks", "07_report", "08_fidelity_plasticity_explorer"):
+        if f"{nb}.ipynb" in notebooks:
+            add(nb[:2], f"notebook {nb} (reads artifacts)", 1, notebooks[f"{nb}.ipynb"]["seconds"], layout.manifest)
+    if rows:
+        add("all", "total", "", round(sum(r["seconds"] for r in rows), 1), None)
+    return rows

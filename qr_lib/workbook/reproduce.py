@@ -1,0 +1,155 @@
+"""`make reproduce`: run every notebook in order with papermill, for one profile.
+
+Executed copies go to results/<profile>/notebooks/, and results/<profile>/README.md indexes every
+table and figure with the notebook that wrote it. Stages cache their artifacts, so a rerun after an
+interruption redoes only unfinished work; the first failing notebook stops the run, named.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .. import REPO_DIR
+from ..errors import QRError
+from ..layout import Layout
+from ..store import cache_root, read_json, save_table, write_json
+from .profiles import load_profile
+from . import report
+from .report import OPTIONAL, compute_time
+
+
+def starting_state(layout: Layout) -> dict:
+    """What a run starts from: which stage artifacts and caches (converted model, quantized blocks,
+    parsed data) already exist. A run from nothing has none of them."""
+    artifacts = layout.started()
+    caches = sorted(p.name for p in cache_root().iterdir() if any(p.iterdir())) if cache_root().exists() else []
+    return {"artifacts": artifacts, "caches": caches, "from_nothing": not artifacts and not caches}
+
+NOTEBOOK_DIR = REPO_DIR / "notebooks"
+# The project's Jupyter kernel: this environment's Python, registered inside the environment (not the
+# user's home), named in every notebook's metadata; JupyterLab and papermill both run it.
+KERNEL, KERNEL_DISPLAY = "qr-adaptor", "QR-Adaptor (.venv)"
+
+
+def ensure_kernel() -> str:
+    """Register KERNEL for this interpreter under sys.prefix if it is missing; returns its name."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if KERNEL not in KernelSpecManager().find_kernel_specs():
+        from ipykernel.kernelspec import install
+        install(kernel_name=KERNEL, display_name=KERNEL_DISPLAY, prefix=sys.prefix)
+    return KERNEL
+
+
+def check_loopback() -> None:
+    """Papermill reaches its kernel over TCP on 127.0.0.1: without a working loopback interface (a
+    network namespace with `lo` down) the kernel start waits 60 s and fails with a message that names
+    neither cause nor fix. A connection to ourselves answers in milliseconds."""
+    import socket
+
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                socket.create_connection(server.getsockname(), timeout=5):
+            pass
+    except OSError as e:
+        raise QRError(f"no loopback network ({e.strerror or e}): the notebooks' kernel is reached over localhost, and "
+                      "this machine or network namespace cannot connect to 127.0.0.1; bring `lo` up (`ip link set lo "
+                      "up`), or run the stages' library functions directly (docs/EXTENDING.md)") from None
+
+
+def notebooks() -> list[Path]:
+    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def _outputs(layout: Layout) -> dict[str, float]:
+    return {str(p.relative_to(layout.root)): p.stat().st_mtime
+            for d in (layout.tables, layout.figures) if d.exists() for p in d.iterdir()}
+
+
+def write_index(layout: Layout, profile: str, manifest: dict) -> None:
+    lines = [f"# Results of the `{profile}` profile", "",
+             "Written by `make reproduce` (qr_lib/reproduce.py); every file below was written by the "
+             "notebook named beside it. Executed notebooks are under `notebooks/`.", ""]
+    for nb in sorted({v["notebook"] for v in manifest["files"].values()}):
+        run = manifest["notebooks"].get(nb, {})
+        lines += [f"## {nb}", f"Ran for {run.get('seconds', 0):.0f} s; executed copy: `notebooks/{nb}`.", ""]
+        lines += [f"- [`{f}`]({f})" for f, v in sorted(manifest["files"].items()) if v["notebook"] == nb]
+        lines.append("")
+    for title, command, item in OPTIONAL:
+        if (f := report.item_path(layout, item)).exists():
+            rel = f.relative_to(layout.root)
+            lines += [f"## {title}", f"Written by `{command}`, not part of `make reproduce`: [`{rel}`]({rel}).", ""]
+    if (f := layout.table("reproduce_wall_clock")).exists():
+        rel = f.relative_to(layout.root)
+        lines += ["## Wall-clock time", "Every `make reproduce` of this folder, how long it took and whether it started "
+                  f"from nothing (no artifacts, no caches): [`{rel}`]({rel}).", ""]
+    if (f := layout.table("compute_time")).exists():
+        rel = f.relative_to(layout.root)
+        lines += ["## Compute time", "Seconds of work each stage's artifacts record, written by `make reproduce` "
+                  f"after the last notebook: [`{rel}`]({rel}).", ""]
+    layout.index.write_text("\n".join(lines))
+
+
+def run(profile: str, only: list[str] | None = None, log_output: bool = False,
+        overrides: dict | None = None, skip: list[str] | None = None,
+        begun: tuple[dict, float] | None = None) -> None:
+    """Run the notebooks for a profile (a name or a path, with dotted `overrides`); with `log_output`
+    their output (stage progress) streams to the terminal. `begun`: (starting_state, time.time())
+    taken by a caller that did work of its own first; by default both are taken here."""
+    import papermill as pm
+
+    overrides = overrides or {}
+    name = load_profile(profile, overrides).name  # a bad profile fails here, before any notebook
+    layout = Layout.for_profile(name)
+    manifest = read_json(layout.manifest) if layout.manifest.exists() else {"files": {}, "notebooks": {}}
+    layout.notebooks.mkdir(exist_ok=True)
+    todo = [nb for nb in notebooks() if (not only or any(nb.name.startswith(o) for o in only))
+            and not any(nb.name.startswith(k) for k in skip or ())]
+    if not todo:
+        raise QRError(f"--only {' '.join(only or [])} --skip {' '.join(skip or [])} leaves no notebook; give prefixes of "
+                      f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
+    check_loopback()
+    kernel = ensure_kernel()
+    start, started = begun or (starting_state(layout), time.time())
+    for i, nb in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {nb.name} (profile {name})", flush=True)
+        before, t0 = _outputs(layout), time.time()
+        try:
+            pm.execute_notebook(str(nb), str(layout.notebooks / nb.name),
+                                parameters={"PROFILE": profile, "OVERRIDES": overrides},
+                                cwd=str(NOTEBOOK_DIR), kernel_name=kernel, progress_bar=False,
+                                log_output=log_output)
+        except pm.PapermillExecutionError as e:
+            print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"
+                  f"the executed copy with the error is {layout.notebooks / nb.name}", file=sys.stderr)
+            raise SystemExit(1)
+        after = _outputs(layout)
+        for f, mtime in after.items():
+            if before.get(f) != mtime:
+                manifest["files"][f] = {"notebook": nb.name}
+        manifest["notebooks"][nb.name] = {"seconds": round(time.time() - t0, 1)}
+        write_json(layout.manifest, manifest)
+        write_index(layout, name, manifest)
+    wall = round(time.time() - started, 1)
+    manifest.setdefault("runs", []).append({
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)), "wall_seconds": wall,
+        "notebooks": [nb.name for nb in todo], **start})
+    write_json(layout.manifest, manifest)
+    save_table(pd.DataFrame(wall_clock(manifest)), layout, "reproduce_wall_clock")
+    cost = compute_time(layout)
+    if cost:
+        save_table(pd.DataFrame(cost), layout, "compute_time")
+    write_index(layout, name, manifest)
+    total = f"; work the artifacts record: {cost[-1]['seconds']:.0f} s (tables/compute_time.md)" if cost else ""
+    print(f"done: {len(todo)} notebooks in {wall:.0f} s of wall-clock time{total}; results in {layout.root}")
+
+
+def wall_clock(manifest: dict) -> list[dict]:
+    """Every `make reproduce` run of this results folder: when, how long, and from what state."""
+    return [{"started": r["started"], "wall seconds": r["wall_seconds"], "wall hours": round(r["wall_seconds"] / 3600, 2),
+             "notebooks": len(r["notebooks"]), "from nothing": r["from_nothing"],
+             "artifacts present at start": ", ".join(r["artifacts"]) or "none",
+             "caches present at start": ", ".join(r["caches"]) or "none"} for r in manifest.get("runs", [])]

@@ -1,0 +1,120 @@
+"""The package's shape, checked from its source: data flows one way, with no import cycle, and one
+object (layout.Layout) spells every results path."""
+import ast
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "qr_lib"
+# Modules both halves use; they import neither half (config is the settings schema, layout the paths).
+SHARED = {"errors", "store", "hardware", "progress", "models", "data", "evaluate", "config", "layout"}
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module(p): p for p in PKG.rglob("*.py") if "tasks" not in p.parts}
+
+
+def _imports(path: Path):
+    """(imported qr_lib module, line, inside a function) for every import statement of a file."""
+    mod = _module(path)
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    in_function = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_function |= {id(n) for n in ast.walk(node) if n is not node}
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                src = ".".join(base + ([node.module] if node.module else []))
+            else:
+                src = node.module or ""
+            # `from pkg import sub` imports the submodule when there is one
+            targets = [f"{src}.{a.name}" if f"{src}.{a.name}" in MODULES else src for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        for t in targets:
+            if t.split(".")[0] == "qr_lib" and t != mod:
+                yield t, node.lineno, id(node) in in_function
+
+
+def _graph():
+    return {m: {t for t, _, _ in _imports(p) if t in MODULES} for m, p in MODULES.items()}
+
+
+def test_no_import_cycle_inside_the_package():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                cycles.append(stack[stack.index(t):] + [t])
+            elif t not in state:
+                visit(t, stack + [t])
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_data_flows_one_way():
+    """The shared modules import neither half; the algorithm never imports the workbook."""
+    bad = []
+    for m, targets in _graph().items():
+        name = m.removeprefix("qr_lib.")
+        for t in targets:
+            inner = t.removeprefix("qr_lib.")
+            if name in SHARED and inner.split(".")[0] in ("algorithm", "workbook", "cli"):
+                bad.append((m, t))
+            if name.startswith("algorithm") and inner.split(".")[0] in ("workbook", "cli"):
+                bad.append((m, t))
+    assert not bad, f"imports against the flow: {bad}"
+
+
+def test_no_function_level_import_of_the_package_outside_the_command_line():
+    """cli.py imports inside its commands so that `--help` answers at once; nothing else hides an import."""
+    hidden = [(str(p.relative_to(ROOT)), line, t) for m, p in MODULES.items() if m != "qr_lib.cli"
+              for t, line, nested in _imports(p) if nested]
+    assert not hidden, f"function-level imports of qr_lib modules: {hidden}"
+
+
+# What only layout.py may spell: artifact file names, results subfolders, run-folder globs.
+FOLDERS = "runs|pilot|searches|tables|figures|evaluations|calibration|stock|results"
+RESULT_PATHS = re.compile(r"(setup|sensitivity|nsga|bo|search|result|calibration|manifest)\.json"
+                          rf"|^({FOLDERS})/|seed\*")
+JOINED = re.compile(rf"^({FOLDERS})$")
+
+
+def _strings(source: str):
+    """(line, text) of every string literal in code that names a results path: an artifact's file name,
+    a results subfolder with a slash, or one joined onto a path (`x / "runs"`). Docstrings are left out
+    (they may name artifacts), and so are dict keys that happen to be a folder's name."""
+    tree = ast.parse(source)
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    joined = {id(n.right) for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings:
+            if RESULT_PATHS.search(n.value) or (id(n) in joined and JOINED.match(n.value)):
+                yield n.lineno, n.value
+
+
+def _code_cells(nb: Path) -> str:
+    return "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+
+
+def test_only_the_layout_spells_a_results_path():
+    sources = {str(p.relative_to(ROOT)): p.read_text() for p in PKG.rglob("*.py")
+               if p.name != "layout.py" and "tasks" not in p.parts}
+    sources |= {str(p.relative_to(ROOT)): p.read_text() for p in (ROOT / "benchmarks").glob("*.py")}
+    sources |= {str(nb.relative_to(ROOT)): _code_cells(nb) for nb in (ROOT / "notebooks").glob("*.ipynb")}
+    found = [(name, line, s) for name, text in sources.items() for line, s in _strings(text)]
+    assert not found, f"results paths spelled outside qr_lib/layout.py: {found}"
