@@ -54,7 +54,7 @@ def _profile(args):
     return load_profile(args.profile, parse_overrides(args.set))
 
 
-def _run_notebooks(args, prefixes: list[str], begun=None) -> None:
+def _run_notebooks(args, prefixes: list[str], begun=None, loaded=None) -> None:
     import logging
 
     from .progress import PLAIN_ENV
@@ -63,7 +63,7 @@ def _run_notebooks(args, prefixes: list[str], begun=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
     os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars the terminal can show
     reproduce.run(args.profile, prefixes or None, log_output=True, overrides=parse_overrides(args.set),
-                  skip=getattr(args, "skip", None), begun=begun)
+                  skip=getattr(args, "skip", None), begun=begun, loaded=loaded)
 
 
 def cmd_finetune(args) -> None:
@@ -97,23 +97,22 @@ def cmd_stage(args) -> None:
         return cmd_estimate(args)
     from .workbook.reproduce import check_loopback
     check_loopback()  # before the estimate below, which may convert the model
-    begun = None
+    profile, begun = _profile(args), None
     if args.command == "reproduce" and not args.only:
         # The run's starting state and clock come first: the estimate may read the model, which
         # converts and caches it on a machine that has never seen it.
         from .layout import Layout
         from .workbook.reproduce import starting_state
-        begun = (starting_state(Layout.of(_profile(args).name)), time.time())
-        _say_expected_time(args)
+        begun = (starting_state(Layout.of(profile.name)), time.time())
+        _say_expected_time(args, profile)
     prefixes = list(args.only) if getattr(args, "only", None) else STAGES[args.command][0]
-    _run_notebooks(args, prefixes, begun)
+    _run_notebooks(args, prefixes, begun, profile)
 
 
-def _say_expected_time(args) -> None:
+def _say_expected_time(args, profile) -> None:
     """Before a whole run: its size, and its time where a finished run of the profile measured one."""
     from .layout import Layout
     from .workbook import estimate
-    profile = _profile(args)
     step = estimate.measured_step_seconds(Layout.of(profile.name))
     p = estimate.estimate(profile, step)
     hours = p.get("hours (training steps only)", {}).get("total")

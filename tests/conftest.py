@@ -66,8 +66,9 @@ def base(smoke):
 @pytest.fixture(scope="session")
 def smoke_run(smoke, base, tmp_path_factory):
     from qr_lib.algorithm import search
-    out = tmp_path_factory.mktemp("search")
-    return out, search.run(smoke, out, *base, progress=False)
+    from qr_lib.layout import Layout
+    layout = Layout(tmp_path_factory.mktemp("search"))
+    return layout, search.run(smoke, layout, *base, progress=False)
 
 
 @pytest.fixture

@@ -47,13 +47,16 @@ def test_a_proxy_that_only_separates_far_allocations_is_caught_near_the_front():
 
 
 def test_two_methods_with_one_allocation_count_once(tmp_path):
-    from qr_lib.store import write_json
-    for method, alloc, loss in (("hqq4", {"bits": [4], "ranks": [8]}, 3.7), ("qr_adaptor", {"bits": [4], "ranks": [8]}, 3.7),
-                                ("hqq3", {"bits": [3], "ranks": [8]}, 5.3)):
-        write_json(tmp_path / "runs" / method / "seed0" / "result.json",
-                   {"result": {"name": method, "allocation": alloc, "avg_bits": alloc["bits"][0], "memory_bytes": 1,
-                               "test_loss": loss}})
-    finals = calibration.final_losses(tmp_path, ("hqq4", "qr_adaptor", "hqq3"))
+    from qr_lib.algorithm.allocation import uniform
+    from qr_lib.layout import Layout
+    from qr_lib.store import write_artifact
+    from qr_lib.workbook.finetune import RunResult
+    for method, bits, loss in (("hqq4", 4, 3.7), ("qr_adaptor", 4, 3.7), ("hqq3", 3, 5.3)):
+        result = RunResult(method=method, name=method, seed=0, allocation=uniform(1, bits, 8, name=method),
+                           memory_bytes=1, avg_bits=bits, trainable_parameters=0, train={}, adapter_notes={},
+                           test_loss=loss, test_examples={}, heldout_perplexity=0.0, benchmarks={}, seconds=0)
+        write_artifact(Layout(tmp_path).run(method, 0).result, {}, result.to_dict())
+    finals = calibration.final_losses(Layout(tmp_path), ("hqq4", "qr_adaptor", "hqq3"))
     assert list(finals["method"]) == ["hqq4", "hqq3"] and finals.loc[0, "same_as"] == ["qr_adaptor"]
 
 
@@ -64,25 +67,29 @@ def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
     import dataclasses
 
     from qr_lib.algorithm.build import build
+    from qr_lib.algorithm.memory import model_shapes
     from qr_lib.algorithm.train import example_losses, mean_loss, train
     from qr_lib.data import load_finetune
+    from qr_lib.layout import Layout
     from qr_lib.models import load_model
     from qr_lib.workbook import finetune
+    from qr_lib.workbook.methods import Context, load_method
     from qr_lib.workbook.profiles import load_profile
 
     p = load_profile("smoke", {"calibration.methods": ["hqq3", "hqq4", "lora16"], "calibration.lengths": [0, 2, 4],
                                "calibration.n_val": [8, 16], "finetune.max_steps": 2})
     base, tok = load_model(p.model, p.dtype, p.device)
+    layout = Layout(tmp_path)
     for m in p.calibration.methods:
-        finetune.run(p, finetune.load_method(m), 0, tmp_path, base, tok, progress=False)
-    result = calibration.run(p, tmp_path, base, tok, progress=False)
+        finetune.run(p, layout, load_method(m), 0, base, tok, progress=False)
+    result = calibration.run(p, layout, base, tok, progress=False)
     table = pd.DataFrame(result["table"])
     assert len(table) == 3 * 2 and table["allocations"].eq(3).all()
     assert result["recommendation"]["length"] in (0, 2, 4)
-    again = calibration.run(p, tmp_path, base, tok, progress=False)      # cached curves
+    again = calibration.run(p, layout, base, tok, progress=False)      # cached curves
     assert again["scores"] == result["scores"]
 
-    alloc = finetune.resolve_allocation(p, finetune.load_method("hqq4"), 4, tmp_path, (base, tok))
+    alloc = load_method("hqq4").resolve(Context(p, model_shapes(base), layout))
     splits = load_finetune(p.data)
     model = build(base, alloc, p.quant, p.lora, progress=False, seed=0)
     train(model, tok, splits.train, dataclasses.replace(p.proxy, steps=2, seed=0), progress=False)

@@ -10,7 +10,7 @@ from qr_lib import cli
 
 
 def test_every_stage_and_tool_is_a_command_with_its_options_documented(capsys):
-    for command in (*cli.STAGES, "export", "stock", "benchmark"):
+    for command in (*cli.STAGES, "estimate", "export", "stock"):
         with pytest.raises(SystemExit) as done:
             cli.main([command, "--help"])
         assert done.value.code == 0
@@ -59,7 +59,7 @@ def test_a_whole_run_takes_its_starting_state_before_the_time_estimate(monkeypat
     monkeypatch.setenv("QR_LIB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path / "results"))
 
-    def estimate(args):
+    def estimate(args, profile):
         (tmp_path / "cache" / "models" / "converted").mkdir(parents=True)
 
     seen = {}

@@ -20,7 +20,7 @@ def test_environment_yml_matches_pyproject_pins():
 
 def test_top_level_layout():
     expected = {"notebooks", "qr_lib", "results", "environment.yml", "tests", "Makefile", "README.md",
-                "pyproject.toml", "LICENSE", "CITATION.cff", "docs"}
+                "pyproject.toml", "LICENSE", "CITATION.cff", "docs", "benchmarks", "CHANGELOG.md"}
     present = {p.name for p in ROOT.iterdir() if not p.name.startswith(".")} - {"__pycache__"}
     present -= {p for p in present if p.endswith(".egg-info")}
     assert present == expected
@@ -44,12 +44,12 @@ def test_an_unwritable_results_folder_and_a_folder_that_is_no_model_are_named(tm
     import pytest
 
     from qr_lib.errors import QRError
+    from qr_lib.layout import Layout
     from qr_lib.models import resolve
-    from qr_lib.store import results_dir
     blocker = tmp_path / "a-file"
     blocker.write_text("")                           # a folder cannot be made under a file, even by root
     monkeypatch.setenv("QR_RESULTS_DIR", str(blocker))
     with pytest.raises(QRError, match="cannot write results"):
-        results_dir("smoke")
+        Layout.for_profile("smoke")
     with pytest.raises(QRError, match="not a model folder"):
         resolve(str(tmp_path))

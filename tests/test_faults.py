@@ -16,24 +16,32 @@ import time
 
 import pytest
 
+from qr_lib.layout import Layout
+
 SEARCH = r"""
 import sys
 from pathlib import Path
 from qr_lib.algorithm import search
+from qr_lib.layout import Layout
+from qr_lib.models import load_model
 from qr_lib.workbook.profiles import load_profile
 
-search.run(load_profile("smoke"), Path(sys.argv[1]), progress=False)
+profile = load_profile("smoke")
+search.run(profile, Layout(Path(sys.argv[1])), *load_model(profile.model, profile.dtype), progress=False)
 print("search finished")
 """
 
 FINETUNE = r"""
 import sys
 from pathlib import Path
+from qr_lib.layout import Layout
+from qr_lib.models import load_model
 from qr_lib.workbook import finetune
 from qr_lib.workbook.profiles import load_profile
 
 profile = load_profile("smoke", {"eval.tasks": [], "finetune.seeds": [0, 1], "finetune.max_steps": 8})
-finetune.run_all(profile, Path(sys.argv[1]), methods=["hqq4", "lora16"], progress=False)
+finetune.run_all(profile, Layout(Path(sys.argv[1])), *load_model(profile.model, profile.dtype),
+                 methods=["hqq4", "lora16"], progress=False)
 print("runs finished")
 """
 
@@ -72,11 +80,11 @@ def test_a_search_killed_offline_resumes_to_the_uninterrupted_pareto_set(smoke_r
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in evaluations.glob("*.json")}
     assert all(after[name] == seen for name, seen in before.items())    # nothing finished was redone
 
-    serial = json.loads((smoke_run[0] / "nsga.json").read_text())["result"]["pareto"]
-    resumed = json.loads((out / "nsga.json").read_text())["result"]["pareto"]
+    serial = json.loads(smoke_run[0].nsga.read_text())["result"]["pareto"]
+    resumed = json.loads(Layout(out).nsga.read_text())["result"]["pareto"]
     assert [r["key"] for r in resumed] == [r["key"] for r in serial]
     assert [r["objective"] for r in resumed] == pytest.approx([r["objective"] for r in serial], abs=0)
-    selected = [json.loads((d / "search.json").read_text())["result"]["selected"] for d in (smoke_run[0], out)]
+    selected = [json.loads(d.search.read_text())["result"]["selected"] for d in (smoke_run[0], Layout(out))]
     assert selected[0] == selected[1]
 
 

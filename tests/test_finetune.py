@@ -1,16 +1,21 @@
 """The final fine-tune, its baselines, saving/reloading, and the lm-eval tasks, on the tiny model."""
 
+import json
+
 import pandas as pd
 import pytest
 import torch
 
 from qr_lib.algorithm.adapters import loftq_init, prepare
 from qr_lib.algorithm.allocation import uniform
+from qr_lib.algorithm.memory import model_shapes
 from qr_lib.algorithm.train import eval_loss, train
-from qr_lib.config import EvalConfig, LoraSettings, QuantConfig, TrainConfig
+from qr_lib.config import EvalConfig, FinetuneConfig, LoraSettings, QuantConfig, TrainConfig
 from qr_lib.errors import QRError
 from qr_lib.evaluate import headline, run_tasks
+from qr_lib.layout import Layout, RunDir
 from qr_lib.workbook import comparison, finetune
+from qr_lib.workbook.methods import Context, load_method, method_ids, run_variant_searches
 from qr_lib.workbook.profiles import load_profile
 
 Q = QuantConfig(group_size=64, hqq_optimize=False)
@@ -29,22 +34,27 @@ def quick():
                                   "eval.seeds": [0], "finetune.seeds": [0, 1]})
 
 
+def resolve(profile, method_id, base, folder):
+    """A method's allocation, as a final run resolves it, with `folder` as the results layout."""
+    return load_method(method_id).resolve(Context(profile, model_shapes(base[0]), Layout(folder)))
+
+
 def test_train_config_covers_the_requested_epochs():
-    cfg = finetune.FinetuneConfig(epochs=0.5, batch_size=4, grad_accum=2, warmup_ratio=0.1)
+    cfg = FinetuneConfig(epochs=0.5, batch_size=4, grad_accum=2, warmup_ratio=0.1)
     t = cfg.train_config(2000, seed=3)
     assert t.steps == 125 and t.warmup_steps == 12 and t.seed == 3 and t.grad_accum == 2
     assert t.schedule == "linear"
-    assert finetune.FinetuneConfig(max_steps=7).train_config(2000, 0).steps == 7
+    assert FinetuneConfig(max_steps=7).train_config(2000, 0).steps == 7
 
 
 def test_every_method_file_loads_and_unknown_ones_are_refused():
-    ids = finetune.method_ids()
+    ids = method_ids()
     assert {"qr_adaptor", "lora16", "hqq4", "nf4", "hqq3", "hqq2", "adalora_nf4", "loftq_hqq4",
             "bits_only", "rank_only"} <= set(ids)
     for m in ids:
-        assert finetune.load_method(m).name
+        assert load_method(m).name
     with pytest.raises(QRError, match="choose one of"):
-        finetune.load_method("qlora_9bit")
+        load_method("qlora_9bit")
 
 
 def test_plan_repeats_only_multi_seed_methods_and_pairs_a_random_draw_with_its_seed(quick):
@@ -59,53 +69,54 @@ def test_a_random_draw_spends_its_budget_and_is_reproducible(quick, base, tmp_pa
     from qr_lib.algorithm.memory import budget_bytes, formula_bytes, model_shapes
     shapes = model_shapes(base[0])
     budget = budget_bytes(shapes, quick.quant, 4, 8)
-    draws = [finetune.resolve_allocation(quick, finetune.load_method(f"random4_{k}"), 4, tmp_path, base) for k in (0, 1)]
+    draws = [resolve(quick, f"random4_{k}", base, tmp_path) for k in (0, 1)]
     assert draws[0].pairs() != draws[1].pairs()
-    assert draws[0].pairs() == finetune.resolve_allocation(quick, finetune.load_method("random4_0"), 4, tmp_path,
-                                                           base).pairs()
+    assert draws[0].pairs() == resolve(quick, "random4_0", base, tmp_path).pairs()
     for d in draws:
         used = formula_bytes(shapes, d, quick.quant)["blocks"]
         assert 0.8 * budget < used <= budget
-    low = finetune.resolve_allocation(quick, finetune.load_method("random3p5_0"), 4, tmp_path, base)
+    low = resolve(quick, "random3p5_0", base, tmp_path)
     three = budget_bytes(shapes, quick.quant, 3, 8)
     assert formula_bytes(shapes, low, quick.quant)["blocks"] <= (three + budget) / 2
 
 
-def test_searched_method_without_a_search_is_a_clear_error(quick, tmp_path):
+def test_searched_method_without_a_search_is_a_clear_error(quick, base, tmp_path):
     with pytest.raises(QRError, match="run the search first"):
-        finetune.resolve_allocation(quick, finetune.load_method("qr_adaptor"), 4, tmp_path)
+        resolve(quick, "qr_adaptor", base, tmp_path)
 
 
 def test_a_run_is_saved_reloads_to_the_same_logits_and_is_not_redone(quick, base, tmp_path, monkeypatch):
     model_, tok = base
-    rec = finetune.run(quick, finetune.load_method("hqq3"), 0, tmp_path, model_, tok, progress=False)
-    where = finetune.run_dir(tmp_path, finetune.load_method("hqq3"), 0)
-    assert set(rec) == {"config", "environment", "result", "checksum"}
-    r = rec["result"]
+    rec = finetune.run(quick, Layout(tmp_path), load_method("hqq3"), 0, model_, tok, progress=False)
+    where = Layout(tmp_path).run("hqq3", 0)
+    stored = json.loads(where.result.read_text())
+    assert set(stored) == {"config", "environment", "result", "checksum"}
+    assert stored["result"] == rec.to_dict()
+    r = stored["result"]
     assert r["train"]["steps"] == 3 and len(r["train"]["losses"]) == 3
     assert r["benchmarks"]["qr_arc_easy"]["n"] == 2 and r["avg_bits"] == 3
-    kept = where / "lm_eval"                     # lm-eval's own results and samples, as it wrote them
+    kept = where.lm_eval                         # lm-eval's own results and samples, as it wrote them
     assert (kept / "results_qr_arc_easy.json").exists()
     assert len((kept / "samples_qr_arc_easy.jsonl").read_text().splitlines()) == 2
     assert r["train"]["peak_memory"]["peak_bytes"] > 0
-    assert rec["environment"]["auto_dtype_cpu"] in ("float32", "bfloat16")  # which dtype auto would pick here
-    assert (where / "adapter" / "adapter_model.safetensors").exists()
+    assert stored["environment"]["auto_dtype_cpu"] in ("float32", "bfloat16")  # which dtype auto would pick here
+    assert (where.adapter / "adapter_model.safetensors").exists()
     # The test split, example by example: the unit of paired comparisons.
     test = finetune.run_data(quick).test
     assert len(r["test_examples"]["nll_sum"]) == len(r["test_examples"]["tokens"]) == len(test) == quick.data.n_test
     reloaded, _ = finetune.load_finetuned(where, model_, tok)
     assert r["test_loss"] == pytest.approx(eval_loss(reloaded, tok, test, quick.finetune.max_len), rel=1e-5)
     monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("redid a finished run"))
-    assert finetune.run(quick, finetune.load_method("hqq3"), 0, tmp_path, model_, tok, progress=False) == rec
+    assert finetune.run(quick, Layout(tmp_path), load_method("hqq3"), 0, model_, tok, progress=False) == rec
 
 
 def test_the_recipe_is_a_full_epoch_and_benchmarks_only_the_listed_seeds(base, tmp_path):
     model_, tok = base
     profile = load_profile("smoke", {"eval.tasks": ["qr_arc_easy"], "eval.limit": 2, "eval.seeds": [0]})
-    rec = finetune.run(profile, finetune.load_method("hqq4"), 1, tmp_path, model_, tok, progress=False)["result"]
-    assert rec["train"]["epochs"] >= 1.0 and rec["train"]["steps"] == profile.data.n_train // 4
-    assert rec["benchmarks"] == {}  # seed 1 is not benchmarked; its test loss is measured
-    assert rec["test_loss"] > 0
+    rec = finetune.run(profile, Layout(tmp_path), load_method("hqq4"), 1, model_, tok, progress=False)
+    assert rec.train["epochs"] >= 1.0 and rec.train["steps"] == profile.data.n_train // 4
+    assert rec.benchmarks == {}  # seed 1 is not benchmarked; its test loss is measured
+    assert rec.test_loss > 0
 
 
 def test_save_and_reload_give_identical_logits_after_training(quick, base, tmp_path):
@@ -115,9 +126,8 @@ def test_save_and_reload_give_identical_logits_after_training(quick, base, tmp_p
     from qr_lib.data import Example
     ex = [Example(f"Q: {i}?\nA:", f" {i}", "toy") for i in range(8)]
     train(model, tok, ex, TrainConfig(steps=3, batch_size=4, lr=1e-2, max_len=16), progress=False)
-    finetune.save_adapter(model, tmp_path, alloc, Q, quick,
-                          finetune.load_method("hqq4"))
-    reloaded, _ = finetune.load_finetuned(tmp_path, model_, tok)
+    finetune.save_adapter(model, RunDir(tmp_path), alloc, Q, quick, load_method("hqq4"))
+    reloaded, _ = finetune.load_finetuned(RunDir(tmp_path), model_, tok)
     x = torch.randint(0, len(tok), (2, 12))
     assert torch.allclose(model(input_ids=x).logits, reloaded(input_ids=x).logits, atol=1e-5)
 
@@ -160,8 +170,8 @@ def test_every_task_yaml_runs_offline(base):
 def test_comparison_table_averages_seeds(quick, base, tmp_path):
     model_, tok = base
     for seed in (0, 1):
-        finetune.run(quick, finetune.load_method("hqq2"), seed, tmp_path, model_, tok, progress=False)
-    per_seed = comparison.runs(tmp_path)
+        finetune.run(quick, Layout(tmp_path), load_method("hqq2"), seed, model_, tok, progress=False)
+    per_seed = comparison.runs(Layout(tmp_path))
     table = comparison.summary(per_seed)
     assert len(per_seed) == 2 and table.loc[0, "seeds"] == 2
     assert table.loc[0, "test_loss"] == pytest.approx(per_seed["test_loss"].mean())
@@ -171,23 +181,26 @@ def test_comparison_table_averages_seeds(quick, base, tmp_path):
 
 
 def test_a_rank_only_search_keeps_every_block_at_four_bits(quick, base, tmp_path):
-    alloc = finetune.resolve_allocation(quick, finetune.load_method("rank_only"), 4, tmp_path, base)
+    layout, method = Layout(tmp_path), load_method("rank_only")
+    with pytest.raises(QRError, match="run the search first"):   # a final run never searches
+        resolve(quick, "rank_only", base, tmp_path)
+    run_variant_searches(quick, layout, [method], *base, progress=False)
+    alloc = resolve(quick, "rank_only", base, tmp_path)
     assert set(alloc.bits) == {4} and alloc.name == "Rank-only search"
-    assert (tmp_path / "searches" / "rank_only" / "search.json").exists()
-    assert (tmp_path / "sensitivity.json").exists()  # Phase I is shared with the main search
+    assert layout.variant("rank_only").search.exists()
+    assert layout.sensitivity.exists() and layout.variant("rank_only").sensitivity == layout.sensitivity
 
 
 def test_a_new_search_selection_is_a_new_run(quick, base, tmp_path):
+    from qr_lib.algorithm.search import SearchResult
     from qr_lib.store import write_artifact
     model_, tok = base
-    method = finetune.load_method("qr_adaptor")
-    first, second = uniform(4, 4, 8), uniform(4, 3, 8)
-    write_artifact(tmp_path / "search.json", {}, {"selected": first.to_dict()})
-    a = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)
-    assert a["result"]["allocation"]["bits"] == [4] * 4
-    write_artifact(tmp_path / "search.json", {}, {"selected": second.to_dict()})
-    b = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)
-    assert b["result"]["allocation"]["bits"] == [3] * 4 and b["result"]["memory_bytes"] < a["result"]["memory_bytes"]
+    layout, method = Layout(tmp_path), load_method("qr_adaptor")
+    for alloc in (uniform(4, 4, 8), uniform(4, 3, 8)):
+        write_artifact(layout.search, {}, SearchResult(alloc, {}, {}, {}).to_dict())
+        runs = finetune.run(quick, layout, method, 0, model_, tok, progress=False)
+        assert runs.allocation.pairs() == alloc.pairs()
+    assert len(finetune.results(layout)) == 1 and finetune.results(layout)[0].allocation.bits == (3,) * 4
 
 
 def test_peak_memory_per_method_and_its_ratio_to_qlora():
@@ -204,7 +217,8 @@ def test_claims_are_paired_comparisons_with_known_answers(tmp_path):
     is 0.2 worse (better than chance). Examples differ far more than methods: only pairing can tell."""
     import numpy as np
 
-    from qr_lib.store import write_json
+    from qr_lib.store import write_artifact
+    from qr_lib.workbook.finetune import RunResult
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, 12, size=300)
     difficulty = rng.gamma(2.0, 1.5, size=300)
@@ -212,16 +226,17 @@ def test_claims_are_paired_comparisons_with_known_answers(tmp_path):
 
     def write(method, seed, shift, noise=0.002):
         per_token = difficulty + shift + rng.normal(0, noise, size=300)
-        write_json(tmp_path / "runs" / method / f"seed{seed}" / "result.json", {"config": {}, "result": {
-            "method": method, "name": method, "seed": seed,
-            "test_examples": {"nll_sum": (per_token * tokens).tolist(), "tokens": tokens.tolist()},
-            "benchmarks": {"qr_arc_easy": {"per_document": docs}}}})
+        result = RunResult(method=method, name=method, seed=seed, allocation=uniform(4, 4, 8), memory_bytes=0,
+                           avg_bits=4, trainable_parameters=0, train={}, adapter_notes={}, test_loss=0.0,
+                           test_examples={"nll_sum": (per_token * tokens).tolist(), "tokens": tokens.tolist()},
+                           heldout_perplexity=0.0, benchmarks={"qr_arc_easy": {"per_document": docs}}, seconds=0)
+        write_artifact(Layout(tmp_path).run(method, seed).result, {}, result.to_dict())
     for seed in (0, 1, 2):
         write("qr_adaptor", seed, 0.0)
         write("lora16", seed, -0.001)
         write("hqq4", seed, 0.05)
         write(f"random4_{seed}", seed, 0.2)
-    got = comparison.claims(tmp_path).set_index(["claim", "metric"])
+    got = comparison.claims(Layout(tmp_path)).set_index(["claim", "metric"])
     loss = got.xs("test loss", level="metric")
     assert loss.loc["qr_adaptor matches 16-bit LoRA", "verdict"] == "equivalent"
     assert loss.loc["qr_adaptor beats uniform HQQ 4-bit r8", "verdict"] == "better"
@@ -270,25 +285,25 @@ def test_a_broken_method_file_names_itself_and_the_schema(tmp_path, quick, base)
     bad = tmp_path / "bad.json"
     bad.write_text('{"name": "x",\n "allocation": {"bits": 4 "rank": 8}}')
     with pytest.raises(QRError, match="bad.json is not valid JSON \\(line 2"):
-        finetune.load_method(str(bad))
+        load_method(str(bad))
     lists = tmp_path / "lists.json"
-    lists.write_text('{"name": "x", "allocation": {"bits": [4, 4, 4, 4], "ranks": [8, 8, 8, 8]}}')
-    with pytest.raises(QRError, match="two integers"):
-        finetune.resolve_allocation(quick, finetune.load_method(str(lists)), 4, tmp_path, base)
+    lists.write_text('{"name": "x", "allocation": {"bits": [4, 4, 4, 4], "rank": 8}}')
+    with pytest.raises(QRError, match="lists.json|not both integers"):   # refused when the method loads
+        load_method(str(lists))
 
 
 def test_a_run_killed_before_its_result_is_redone_never_read_half_written(quick, base, tmp_path):
     """kill -9 between the adapter and result.json leaves a half-written adapter and no result: the
     rerun trains again, writes both, and reloads to the same logits as a clean run."""
     model_, tok = base
-    method = finetune.load_method("hqq4")
-    first = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)["result"]
-    where = finetune.run_dir(tmp_path, method, 0)
-    (where / "result.json").unlink()
-    weights = where / "adapter" / "adapter_model.safetensors"
+    layout, method = Layout(tmp_path), load_method("hqq4")
+    first = finetune.run(quick, layout, method, 0, model_, tok, progress=False)
+    where = layout.run("hqq4", 0)
+    where.result.unlink()
+    weights = where.adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])              # what a kill mid-write leaves
-    again = finetune.run(quick, method, 0, tmp_path, model_, tok, progress=False)["result"]
-    assert again["test_loss"] == pytest.approx(first["test_loss"])
+    again = finetune.run(quick, layout, method, 0, model_, tok, progress=False)
+    assert again.test_loss == pytest.approx(first.test_loss)
     reloaded, _ = finetune.load_finetuned(where, model_, tok)
     ids = torch.tensor([[1, 5, 9, 42]])
     with torch.no_grad():

@@ -13,6 +13,7 @@ from qr_lib.algorithm.build import build, lora_parameters
 from qr_lib.algorithm.train import perplexity, train
 from qr_lib.config import QuantConfig, TrainConfig
 from qr_lib.errors import QRError
+from qr_lib.layout import Layout
 from qr_lib.models import load_model, tiny_llama
 from qr_lib.workbook.profiles import load_profile
 
@@ -82,7 +83,7 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
     out = tmp_path / "smoke"
     executed = {p.name for p in (out / "notebooks").glob("*.ipynb")}
     assert executed == {p.name for p in reproduce.notebooks()}
-    assert [str(p) for _, _, p, ok in report.items(out) if not ok] == []
+    assert [str(p) for _, _, p, ok in report.items(Layout(out)) if not ok] == []
     # Figures show inline in the executed copies (the PNG save_figure wrote), not only on disk.
     import json
     for name in ("02_sensitivity_profiling.ipynb", "03_nsga2_search.ipynb", "06_benchmarks.ipynb"):
@@ -105,7 +106,7 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
     # The committed default run has the structure a fresh run writes: the same tables, figures,
     # executed notebooks and stage artifacts (runs and evaluations differ in number, not in kind).
     committed = Path(__file__).resolve().parents[1] / "results" / "default"
-    optional = {Path(f).with_suffix("").name for _, _, f in report.OPTIONAL}  # written outside make reproduce
+    optional = {name for _, _, (_, name) in report.OPTIONAL}  # written outside make reproduce
 
     def layout(d):
         return {str(p.relative_to(d)) for pattern in ("*.json", "*.md", "tables/*", "figures/*", "notebooks/*")

@@ -2,15 +2,15 @@
 import numpy as np
 import pytest
 
-from qr_lib.algorithm import proxy as fitness
-from qr_lib.algorithm import search
-from qr_lib.algorithm.allocation import Allocation
+from qr_lib.algorithm import proxy, search
 from qr_lib.algorithm.memory import model_shapes
 from qr_lib.algorithm.search import bo, nsga
 from qr_lib.algorithm.search import problem as P
 from qr_lib.config import QuantConfig
 from qr_lib.errors import QRError
+from qr_lib.layout import Layout
 from qr_lib.models import tiny_llama
+from qr_lib.store import read_artifact
 from qr_lib.workbook.profiles import load_profile
 
 Q = QuantConfig(group_size=64, hqq_optimize=False)
@@ -134,12 +134,12 @@ def test_crossover_inherits_whole_block_pairs_and_mutation_moves_one_rung():
 # -- the proxy evaluator -------------------------------------------------------------------------
 def test_cache_hits_skip_training(smoke, base, tmp_path, monkeypatch):
     from qr_lib.algorithm.allocation import uniform
-    ev = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
-    alloc, fid = uniform(4, 4, 8), fitness.full_fidelity(smoke)
+    ev = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False)
+    alloc, fid = uniform(4, 4, 8), proxy.full_fidelity(smoke)
     first = ev.evaluate(alloc, fid)
-    assert (tmp_path / f"{first['key']}.json").exists() and first["fidelity"] == "full"
-    monkeypatch.setattr(fitness, "train", lambda *a, **k: pytest.fail("retrained a cached candidate"))
-    again = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
+    assert Layout(tmp_path).evaluation(first.key).exists() and first.fidelity == "full"
+    monkeypatch.setattr(proxy, "train", lambda *a, **k: pytest.fail("retrained a cached candidate"))
+    again = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False)
     assert again.evaluate(alloc, fid) == first and (again.hits, again.misses) == (1, 0)
     assert again.records("full") == [first] and again.records("low") == []
 
@@ -147,50 +147,49 @@ def test_cache_hits_skip_training(smoke, base, tmp_path, monkeypatch):
 def test_a_task_accuracy_can_be_the_proxy_objective(smoke, base, tmp_path):
     from qr_lib.algorithm.allocation import uniform
     p = load_profile("smoke", {"proxy_metric": "qr_arc_easy", "proxy_metric_limit": 4})
-    ev = fitness.ProxyEvaluator(p, tmp_path, *base, progress=False)
-    rec = ev.evaluate(uniform(4, 4, 8), fitness.full_fidelity(p))
-    assert rec["metric"] == "qr_arc_easy" and rec["objective"] == pytest.approx(1 - rec["accuracy"])
-    assert rec["val_loss"] > 0  # measured either way
-    loss_key = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False).key(uniform(4, 4, 8),
-                                                                               fitness.full_fidelity(smoke))
-    assert rec["key"] != loss_key  # the two objectives never share a cache entry
+    ev = proxy.ProxyEvaluator(p, Layout(tmp_path), *base, progress=False)
+    rec = ev.evaluate(uniform(4, 4, 8), proxy.full_fidelity(p))
+    assert rec.metric == "qr_arc_easy" and rec.objective == pytest.approx(1 - rec.accuracy)
+    assert rec.val_loss > 0  # measured either way
+    loss_key = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False).key(uniform(4, 4, 8),
+                                                                                     proxy.full_fidelity(smoke))
+    assert rec.key != loss_key  # the two objectives never share a cache entry
 
 
 def test_a_diverged_candidate_scores_the_worst_loss(smoke, base, tmp_path, monkeypatch):
     from qr_lib.algorithm.allocation import uniform
-    monkeypatch.setattr(fitness, "train", lambda *a, **k: {"losses": [], "train_tokens": 10, "seconds": 0.0,
-                                                           "diverged": True, "peak_memory": {}})
-    rec = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False).evaluate(uniform(4, 2, 4),
-                                                                                  fitness.full_fidelity(smoke))
-    assert rec["failed"] and rec["objective"] == fitness.FAILED_LOSS and rec["val_loss"] is None
+    monkeypatch.setattr(proxy, "train", lambda *a, **k: {"losses": [], "train_tokens": 10, "seconds": 0.0,
+                                                         "diverged": True, "peak_memory": {}})
+    rec = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False).evaluate(uniform(4, 2, 4),
+                                                                                        proxy.full_fidelity(smoke))
+    assert rec.failed and rec.objective == proxy.FAILED_LOSS and rec.val_loss is None
 
 
 # -- the whole search on the smoke profile (smoke_run: conftest.py) ---------------------------------
 def test_search_writes_every_artifact_and_selects_a_feasible_allocation(smoke_run):
-    from qr_lib.store import read_json
-    out, result = smoke_run
-    for name in ("sensitivity.json", "nsga.json", "bo.json", "search.json"):
-        assert set(read_json(out / name)) == {"config", "environment", "result", "checksum"}
-    phase2 = read_json(out / "nsga.json")["result"]
+    layout, result = smoke_run
+    for path in (layout.sensitivity, layout.nsga, layout.bo, layout.search):
+        assert set(read_artifact(path)) == {"config", "environment", "result", "checksum"}
+    phase2 = read_artifact(layout.nsga)["result"]
     assert [g["generation"] for g in phase2["generations"]] == [1, 2]
     assert all(0 <= g["hv"] for g in phase2["generations"])
     assert {r["fidelity"] for r in phase2["evaluations"]} == {"low"}
     assert {r["fidelity"] for r in phase2["promoted"] + phase2["pareto"]} == {"full"}
-    assert result["selected_scores"]["budget_ratio"] <= 1
-    assert result["cost"]["epoch_equivalents"] > 0
-    phase3 = read_json(out / "bo.json")["result"]
+    assert result.selected_scores["budget_ratio"] <= 1
+    assert result.cost["epoch_equivalents"] > 0
+    assert search.load_result(layout) == result
+    phase3 = read_artifact(layout.bo)["result"]
     for step in phase3["steps"]:
         if "candidate" in step:  # scored by a real proxy fine-tune, cached like every other
-            assert (out / "evaluations" / f"{step['candidate']['key']}.json").exists()
+            assert layout.evaluation(step["candidate"]["key"]).exists()
             assert step["candidate"]["fidelity"] == "full" and step["candidate"]["train_tokens"] > 0
 
 
 def test_the_first_generation_is_scored_whole_uniform_points_at_full_fidelity_and_promotions_distinct(smoke, base, smoke_run):
-    from qr_lib.store import read_json
-    out, _ = smoke_run
-    phase1 = read_json(out / "sensitivity.json")["result"]
-    phase2 = read_json(out / "nsga.json")["result"]
-    space = nsga.make_space(smoke, model_shapes(base[0]), phase1)
+    layout, _ = smoke_run
+    phase1 = read_artifact(layout.sensitivity)["result"]
+    phase2 = read_artifact(layout.nsga)["result"]
+    space = P.space_for(smoke, model_shapes(base[0]), phase1)
     first = nsga.first_generation(smoke, space)
     assert [m["origin"] for m in phase2["first_generation"]] == [label for label, _ in first]
     scored = {r["key"] for r in phase2["evaluations"] if r["generation"] == 1}
@@ -217,24 +216,22 @@ def test_fidelity_agreement_pairs_the_two_scores_of_one_allocation():
 
 def test_the_phase1_knapsack_method_is_phase1s_choice_at_its_rank(smoke, base, smoke_run):
     from qr_lib.algorithm.search.problem import knapsack
-    from qr_lib.store import read_json
-    from qr_lib.workbook import finetune
-    out, _ = smoke_run
-    space = nsga.make_space(smoke, model_shapes(base[0]), read_json(out / "sensitivity.json")["result"])
-    alloc = finetune.resolve_allocation(smoke, finetune.load_method("phase1_knapsack4"), space.n_blocks, out, base)
+    from qr_lib.workbook.methods import Context, load_method
+    layout, _ = smoke_run
+    space = P.space_for(smoke, model_shapes(base[0]), read_artifact(layout.sensitivity)["result"])
+    alloc = load_method("phase1_knapsack4").resolve(Context(smoke, model_shapes(base[0]), layout))
     assert alloc.pairs() == space.allocation(knapsack(space, space.budget, space.rank_ladder.index(4))).pairs()
     assert set(alloc.ranks) == {4} and space.bytes(space.genes(alloc.to_dict())) <= space.budget
 
 
 def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_scores(smoke, base, smoke_run):
     from qr_lib.workbook.explorer import Explorer
-    out, result = smoke_run
-    ex = Explorer(smoke, out, n_groups=2, base=base[0])
-    sel = result["selected"]
-    d = ex.describe(Allocation(sel["bits"], sel["ranks"], smoke.bit_ladder, smoke.rank_ladder))
+    layout, result = smoke_run
+    ex = Explorer(smoke, layout, n_groups=2, base=base[0])
+    d = ex.describe(result.selected)
     nearest = d["nearest"][0]
     assert nearest["distance"] == 0  # the search fine-tuned its own selection
-    assert nearest["val_loss"] == pytest.approx(result["selected_scores"]["val_loss"])
+    assert nearest["val_loss"] == pytest.approx(result.selected_scores["val_loss"])
     uniform4 = ex.describe(ex.allocation([4, 4], [8, 8]))
     assert uniform4["budget_ratio"] == pytest.approx(1.0)  # the budget is uniform 4-bit r8
     lower = ex.describe(ex.allocation([2, 2], [8, 8]))
@@ -277,33 +274,31 @@ def test_bo_utility_and_neighbours():
 def test_two_dask_workers_find_the_serial_pareto_set(smoke, base, smoke_run, tmp_path):
     """The smoke search on 2 local workers sharing the cache: the same Pareto set as the serial run."""
     pytest.importorskip("dask.distributed")
-    import dataclasses
 
+    from qr_lib.algorithm.runner import open_runner
     from qr_lib.config import ParallelConfig
-    from qr_lib.store import read_json
-    out, _ = smoke_run
-    parallel = dataclasses.replace(smoke, parallel=ParallelConfig(backend="dask", workers=2))
-    search.run(parallel, tmp_path, *base, progress=False)
-    serial, dask = (read_json(d / "nsga.json")["result"]["pareto"] for d in (out, tmp_path))
+    layout, _ = smoke_run
+    with open_runner(ParallelConfig(backend="dask", workers=2)) as runner:
+        search.run(smoke, Layout(tmp_path), *base, runner, progress=False)
+    serial, dask = (read_artifact(d.nsga)["result"]["pareto"] for d in (layout, Layout(tmp_path)))
     assert [r["key"] for r in dask] == [r["key"] for r in serial]
     assert [r["objective"] for r in dask] == pytest.approx([r["objective"] for r in serial])
 
 
 def test_a_candidate_that_diverges_is_recorded_and_the_search_goes_on(smoke, base, tmp_path, monkeypatch):
-    real, calls = fitness.train, []
+    real, calls = proxy.train, []
 
     def second_diverges(*args, **kwargs):
         calls.append(1)
         log = real(*args, **kwargs)
         return {**log, "diverged": True} if len(calls) == 2 else log
 
-    monkeypatch.setattr(fitness, "train", second_diverges)
+    monkeypatch.setattr(proxy, "train", second_diverges)
     small = load_profile("smoke", {"nsga.generations": 1, "nsga.n_random": 0, "bo.iterations": 1, "select_at": []})
-    result = search.run(small, tmp_path, *base, progress=False)
-    from qr_lib.store import read_json
-    records = read_json(tmp_path / "nsga.json")["result"]["evaluations"]
+    result = search.run(small, Layout(tmp_path), *base, progress=False)
+    records = read_artifact(Layout(tmp_path).nsga)["result"]["evaluations"]
     assert sum(r["failed"] for r in records) == 1 and len(records) > 2
-    assert result["selected_scores"]["objective"] < fitness.FAILED_LOSS
+    assert result.selected_scores["objective"] < proxy.FAILED_LOSS
 
 
 @pytest.mark.parametrize("damage", ["truncate", "edit"])
@@ -311,17 +306,17 @@ def test_a_damaged_or_edited_evaluation_is_recomputed_not_used(smoke, base, tmp_
     import json
 
     from qr_lib.algorithm.allocation import uniform
-    ev = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
-    alloc, fid = uniform(4, 4, 8), fitness.full_fidelity(smoke)
+    ev = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False)
+    alloc, fid = uniform(4, 4, 8), proxy.full_fidelity(smoke)
     first = ev.evaluate(alloc, fid)
-    path = ev.path(alloc, fid)
+    path = Layout(tmp_path).evaluation(ev.key(alloc, fid))
     if damage == "truncate":
         path.write_text(path.read_text()[:200])
     else:                                                   # valid JSON, a better score written by hand
         rec = json.loads(path.read_text())
         rec["result"]["objective"] = 0.001
         path.write_text(json.dumps(rec))
-    again = fitness.ProxyEvaluator(smoke, tmp_path, *base, progress=False)
+    again = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False)
     with pytest.warns(UserWarning, match="damaged or was edited"):
         rec = again.evaluate(alloc, fid)
-    assert again.misses == 1 and rec["objective"] == pytest.approx(first["objective"])
+    assert again.misses == 1 and rec.objective == pytest.approx(first.objective)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qr_lib.algorithm import sensitivity as S
-from qr_lib.config import QuantConfig
+from qr_lib.config import QuantConfig, SensitivityConfig
 from qr_lib.store import write_json
 
 Q = QuantConfig(group_size=64, hqq_optimize=False)
@@ -19,7 +19,7 @@ def test_kl_is_positive_falls_with_bits_and_the_model_is_restored(tok):
     model = _model(tok)
     x = torch.randint(0, len(tok), (1, 8))
     before = model(input_ids=x).logits
-    r = S.profile(model, tok, TEXTS, S.SensitivityConfig(bits=(2, 8), seq_len=16), Q, progress=False)
+    r = S.measure(model, tok, TEXTS, SensitivityConfig(bits=(2, 8), seq_len=16), Q, progress=False)
     assert r["bits"] == [2, 8] and len(r["kl"]["2"]) == 4
     assert all(k2 > k8 > 0 for k2, k8 in zip(r["kl"]["2"], r["kl"]["8"]))
     assert torch.equal(before, model(input_ids=x).logits)
@@ -28,7 +28,7 @@ def test_kl_is_positive_falls_with_bits_and_the_model_is_restored(tok):
 def test_profile_resumes_from_partial_results(tok, tmp_path):
     partial = tmp_path / "partial.json"
     write_json(partial, {"2:0": 123.0, "2:1": 456.0})
-    r = S.profile(_model(tok), tok, TEXTS, S.SensitivityConfig(bits=(2,), seq_len=16), Q, partial=partial,
+    r = S.measure(_model(tok), tok, TEXTS, SensitivityConfig(bits=(2,), seq_len=16), Q, partial=partial,
                   progress=False)
     assert r["kl"]["2"][:2] == [123.0, 456.0] and r["kl"]["2"][2] < 1
 
@@ -36,12 +36,27 @@ def test_profile_resumes_from_partial_results(tok, tmp_path):
 def test_bits_the_backend_lacks_are_refused(tok):
     from qr_lib.errors import QRError
     with pytest.raises(QRError, match="cannot quantize to \\[2\\] bits"):
-        S.profile(_model(tok), tok, TEXTS, S.SensitivityConfig(bits=(2,)), QuantConfig(backend="bnb"), progress=False)
+        S.measure(_model(tok), tok, TEXTS, SensitivityConfig(bits=(2,)), QuantConfig(backend="bnb"), progress=False)
 
 
-def test_run_reuses_its_artifact(monkeypatch, tmp_path):
-    from qr_lib.workbook.profiles import load_profile
-    p = load_profile("smoke")
-    first = S.run(p, tmp_path, progress=False)
-    monkeypatch.setattr(S, "profile", lambda *a, **k: pytest.fail("recomputed a finished profile"))
-    assert S.run(p, tmp_path, progress=False) == first
+def test_run_reuses_its_artifact_and_recomputes_a_changed_or_tampered_one(monkeypatch, tmp_path, smoke, base):
+    import dataclasses
+    import json
+
+    from qr_lib.layout import Layout
+    layout = Layout(tmp_path)
+    first = S.run(smoke, layout, *base, progress=False)
+    real = S.measure
+    monkeypatch.setattr(S, "measure", lambda *a, **k: pytest.fail("recomputed a finished Phase I"))
+    assert S.run(smoke, layout, *base, progress=False) == first
+    calls = []
+    monkeypatch.setattr(S, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    changed = dataclasses.replace(smoke, sensitivity=dataclasses.replace(smoke.sensitivity, seq_len=32))
+    S.run(changed, layout, *base, progress=False)                       # one config field changed
+    assert len(calls) == 1
+    record = json.loads(layout.sensitivity.read_text())
+    record["result"]["kl"]["2"][0] = 0.0                                 # one number tampered
+    layout.sensitivity.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        S.run(changed, layout, *base, progress=False)
+    assert len(calls) == 2

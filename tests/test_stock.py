@@ -43,17 +43,26 @@ def test_a_long_split_is_sampled_the_same_way_every_run():
 
 
 @pytest.mark.integration
-def test_the_stock_table_sets_our_scores_beside_the_published_ones(tmp_path, embedded32):
+def test_the_stock_table_sets_our_scores_beside_the_published_ones(tmp_path, embedded32, monkeypatch):
+    from qr_lib.layout import Layout
     from qr_lib.workbook import stock
     from qr_lib.workbook.profiles import load_profile
     model, tok = embedded32
-    table = stock.run(load_profile("default"), tmp_path, max_docs=4, base=model, tok=tok, progress=False)
+    layout = Layout(tmp_path)
+    table = stock.run(load_profile("default"), layout, model, tok, max_docs=4, progress=False)
     assert list(table["task"]) == ["arc_easy", "arc_challenge", "hellaswag", "piqa"]
     assert (table["n"] == 4).all() and (table["of"] > 1000).all() and table["published (%)"].notna().all()
     assert table["95% interval (points)"].notna().all()
-    assert (tmp_path / "tables" / "stock_lm_eval.md").exists()
-    assert json.loads((tmp_path / "stock" / "piqa-sample4.json").read_text())["result"]["seconds"] > 0
-    logged = sorted(p.name for p in (tmp_path / "stock" / "lm_eval").iterdir())
+    assert layout.table("stock_lm_eval").exists()
+    assert json.loads(layout.stock("piqa", "sample4").read_text())["result"]["seconds"] > 0
+    logged = sorted(p.name for p in layout.stock_logs.iterdir())
     assert "samples_stock_piqa.jsonl.gz" in logged and not any(n.endswith(".jsonl") for n in logged)
-    again = stock.run(load_profile("default"), tmp_path, max_docs=4, progress=False)     # cached per task
+    again = stock.run(load_profile("default"), layout, model, tok, max_docs=4, progress=False)  # cached per task
     assert again.equals(table)
+    # Scores of another compute dtype are not reused: the stored config says which dtype made them.
+    bf16 = load_profile("default", {"dtype": "bfloat16"})
+    calls = []
+    monkeypatch.setattr(stock, "run_tasks", lambda *a, **k: calls.append(1) or pytest.fail("stop"))
+    with pytest.raises(pytest.fail.Exception):
+        stock.run(bf16, layout, model, tok, max_docs=4, progress=False)
+    assert calls == [1]

@@ -1,7 +1,10 @@
 """The pilot study's bookkeeping, the report's index and the reproduce runner's plumbing."""
+from pathlib import Path
+
 import pytest
 
 from qr_lib.errors import QRError
+from qr_lib.layout import Layout
 from qr_lib.workbook import pilot, report, reproduce
 from qr_lib.workbook.profiles import load_profile
 
@@ -31,9 +34,10 @@ def test_pilot_profile_keeps_the_callers_other_settings():
 
 
 def test_report_lists_files_in_notebook_order(tmp_path):
-    (tmp_path / "tables").mkdir()
-    (tmp_path / "tables" / "setup_model.md").write_text("| a |\n|---|\n| 1 |\n")
-    rows = list(report.items(tmp_path))
+    layout = Layout(tmp_path)
+    layout.tables.mkdir()
+    layout.table("setup_model").write_text("| a |\n|---|\n| 1 |\n")
+    rows = list(report.items(layout))
     assert rows[0][2].name == "setup_model.md" and rows[0][3]
     assert not any(ok for _, _, p, ok in rows if p.name != "setup_model.md")
     order = [nb for _, nb, _, _ in rows]
@@ -58,25 +62,30 @@ def test_progress_bars_are_plain_text_when_reproduce_streams_to_a_terminal(monke
 
 
 def test_compute_time_sums_what_each_stage_recorded_counting_search_evaluations_once(tmp_path):
-    from qr_lib.store import write_json
+    from qr_lib.store import write_artifact, write_json
 
     def record(path, seconds):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"config": {}, "result": {"seconds": seconds}})
+        write_artifact(path, {}, {"seconds": seconds})
 
-    record(tmp_path / "sensitivity.json", 60.0)
+    layout = Layout(tmp_path)
+    record(layout.sensitivity, 60.0)
     for i, s in enumerate([10.0, 20.0]):
-        record(tmp_path / "evaluations" / f"e{i}.json", s)
-    record(tmp_path / "runs" / "lora16" / "seed0" / "result.json", 300.0)
-    record(tmp_path / "runs" / "lora16" / "seed1" / "result.json", 200.0)
-    write_json(tmp_path / "manifest.json", {"files": {}, "notebooks": {"00_setup.ipynb": {"seconds": 5.0},
-                                                                      "06_benchmarks.ipynb": {"seconds": 7.0}}})
-    rows = {r["stage"]: r for r in report.compute_time(tmp_path)}
+        record(layout.evaluation(f"e{i}"), s)
+    record(layout.run("lora16", 0).result, 300.0)
+    record(layout.run("lora16", 1).result, 200.0)
+    record(layout.run("lora16", 2).result, 1e9)
+    damaged = layout.run("lora16", 2).result                # a damaged record is named and left out
+    damaged.write_text(damaged.read_text()[:50])
+    write_json(layout.manifest, {"files": {}, "notebooks": {"00_setup.ipynb": {"seconds": 5.0},
+                                                           "06_benchmarks.ipynb": {"seconds": 7.0}}})
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        rows = {r["stage"]: r for r in report.compute_time(layout)}
     assert list(rows) == ["00", "02", "03-04", "05", "06", "all"]
     assert (rows["03-04"]["count"], rows["03-04"]["seconds"]) == (2, 30.0)
     assert (rows["05"]["count"], rows["05"]["seconds"]) == (2, 500.0)
     assert rows["all"]["seconds"] == 5 + 60 + 30 + 500 + 7
-    assert report.compute_time(tmp_path / "nothing") == []
+    assert rows["03-04"]["source"] == "evaluations/*.json" and rows["05"]["source"] == "runs/*/seed*/result.json"
+    assert report.compute_time(Layout(tmp_path / "nothing")) == []
 
 
 def test_an_unchanged_artifact_keeps_the_provenance_of_the_run_that_made_it(tmp_path, monkeypatch):
@@ -108,7 +117,7 @@ def test_a_saved_figure_is_written_and_closed_outside_a_notebook(tmp_path):
     from qr_lib.store import in_notebook, save_figure
     fig, ax = plt.subplots()
     ax.plot([0, 1])
-    path = save_figure(fig, tmp_path, "line")
+    path = save_figure(fig, Layout(tmp_path), "line")
     assert path.exists() and path.stat().st_size > 0
     assert not plt.fignum_exists(fig.number) and not in_notebook()
 
@@ -122,16 +131,28 @@ def test_reproduce_refuses_a_selection_that_matches_no_notebook(tmp_path, monkey
 
 
 def test_a_benchmark_of_another_profile_never_overwrites_the_committed_one():
-    from qr_lib.bench_memory import default_out
-    assert default_out("default").name == "memory_step_time.json" and default_out("default").parent.name == "benchmarks"
-    assert default_out("smoke").parent.name == "smoke"
+    from qr_lib.layout import benchmarks_dir
+    assert benchmarks_dir("default").name == "benchmarks" and benchmarks_dir("smoke").parent.name == "benchmarks"
 
 
-def test_the_benchmark_runs_end_to_end_on_smoke(tmp_path):
-    """Every part of `make benchmark` (memory, round-robin step times, the dtype check) on the tiny model."""
-    from qr_lib import bench_memory
-    out = tmp_path / "memory_step_time.json"
-    result = bench_memory.run("smoke", out, steps=1, warmup=0, batch_size=2, seq_len=16, dtype_rounds=1)
+def test_the_benchmark_runs_end_to_end_on_smoke_and_honours_its_settings(tmp_path, monkeypatch):
+    """Every part of `make benchmark` (memory, round-robin step times, the dtype check) on the tiny
+    model, from its command line, with a --set that must reach the run."""
+    import json
+    import runpy
+    import sys
+
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "memory_step_time.py")
+    monkeypatch.setattr(sys, "argv", [script, "--profile", "smoke", "--set", "quant.group_size=32", "--steps", "1",
+                                      "--warmup", "0", "--batch-size", "2", "--seq-len", "16", "--dtype-rounds", "1"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(script, run_name="__main__")
+    assert done.value.code == 0
+    out = tmp_path / "benchmarks" / "smoke" / "memory_step_time.json"
+    record = json.loads(out.read_text())
+    assert record["config"]["profile"]["quant"]["group_size"] == 32        # the override reached the run
+    result = record["result"]
     assert all(r["measured_over_formula"] == 1 for r in result["rows"])
     assert result["dtype_check"]["float32_s"] > 0 and result["dtype_check"]["bfloat16_s"] > 0
     assert "Compute dtype on this machine" in out.with_suffix(".md").read_text()
@@ -142,10 +163,11 @@ def test_the_report_shows_an_optional_table_only_when_its_command_wrote_it(tmp_p
 
     shown = []
     monkeypatch.setattr(IPython.display, "display", lambda x: shown.append(getattr(x, "data", "")))
-    report.show(tmp_path)
+    layout = Layout(tmp_path)
+    report.show(layout)
     assert not any("stock formats" in str(s) for s in shown)
-    (tmp_path / "tables").mkdir()
-    (tmp_path / "tables" / "stock_lm_eval.md").write_text("| task |\n|---|\n| piqa |\n")
+    layout.tables.mkdir()
+    layout.table("stock_lm_eval").write_text("| task |\n|---|\n| piqa |\n")
     shown.clear()
-    report.show(tmp_path)
+    report.show(layout)
     assert any("stock formats" in str(s) and "| piqa |" in str(s) for s in shown)

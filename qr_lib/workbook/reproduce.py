@@ -13,11 +13,12 @@ from pathlib import Path
 import pandas as pd
 
 from .. import REPO_DIR
+from ..config import Profile
 from ..errors import QRError
 from ..layout import Layout
 from ..store import cache_root, read_json, save_table, write_json
-from .profiles import load_profile
 from . import report
+from .profiles import load_profile
 from .report import OPTIONAL, compute_time
 
 
@@ -95,22 +96,23 @@ def write_index(layout: Layout, profile: str, manifest: dict) -> None:
 
 def run(profile: str, only: list[str] | None = None, log_output: bool = False,
         overrides: dict | None = None, skip: list[str] | None = None,
-        begun: tuple[dict, float] | None = None) -> None:
-    """Run the notebooks for a profile (a name or a path, with dotted `overrides`); with `log_output`
-    their output (stage progress) streams to the terminal. `begun`: (starting_state, time.time())
-    taken by a caller that did work of its own first; by default both are taken here."""
+        begun: tuple[dict, float] | None = None, loaded: Profile | None = None) -> None:
+    """Run the notebooks for a profile (a name or a path, with dotted `overrides`; the notebooks get
+    both and load it themselves); with `log_output` their output (stage progress) streams to the
+    terminal. `begun`: (starting_state, time.time()) taken by a caller that did work of its own first;
+    `loaded`: the profile that caller already loaded from the same name and overrides."""
     import papermill as pm
 
     overrides = overrides or {}
-    name = load_profile(profile, overrides).name  # a bad profile fails here, before any notebook
-    layout = Layout.for_profile(name)
-    manifest = read_json(layout.manifest) if layout.manifest.exists() else {"files": {}, "notebooks": {}}
-    layout.notebooks.mkdir(exist_ok=True)
     todo = [nb for nb in notebooks() if (not only or any(nb.name.startswith(o) for o in only))
             and not any(nb.name.startswith(k) for k in skip or ())]
     if not todo:
         raise QRError(f"--only {' '.join(only or [])} --skip {' '.join(skip or [])} leaves no notebook; give prefixes of "
                       f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
+    name = (loaded or load_profile(profile, overrides)).name  # a bad profile fails here, before any notebook
+    layout = Layout.for_profile(name)
+    manifest = read_json(layout.manifest) if layout.manifest.exists() else {"files": {}, "notebooks": {}}
+    layout.notebooks.mkdir(exist_ok=True)
     check_loopback()
     kernel = ensure_kernel()
     start, started = begun or (starting_state(layout), time.time())

@@ -1,0 +1,43 @@
+"""Every number the README quotes is read here from the committed table it cites, so the README cannot
+drift from the results."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+TABLES = ROOT / "results" / "default" / "tables"
+
+
+def _interval(row) -> str:
+    return f"{row['a_minus_b']:+.4f} [{row['ci95_low']:+.4f}, {row['ci95_high']:+.4f}]"
+
+
+@pytest.mark.parametrize("claim", ["QR-Adaptor beats QLoRA NF4", "QR-Adaptor matches 16-bit LoRA",
+                                   "QR-Adaptor beats random allocations at the 4-bit budget",
+                                   "QR-Adaptor (3.5 bits) beats QLoRA NF4 (4 bits)"])
+def test_the_claims_the_readme_quotes_are_the_tables(claim):
+    claims = pd.read_csv(TABLES / "benchmarks_claims.csv")
+    row = claims[(claims["claim"] == claim) & (claims["metric"] == "test loss")].iloc[0]
+    assert _interval(row) in README, claim
+    assert row["examples"] == 512 and "512 held-out" in README
+
+
+def test_the_pilot_verdict_and_the_setup_it_quotes():
+    row = pd.read_csv(TABLES / "pilot_verdict.csv").iloc[0]
+    assert row["a"].startswith("Config C") and row["b"].startswith("Config D")
+    assert _interval(row) in README
+    runs = pd.read_csv(TABLES / "finetune_runs.csv")
+    assert set(runs["steps"]) == {24} and "(24 steps)" in README and "96 pairs" in README
+    assert set(pd.read_csv(TABLES / "benchmarks_sample_sizes.csv").filter(like="qr_").stack().str.extract(
+        r"n=(\d+)")[0].astype(int)) == {60} and "60 documents" in README
+
+
+def test_the_selection_and_the_time_the_readme_quotes():
+    search = json.loads((ROOT / "results" / "default" / "search.json").read_text())["result"]
+    assert set(search["selected"]["bits"]) == {4} and set(search["selected"]["ranks"]) == {8}
+    assert "selects **uniform HQQ 4-bit r8**" in README
+    first = pd.read_csv(TABLES / "reproduce_wall_clock.csv").iloc[0]
+    assert bool(first["from nothing"]) and f"**{first['wall seconds']:.0f} s**" in README

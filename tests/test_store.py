@@ -1,0 +1,99 @@
+"""The stage protocol (store.cached): an artifact is read back only while it is whole and its stored
+config equals the current one; a changed config or a tampered number means it is recomputed."""
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from qr_lib import store
+from qr_lib.layout import Layout
+
+
+def _tamper(path, edit):
+    record = json.loads(path.read_text())
+    edit(record["result"])
+    path.write_text(json.dumps(record))
+
+
+def test_the_protocol_reads_back_recomputes_on_a_new_config_and_detects_tampering(tmp_path):
+    path, calls = tmp_path / "stage.json", []
+
+    def compute():
+        calls.append(1)
+        return {"loss": 0.5, "steps": (1, 2)}
+    assert store.cached(path, {"lr": 1e-4}, compute) == {"loss": 0.5, "steps": [1, 2]}   # JSON types either way
+    assert store.cached(path, {"lr": 1e-4}, compute) == {"loss": 0.5, "steps": [1, 2]} and len(calls) == 1
+    store.cached(path, {"lr": 2e-4}, compute)                                            # one field changed
+    assert len(calls) == 2 and json.loads(path.read_text())["config"] == {"lr": 2e-4}
+    _tamper(path, lambda r: r.update(loss=0.001))                                          # one number edited
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        assert store.cached(path, {"lr": 2e-4}, compute)["loss"] == 0.5
+    assert len(calls) == 3
+    path.write_text(path.read_text()[:30])                                                 # truncated
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        store.cached(path, {"lr": 2e-4}, compute)
+    assert len(calls) == 4
+    store.cached(path, {"lr": 2e-4}, compute, valid=lambda result: result["loss"] < 0.1)   # still valid?
+    assert len(calls) == 5
+    assert store.stored_result(path, {"lr": 2e-4})["loss"] == 0.5 and store.stored_result(path, {"lr": 0}) is None
+
+
+def test_a_keyed_config_carries_its_own_hash():
+    cfg = store.keyed({"a": 1})
+    assert cfg["key"] == store.content_hash({"a": 1}) and store.keyed({"a": 2})["key"] != cfg["key"]
+
+
+@pytest.fixture
+def search_copy(smoke_run, tmp_path):
+    """A private copy of the session's smoke search, to change and tamper with."""
+    layout, _ = smoke_run
+    shutil.copytree(layout.root, tmp_path / "run")
+    return Layout(tmp_path / "run")
+
+
+@pytest.mark.parametrize("stage", ["nsga", "bo", "search"])
+def test_every_search_stage_recomputes_a_tampered_artifact(smoke, base, search_copy, stage):
+    from qr_lib.algorithm import search
+    path = getattr(search_copy, stage)
+    before = json.loads(path.read_text())["result"]
+    _tamper(path, lambda r: r.update(tampered=True))
+    with pytest.warns(UserWarning, match=f"{path.name} is damaged or was edited"):
+        search.run(smoke, search_copy, *base, progress=False)
+    after = json.loads(path.read_text())["result"]
+    assert "tampered" not in after
+    for key in ("pareto", "selected", "selected_at", "steps"):          # recomputed to the same answer
+        assert after.get(key) == before.get(key), key
+
+
+@pytest.mark.parametrize("field, stage", [("nsga", "nsga"), ("bo", "bo")])
+def test_a_changed_search_setting_recomputes_its_stage_and_what_follows(smoke, base, search_copy, field, stage):
+    from qr_lib.algorithm import search
+    config = {"nsga": ("mutation_prob", 0.2), "bo": ("alpha", 0.5)}[field]
+    changed = dataclasses.replace(smoke, **{field: dataclasses.replace(getattr(smoke, field), **dict([config]))})
+    old = {s: json.loads(getattr(search_copy, s).read_text())["config"] for s in ("nsga", "bo", "search")}
+    search.run(changed, search_copy, *base, progress=False)
+    new = {s: json.loads(getattr(search_copy, s).read_text())["config"] for s in ("nsga", "bo", "search")}
+    assert new[stage] != old[stage] and new["search"] != old["search"]
+    if stage == "bo":
+        assert new["nsga"] == old["nsga"]                     # Phase II is read back, not redone
+
+
+def test_a_final_run_recomputes_on_a_changed_setting_or_a_tampered_loss(smoke, base, tmp_path, monkeypatch):
+    from qr_lib.workbook import finetune
+    from qr_lib.workbook.methods import load_method
+    quick = dataclasses.replace(smoke, finetune=dataclasses.replace(smoke.finetune, max_steps=2),
+                                eval=dataclasses.replace(smoke.eval, tasks=()))
+    layout, method = Layout(tmp_path), load_method("hqq4")
+    first = finetune.run(quick, layout, method, 0, *base, progress=False)
+    calls, real = [], finetune.train
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    finetune.run(quick, layout, method, 0, *base, progress=False)
+    assert calls == []
+    _tamper(layout.run("hqq4", 0).result, lambda r: r.update(test_loss=0.0))
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        again = finetune.run(quick, layout, method, 0, *base, progress=False)
+    assert len(calls) == 1 and again.test_loss == pytest.approx(first.test_loss)
+    slower = dataclasses.replace(quick, finetune=dataclasses.replace(quick.finetune, lr=1e-4))
+    finetune.run(slower, layout, method, 0, *base, progress=False)
+    assert len(calls) == 2
