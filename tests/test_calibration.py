@@ -65,6 +65,7 @@ def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
     """Final runs for three allocations, then the study: every (length, n_val) has a row, and a
     checkpoint at L equals a separate proxy run of L steps (constant schedule)."""
     import dataclasses
+    import json
 
     from qr_lib.algorithm.build import build
     from qr_lib.algorithm.memory import model_shapes
@@ -88,6 +89,12 @@ def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
     assert result["recommendation"]["length"] in (0, 2, 4)
     again = calibration.run(p, layout, base, tok, progress=False)      # cached curves
     assert again["scores"] == result["scores"]
+    curve = sorted(layout.calibration_curve("*").parent.glob("*.json"))[0]   # one number tampered
+    record = json.loads(curve.read_text())
+    record["result"]["curve"]["2"][0][0] = 0.0
+    curve.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        assert calibration.run(p, layout, base, tok, progress=False)["scores"] == result["scores"]
 
     alloc = load_method("hqq4").resolve(Context(p, model_shapes(base), layout))
     splits = load_finetune(p.data)

@@ -59,6 +59,12 @@ def test_the_stock_table_sets_our_scores_beside_the_published_ones(tmp_path, emb
     assert "samples_stock_piqa.jsonl.gz" in logged and not any(n.endswith(".jsonl") for n in logged)
     again = stock.run(load_profile("default"), layout, model, tok, max_docs=4, progress=False)  # cached per task
     assert again.equals(table)
+    stored = layout.stock("piqa", "sample4")                           # one number tampered
+    record = json.loads(stored.read_text())
+    record["result"]["acc"] = 1.0
+    stored.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        assert stock.run(load_profile("default"), layout, model, tok, max_docs=4, progress=False).equals(table)
     # Scores of another compute dtype are not reused: the stored config says which dtype made them.
     bf16 = load_profile("default", {"dtype": "bfloat16"})
     calls = []

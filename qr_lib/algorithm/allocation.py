@@ -125,6 +125,18 @@ class Allocation:
         return f"{label}bits={list(self.bits)} ranks={list(self.ranks)}"
 
 
+class AllocationRecord:
+    """Mixin for a frozen record dataclass with an `allocation` field: its JSON form is its fields, the
+    allocation as Allocation.to_dict() (what evaluation and run artifacts store)."""
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "allocation": self.allocation.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{**d, "allocation": Allocation.from_dict(d["allocation"])})
+
+
 def uniform(n_blocks: int, bits: int, rank: int, bit_ladder=DEFAULT_BIT_LADDER,
             rank_ladder=DEFAULT_RANK_LADDER, name: str | None = None) -> Allocation:
     """Every block at the same (bits, rank): the baselines (QLoRA 4-bit r=8, LoRA-16, ...).

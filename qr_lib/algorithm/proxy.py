@@ -26,7 +26,7 @@ from ..layout import Layout
 from ..models import load_model
 from ..progress import tqdm
 from ..store import cached, content_hash, package_versions, read_artifact
-from .allocation import Allocation
+from .allocation import Allocation, AllocationRecord
 from .build import build
 from .memory import formula_bytes, model_shapes, profile_budget
 from .runner import SERIAL, Runner
@@ -57,7 +57,7 @@ def full_fidelity(profile: Profile) -> Fidelity:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(AllocationRecord):
     """One scored candidate, as its artifact's result holds it."""
     key: str
     allocation: Allocation
@@ -74,13 +74,6 @@ class Evaluation:
     final_train_loss: float | None
     seconds: float
     peak_memory: dict
-
-    def to_dict(self) -> dict:
-        return {**self.__dict__, "allocation": self.allocation.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Evaluation":
-        return cls(**{**d, "allocation": Allocation.from_dict(d["allocation"])})
 
     def summary(self, generation: int | None = None) -> dict:
         """The flat row the search's artifacts keep (nsga.json, bo.json): scores, memory and genes' values."""

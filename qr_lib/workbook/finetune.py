@@ -21,7 +21,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..algorithm.adapters import prepare
-from ..algorithm.allocation import Allocation
+from ..algorithm.allocation import Allocation, AllocationRecord
 from ..algorithm.build import build
 from ..algorithm.memory import formula_bytes, model_shapes
 from ..algorithm.runner import SERIAL, Runner
@@ -37,7 +37,7 @@ from .methods import Context, Method, load_method, method_ids
 
 
 @dataclass(frozen=True)
-class RunResult:
+class RunResult(AllocationRecord):
     """One finished run, as its result.json holds it."""
     method: str
     name: str
@@ -53,13 +53,6 @@ class RunResult:
     heldout_perplexity: float
     benchmarks: dict               # task -> lm-eval metrics, with per_document values
     seconds: float
-
-    def to_dict(self) -> dict:
-        return {**self.__dict__, "allocation": self.allocation.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunResult":
-        return cls(**{**d, "allocation": Allocation.from_dict(d["allocation"])})
 
 
 def results(layout: Layout, method_id: str = "*") -> list[RunResult]:
