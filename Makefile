@@ -54,10 +54,17 @@ benchmark: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/memory_step_time.py $(ARGS)
 
 # JupyterLab at the repository root (notebooks/ and results/ both in reach), on the project's kernel
-# (registered inside .venv), with the same offline settings as every other target.
+# (registered inside .venv, and the server's default), with the same offline settings as every other
+# target. PORT= picks the port, LAB_ARGS= passes more options. As root (containers, cloud GPU boxes)
+# Jupyter refuses to start without --allow-root; without a display there is no browser to open: the
+# URL with its token is printed instead.
+PORT ?= 8888
+LAB_ARGS ?=
 lab: $(STAMP)
 	$(PY) -c "from qr_lib.workbook.reproduce import ensure_kernel; ensure_kernel()"
-	$(OFFLINE) $(VENV)/bin/jupyter lab --notebook-dir=.
+	$(OFFLINE) $(VENV)/bin/jupyter lab --notebook-dir=. --port=$(PORT) \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(if $(DISPLAY),,--no-browser) \
+		--MappingKernelManager.default_kernel_name=qr-adaptor $(LAB_ARGS)
 
 clean-smoke:
 	rm -rf results/smoke

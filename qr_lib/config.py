@@ -205,3 +205,8 @@ class Profile:
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def random_weights(self) -> bool:
+        """The smoke profile's tiny model is random: its runs check the mechanics, never the paper."""
+        return self.model == "tiny"

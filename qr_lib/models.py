@@ -123,27 +123,53 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
 SHIPPED_CONFIGS = PACKAGE_DIR / "reference" / "configs"
 
 
+def model_config(name: str):
+    """A model's transformers config without its weights: a shipped config (the paper's models, by hub
+    id), the path of a config JSON, a local model folder, or a hub id (its cache, or the hub)."""
+    from transformers import AutoConfig
+
+    shipped = SHIPPED_CONFIGS / f"{name.replace('/', '--')}.json"
+    path = Path(name).expanduser()
+    if shipped.exists() or (path.suffix == ".json" and path.is_file()):
+        source = shipped if shipped.exists() else path
+        try:
+            fields = {k: v for k, v in json.loads(source.read_text()).items() if not k.startswith("_")}
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        except (json.JSONDecodeError, KeyError, ValueError) as e:
+            raise QRError(f"{source} is not a model config ({e}); give a transformers config.json with a "
+                          "model_type") from None
+    try:
+        return AutoConfig.from_pretrained(resolve(name))
+    except OSError as e:
+        raise QRError(f"could not read the config of model {name!r}: {str(e).splitlines()[0]}; check the id "
+                      f"or folder, or use {EMBEDDED!r}") from None
+
+
 def load_skeleton(name: str = EMBEDDED) -> nn.Module:
     """The model's architecture with no weights (on the meta device): enough for shapes and the
     memory model, in seconds and no memory even for an 8B model. Reads only its config."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == TINY:
         vocab = len(AutoTokenizer.from_pretrained(embedded_dir()))  # as load_model builds it
         with torch.device("meta"):
             return tiny_llama(vocab=vocab)
-    shipped = SHIPPED_CONFIGS / f"{name.replace('/', '--')}.json"
-    if shipped.exists():  # the paper's models: no hub needed to count their shapes
-        fields = {k: v for k, v in json.loads(shipped.read_text()).items() if not k.startswith("_")}
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(resolve(name))
-        except OSError as e:
-            raise QRError(f"could not read the config of model {name!r}: {str(e).splitlines()[0]}; check the id "
-                          f"or folder, or use {EMBEDDED!r}") from None
+    config = model_config(name)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def random_model(name: str, dtype: str = "bfloat16", device: str = "cpu", seed: int = 0) -> nn.Module:
+    """A model of a published shape with RANDOM weights, from its config alone (model_config): nothing is
+    downloaded. Only its memory and its speed mean anything; what it computes does not. Built directly
+    on `device` in `dtype`, so an 8B shape never passes through a 32-bit copy."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(name)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+    return model.eval()
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:

@@ -278,7 +278,9 @@ def test_every_method_keeps_one_colour_and_the_figures_say_what_made_them():
     assert plots.style("qr_adaptor") != plots.style("hqq4")
     assert plots.style("random4_0") == plots.style("random3p5_2")       # one baseline, one look
     assert "SmolLM2-135M" in plots.figure_caption(load_profile("default"))
-    assert "profile smoke" in plots.figure_caption(load_profile("smoke"))
+    assert "profile smoke" in plots.figure_caption(load_profile("smoke")) and "mechanics, not the paper" in \
+        plots.figure_caption(load_profile("smoke"))
+    assert "random weights" not in plots.figure_caption(load_profile("default"))
 
 
 def test_a_broken_method_file_names_itself_and_the_schema(tmp_path, quick, base):

@@ -42,7 +42,8 @@ def style(method: str, k: int = 0) -> tuple[str, str]:
 def figure_caption(profile: Profile) -> str:
     """Model, profile and compute dtype: what every figure of a run was made with."""
     model = f"SmolLM2-135M-Instruct ({EMBEDDED_GGUF}, dequantized)" if profile.model == EMBEDDED else profile.model
-    return f"{model} · profile {profile.name} · {profile.dtype} on {profile.device}"
+    mechanics = " · random weights: checks the mechanics, not the paper" if profile.random_weights else ""
+    return f"{model} · profile {profile.name} · {profile.dtype} on {profile.device}{mechanics}"
 
 
 def caption(fig, text: str):

@@ -1,0 +1,71 @@
+"""`make lab` opens anywhere: as root (here) and as an ordinary user, on a chosen port, printing the URL
+with its token, with the project's kernel as the server's default. The server is started, asked for its
+kernels over HTTP with the token it printed, and stopped."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(env, prefix=()) -> dict:
+    """Start `make lab PORT=<free>`, read the token from the URL it prints, return /api/kernelspecs."""
+    port = _free_port()
+    server = subprocess.Popen([*prefix, "make", "-s", "lab", f"PORT={port}"], cwd=ROOT, env=env,
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
+    url = re.compile(rf"http://(?:127\.0\.0\.1|localhost):{port}/lab\?token=(\w+)")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and server.poll() is None:
+            tokens = [m.group(1) for line in list(lines) if (m := url.search(line))]
+            if tokens:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?token={tokens[0]}",
+                                            timeout=10) as r:
+                    return json.loads(r.read())
+            time.sleep(1)
+        raise AssertionError("make lab printed no URL with a token:\n" + "".join(lines)[-3000:])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_make_lab_serves_the_project_kernel_as_default_on_a_chosen_port():
+    specs = _serve({k: v for k, v in os.environ.items() if k != "DISPLAY"})
+    assert specs["default"] == "qr-adaptor" and "qr-adaptor" in specs["kernelspecs"], specs
+
+
+def _user_can_run_the_venv() -> bool:
+    prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    return (os.geteuid() == 0 and shutil.which("setpriv") is not None
+            and subprocess.run([*prefix, "sh", "-c", ".venv/bin/python -c pass"], cwd=ROOT, capture_output=True,
+                               env={"PATH": os.environ["PATH"]}).returncode == 0)
+
+
+@pytest.mark.skipif(not _user_can_run_the_venv(),
+                    reason="needs root, and a .venv whose interpreter another user may run (here it lives in /root)")
+def test_make_lab_opens_for_an_ordinary_user_too(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chmod(tmp_path, 0o755)
+    shutil.chown(home, "nobody")
+    env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    specs = _serve(env, ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"))
+    assert specs["default"] == "qr-adaptor"
