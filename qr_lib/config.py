@@ -162,8 +162,7 @@ class ComparisonConfig:
     is too small to matter for choosing a method."""
     margin_loss: float = 0.01      # nats per answer token: exp(0.01) = 1% perplexity
     margin_accuracy: float = 0.01  # one accuracy point (fraction), the paper's tables' resolution
-    n_boot: int = 4000
-    seed: int = 0
+    alpha: float = 0.05            # family-wise error of a table's claims (Holm, stats.judge_family)
 
 
 @dataclass(frozen=True)

@@ -145,23 +145,27 @@ def paired(data: dict, a: str, b: list[str], metric: str, label: str | None = No
     margin, lower = (cfg.margin_loss, True) if metric == "test loss" else (cfg.margin_accuracy, False)
     b_name = label or data[(b[0], seeds[0])]["name"]
     return stats.compare(metric, data[(a, seeds[0])]["name"], A, b_name, B, tokens=w, margin=margin,
-                         lower_is_better=lower, n_boot=cfg.n_boot, seed=cfg.seed)
+                         lower_is_better=lower)
 
 
 def claims(layout: Layout, cfg: ComparisonConfig = ComparisonConfig(), claims_file: Path = CLAIMS) -> pd.DataFrame:
     """Every claim of `claims_file` whose methods have run, as a paired comparison with a 95% interval
-    on the test loss and on the benchmark average (stats.compare), and whether the claim holds:
-    'beats' needs the verdict 'better', 'matches' needs 'better' or 'equivalent'."""
+    on the test loss and on the benchmark average (stats.compare), judged as one family (Holm across
+    every row, stats.judge_family), and whether the claim holds: 'beats' needs the verdict 'better',
+    'matches' needs 'better' or 'equivalent'."""
     data = per_example(layout)
-    rows = []
+    found = []
     for c in json.loads(Path(claims_file).read_text())["claims"]:
         for metric in ("test loss", "benchmark average"):
             r = paired(data, c["a"], c["b"], metric, c["label"], cfg)
-            if r is None:
-                continue
-            holds = r.verdict == "better" if c["relation"] == "beats" else r.verdict in ("better", "equivalent")
-            rows.append({"claim": f"{r.a} {c['relation']} {c['label']}", **r.as_row(),
-                         "b_methods": len(c["b"]), "holds": holds, "where": c["where"]})
+            if r is not None:
+                found.append((c, r))
+    judged = stats.judge_family([r for _, r in found], cfg.alpha)
+    rows = []
+    for (c, _), r in zip(found, judged):
+        holds = r.verdict == "better" if c["relation"] == "beats" else r.verdict in ("better", "equivalent")
+        rows.append({"claim": f"{r.a} {c['relation']} {c['label']}", **r.as_row(),
+                     "b_methods": len(c["b"]), "holds": holds, "where": c["where"]})
     return pd.DataFrame(rows)
 
 

@@ -22,7 +22,7 @@ from ..algorithm.memory import formula_bytes, model_shapes
 from ..config import ComparisonConfig, PilotConfig, Profile
 from ..errors import QRError
 from ..layout import Layout
-from . import comparison, finetune
+from . import comparison, finetune, stats
 from .methods import Method
 
 # config -> (label, bits of the shallow half, bits of the deep half)
@@ -103,5 +103,6 @@ def verdicts(pilot: Layout, cfg: ComparisonConfig | None = None) -> list:
     finds C worse) and B against A (can rank buy back bits at equal memory?)."""
     data = comparison.per_example(pilot)
     pairs = [("config_C", "config_D"), ("config_B", "config_A")]
-    out = [comparison.paired(data, a, [b], "test loss", cfg=cfg or comparison.ComparisonConfig()) for a, b in pairs]
-    return [r for r in out if r is not None]
+    cfg = cfg or ComparisonConfig()
+    out = [comparison.paired(data, a, [b], "test loss", cfg=cfg) for a, b in pairs]
+    return stats.judge_family([r for r in out if r is not None], cfg.alpha)
