@@ -61,9 +61,16 @@ def _run_notebooks(args, prefixes: list[str], begun=None, loaded=None) -> None:
     from .workbook import reproduce
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
+    logging.getLogger("papermill").addFilter(_no_cell_markers)
     os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars the terminal can show
     reproduce.run(args.profile, prefixes or None, log_output=True, overrides=parse_overrides(args.set),
                   skip=getattr(args, "skip", None), begun=begun, loaded=loaded)
+
+
+def _no_cell_markers(record) -> bool:
+    """papermill logs "Executing Cell N" and "Ending Cell N" around every cell whenever it streams
+    output, with no switch of its own: those lines go, the cells' output stays."""
+    return not record.getMessage().startswith(("Executing Cell", "Ending Cell"))
 
 
 def cmd_finetune(args) -> None:

@@ -101,7 +101,7 @@ def test_cache_reuses_blocks_and_rebuilds_corrupted_files(tiny, tmp_path):
 
 
 def test_clear_errors(tiny, tmp_path):
-    with pytest.raises(QRError, match=r"cannot quantize to \[2\] bits.*Use backend 'hqq'"):
+    with pytest.raises(QRError, match=r"cannot quantize to \[2\] bits.*use backend 'hqq'"):
         build(tiny, uniform(4, 2, 8), BNB, progress=False)
     with pytest.raises(QRError, match="allocation has 3 blocks but the model has 4"):
         build(tiny, uniform(3, 4, 8), HQQ, progress=False)

@@ -98,3 +98,12 @@ def test_the_loopback_check_in_a_real_network_namespace_without_lo(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "no loopback network" in out.stderr and "ip link set lo up" in out.stderr
     assert not any(tmp_path.rglob("*"))
+
+
+def test_a_streamed_run_keeps_the_cells_output_and_drops_papermills_cell_markers():
+    import logging
+    logger = logging.getLogger("papermill.test")
+    make = logging.getLogger("papermill").makeRecord
+    assert not cli._no_cell_markers(make("papermill", logging.INFO, "", 0, "Executing Cell 3-----", None, None))
+    assert not cli._no_cell_markers(make("papermill", logging.INFO, "", 0, "Ending Cell 3-------", None, None))
+    assert cli._no_cell_markers(make(logger.name, logging.INFO, "", 0, "[run 1/4] LoRA (16-bit), seed 0", None, None))

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from qr_lib.errors import QRError
@@ -83,3 +85,38 @@ def test_a_profile_can_include_another_and_change_only_what_differs(tmp_path):
     loop.write_text(json.dumps({"include": str(loop)}))
     with pytest.raises(QRError, match="includes itself"):
         load_profile(str(loop))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"bit_ladder": [2, 4, 4]}, "repeats a rung"),
+    ({"rank_ladder": [8, 8, 16]}, "repeats a rung"),
+    ({"proxy.lr": float("nan")}, "proxy.lr is nan"),
+    ({"finetune.lr": -1e-4}, "finetune.lr is -0.0001"),
+    ({"quant.group_size": 0}, "quant.group_size is 0"),
+    ({"quant.group_size": -64}, "quant.group_size is -64"),
+    ({"model.name": "/x"}, "a single value"),
+])
+def test_bad_settings_are_refused_when_the_profile_loads(overrides, message):
+    with pytest.raises(QRError, match=re.escape(message)):
+        load_profile("smoke", overrides)
+
+
+def test_a_profile_that_is_a_folder_an_array_or_not_utf8_is_named(tmp_path):
+    folder = tmp_path / "looks.json"
+    folder.mkdir()
+    with pytest.raises(QRError, match="is a folder"):
+        load_profile(str(folder))
+    array = tmp_path / "array.json"
+    array.write_text("[1, 2]")
+    with pytest.raises(QRError, match="JSON list, not an object"):
+        load_profile(str(array))
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"model": "caf\xe9"}')
+    with pytest.raises(QRError, match="not UTF-8"):
+        load_profile(str(latin))
+
+
+def test_a_hint_never_names_the_backend_already_in_use():
+    with pytest.raises(QRError) as got:
+        load_profile("smoke", {"bit_ladder": [2, 4, 5]})
+    assert "backend 'hqq' cannot quantize to [5] bits" in str(got.value) and "use backend 'hqq'" not in str(got.value)

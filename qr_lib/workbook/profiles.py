@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from pathlib import Path
 
 from .. import PACKAGE_DIR
@@ -38,20 +39,28 @@ def _nest(overrides: dict) -> dict:
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise QRError(f"override {dotted!r} reaches into {p!r}, which another override sets to a value; "
+                              "give each setting once")
         node[leaf] = value
     return out
 
 
-def _merge(a: dict, b: dict) -> dict:
+def _merge(a: dict, b: dict, where: str = "") -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and k in out and not isinstance(out[k], dict):
+            raise QRError(f"setting {where + k!r} is {out[k]!r}, a single value, so {where + k}.{next(iter(v), '')} "
+                          f"cannot be set; set {where + k} itself (e.g. --set {where + k}=...)")
+        out[k] = _merge(out[k], v, f"{where}{k}.") if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def profile_path(name: str) -> Path:
     """A profile name (a file under qr_lib/profiles/) or the path of a profile JSON anywhere."""
     given = Path(name)
+    if given.is_dir():
+        raise QRError(f"profile {given} is a folder; give the path of a profile JSON file or one of {profile_names()}")
     if given.suffix == ".json":
         if not given.exists():
             raise QRError(f"profile file {given} does not exist; give a path to a JSON profile or one of "
@@ -75,6 +84,11 @@ def profile_values(name: str, overrides: dict | None = None, _seen: tuple = ()) 
     except json.JSONDecodeError as e:
         raise QRError(f"profile {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                       "fix the file") from None
+    except UnicodeDecodeError:
+        raise QRError(f"profile {path} is not UTF-8 text; save it as UTF-8 JSON") from None
+    if not isinstance(values, dict):
+        raise QRError(f"profile {path} holds a JSON {type(values).__name__}, not an object of settings; write "
+                      '{"setting": value, ...} (see docs/EXTENDING.md)')
     if "include" in values:
         _, base = profile_values(values.pop("include"), None, (*_seen, path.resolve()))
         values = _merge(base, values)
@@ -132,9 +146,19 @@ def _build(cls, values: dict, where: str):
 
 
 def validate(profile: Profile) -> None:
-    """What the stages would otherwise find out after hours: ladders the backend cannot build, budgets
-    off the ladders, non-positive ranks, unknown benchmark tasks."""
+    """What the stages would otherwise find out after hours: ladders the backend cannot build or that
+    repeat a rung, budgets off the ladders, non-positive ranks or group sizes, learning rates that are
+    not finite and positive, unknown benchmark tasks."""
     where = f"profile {profile.name!r}"
+    for name, ladder in (("bit_ladder", profile.bit_ladder), ("rank_ladder", profile.rank_ladder)):
+        if len(set(ladder)) != len(ladder):
+            raise QRError(f"{where}: {name} {list(ladder)} repeats a rung; list each once, e.g. {sorted(set(ladder))}")
+    for name, lr in (("proxy.lr", profile.proxy.lr), ("finetune.lr", profile.finetune.lr)):
+        if not (math.isfinite(lr) and lr > 0):
+            raise QRError(f"{where}: {name} is {lr}; a learning rate is a finite positive number, e.g. 2e-4")
+    if profile.quant.group_size <= 0:
+        raise QRError(f"{where}: quant.group_size is {profile.quant.group_size}; it is a positive number of weights "
+                      "per scale and zero that divides every linear's input width, e.g. 64 or 128")
     try:
         metric = () if profile.proxy_metric == "loss" else (profile.proxy_metric,)
         check_tasks((*profile.eval.tasks, *profile.eval.task_limits, *profile.pilot.tasks, *metric))

@@ -36,8 +36,10 @@ def get_backend(cfg: QuantConfig):
 def check_bits(backend, bits) -> None:
     bad = sorted({b for b in bits if b != 16 and b not in backend.supported_bits})
     if bad:
+        other = [name for name, b in BACKENDS.items() if name != backend.cfg.backend and set(bad) <= set(b.supported_bits)]
+        fix = f"use backend {other[0]!r} for them" if other else "choose bits from that list"
         raise QRError(f"backend {backend.cfg.backend!r} cannot quantize to {bad} bits; it supports "
-                      f"{list(backend.supported_bits)} (and 16 = unquantized). Use backend 'hqq' for 2/3-bit")
+                      f"{list(backend.supported_bits)} (and 16 = unquantized); {fix}")
 
 
 class DenseQuantLinear(nn.Linear):
