@@ -97,3 +97,17 @@ def test_a_final_run_recomputes_on_a_changed_setting_or_a_tampered_loss(smoke, b
     slower = dataclasses.replace(quick, finetune=dataclasses.replace(quick.finetune, lr=1e-4))
     finetune.run(slower, layout, method, 0, *base, progress=False)
     assert len(calls) == 2
+
+
+def test_a_damaged_evaluation_record_is_repaired_though_the_search_is_finished(smoke, base, search_copy):
+    """nsga.json and bo.json are whole, so the search reads them back; the record one of them cites was
+    truncated: the rerun names it and recomputes it to the same score."""
+    from qr_lib.algorithm import search
+    key = json.loads(search_copy.nsga.read_text())["result"]["evaluations"][0]["key"]
+    path = search_copy.evaluation(key)
+    before = json.loads(path.read_text())["result"]
+    path.write_text(path.read_text()[:100])
+    with pytest.warns(UserWarning, match=f"{key}.json is damaged or was edited"):
+        search.run(smoke, search_copy, *base, progress=False)
+    after = json.loads(path.read_text())["result"]
+    assert after["objective"] == pytest.approx(before["objective"]) and after["key"] == key

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...config import Profile
+from ...config import Profile, TrainConfig
 from ...errors import QRError
 from ...layout import Layout
 from ...store import cached, read_artifact
 from .. import sensitivity
 from ..allocation import Allocation
-from ..proxy import ProxyEvaluator, epoch_tokens, full_fidelity
+from ..proxy import Fidelity, ProxyEvaluator, epoch_tokens, full_fidelity
 from ..runner import SERIAL, Runner
 from . import bo, nsga
 from .problem import budget_rank_rung, level_bytes, space_for
@@ -116,6 +116,23 @@ def select_at(profile: Profile, ev: ProxyEvaluator, p1: dict, p2: dict, p3: dict
     return out
 
 
+def repair_records(layout: Layout, ev: ProxyEvaluator, p2: dict, p3: dict) -> int:
+    """Recompute every proxy record a finished search cites whose file is missing, damaged or edited
+    (read_artifact names it in a warning): nsga.json and bo.json keep summaries, and the evaluations
+    they cite are what the explorer and the compute-time table read. Returns how many were redone."""
+    fidelities = {name: Fidelity(f["name"], TrainConfig(**f["train"]), f["n_val"])
+                  for name, f in p2["fidelities"].items()}
+    cited = {r["key"]: r for r in p2["evaluations"] + p2["promoted"]
+             + [s["candidate"] for s in p3["steps"] if "candidate" in s]}
+    redone = 0
+    for key, r in cited.items():
+        if read_artifact(layout.evaluation(key)) is None:
+            ev.evaluate(Allocation(r["bits"], r["ranks"], ev.profile.bit_ladder, ev.profile.rank_ladder),
+                        fidelities[r["fidelity"]])
+            redone += 1
+    return redone
+
+
 def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, progress: bool = True) -> SearchResult:
     """Phase I -> II -> III, then the selections; candidates are scored through `runner`. A variant
     search (other ladders) runs in layout.variant(<method>), sharing Phase I and the evaluations."""
@@ -125,6 +142,7 @@ def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, pr
     p1 = phase1(profile, layout, ev, progress)
     p2 = nsga.run(profile, layout, ev, p1, sens_key)
     p3 = bo.run(profile, layout, ev, space_for(profile, ev.shapes, p1), p2, nsga_key, progress)
+    repair_records(layout, ev, p2, p3)
 
     def compute() -> dict:
         chosen = p3["selected"]
