@@ -310,3 +310,24 @@ def test_a_run_killed_before_its_result_is_redone_never_read_half_written(quick,
     ids = torch.tensor([[1, 5, 9, 42]])
     with torch.no_grad():
         assert torch.isfinite(reloaded(input_ids=ids).logits).all()
+
+
+def test_two_methods_with_one_allocation_are_trained_once_and_reported_under_both_names(quick, base, tmp_path,
+                                                                                      monkeypatch):
+    """A search that selects uniform 4-bit r8 makes `qr_adaptor` the `hqq4` run again: same allocation,
+    quantizer, adapter, seed and data, so the second is read from the first, not trained."""
+    from qr_lib.algorithm.search import SearchResult
+    from qr_lib.store import write_artifact
+    model_, tok = base
+    layout = Layout(tmp_path)
+    write_artifact(layout.search, {}, SearchResult(uniform(4, 4, 8), {}, {}, {}).to_dict())
+    first = finetune.run(quick, layout, load_method("hqq4"), 0, model_, tok, progress=False)
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained the same allocation twice"))
+    twin = finetune.run(quick, layout, load_method("qr_adaptor"), 0, model_, tok, progress=False)
+    assert twin.same_run_as == "hqq4" and twin.method == "qr_adaptor" and twin.name == "QR-Adaptor"
+    assert twin.test_loss == first.test_loss and twin.training_key == first.training_key
+    with pytest.raises(QRError, match="same run as"):
+        finetune.load_finetuned(layout.run("qr_adaptor", 0), model_, tok)
+    monkeypatch.undo()
+    nf4 = finetune.run(quick, layout, load_method("nf4"), 0, model_, tok, progress=False)   # another quantizer
+    assert nf4.same_run_as is None and nf4.training_key != first.training_key

@@ -32,7 +32,7 @@ from ..errors import QRError
 from ..evaluate import run_tasks
 from ..layout import Layout, RunDir
 from ..models import load_model
-from ..store import cached, keyed, read_artifact, read_json, write_json
+from ..store import cached, content_hash, keyed, read_artifact, read_json, write_json
 from .methods import Context, Method, load_method, method_ids
 
 
@@ -53,6 +53,10 @@ class RunResult(AllocationRecord):
     heldout_perplexity: float
     benchmarks: dict               # task -> lm-eval metrics, with per_document values
     seconds: float
+    # Everything that decides the trained model and its scores except the method's name: two methods
+    # whose allocations coincide (a search that selects a uniform allocation) share it, and train once.
+    training_key: str | None = None
+    same_run_as: str | None = None  # the method whose run this one's result is (its adapter lives there)
 
 
 def results(layout: Layout, method_id: str = "*") -> list[RunResult]:
@@ -93,8 +97,15 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
     shapes = model_shapes(base)
     allocation = method.resolve(Context(profile, shapes, layout))
     where = layout.run(method.id, seed)
+    training = content_hash({**{k: v for k, v in config.items() if k not in ("method", "key")},
+                             "allocation": allocation.pairs(), "adapter": method.adapter,
+                             "benchmarks": method.benchmarks})
 
     def compute() -> dict:
+        twin = next((r for r in results(layout) if r.training_key == training and r.seed == seed
+                     and r.method != method.id and r.same_run_as is None), None)
+        if twin is not None:                       # trained once, reported under both names
+            return dataclasses.replace(twin, method=method.id, name=method.name, same_run_as=twin.method).to_dict()
         d = data or run_data(profile)
         tcfg = profile.finetune.train_config(len(d.train), seed)
         t0 = time.time()
@@ -115,7 +126,7 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
             heldout_perplexity=perplexity(model, tok, d.heldout, max_len=256),
             benchmarks=run_tasks(model, tok, profile.eval, progress=progress, log_dir=where.lm_eval)
             if method.benchmarks and profile.eval.benchmarks(seed) else {},
-            seconds=round(time.time() - t0, 1)).to_dict()
+            seconds=round(time.time() - t0, 1), training_key=training).to_dict()
 
     # A new search selection is a new run, though the method's configuration is the same.
     def same_allocation(result: dict) -> bool:
@@ -133,6 +144,10 @@ def save_adapter(model, where: RunDir, allocation: Allocation, qcfg: QuantConfig
 
 def load_finetuned(where: RunDir, base=None, tok=None):
     """Rebuild a saved run for inference: same quantized blocks, the trained adapter weights."""
+    if not where.allocation.exists() and (record := read_artifact(where.result)) is not None \
+            and record["result"].get("same_run_as"):
+        twin = where.path.parent.parent / record["result"]["same_run_as"] / where.path.name
+        raise QRError(f"{where.path} is the same run as {twin} (one training, two names); load that folder")
     meta = read_json(where.allocation)
     if meta["adapter"] == "adalora":
         raise QRError("reloading AdaLoRA runs is not supported; load them with peft.PeftModel.from_pretrained")
