@@ -331,3 +331,9 @@ def test_two_methods_with_one_allocation_are_trained_once_and_reported_under_bot
     monkeypatch.undo()
     nf4 = finetune.run(quick, layout, load_method("nf4"), 0, model_, tok, progress=False)   # another quantizer
     assert nf4.same_run_as is None and nf4.training_key != first.training_key
+
+
+def test_a_batch_that_needs_a_missing_artifact_fails_before_its_first_run(quick, base, tmp_path):
+    with pytest.raises(QRError, match="needs Phase I first"):
+        finetune.run_all(quick, Layout(tmp_path), *base, methods=["hqq4", "phase1_knapsack4"], progress=False)
+    assert not Layout(tmp_path).runs()                   # hqq4 did not train first

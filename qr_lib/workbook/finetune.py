@@ -187,6 +187,11 @@ def run_all(profile: Profile, layout: Layout, base, tok, methods: list[str] | No
     """Every planned run, in order; finished ones are read back, not redone. A parallel runner trains
     the runs on its workers first (each writes its own folder); all are then read back here."""
     todo = plan(profile, methods)
+    # Every method's allocation first: one that needs an artifact not there yet (the search, Phase I)
+    # fails now, not after the methods before it have trained.
+    context = Context(profile, model_shapes(base), layout)
+    for method in {m.id: m for m, _ in todo}.values():
+        method.resolve(context)
     if runner.parallel:
         runner.map(run_on_worker, [(profile, layout, method, seed) for method, seed in todo])
     data = run_data(profile)
