@@ -118,6 +118,7 @@ def environment() -> dict:
         "packages": package_versions(),
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "process": os.getpid(),       # which process wrote it: a parallel run shows its workers here
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -320,3 +320,23 @@ def test_a_damaged_or_edited_evaluation_is_recomputed_not_used(smoke, base, tmp_
     with pytest.warns(UserWarning, match="damaged or was edited"):
         rec = again.evaluate(alloc, fid)
     assert again.misses == 1 and rec.objective == pytest.approx(first.objective)
+
+
+@pytest.mark.integration
+def test_the_command_line_search_runs_on_two_dask_workers_when_asked(smoke_run, tmp_path, monkeypatch):
+    """`qr-adaptor search --set parallel.backend=dask`: the notebooks open the runner, two worker
+    processes write the proxy records, and the Pareto set is the serial run's."""
+    pytest.importorskip("dask.distributed")
+    import json
+    import os
+
+    from qr_lib import cli
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    assert cli.main(["search", "--profile", "smoke", "--set", "parallel.backend=dask",
+                     "--set", "parallel.workers=2"]) == 0
+    layout = Layout(tmp_path / "smoke")
+    first = {r["key"] for r in read_artifact(layout.nsga)["result"]["evaluations"] if r["generation"] == 1}
+    writers = {json.loads(layout.evaluation(k).read_text())["environment"]["process"] for k in first}
+    assert len(writers) == 2 and os.getpid() not in writers          # the first generation, on both workers
+    serial = [r["key"] for r in read_artifact(smoke_run[0].nsga)["result"]["pareto"]]
+    assert [r["key"] for r in read_artifact(layout.nsga)["result"]["pareto"]] == serial
