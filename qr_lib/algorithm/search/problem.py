@@ -1,7 +1,7 @@
 """The search problem in pymoo's terms: genes, objectives, the budget, and the paper's operators.
 
 An individual is 2 integer genes per block: (bit-ladder index, rank-ladder index). Objectives
-(both minimized): the proxy fine-tune's objective (fitness.py), and block bytes / budget. Constraint:
+(both minimized): the proxy fine-tune's objective (proxy.py), and block bytes / budget. Constraint:
 bytes / budget - 1 <= 0. Operators: layer-wise crossover (a block's pair is inherited whole),
 neighbour mutation (one rung up or down), and a repair that touches only what is over the budget.
 
