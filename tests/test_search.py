@@ -270,21 +270,6 @@ def test_bo_utility_and_neighbours():
     assert near and all(np.abs(g - genes).sum() == 1 and space.bytes(g) <= space.budget for g in near)
 
 
-@pytest.mark.integration
-def test_two_dask_workers_find_the_serial_pareto_set(smoke, base, smoke_run, tmp_path):
-    """The smoke search on 2 local workers sharing the cache: the same Pareto set as the serial run."""
-    pytest.importorskip("dask.distributed")
-
-    from qr_lib.algorithm.runner import open_runner
-    from qr_lib.config import ParallelConfig
-    layout, _ = smoke_run
-    with open_runner(ParallelConfig(backend="dask", workers=2)) as runner:
-        search.run(smoke, Layout(tmp_path), *base, runner, progress=False)
-    serial, dask = (read_artifact(d.nsga)["result"]["pareto"] for d in (layout, Layout(tmp_path)))
-    assert [r["key"] for r in dask] == [r["key"] for r in serial]
-    assert [r["objective"] for r in dask] == pytest.approx([r["objective"] for r in serial])
-
-
 def test_a_candidate_that_diverges_is_recorded_and_the_search_goes_on(smoke, base, tmp_path, monkeypatch):
     real, calls = proxy.train, []
 
