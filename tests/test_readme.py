@@ -53,3 +53,10 @@ def test_the_selection_and_the_time_the_readme_quotes():
     assert f"stores {mixed['weights_over_nf4']:.3f} of NF4's quantized weights" in " ".join(README.split())
     first = pd.read_csv(TABLES / "reproduce_wall_clock.csv").iloc[0]
     assert bool(first["from nothing"]) and f"**{first['wall seconds']:.0f} s**" in README
+
+
+def test_the_memory_at_the_1b_shape_the_readme_quotes():
+    rows = {r["method"]: r for r in json.loads((ROOT / "results" / "benchmarks" / "paper_shapes" /
+                                                "meta-llama--Llama-3.2-1B.json").read_text())["result"]["rows"]}
+    assert all(r["measured_over_formula"] == 1 for r in rows.values())
+    assert f"peaks at {rows['mixed3p5']['peak_over_nf4']:.3f} x NF4's memory" in " ".join(README.split())
