@@ -28,10 +28,9 @@ from qr_lib.algorithm.allocation import Allocation, uniform
 from qr_lib.algorithm.build import build, use_dense
 from qr_lib.algorithm.quant.storage import STORAGE_DTYPE
 from qr_lib.algorithm.train import collate, encode, token_loss
-from qr_lib.cli import parse_overrides
+from qr_lib.cli import exit_code, parse_overrides
 from qr_lib.config import Profile, QuantConfig
 from qr_lib.data import load_finetune
-from qr_lib.errors import QRError
 from qr_lib.layout import benchmarks_dir
 from qr_lib.models import load_model
 from qr_lib.store import write_artifact
@@ -224,14 +223,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per row")
     ap.add_argument("--dtype-rounds", type=int, default=3, help="timed rounds of the float32/bfloat16 check")
     args = ap.parse_args(argv)
-    try:
+
+    def work():
         profile = load_profile(args.profile, parse_overrides(args.set))
         out = args.out or benchmarks_dir(profile.name) / "memory_step_time.json"
         run(profile, out, args.steps, args.warmup, args.batch_size, args.seq_len, args.dtype_rounds)
-    except QRError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(work)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ from qr_lib.algorithm.allocation import Allocation, uniform
 from qr_lib.algorithm.build import build
 from qr_lib.algorithm.memory import PeakMemory, formula_bytes, measured_bytes, model_shapes
 from qr_lib.algorithm.quant.cache import BlockCache
+from qr_lib.cli import exit_code
 from qr_lib.config import LoraSettings, QuantConfig
-from qr_lib.errors import QRError
 from qr_lib.hardware import resolve_dtype
 from qr_lib.layout import benchmarks_dir
 from qr_lib.models import load_skeleton, random_model
@@ -214,22 +214,19 @@ def main(argv=None) -> int:
                          "(results/benchmarks/gpu/... on a GPU)")
     ap.add_argument("--one", choices=list(METHODS), help=argparse.SUPPRESS)  # the child of an isolated run
     args = ap.parse_args(argv)
-    try:
+
+    def work():
         if args.one:
             got = measure(args.model, args.one, args.batch_size, args.seq_len, args.device, not args.no_checkpointing)
             args.out.write_text(json.dumps(got))
-            return 0
+            return
         stem = Path(args.model).stem if args.model.endswith(".json") else args.model.replace("/", "--")
         folder = benchmarks_dir("gpu" if args.device.startswith("cuda") else "default") / "paper_shapes"
         out = args.out or folder / f"{stem}{'-formula' if args.formula_only else ''}.json"
         result = run(args.model, out, args.methods, args.formula_only, args.batch_size, args.seq_len, args.device,
                      not args.no_checkpointing, not args.in_process)
         print(markdown(result, read_artifact(out)["config"]))
-    except QRError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return exit_code(work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -217,15 +217,24 @@ def offline_unless_hub(args) -> None:
             os.environ.setdefault(var, "1")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def exit_code(work) -> int:
+    """Run `work()`: 0 when it finishes, 2 with its message when the input is bad (a QRError); any other
+    failure keeps its traceback. The benchmark scripts answer the same way."""
     try:
-        offline_unless_hub(args)
-        args.func(args)
+        work()
     except QRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def work():
+        offline_unless_hub(args)
+        args.func(args)
+    return exit_code(work)
 
 
 def run() -> None:

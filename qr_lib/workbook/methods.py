@@ -27,6 +27,7 @@ from .. import PACKAGE_DIR
 from ..algorithm import search
 from ..algorithm.adapters import ADAPTERS
 from ..algorithm.allocation import Allocation, split, uniform
+from ..algorithm.memory import ModelShapes
 from ..algorithm.runner import SERIAL, Runner
 from ..algorithm.search.problem import budget_rank_rung, knapsack, level_bytes, random_allocation, space_for
 from ..config import Profile, QuantConfig
@@ -41,7 +42,7 @@ METHOD_DIR = PACKAGE_DIR / "methods"
 class Context:
     """What resolving an allocation may read: the profile, the model's shapes and the results folder."""
     profile: Profile
-    shapes: object       # algorithm.memory.ModelShapes
+    shapes: ModelShapes
     layout: Layout
 
 
