@@ -155,8 +155,12 @@ def load_skeleton(name: str = EMBEDDED) -> nn.Module:
         with torch.device("meta"):
             return tiny_llama(vocab=vocab)
     config = model_config(name)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise QRError(f"model {name!r} is not a causal language model ({type(config).__name__}: "
+                      f"{str(e).splitlines()[0][:120]}); QR-Adaptor needs a LLaMA-like decoder") from None
 
 
 def random_model(name: str, dtype: str = "bfloat16", device: str = "cpu", seed: int = 0) -> nn.Module:

@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -32,7 +33,7 @@ def test_overrides_and_errors():
 def test_a_profile_can_be_a_file_anywhere(tmp_path):
     import json
     path = tmp_path / "my_run.json"
-    path.write_text(json.dumps({"model": "tiny", "dtype": "float32", "finetune": {"seeds": [0]}}))
+    path.write_text(json.dumps({"model": "tiny", "dtype": "float32", "quant": {"group_size": 64}, "finetune": {"seeds": [0]}}))
     p = load_profile(str(path), {"eval.limit": 3})
     assert p.name == "my_run" and p.model == "tiny" and p.finetune.seeds == (0,) and p.eval.limit == 3
     path.write_text("{not json")
@@ -120,3 +121,17 @@ def test_a_hint_never_names_the_backend_already_in_use():
     with pytest.raises(QRError) as got:
         load_profile("smoke", {"bit_ladder": [2, 4, 5]})
     assert "backend 'hqq' cannot quantize to [5] bits" in str(got.value) and "use backend 'hqq'" not in str(got.value)
+
+
+def test_the_model_is_checked_from_its_config_when_the_profile_loads(tmp_path):
+    """Before any work, without weights: a group size that does not divide a linear's input width, and
+    a folder whose model is no decoder with the seven linears."""
+    with pytest.raises(QRError, match="group_size 96 does not divide in_features 64"):
+        load_profile("smoke", {"quant.group_size": 96})
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,
+                                                  "num_attention_heads": 4, "intermediate_size": 128,
+                                                  "vocab_size": 100}))
+    with pytest.raises(QRError, match="not a causal language model|no `model.layers`|lacks linear modules"):
+        load_profile("smoke", {"model": str(bert)})

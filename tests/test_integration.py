@@ -112,3 +112,10 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
         return {str(p.relative_to(d)) for pattern in ("*.json", "*.md", "tables/*", "figures/*", "notebooks/*")
                 for p in d.glob(pattern) if p.with_suffix("").name not in optional}
     assert layout(committed) == layout(out)
+
+
+def test_the_shipped_config_of_the_embedded_model_has_its_shapes(embedded):
+    """Shapes, memory and load-time checks read qr_lib/reference/configs/embedded.json instead of
+    converting the GGUF: it must describe the model the GGUF builds."""
+    from qr_lib.models import load_skeleton
+    assert memory.model_shapes(load_skeleton("embedded")) == memory.model_shapes(embedded[0])

@@ -16,12 +16,16 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from .. import PACKAGE_DIR
+from ..algorithm.memory import model_shapes
 from ..algorithm.quant import check_bits, get_backend
 from ..config import Profile
 from ..errors import QRError
 from ..evaluate import check_tasks
 from ..hardware import resolve_dtype
+from ..models import TINY, load_skeleton, tiny_llama
 
 PROFILE_DIR = PACKAGE_DIR / "profiles"
 LOCAL_MODELS = ("embedded", "tiny")
@@ -177,6 +181,25 @@ def validate(profile: Profile) -> None:
                           f"{list(profile.bit_ladder)}; choose budgets between {lo} and {hi}")
 
 
+def check_model(profile: Profile) -> None:
+    """From the model's config alone, without its weights: a decoder whose blocks carry the seven
+    linears QR-Adaptor allocates, and an HQQ group size that divides every one's input width."""
+    where = f"profile {profile.name!r}"
+    try:
+        if profile.model == TINY:
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):   # tiny_llama seeds the generator
+                skeleton = tiny_llama()
+        else:
+            skeleton = load_skeleton(profile.model)
+        shapes = model_shapes(skeleton)
+        if profile.quant.backend == "hqq":
+            backend = get_backend(profile.quant)
+            for out_features, in_features in sorted({s for block in shapes.linears for s in block}):
+                backend.check_shape(out_features, in_features)
+    except QRError as e:
+        raise QRError(f"{where}: {e}") from None
+
+
 def load_profile(name: str = "default", overrides: dict | None = None) -> Profile:
     """A profile by name or path (its results go to results/<file stem>/), with `overrides`, dotted
     settings such as {"finetune.seeds": [0]}, applied on top."""
@@ -184,5 +207,6 @@ def load_profile(name: str = "default", overrides: dict | None = None) -> Profil
     values["name"] = path.stem
     profile = _build(Profile, values, f"profile {path.stem!r}")
     validate(profile)
+    check_model(profile)
     # Resolved once here, so every stage, cache key and artifact sees the dtype that really computed.
     return dataclasses.replace(profile, dtype=resolve_dtype(profile.dtype, profile.device))
