@@ -15,9 +15,11 @@ as files, never imported: their __init__ pulls dependencies that conflict with t
 from __future__ import annotations
 
 import ast
+import csv
 import functools
 import gzip
 import importlib.util
+import io
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -144,10 +146,13 @@ class FinetuneSplits:
 
 def finetune_split(pool: dict[str, list[Example]], n_train: int, n_val: int, n_test: int, seed: int) -> FinetuneSplits:
     """Deterministic, disjoint splits drawn round-robin across tasks, so every split is a mix."""
+    need = n_train + n_val + n_test
+    if not pool:
+        raise QRError(f"the fine-tuning data holds no usable example (asked {n_train} + {n_val} + {n_test}); give "
+                      "a file with one prompt/answer pair per line or row")
     rng = random.Random(seed)
     shuffled = {t: rng.sample(ex, len(ex)) for t, ex in sorted(pool.items())}
     tasks = sorted(shuffled)
-    need = n_train + n_val + n_test
     per_task = -(-need // len(tasks))
     short = [t for t in tasks if len(shuffled[t]) < per_task]
     if short:
@@ -166,23 +171,24 @@ def local_pool(path: Path, sources: Sources) -> dict[str, list[Example]]:
     non-empty strings; optional `source` (a group name, e.g. the task: splits draw round-robin
     across groups; default "local"). A prompt that repeats is kept once, and a prompt that is also a
     benchmark item (the evaluation splits qr_lib reads) is dropped, as for the offline mix."""
-    import csv
-
     path = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
     if not path.exists():
         raise QRError(f"fine-tuning file {path} does not exist; give an absolute path or one relative to "
                       f"the repository root ({REPO_ROOT})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QRError(f"fine-tuning file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if path.suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise QRError(f"{path}:{i} is not a JSON object ({e}); one example per line") from None
     else:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     seen = set(evaluation_keys(sources))
     pool: dict[str, list[Example]] = {}
     for i, r in enumerate(rows, 1):

@@ -107,3 +107,19 @@ def test_a_streamed_run_keeps_the_cells_output_and_drops_papermills_cell_markers
     assert not cli._no_cell_markers(make("papermill", logging.INFO, "", 0, "Executing Cell 3-----", None, None))
     assert not cli._no_cell_markers(make("papermill", logging.INFO, "", 0, "Ending Cell 3-------", None, None))
     assert cli._no_cell_markers(make(logger.name, logging.INFO, "", 0, "[run 1/4] LoRA (16-bit), seed 0", None, None))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "Q: 1?", "answer": " 1"}\n{"prompt": "Q: 2?"}\n', "needs non-empty string fields"),
+    (b"", "holds no usable example"),
+    (b'{"prompt": "caf\xe9", "answer": " x"}\n', "not UTF-8"),
+    (b'{"prompt": "Q: 1?", "answer": " 1"}\n', "fewer than"),
+])
+def test_bad_fine_tuning_data_exits_2_before_any_work(content, message, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(content)
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path / "results"))
+    assert cli.main(["reproduce", "--profile", "smoke", "--set", f"data.finetune={data}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()                   # nothing written

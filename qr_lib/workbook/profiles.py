@@ -22,6 +22,7 @@ from .. import PACKAGE_DIR
 from ..algorithm.memory import model_shapes
 from ..algorithm.quant import check_bits, get_backend
 from ..config import Profile
+from ..data import LOCAL_SUFFIXES, load_finetune
 from ..errors import QRError
 from ..evaluate import check_tasks
 from ..hardware import resolve_dtype
@@ -200,6 +201,16 @@ def check_model(profile: Profile) -> None:
         raise QRError(f"{where}: {e}") from None
 
 
+def check_data(profile: Profile) -> None:
+    """A local fine-tuning file is read whole when the profile loads: it exists, is UTF-8, every line
+    or row parses with its fields, and it holds the examples the three splits ask for."""
+    if profile.data.finetune.endswith(LOCAL_SUFFIXES):
+        try:
+            load_finetune(profile.data)
+        except QRError as e:
+            raise QRError(f"profile {profile.name!r}: {e}") from None
+
+
 def load_profile(name: str = "default", overrides: dict | None = None) -> Profile:
     """A profile by name or path (its results go to results/<file stem>/), with `overrides`, dotted
     settings such as {"finetune.seeds": [0]}, applied on top."""
@@ -208,5 +219,6 @@ def load_profile(name: str = "default", overrides: dict | None = None) -> Profil
     profile = _build(Profile, values, f"profile {path.stem!r}")
     validate(profile)
     check_model(profile)
+    check_data(profile)
     # Resolved once here, so every stage, cache key and artifact sees the dtype that really computed.
     return dataclasses.replace(profile, dtype=resolve_dtype(profile.dtype, profile.device))
