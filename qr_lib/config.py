@@ -99,6 +99,15 @@ class BOConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """A run whose estimate (workbook/estimate.py) passes these stops before any work. Settings: a week
+    of training steps, timed at what a finished run of the profile measured or else at a floor no CPU
+    or GPU step beats (so only absurd sizes are refused on a machine that has measured nothing)."""
+    max_hours: float = 168.0
+    floor_step_seconds: float = 0.01
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     backend: str = "serial"        # "serial" or "dask"
     workers: int = 2               # local CPU workers (on CUDA: one per visible GPU instead)
@@ -204,6 +213,7 @@ class Profile:
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def random_weights(self) -> bool:

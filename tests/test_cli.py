@@ -123,3 +123,11 @@ def test_bad_fine_tuning_data_exits_2_before_any_work(content, message, tmp_path
     assert cli.main(["reproduce", "--profile", "smoke", "--set", f"data.finetune={data}"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results").exists()                   # nothing written
+
+
+def test_an_absurd_size_is_refused_with_its_estimate_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    assert cli.main(["reproduce", "--profile", "smoke", "--set", "nsga.pop_size=1000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "hours" in err and "--set limits.max_hours=" in err
+    assert not any(tmp_path.rglob("*"))                           # nothing written

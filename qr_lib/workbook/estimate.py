@@ -18,6 +18,7 @@ from ..algorithm.memory import formula_bytes, model_shapes, profile_budget
 from ..algorithm.search import nsga
 from ..algorithm.search.problem import space_for
 from ..config import Profile
+from ..errors import QRError
 from ..layout import Layout
 from ..models import load_skeleton
 from . import finetune
@@ -109,3 +110,15 @@ def describe(result: dict) -> str:
         lines.append("time: give --step-seconds (e.g. the first proxy candidate's seconds per step on the target "
                      "machine); no run of this profile has measured it yet")
     return "\n".join(lines)
+
+
+def check_size(profile: Profile, layout: Layout) -> None:
+    """Refuse, before any work, a run whose training steps alone would pass profile.limits.max_hours,
+    at the step time a finished run measured (or the floor), naming the estimate and the setting."""
+    step = measured_step_seconds(layout) or profile.limits.floor_step_seconds
+    hours = estimate(profile, step)["hours (training steps only)"]["total"]
+    if hours > profile.limits.max_hours:
+        raise QRError(f"profile {profile.name!r} would train for about {hours:,.0f} hours at {step:g} s per step "
+                      f"(`qr-adaptor estimate --profile {profile.name}` for the breakdown), past "
+                      f"limits.max_hours = {profile.limits.max_hours:g}; shrink the run, or let it through with "
+                      f"--set limits.max_hours={hours * 1.1:.0f}")

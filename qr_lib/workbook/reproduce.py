@@ -17,7 +17,7 @@ from ..config import Profile
 from ..errors import QRError
 from ..layout import Layout
 from ..store import cache_root, read_json, save_table, write_json
-from . import report
+from . import estimate, report
 from .profiles import load_profile
 from .report import OPTIONAL, compute_time
 
@@ -109,13 +109,16 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     if not todo:
         raise QRError(f"--only {' '.join(only or [])} --skip {' '.join(skip or [])} leaves no notebook; give prefixes of "
                       f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
-    name = (loaded or load_profile(profile, overrides)).name  # a bad profile fails here, before any notebook
+    loaded = loaded or load_profile(profile, overrides)  # a bad profile fails here, before any notebook
+    name = loaded.name
+    # The starting state before the size check, which may convert the model on a fresh machine.
+    start, started = begun or (starting_state(Layout.of(name)), time.time())
+    estimate.check_size(loaded, Layout.of(name))          # an absurd size fails here, before anything is written
     layout = Layout.for_profile(name)
     manifest = read_json(layout.manifest) if layout.manifest.exists() else {"files": {}, "notebooks": {}}
     layout.notebooks.mkdir(exist_ok=True)
     check_loopback()
     kernel = ensure_kernel()
-    start, started = begun or (starting_state(layout), time.time())
     for i, nb in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.name} (profile {name})", flush=True)
         before, t0 = _outputs(layout), time.time()
