@@ -131,3 +131,39 @@ def test_an_absurd_size_is_refused_with_its_estimate_before_any_work(tmp_path, m
     err = capsys.readouterr().err
     assert "hours" in err and "--set limits.max_hours=" in err
     assert not any(tmp_path.rglob("*"))                           # nothing written
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["quant.group_size=-64"], "quant.group_size is -64"),
+    (["quant.group_size=0"], "quant.group_size is 0"),
+    (["quant.group_size=96"], "does not divide"),
+    (["proxy.lr=NaN"], "proxy.lr is nan"),
+    (["bit_ladder=[2,4,4]"], "repeats a rung"),
+    (["model.name=/x"], "a single value"),
+    (["nsga.pop_size=1000000000"], "limits.max_hours"),
+])
+def test_every_load_time_refusal_exits_2_from_the_command_line_with_nothing_written(settings, message, tmp_path,
+                                                                                    monkeypatch, capsys):
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    argv = ["search", "--profile", "smoke"] + [x for s in settings for x in ("--set", s)]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_a_folder_or_an_array_given_as_profile_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path / "results"))
+    folder = tmp_path / "named.json"
+    folder.mkdir()
+    array = tmp_path / "array.json"
+    array.write_text("[1]")
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text('{"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, '
+                                      '"num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100}')
+    for argv, message in ((["estimate", "--profile", str(folder)], "is a folder"),
+                          (["estimate", "--profile", str(array)], "not an object"),
+                          (["estimate", "--profile", "smoke", "--set", f"model={bert}"], "LLaMA-like decoder")):
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
