@@ -111,3 +111,19 @@ def test_a_damaged_evaluation_record_is_repaired_though_the_search_is_finished(s
         search.run(smoke, search_copy, *base, progress=False)
     after = json.loads(path.read_text())["result"]
     assert after["objective"] == pytest.approx(before["objective"]) and after["key"] == key
+
+
+@pytest.mark.integration
+def test_an_edited_evaluation_record_is_repaired_on_the_reproduce_path(smoke_run, tmp_path, monkeypatch):
+    """The same repair through `make reproduce` (notebook 04), with every stage artifact present: a
+    record whose objective was edited by hand is recomputed to its real score."""
+    from qr_lib.workbook import reproduce
+    layout, _ = smoke_run
+    shutil.copytree(layout.root, tmp_path / "smoke")
+    copy = Layout(tmp_path / "smoke")
+    key = json.loads(copy.nsga.read_text())["result"]["evaluations"][0]["key"]
+    before = json.loads(copy.evaluation(key).read_text())["result"]["objective"]
+    _tamper(copy.evaluation(key), lambda r: r.update(objective=0.5))
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    reproduce.run("smoke", only=["04"])
+    assert json.loads(copy.evaluation(key).read_text())["result"]["objective"] == pytest.approx(before)
