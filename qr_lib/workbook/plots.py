@@ -325,27 +325,47 @@ def rank_sweep(per_run, metric: str = "test_loss", ylabel: str = "test loss afte
 VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue", "can't tell": "tab:gray"}
 
 
+def _claim_panels(claims) -> list[tuple[str, object, float, str]]:
+    """(title, rows, scale, unit) per panel: the test-loss claims against chance on their own axis (random
+    draws sit several nats away and would squash every other interval), accuracies in points."""
+    panels = []
+    for metric in dict.fromkeys(claims["metric"]):
+        rows = claims[claims["metric"] == metric]
+        if metric == "test loss":
+            near, chance = rows[rows["b_methods"] <= 1], rows[rows["b_methods"] > 1]
+            panels += [(t, r, 1.0, "nats per answer token") for t, r in
+                       (("test loss", near), ("test loss, against random allocations", chance)) if len(r)]
+        else:
+            panels.append((metric, rows, 100.0, "points"))
+    return panels
+
+
 def paired_intervals(claims):
-    """Each claim's paired difference (a - b) with its 95% interval and margin, one panel per metric;
-    the colour is the verdict."""
-    metrics = list(dict.fromkeys(claims["metric"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 0.55 * claims["claim"].nunique() + 1.6),
-                             squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        rows = claims[claims["metric"] == metric].reset_index(drop=True)
+    """Each claim's paired difference (a - b) with its 95% interval and margin, a panel per family on an
+    axis scaled to it; the colour is the verdict. A method compared with itself (one allocation, two
+    names: identical runs) is drawn in light grey and said so, not reported as a finding."""
+    panels = _claim_panels(claims)
+    height = max(len(rows) for _, rows, _, _ in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.6 * height + 1.8), squeeze=False)
+    for ax, (title, rows, scale, unit) in zip(axes[0], panels):
+        rows = rows.reset_index(drop=True)
         y = np.arange(len(rows))[::-1]
         for yi, (_, r) in zip(y, rows.iterrows()):
-            ax.errorbar(r["a_minus_b"], yi, xerr=[[r["a_minus_b"] - r["ci95_low"]], [r["ci95_high"] - r["a_minus_b"]]],
-                        fmt="o", capsize=4, color=VERDICT_COLOURS[r["verdict"]], label=r["verdict"])
-        margin = rows["margin"].iloc[0]
+            same = r["ci95_low"] == r["ci95_high"] == r["a_minus_b"] == 0
+            colour, label = ("lightgrey", "same allocation (identical runs)") if same else \
+                (VERDICT_COLOURS[r["verdict"]], r["verdict"])
+            d, lo, hi = (scale * r[k] for k in ("a_minus_b", "ci95_low", "ci95_high"))
+            ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", capsize=4, color=colour, label=label)
+        margin = scale * rows["margin"].iloc[0]
         ax.axvspan(-margin, margin, color="tab:blue", alpha=0.08)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(y, [f"{r['a']}\nvs {r['b']}" for _, r in rows.iterrows()], fontsize=8)
-        better = "lower" if metric == "test loss" else "higher"
-        ax.set_xlabel(f"{metric}: a - b ({better} is better for a); shaded: +-margin")
+        better = "lower" if title.startswith("test loss") else "higher"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"a - b, {unit} ({better} is better for a); shaded: +-margin", fontsize=8)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
