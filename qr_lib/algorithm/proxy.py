@@ -153,8 +153,8 @@ class ProxyEvaluator:
         """Records in the order given. A parallel runner scores the unscored candidates on its workers
         first (each writes its own record); every record is then read back here, as a serial run would."""
         if self.runner.parallel:
-            todo = {self.key(a, fidelity): a for a in allocations
-                    if read_artifact(self.layout.evaluation(self.key(a, fidelity)), quiet=True) is None}
+            todo = {k: a for a in allocations
+                    if read_artifact(self.layout.evaluation(k := self.key(a, fidelity)), quiet=True) is None}
             self.runner.map(score_on_worker, [(self.profile, self.layout, a, fidelity) for a in todo.values()])
         return [self.evaluate(a, fidelity)
                 for a in tqdm(allocations, desc=desc, disable=not self.progress, leave=False)]

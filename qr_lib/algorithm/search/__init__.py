@@ -87,11 +87,19 @@ def phase2(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool 
     return nsga.run(profile, layout, ev, phase1(profile, layout, ev, progress), sensitivity.config(profile)["key"])
 
 
-def phase3(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> dict:
+def _phases(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool) -> tuple[dict, dict, dict, dict]:
+    """(Phase I, II and III results, and the keys that chain their configs), each read back or run."""
+    keys = {"sensitivity": sensitivity.config(profile)["key"]}
+    keys["nsga"] = nsga.config(profile, ev, keys["sensitivity"])["key"]
+    keys["bo"] = bo.config(profile, keys["nsga"])["key"]
     p1 = phase1(profile, layout, ev, progress)
-    p2 = nsga.run(profile, layout, ev, p1, sensitivity.config(profile)["key"])
-    nsga_key = nsga.config(profile, ev, sensitivity.config(profile)["key"])["key"]
-    return bo.run(profile, layout, ev, space_for(profile, ev.shapes, p1), p2, nsga_key, progress)
+    p2 = nsga.run(profile, layout, ev, p1, keys["sensitivity"])
+    p3 = bo.run(profile, layout, ev, space_for(profile, ev.shapes, p1), p2, keys["nsga"], progress)
+    return p1, p2, p3, keys
+
+
+def phase3(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> dict:
+    return _phases(profile, layout, ev, progress)[2]
 
 
 def select_at(profile: Profile, ev: ProxyEvaluator, p1: dict, p2: dict, p3: dict) -> dict[str, Selection]:
@@ -137,11 +145,7 @@ def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, pr
     """Phase I -> II -> III, then the selections; candidates are scored through `runner`. A variant
     search (other ladders) runs in layout.variant(<method>), sharing Phase I and the evaluations."""
     ev = evaluator(profile, layout, base, tok, runner, progress)
-    sens_key = sensitivity.config(profile)["key"]
-    nsga_key = nsga.config(profile, ev, sens_key)["key"]
-    p1 = phase1(profile, layout, ev, progress)
-    p2 = nsga.run(profile, layout, ev, p1, sens_key)
-    p3 = bo.run(profile, layout, ev, space_for(profile, ev.shapes, p1), p2, nsga_key, progress)
+    p1, p2, p3, keys = _phases(profile, layout, ev, progress)
     repair_records(layout, ev, p2, p3)
 
     def compute() -> dict:
@@ -166,6 +170,5 @@ def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, pr
                   "by_fidelity": {f: sum(r["fidelity"] == f for r in unique.values()) for f in ("low", "full")},
                   "search_train_tokens": tokens, "epoch_tokens": epoch, "epoch_equivalents": tokens / epoch},
         ).to_dict()
-    config = {"sensitivity": sens_key, "nsga": nsga_key, "bo": bo.config(profile, nsga_key)["key"],
-              "profile": profile.name}
+    config = {**keys, "profile": profile.name}
     return SearchResult.from_dict(cached(layout.search, config, compute))
