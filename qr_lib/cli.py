@@ -74,16 +74,18 @@ def _no_cell_markers(record) -> bool:
 
 
 def cmd_finetune(args) -> None:
-    if not args.method:
-        return _run_notebooks(args, STAGES["finetune"][0])
     from .algorithm.runner import open_runner
     from .layout import Layout
     from .models import load_model
     from .workbook import finetune, methods
 
     profile = _profile(args)
+    # Unlike reproduce, this command makes none of what its methods read: all of it must be there first.
+    chosen = [methods.load_method(m) for m in args.method or profile.finetune.methods or methods.method_ids()]
+    methods.check_prerequisites(profile, Layout.of(profile.name), chosen)
+    if not args.method:
+        return _run_notebooks(args, STAGES["finetune"][0], loaded=profile)
     layout = Layout.for_profile(profile.name)
-    chosen = [methods.load_method(m) for m in args.method]
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     with open_runner(profile.parallel, profile.device) as runner:
         methods.run_variant_searches(profile, layout, chosen, base, tok, runner)
@@ -145,6 +147,24 @@ def cmd_stock(args) -> None:
     print(table.round(2).to_string(index=False))
 
 
+def cmd_sizing(args) -> None:
+    from .layout import Layout
+    from .models import load_model
+    from .store import save_table
+    from .workbook import sizing
+    profile = _profile(args)
+    layout = Layout.for_profile(profile.name)
+    base, tok = load_model(profile.model, profile.dtype, profile.device)
+    curves = sizing.run(profile, layout, base, tok)
+    cfg = profile.sizing
+    save_table(sizing.table(curves), layout, "sizing_curves")
+    save_table(sizing.ladder(curves, cfg.max_gap), layout, "sizing_rungs")
+    changes = sizing.order_changes(curves, cfg.key_methods)
+    save_table(changes, layout, "sizing_order_changes")
+    print(sizing.ladder(curves, cfg.max_gap).round(3).to_string(index=False))
+    print(sizing.length(curves, cfg.key_methods)["statement"])
+
+
 def _profile_names() -> list[str]:
     return sorted(p.stem for p in (PACKAGE_DIR / "profiles").glob("*.json"))
 
@@ -201,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a split longer than this is scored on a seeded random sample of this many documents; "
                         "default: every split in full (HellaSwag's 10,042 take hours on a CPU)")
     p.set_defaults(func=cmd_stock)
+    p = sub.add_parser("sizing", formatter_class=fmt, help="learning curves that size the final fine-tune and the ladder",
+                       description="One fine-tune per uniform setting (sizing.methods) at a constant rate, scored on "
+                                   "the dev split at every checkpoint (sizing.steps): the order of the methods by "
+                                   "length, each rung's fidelity, and the length at which the order settles. "
+                                   "Resumes setting by setting.")
+    _common(p)
+    p.set_defaults(func=cmd_sizing)
     return ap
 
 

@@ -28,6 +28,7 @@ class DataConfig:
     n_train: int = 2000            # fine-tuning pairs
     n_val: int = 128               # search-validation pairs: the proxy's only scoring data
     n_test: int = 512              # test pairs: read only by the final comparison
+    n_dev: int = 0                 # design pairs: score the sizing curves and the proxy's calibration
     n_calib: int = 32              # calibration passages (Phase I)
     n_heldout: int = 64            # held-out passages (perplexity)
     seed: int = 0
@@ -102,9 +103,13 @@ class BOConfig:
 class LimitsConfig:
     """A run whose estimate (workbook/estimate.py) passes these stops before any work. Settings: a week
     of training steps, timed at what a finished run of the profile measured or else at a floor no CPU
-    or GPU step beats (so only absurd sizes are refused on a machine that has measured nothing)."""
+    or GPU step beats (so only absurd sizes are refused on a machine that has measured nothing), and
+    a peak memory the machine has."""
     max_hours: float = 168.0
     floor_step_seconds: float = 0.01
+    # The estimated peak of a training process (estimate.py) must fit this many GiB; None = the memory
+    # of the machine (or GPU) at hand.
+    max_memory_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,20 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class SizingConfig:
+    """The learning curves that size the final fine-tune and the search's ladder (workbook/sizing.py)."""
+    # Uniform settings (method ids): fidelity against plasticity at the reference rank and around it.
+    methods: tuple = ("lora16", "nf4", "hqq4_r4", "hqq4", "hqq4_r16", "hqq3", "hqq3_r16", "hqq3_g32", "hqq2")
+    steps: tuple = (0, 12, 24, 48, 96, 192, 384)   # checkpoints scored (optimizer steps)
+    seed: int = 0
+    # The methods whose order decides the length (sizing.length): no pair flips between L and 2L.
+    key_methods: tuple = ("lora16", "nf4", "hqq4", "hqq4_r4", "hqq3")
+    # A rung "survives" when its dev loss at the last checkpoint is within this many nats of 16-bit
+    # LoRA's (a setting: 0.5 nats = 1.65x the perplexity per answer token).
+    max_gap: float = 0.5
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = "default"
     model: str = "embedded"        # "embedded", "tiny", a hub id or a local folder
@@ -210,6 +229,7 @@ class Profile:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pilot: PilotConfig = field(default_factory=PilotConfig)
+    sizing: SizingConfig = field(default_factory=SizingConfig)
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -2,10 +2,12 @@
 
 Four kinds of data, each deterministic given a seed:
   calibration_texts  - raw passages for Phase I (LAMBADA here; WikiText-2 / C4 with a hub)
-  train / val / test - prompt/answer pairs (a commonsense multi-task mix of TRAIN splits; Alpaca with
-                       a hub), three disjoint splits of one pool: `train` is fine-tuned on, `val` is the
-                       search's only scoring data (the proxy), and `test` is read only by the final
-                       comparison, so nothing that chose an allocation ever scores it
+  train / val / dev / test - prompt/answer pairs (a commonsense multi-task mix of TRAIN splits;
+                       Alpaca with a hub), four disjoint splits of one pool: `train` is fine-tuned on,
+                       `val` is the search's only scoring data (the proxy), `dev` scores the choices
+                       about the experiment itself (the learning curves that size it, the proxy's
+                       calibration), and `test` is read only by the final comparison, so nothing that
+                       chose an allocation, a length or a proxy ever scores it
   heldout_texts      - passages for perplexity, disjoint from the calibration passages
   benchmark_docs     - the evaluation splits the lm-eval tasks read (see evaluate.py)
 
@@ -138,17 +140,38 @@ def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, lis
 
 @dataclass(frozen=True)
 class FinetuneSplits:
-    """Three disjoint splits of one pool of prompt/answer pairs (see the module docstring)."""
+    """Four disjoint splits of one pool of prompt/answer pairs (see the module docstring)."""
     train: list
     val: list
     test: list
+    dev: list
 
 
-def finetune_split(pool: dict[str, list[Example]], n_train: int, n_val: int, n_test: int, seed: int) -> FinetuneSplits:
-    """Deterministic, disjoint splits drawn round-robin across tasks, so every split is a mix."""
-    need = n_train + n_val + n_test
+# The order the splits are cut from one shuffled sequence. `train` comes last, so a longer fine-tune only
+# extends it, and `dev` after `test`, so adding design data leaves the search's and the final table's
+# examples where they were.
+SPLIT_ORDER = ("val", "test", "dev", "train")
+
+
+def _sizes(cfg: DataConfig) -> dict:
+    return {"val": cfg.n_val, "test": cfg.n_test, "dev": cfg.n_dev, "train": cfg.n_train}
+
+
+def _cut(rows: list, sizes: dict) -> FinetuneSplits:
+    out, at = {}, 0
+    for name in SPLIT_ORDER:
+        out[name] = rows[at:at + sizes[name]]
+        at += sizes[name]
+    return FinetuneSplits(**out)
+
+
+def finetune_split(pool: dict[str, list[Example]], sizes: dict, seed: int) -> FinetuneSplits:
+    """Deterministic, disjoint splits (`sizes`: split -> examples) drawn round-robin across tasks, so every
+    split is a mix."""
+    need = sum(sizes.values())
+    asked = " + ".join(f"{sizes[k]} {k}" for k in SPLIT_ORDER)
     if not pool:
-        raise QRError(f"the fine-tuning data holds no usable example (asked {n_train} + {n_val} + {n_test}); give "
+        raise QRError(f"the fine-tuning data holds no usable example (asked {asked}); give "
                       "a file with one prompt/answer pair per line or row")
     rng = random.Random(seed)
     shuffled = {t: rng.sample(ex, len(ex)) for t, ex in sorted(pool.items())}
@@ -156,11 +179,10 @@ def finetune_split(pool: dict[str, list[Example]], n_train: int, n_val: int, n_t
     per_task = -(-need // len(tasks))
     short = [t for t in tasks if len(shuffled[t]) < per_task]
     if short:
-        raise QRError(f"tasks {short} have fewer than {per_task} examples; lower data.n_train/n_val/n_test "
-                      f"(asked {n_train} + {n_val} + {n_test})")
+        raise QRError(f"tasks {short} have fewer than {per_task} examples; lower data.n_train/n_val/n_dev/n_test "
+                      f"(asked {asked})")
     interleaved = [shuffled[t][i] for i in range(per_task) for t in tasks]
-    return FinetuneSplits(train=interleaved[n_val + n_test:need], val=interleaved[:n_val],
-                          test=interleaved[n_val:n_val + n_test])
+    return _cut(interleaved, sizes)
 
 
 def local_pool(path: Path, sources: Sources) -> dict[str, list[Example]]:
@@ -202,29 +224,27 @@ def local_pool(path: Path, sources: Sources) -> dict[str, list[Example]]:
     return pool
 
 
-def hub_finetune(name: str, n_train: int, n_val: int, n_test: int, seed: int) -> FinetuneSplits:
+def hub_finetune(name: str, sizes: dict, seed: int) -> FinetuneSplits:
     """Alpaca-style instruction data from the hub (GPU machines with a network)."""
     from datasets import load_dataset
 
     rows = load_dataset(HUB_FINETUNE[name], split="train").shuffle(seed=seed)
     out = []
-    for r in rows.select(range(min(len(rows), n_train + n_val + n_test))):
+    for r in rows.select(range(min(len(rows), sum(sizes.values())))):
         inp = f"\n\n### Input:\n{r['input']}" if r.get("input") else ""
         prompt = f"### Instruction:\n{r['instruction']}{inp}\n\n### Response:\n"
         out.append(Example(prompt, r["output"], name, key=r["instruction"] + inp))
-    return FinetuneSplits(train=out[n_val + n_test:], val=out[:n_val], test=out[n_val:n_val + n_test])
+    return _cut(out, sizes)
 
 
 def load_finetune(cfg: DataConfig, sources: Sources | None = None) -> FinetuneSplits:
-    """The train / val / test splits; `commonsense` and local files are offline, `alpaca` needs the hub."""
+    """The train / val / dev / test splits; `commonsense` and local files are offline, `alpaca` needs the hub."""
     if cfg.finetune.endswith(LOCAL_SUFFIXES):
-        return finetune_split(local_pool(Path(cfg.finetune), sources or Sources.installed()), cfg.n_train, cfg.n_val,
-                              cfg.n_test, cfg.seed)
+        return finetune_split(local_pool(Path(cfg.finetune), sources or Sources.installed()), _sizes(cfg), cfg.seed)
     if cfg.finetune == "commonsense":
-        return finetune_split(commonsense_pool(sources or Sources.installed()), cfg.n_train, cfg.n_val,
-                              cfg.n_test, cfg.seed)
+        return finetune_split(commonsense_pool(sources or Sources.installed()), _sizes(cfg), cfg.seed)
     if cfg.finetune in HUB_FINETUNE:
-        return hub_finetune(cfg.finetune, cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+        return hub_finetune(cfg.finetune, _sizes(cfg), cfg.seed)
     raise QRError(f"fine-tuning source {cfg.finetune!r} is not one of {['commonsense', *HUB_FINETUNE]} or a "
                   f"{' / '.join(LOCAL_SUFFIXES)} file; `commonsense` and local files work offline")
 

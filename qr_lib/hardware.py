@@ -10,6 +10,7 @@ changes how the model computes, never what it stores: memory is accounted in the
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -44,6 +45,25 @@ def auto_dtype(device: str = "cpu") -> tuple[str, str]:
 
 def resolve_dtype(name: str, device: str = "cpu") -> str:
     return auto_dtype(device)[0] if name == "auto" else name
+
+
+def memory_bytes(device: str = "cpu") -> int | None:
+    """The memory a run on `device` can use: the GPU's, or the machine's physical memory capped by a
+    cgroup (container) limit; None where it cannot be read."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory if torch.cuda.is_available() else None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for limit in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+        try:
+            total = min(total, int(limit.read_text().strip()))
+        except (OSError, ValueError):    # absent, or "max"
+            pass
+    return total
 
 
 def describe() -> dict:

@@ -109,6 +109,13 @@ class Layout:
     def pilot(self) -> "Layout":
         return Layout(self.root / "pilot")
 
+    def sizing_curve(self, method_id: str) -> Path:
+        """One setting's learning curve (workbook/sizing.py)."""
+        return self.root / "sizing" / f"{method_id}.json"
+
+    def sizing_curves(self) -> list[Path]:
+        return sorted((self.root / "sizing").glob("*.json"))
+
     @property
     def sensitivity(self) -> Path:
         return self._main / "sensitivity.json"

@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from qr_lib.errors import QRError
 from qr_lib.workbook import calibration
 
 
@@ -20,7 +21,7 @@ def _scores(truth, noise_by_length, rng):
 def test_longer_proxies_rank_better_and_the_cheapest_good_one_is_recommended():
     rng = np.random.default_rng(0)
     truth = {f"m{i}": 3.0 + 0.1 * i for i in range(10)}
-    finals = pd.DataFrame({"method": list(truth), "final_test_loss": list(truth.values())})
+    finals = pd.DataFrame({"method": list(truth), "final_dev_loss": list(truth.values())})
     table = calibration.summary(_scores(truth, {0: 1.0, 8: 0.02, 16: 0.005}, rng), finals, batch_size=4)
     by = table.set_index(["length", "n_val"])
     assert by.loc[(16, 64), "spearman"] > 0.95 and by.loc[(0, 64), "spearman"] < 0.8
@@ -37,7 +38,7 @@ def test_a_proxy_that_only_separates_far_allocations_is_caught_near_the_front():
     close, far = {f"c{i}": 3.0 + 0.1 * i for i in range(5)}, {f"f{i}": 8.0 + i for i in range(5)}
     truth = {**close, **far}
     proxy = {**{m: 3.4 - (t - 3.0) for m, t in close.items()}, **far}
-    finals = pd.DataFrame({"method": list(truth), "final_test_loss": list(truth.values())})
+    finals = pd.DataFrame({"method": list(truth), "final_dev_loss": list(truth.values())})
     scores = pd.DataFrame([{"method": m, "seed": s, "length": 16, "n_val": 64, "proxy_loss": v + 0.001 * s}
                            for m, v in proxy.items() for s in (0, 1)])
     row = calibration.summary(scores, finals, batch_size=4, top_k=5).iloc[0]
@@ -46,18 +47,40 @@ def test_a_proxy_that_only_separates_far_allocations_is_caught_near_the_front():
     assert not calibration.recommend(pd.DataFrame([row]), 0.8)["reaches"]   # so it is not recommended
 
 
-def test_two_methods_with_one_allocation_count_once(tmp_path):
+def _write_finals(root, rows, dev=True):
     from qr_lib.algorithm.allocation import uniform
     from qr_lib.layout import Layout
     from qr_lib.store import write_artifact
     from qr_lib.workbook.finetune import RunResult
-    for method, bits, loss in (("hqq4", 4, 3.7), ("qr_adaptor", 4, 3.7), ("hqq3", 3, 5.3)):
+    for method, bits, loss in rows:
         result = RunResult(method=method, name=method, seed=0, allocation=uniform(1, bits, 8, name=method),
                            memory_bytes=1, avg_bits=bits, trainable_parameters=0, train={}, adapter_notes={},
-                           test_loss=loss, test_examples={}, heldout_perplexity=0.0, benchmarks={}, seconds=0)
-        write_artifact(Layout(tmp_path).run(method, 0).result, {}, result.to_dict())
-    finals = calibration.final_losses(Layout(tmp_path), ("hqq4", "qr_adaptor", "hqq3"))
+                           test_loss=loss + 100, test_examples={}, heldout_perplexity=0.0, benchmarks={}, seconds=0,
+                           dev_loss=loss if dev else None)
+        write_artifact(Layout(root).run(method, 0).result, {}, result.to_dict())
+    return Layout(root)
+
+
+def test_two_methods_with_one_allocation_count_once_and_the_dev_split_is_read_not_test(tmp_path):
+    layout = _write_finals(tmp_path, (("hqq4", 4, 3.7), ("qr_adaptor", 4, 3.7), ("hqq3", 3, 5.3)))
+    finals = calibration.final_losses(layout, ("hqq4", "qr_adaptor", "hqq3"))
     assert list(finals["method"]) == ["hqq4", "hqq3"] and finals.loc[0, "same_as"] == ["qr_adaptor"]
+    assert list(finals["final_dev_loss"]) == [3.7, 5.3]          # the test losses are 100 higher
+
+
+def test_final_runs_without_a_dev_score_are_refused(tmp_path):
+    layout = _write_finals(tmp_path, (("hqq4", 4, 3.7),), dev=False)
+    with pytest.raises(QRError, match="data.n_dev"):
+        calibration.final_losses(layout, ("hqq4",))
+
+
+def test_close_pairs_are_counted_against_the_proxy_noise():
+    finals = pd.DataFrame({"method": ["a", "b", "c"], "final_dev_loss": [3.00, 3.01, 4.0]})
+    scores = pd.DataFrame([{"method": m, "seed": s, "length": 4, "n_val": 8, "proxy_loss": v + 0.01 * s}
+                           for m, v in (("a", 3.2), ("b", 3.1), ("c", 4.2)) for s in (0, 1)])
+    row = calibration.summary(scores, finals, 4).iloc[0]
+    # noise = 0.00707; a-b (0.01 apart) is close, and the proxy orders it the wrong way
+    assert row["close_pairs"] == 1 and row["close_pairs_ordered_right"] == 0 and row["pairs"] == 3
 
 
 @pytest.mark.integration
@@ -87,6 +110,8 @@ def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
     table = pd.DataFrame(result["table"])
     assert len(table) == 3 * 2 and table["allocations"].eq(3).all()
     assert result["recommendation"]["length"] in (0, 2, 4)
+    runs = {r.method: r for r in finetune.results(layout)}
+    assert {f["method"]: f["final_dev_loss"] for f in result["finals"]} == {m: runs[m].dev_loss for m in runs}
     again = calibration.run(p, layout, base, tok, progress=False)      # cached curves
     assert again["scores"] == result["scores"]
     curve = sorted(layout.calibration_curve("*").parent.glob("*.json"))[0]   # one number tampered

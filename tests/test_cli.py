@@ -141,6 +141,7 @@ def test_an_absurd_size_is_refused_with_its_estimate_before_any_work(tmp_path, m
     (["bit_ladder=[2,4,4]"], "repeats a rung"),
     (["model.name=/x"], "a single value"),
     (["nsga.pop_size=1000000000"], "limits.max_hours"),
+    (["limits.max_memory_gib=0.001"], "--set limits.max_memory_gib="),
 ])
 def test_every_load_time_refusal_exits_2_from_the_command_line_with_nothing_written(settings, message, tmp_path,
                                                                                     monkeypatch, capsys):
@@ -149,6 +150,21 @@ def test_every_load_time_refusal_exits_2_from_the_command_line_with_nothing_writ
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["finetune", "--profile", "smoke", "--method", "hqq4", "phase1_knapsack4", "qr_adaptor"],
+    ["finetune", "--profile", "smoke", "--set", "finetune.methods=[\"lora16\",\"qr_adaptor\"]"],
+])
+def test_a_batch_whose_methods_need_missing_artifacts_is_refused_before_the_first_trains(argv, tmp_path,
+                                                                                         monkeypatch, capsys):
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "qr_adaptor needs the search" in err and "search.json is missing" in err
+    if "phase1_knapsack4" in argv:
+        assert "phase1_knapsack4 needs Phase I" in err
+    assert not any(tmp_path.rglob("*"))                           # nothing written, nothing trained
 
 
 def test_a_folder_or_an_array_given_as_profile_exits_2(tmp_path, monkeypatch, capsys):

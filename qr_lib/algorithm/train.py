@@ -111,7 +111,8 @@ def _to(batch, device):
 
 def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: str = "train",
           on_step=None) -> dict:
-    """AdamW on the trainable (LoRA) parameters. Returns the loss curve, token counts and the peak
+    """AdamW on the trainable (LoRA) parameters. Returns the loss curve, token counts (`tokens_seen`:
+    the tokens read by the end of each step, prompts included) and the peak
     memory of this run; a non-finite loss stops training and is reported as diverged, never raised.
     `on_step(step)` runs after each optimizer step, gradients still in place (AdaLoRA's rank
     re-allocation)."""
@@ -128,7 +129,7 @@ def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: s
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     stream = _batches(rows, cfg.batch_size, cfg.seed)
     model.train()
-    losses, tokens, t0 = [], 0, time.time()
+    losses, step_tokens_seen, tokens, t0 = [], [], 0, time.time()
     diverged = False
     with PeakMemory(str(device)) as peak:
         for step in (bar := tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)):
@@ -150,9 +151,10 @@ def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: s
             if on_step is not None:
                 on_step(step)
             losses.append(mean)
+            step_tokens_seen.append(tokens)
             bar.set_postfix(loss=f"{mean:.3f}", refresh=False)  # drawn at the next refresh, not every step
     model.eval()
-    return {"losses": losses, "train_tokens": tokens, "seconds": time.time() - t0, "diverged": diverged,
+    return {"losses": losses, "train_tokens": tokens, "tokens_seen": step_tokens_seen, "seconds": time.time() - t0, "diverged": diverged,
             "peak_memory": peak.result}
 
 

@@ -10,9 +10,11 @@ proxy of L steps computes, so one run gives every length; per-example losses giv
 first n examples) at no cost.
 
 For each (length, n_val): Spearman and Kendall between the proxy (mean over proxy seeds) and the final
-test loss (mean over the final runs' seeds), over all allocations and over the `top_k` best by final
-loss (the close decisions the search makes near its front), and the proxy's seed-to-seed noise
-against the spread between allocations. The recommendation is the cheapest setting with Spearman >=
+runs' loss on the dev split (mean over their seeds; a split neither the proxy nor the test table reads),
+over all allocations and over the `top_k` best by final loss (the close decisions the search makes near
+its front), how many pairs of allocations are close (final losses less than 3x the proxy's seed noise
+apart) and how many of those the proxy orders right, and the proxy's seed-to-seed noise against the
+spread between allocations. The recommendation is the cheapest setting with Spearman >=
 `min_spearman` over both, or, if none reaches it, the best one, said plainly.
 """
 from __future__ import annotations
@@ -37,8 +39,8 @@ from .methods import load_method
 
 
 def final_losses(layout: Layout, methods) -> pd.DataFrame:
-    """Each distinct allocation's final test loss (mean over its finished seeds), under the first method
-    that has it; `same_as` names the others (a search that selects a uniform allocation makes two
+    """Each distinct allocation's final loss on the dev split (mean over its finished seeds; never the test
+    split, which only the final table reads), under the first method that has it; `same_as` names the others (a search that selects a uniform allocation makes two
     methods one allocation, which a rank correlation must count once)."""
     rows = []
     for m in methods:
@@ -50,9 +52,12 @@ def final_losses(layout: Layout, methods) -> pd.DataFrame:
         if same:
             same[0]["same_as"].append(m)
             continue
+        if any(r.dev_loss is None for r in res):
+            raise QRError(f"the final runs of {m} have no dev-split score, which the calibration compares the "
+                          "proxy with (it never reads the test split); set data.n_dev (e.g. 256) and rerun them")
         rows.append({"method": m, "name": res[0].name, "allocation": res[0].allocation.to_dict(), "same_as": [],
                      "avg_bits": res[0].avg_bits, "memory_MiB": res[0].memory_bytes / 2**20,
-                     "final_test_loss": float(np.mean([r.test_loss for r in res])), "final_seeds": len(res)})
+                     "final_dev_loss": float(np.mean([r.dev_loss for r in res])), "final_seeds": len(res)})
     return pd.DataFrame(rows)
 
 
@@ -121,11 +126,11 @@ def run(profile: Profile, layout: Layout, base, tok, progress: bool = True) -> d
 
 
 def summary(scores: pd.DataFrame, finals: pd.DataFrame, batch_size: int, top_k: int = 5) -> pd.DataFrame:
-    """Per (length, n_val): rank agreement with the final test loss (all allocations, and the top_k
+    """Per (length, n_val): rank agreement with the final dev loss (all allocations, and the top_k
     by final loss), and noise against signal."""
     from scipy.stats import kendalltau, spearmanr
 
-    final = finals.set_index("method")["final_test_loss"]
+    final = finals.set_index("method")["final_dev_loss"]
     rows = []
     for (length, n_val), g in scores.groupby(["length", "n_val"]):
         per_seed = g.pivot_table(index="method", columns="seed", values="proxy_loss")
@@ -133,10 +138,17 @@ def summary(scores: pd.DataFrame, finals: pd.DataFrame, batch_size: int, top_k: 
         y = final.loc[proxy.index]
         noise = float(per_seed.std(axis=1, ddof=1).mean()) if per_seed.shape[1] > 1 else float("nan")
         top = y.nsmallest(top_k).index
+        # Close pairs: allocations whose final losses differ by less than 3x the proxy's seed noise, the
+        # decisions a proxy can get wrong; how many there are says what a rank correlation rests on.
+        close = [(a, b) for i, a in enumerate(y.index) for b in y.index[i + 1:]
+                 if noise == noise and abs(y[a] - y[b]) < 3 * noise]
+        agree = [np.sign(proxy[a] - proxy[b]) == np.sign(y[a] - y[b]) for a, b in close]
         rows.append({"length": int(length), "n_val": int(n_val), "allocations": len(proxy),
                      "spearman": float(spearmanr(proxy, y)[0]), "kendall": float(kendalltau(proxy, y)[0]),
                      "top_k": len(top), "spearman_top": float(spearmanr(proxy[top], y[top])[0]),
                      "kendall_top": float(kendalltau(proxy[top], y[top])[0]),
+                     "close_pairs": len(close), "pairs": len(y) * (len(y) - 1) // 2,
+                     "close_pairs_ordered_right": int(sum(agree)),
                      "seed_noise": noise, "allocation_spread": float(proxy.std(ddof=1)),
                      "signal_to_noise": float(proxy.std(ddof=1) / noise) if noise and noise > 0 else float("nan"),
                      # what one proxy score costs, in training examples plus examples scored

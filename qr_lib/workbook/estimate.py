@@ -19,6 +19,7 @@ from ..algorithm.search import nsga
 from ..algorithm.search.problem import space_for
 from ..config import Profile
 from ..errors import QRError
+from ..hardware import memory_bytes, resolve_dtype
 from ..layout import Layout
 from ..models import load_skeleton
 from . import finetune
@@ -72,6 +73,7 @@ def estimate(profile: Profile, step_seconds: float | None = None) -> dict:
     lora = formula_bytes(shapes, space.allocation(np.array([space.bit_ladder.index(profile.budget_bits),
                                                             space.rank_ladder.index(profile.budget_rank)]
                                                            * shapes.n_blocks)), profile.quant)["lora"]
+    dtype_bytes = {"float32": 4, "float64": 8}.get(resolve_dtype(profile.dtype, profile.device), 2)
     memory = {"model parameters": params,
               "16-bit checkpoint (disk, GiB)": params * 2 / 2**30,
               "budget: quantized blocks + LoRA (GiB)": budget / 2**30,
@@ -79,7 +81,11 @@ def estimate(profile: Profile, step_seconds: float | None = None) -> dict:
               "LoRA optimizer state at the budget, AdamW fp32 (GiB)": 2 * lora / 2**30,
               "block cache (disk, GiB, at most)": sum(formula_bytes(shapes, space.allocation(
                   np.array([j, 0] * shapes.n_blocks)), profile.quant)["weights"]
-                  for j, b in enumerate(space.bit_ladder) if b != 16) / 2**30}
+                  for j, b in enumerate(space.bit_ladder) if b != 16) / 2**30,
+              # The loaded base model stays resident while a quantized copy trains; on a CPU that copy
+              # computes with dequantized weights (quant.dequantize_once), so both count at the compute
+              # dtype, plus LoRA weights, gradients and AdamW's two moments. Activations come on top.
+              "training process peak, about (GiB)": (2 * params * dtype_bytes + 4 * lora) / 2**30}
     out = {"profile": profile.name, "model": profile.model, "device": profile.device, "stages": stages,
            "total LoRA steps": total_steps, "memory": memory, "step_seconds": step_seconds}
     if step_seconds:
@@ -114,9 +120,22 @@ def describe(result: dict) -> str:
 
 def check_size(profile: Profile, layout: Layout) -> None:
     """Refuse, before any work, a run whose training steps alone would pass profile.limits.max_hours,
-    at the step time a finished run measured (or the floor), naming the estimate and the setting."""
+    at the step time a finished run measured (or the floor), or whose training process would not fit
+    the machine's memory (or limits.max_memory_gib), naming the estimate and the setting."""
     step = measured_step_seconds(layout) or profile.limits.floor_step_seconds
-    hours = estimate(profile, step)["hours (training steps only)"]["total"]
+    result = estimate(profile, step)
+    peak = result["memory"]["training process peak, about (GiB)"]
+    limit = profile.limits.max_memory_gib
+    machine = memory_bytes(profile.device)
+    if limit is None and machine is not None:
+        limit = machine / 2**30
+    if limit is not None and peak > limit:
+        raise QRError(f"profile {profile.name!r} needs about {peak:,.1f} GiB in a training process (the base model "
+                      f"and a training copy at {profile.dtype}; `qr-adaptor estimate --profile {profile.name}`), "
+                      f"more than the {limit:,.1f} GiB {'allowed' if profile.limits.max_memory_gib else 'this machine has'}; "
+                      "choose a smaller model or a GPU, or let it through with "
+                      f"--set limits.max_memory_gib={peak * 1.1:.0f}")
+    hours = result["hours (training steps only)"]["total"]
     if hours > profile.limits.max_hours:
         raise QRError(f"profile {profile.name!r} would train for about {hours:,.0f} hours at {step:g} s per step "
                       f"(`qr-adaptor estimate --profile {profile.name}` for the breakdown), past "

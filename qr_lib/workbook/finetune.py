@@ -57,6 +57,10 @@ class RunResult(AllocationRecord):
     # whose allocations coincide (a search that selects a uniform allocation) share it, and train once.
     training_key: str | None = None
     same_run_as: str | None = None  # the method whose run this one's result is (its adapter lives there)
+    # The same scores on the dev split (data.n_dev > 0): what the proxy's calibration compares with, so
+    # that choosing the proxy never reads the test split.
+    dev_loss: float | None = None
+    dev_examples: dict | None = None
 
 
 def results(layout: Layout, method_id: str = "*") -> list[RunResult]:
@@ -72,15 +76,20 @@ def results(layout: Layout, method_id: str = "*") -> list[RunResult]:
 
 @dataclass(frozen=True)
 class RunData:
-    """What a final run reads: the fine-tuning set, the test split and the held-out passages."""
+    """What a final run reads: the fine-tuning set, the test and dev splits and the held-out passages."""
     train: list
     test: list
     heldout: list
+    dev: list
 
 
 def run_data(profile: Profile) -> RunData:
     splits = load_finetune(profile.data)
-    return RunData(splits.train, splits.test, load_texts(profile.data)[1])
+    return RunData(splits.train, splits.test, load_texts(profile.data)[1], splits.dev)
+
+
+def _per_example(scores: list) -> dict:
+    return {"nll_sum": [x for x, _ in scores], "tokens": [n for _, n in scores]}
 
 
 def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, progress: bool = True,
@@ -113,6 +122,7 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
         log = train(model, tok, d.train, tcfg, progress=progress, desc=f"{method.id} seed {seed}", on_step=hook)
         train_seconds = time.time() - t0
         per_example = example_losses(model, tok, d.test[:profile.finetune.n_test], tcfg.max_len)
+        dev = example_losses(model, tok, d.dev, tcfg.max_len) if d.dev else None
         save_adapter(model, where, allocation, qcfg, profile, method)
         memory = formula_bytes(shapes, allocation, qcfg)
         return RunResult(
@@ -122,11 +132,12 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
             train={**log, "steps": tcfg.steps, "epochs": tcfg.steps * tcfg.batch_size * tcfg.grad_accum / len(d.train),
                    "seconds": round(train_seconds, 1)},
             adapter_notes=notes, test_loss=mean_loss(per_example),
-            test_examples={"nll_sum": [x for x, _ in per_example], "tokens": [n for _, n in per_example]},
+            test_examples=_per_example(per_example),
             heldout_perplexity=perplexity(model, tok, d.heldout, max_len=256),
             benchmarks=run_tasks(model, tok, profile.eval, progress=progress, log_dir=where.lm_eval)
             if method.benchmarks and profile.eval.benchmarks(seed) else {},
-            seconds=round(time.time() - t0, 1), training_key=training).to_dict()
+            seconds=round(time.time() - t0, 1), training_key=training,
+            dev_loss=mean_loss(dev) if dev else None, dev_examples=_per_example(dev) if dev else None).to_dict()
 
     # A new search selection is a new run, though the method's configuration is the same.
     def same_allocation(result: dict) -> bool:

@@ -46,8 +46,16 @@ class Context:
     layout: Layout
 
 
+class Spec:
+    """An allocation kind: `resolve` makes the allocation; `needs` names the artifact it is read from
+    (path, what makes it), or None when the profile alone decides it."""
+
+    def needs(self, layout: Layout) -> tuple[Path, str] | None:
+        return None
+
+
 @dataclass(frozen=True)
-class Uniform:
+class Uniform(Spec):
     bits: int
     rank: int
 
@@ -57,7 +65,7 @@ class Uniform:
 
 
 @dataclass(frozen=True)
-class Split:
+class Split(Spec):
     shallow: tuple
     deep: tuple
     boundary: int | None = None
@@ -69,8 +77,11 @@ class Split:
 
 
 @dataclass(frozen=True)
-class Searched:
+class Searched(Spec):
     bits: float | None = None      # None: Phase III's selection at the profile's budget
+
+    def needs(self, layout: Layout) -> tuple[Path, str] | None:
+        return layout.search, "the search (notebooks 02-04, or `qr-adaptor search`)"
 
     def resolve(self, ctx: Context, method: "Method") -> Allocation:
         result = search.load_result(ctx.layout)
@@ -79,7 +90,7 @@ class Searched:
 
 
 @dataclass(frozen=True)
-class Variant:
+class Variant(Spec):
     settings: dict                 # top-level profile settings the variant search changes
 
     def profile(self, profile: Profile) -> Profile:
@@ -92,9 +103,12 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class Knapsack:
+class Knapsack(Spec):
     bits: float
     rank: int
+
+    def needs(self, layout: Layout) -> tuple[Path, str] | None:
+        return layout.sensitivity, "Phase I (notebook 02, or `qr-adaptor sensitivity`)"
 
     def resolve(self, ctx: Context, method: "Method") -> Allocation:
         p = ctx.profile
@@ -111,7 +125,7 @@ class Knapsack:
 
 
 @dataclass(frozen=True)
-class Random:
+class Random(Spec):
     bits: float
     draw: int
 
@@ -207,6 +221,21 @@ def load_method(method_id: str) -> Method:
     if unknown:
         raise QRError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
     return Method(id=path.stem, **values)
+
+
+def check_prerequisites(profile: Profile, layout: Layout, methods: list[Method]) -> None:
+    """Before any work: every artifact the methods' allocations are read from (a search, Phase I) is
+    there and whole; one message names each missing one and the command that makes it. A variant's
+    search and the allocations made from the profile alone need nothing."""
+    missing = {}
+    for m in methods:
+        need = m.spec.needs(layout)
+        if need is not None and stored_result(need[0]) is None:
+            missing.setdefault(need, []).append(m.id)
+    if missing:
+        raise QRError("; ".join(f"{', '.join(ids)} need{'s' if len(ids) == 1 else ''} {how}, and {path} is missing "
+                                f"or damaged" for (path, how), ids in missing.items())
+                      + f" (profile {profile.name}); run that first, or drop the method")
 
 
 def run_variant_searches(profile: Profile, layout: Layout, methods: list[Method], base, tok,

@@ -371,6 +371,58 @@ def paired_intervals(claims):
     return fig
 
 
+# Learning curves: the colour says what the frozen weights keep, the line style what the adapter can add.
+FIDELITY_COLOUR = {("hqq", 16): "#1f77b4", ("bnb", 4): "#2ca02c", ("hqq", 4): "#9467bd", ("hqq", 3): "#8c564b",
+                   ("hqq", 2): "#7f7f7f"}
+RANK_STYLE = {4: ":", 8: "-", 16: "--"}
+
+
+def learning_curves(table, length: int | None = None, reference: str = "lora16"):
+    """Dev loss against fine-tuning tokens for every sizing setting (left), and each setting's paired
+    difference to `reference` with its 95% interval over dev examples (right, the reference's own line at 0).
+    A vertical line marks the chosen final length, where given."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, g in table.groupby("method", sort=False):
+        g = g.sort_values("step")
+        bits = int(round(g["bits"].iloc[0]))
+        colour = FIDELITY_COLOUR.get((g["quantizer"].iloc[0], bits), "#444444")
+        if "g32" in method:
+            colour = "#e6550d"
+        ls = RANK_STYLE.get(g["rank"].iloc[0], "-.")
+        x = g["train_tokens"].clip(lower=1)
+        a.plot(x, g["dev_loss"], ls=ls, color=colour, marker="o", ms=3, label=g["name"].iloc[0])
+        if method != reference and f"minus_{reference}" in g:
+            b.plot(x, g[f"minus_{reference}"], ls=ls, color=colour, marker="o", ms=3)
+            b.fill_between(x, g["ci95_low"], g["ci95_high"], color=colour, alpha=0.12, lw=0)
+    for ax in (a, b):
+        ax.set_xscale("symlog", linthresh=max(1, table.loc[table["step"] > 0, "train_tokens"].min()))
+        ax.set_xlabel("fine-tuning tokens seen (log; 0 = before training)")
+        ax.grid(alpha=0.3)
+        if length is not None:
+            at = table.loc[table["step"] == length, "train_tokens"]
+            if len(at):
+                ax.axvline(float(at.mean()), color="k", lw=0.8, ls="--")
+                ax.annotate(f"chosen length: {length} steps", (float(at.mean()), 0.98), xycoords=("data", "axes fraction"),
+                            fontsize=7, ha="right", va="top", rotation=90)
+    a.set_ylabel("dev loss (nats per answer token; lower is better)")
+    a.set_title("learning curves (constant rate after warm-up, one seed)", fontsize=9)
+    a.legend(fontsize=7, ncol=2)
+    b.axhline(0, color=FIDELITY_COLOUR[("hqq", 16)], lw=1)
+    b.set_ylabel(f"dev loss minus {reference} (nats/token)")
+    b.set_title("the gap to 16-bit LoRA: does rank close it, or does it stay?\n"
+                "(band: 95% paired interval over dev examples)", fontsize=9)
+    top = table.loc[table["method"] != reference, "ci95_high"] if "ci95_high" in table else None
+    if top is not None and len(top):
+        # Destroyed rungs (gaps of several nats) would flatten the rest: clip and say so.
+        limit = min(float(top.max()), 2.0)
+        b.set_ylim(min(-0.1, float(table["ci95_low"].min()) - 0.05), limit + 0.05)
+        if float(top.max()) > limit:
+            b.annotate("axis clipped at +2 nats: higher curves are off the top", (0.01, 0.98), xycoords="axes fraction",
+                       fontsize=7, va="top")
+    fig.tight_layout()
+    return fig
+
+
 def calibration_plot(result: dict):
     """Left: Spearman (proxy vs final test loss) against proxy length, one line per n_val, over all
     allocations (solid) and over the best few by final loss (dotted). Right: the
@@ -388,19 +440,19 @@ def calibration_plot(result: dict):
                    label=f"{n_val} pairs, best {int(g['top_k'].iloc[0])} by final loss")
     a.axhline(0.8, color="gray", ls="--", lw=0.8)
     a.set_xlabel("proxy length (LoRA steps; 0 = before training)")
-    a.set_ylabel("Spearman with the final test loss")
+    a.set_ylabel("Spearman with the final runs' dev loss")
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     g = scores[(scores["length"] == rec["length"]) & (scores["n_val"] == rec["n_val"])]
     stats = g.groupby("method")["proxy_loss"].agg(["mean", "min", "max"])
-    y = finals.loc[stats.index, "final_test_loss"]
+    y = finals.loc[stats.index, "final_dev_loss"]
     b.errorbar(stats["mean"], y, xerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]], fmt="o", capsize=3)
     for m, xv, yv in zip(stats.index, stats["mean"], y):
         same = finals.loc[m].get("same_as") or []
         label = finals.loc[m, "name"] + (f" (= {', '.join(same)})" if len(same) else "")
         b.annotate(label, (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
     b.set_xlabel(f"proxy loss ({rec['length']} steps, {rec['n_val']} pairs; bars: proxy seeds)")
-    b.set_ylabel("final test loss")
+    b.set_ylabel("final runs' dev loss (nats/token, lower is better)")
     b.grid(alpha=0.3)
     fig.tight_layout()
     return fig
