@@ -80,7 +80,7 @@ def test_bad_source_names_say_what_works(sources):
         D.load_finetune(D.DataConfig(finetune="alpacca"), sources)
     with pytest.raises(QRError, match="only 40 exist"):
         D.load_texts(D.DataConfig(n_calib=30, n_heldout=30), sources)
-    with pytest.raises(QRError, match="lower data.n_train/n_val/n_test"):
+    with pytest.raises(QRError, match="lower data.n_train/n_val/n_dev/n_test"):
         D.load_finetune(D.DataConfig(n_train=200, n_val=10, n_test=10), sources)
 
 

@@ -104,3 +104,22 @@ def test_an_interval_that_touches_zero_is_not_a_difference():
     assert stats.verdict(2.8e-17, 0.12, 0.01, lower_is_better=False) == "can't tell"
     assert stats.verdict(-0.12, -2.8e-17, 0.01, lower_is_better=True) == "can't tell"
     assert stats.verdict(0.006, 0.12, 0.01, lower_is_better=False) == "better"
+
+
+def test_draws_that_ran_at_every_seed_are_their_own_unit_in_a_claim():
+    from qr_lib.workbook import comparison
+    rng = np.random.default_rng(8)
+    tokens = np.full(40, 4)
+    base = rng.normal(12, 1, 40)
+
+    def entry(shift, seed):
+        return {"name": "x", "nll": base + shift + 0.01 * seed, "tokens": tokens, "docs": {}}
+    data = {("a", s): entry(0.0, s) for s in (0, 1, 2)}
+    one_each = {**data, **{(f"r{k}", k): entry(1.0 + k, k) for k in (0, 1, 2)}}
+    every = {**data, **{(f"r{k}", s): entry(1.0 + k, s) for k in (0, 1, 2) for s in (0, 1, 2)}}
+    draws = [f"r{k}" for k in (0, 1, 2)]
+    paired_by_seed = comparison.paired(one_each, "a", draws, "test loss")
+    own_unit = comparison.paired(every, "a", draws, "test loss")
+    assert paired_by_seed.draws == 1 and own_unit.draws == 3
+    assert own_unit.difference == pytest.approx(-2.0 / 4)        # per token: draws are 1, 2, 3 nats worse per example
+    assert own_unit.high - own_unit.low > 0.5                     # the draws' spread (0.25 per token) is in it

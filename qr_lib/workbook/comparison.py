@@ -100,9 +100,18 @@ def per_example(layout: Layout) -> dict:
     return out
 
 
+def _baseline(data: dict, b: list[str], seeds: list, values):
+    """b's [seeds, units] values, or [draws, seeds, units] when b is several draws that each ran at every
+    seed (draws are then their own unit, with their own variance: stats.paired_interval). Draws that
+    ran at one seed each (draw k at seed k) can only be averaged per seed."""
+    if len(b) > 1 and all((x, s) in data for x in b for s in seeds):
+        return np.stack([np.stack([values((x, s)) for s in seeds]) for x in b])
+    return np.stack([np.mean([values((x, s)) for x in b if (x, s) in data], axis=0) for s in seeds])
+
+
 def _paired_arrays(data: dict, a: str, b: list[str], metric: str):
-    """[seeds, units] arrays for a and b (b averaged over its methods per seed) and the unit weights,
-    over the seeds a shares with b; None when they share none."""
+    """[seeds, units] arrays for a, b's (_baseline) and the unit weights, over the seeds a shares with b;
+    None when they share none."""
     seeds = sorted(s for m, s in data if m == a and any((x, s) in data for x in b))
     if metric == "test loss":
         seeds = [s for s in seeds if data[(a, s)]["nll"].size]
@@ -114,8 +123,7 @@ def _paired_arrays(data: dict, a: str, b: list[str], metric: str):
             raise QRError(f"{a} and {b} were scored on different test examples; rerun them with the same "
                           "data settings (profile data.*, finetune.n_test)")
         A = np.stack([data[(a, s)]["nll"] for s in seeds])
-        B = np.stack([np.mean([data[(x, s)]["nll"] for x in b if (x, s) in data], axis=0) for s in seeds])
-        return A, B, tokens, seeds
+        return A, _baseline(data, b, seeds, lambda k: data[k]["nll"]), tokens, seeds
     seeds = [s for s in seeds if data[(a, s)]["docs"] and all(data[(x, s)]["docs"] for x in b if (x, s) in data)]
     if not seeds:
         return None
@@ -130,8 +138,7 @@ def _paired_arrays(data: dict, a: str, b: list[str], metric: str):
     def values(k):
         return np.array([data[k]["docs"][t][d] for t, d in units]) * weight
     A = np.stack([values((a, s)) for s in seeds])
-    B = np.stack([np.mean([values((x, s)) for x in b if (x, s) in data], axis=0) for s in seeds])
-    return A, B, weight, seeds
+    return A, _baseline(data, b, seeds, values), weight, seeds
 
 
 def paired(data: dict, a: str, b: list[str], metric: str, label: str | None = None,
