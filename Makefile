@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv test test-fast reproduce search lab benchmark stock-eval clean-smoke
+.PHONY: venv test test-fast reproduce search sizing lab benchmark stock-eval clean-smoke
 
 venv: $(STAMP)
 
@@ -41,6 +41,11 @@ reproduce: $(STAMP)
 # The three-phase search alone (notebooks 02-04: artifacts, tables and plots).
 search: $(STAMP)
 	$(CLI) search $(ARGS)
+
+# Learning curves on the dev split that size the final fine-tune and the search's ladder (resumes per
+# setting): about 2.5 h for the default's nine settings on 2 CPU cores (float32).
+sizing: $(STAMP)
+	$(CLI) sizing $(ARGS)
 
 # lm-eval's stock task formats on the base model (resumes per task). Splits over STOCK_MAX_DOCS documents
 # (HellaSwag's 10,042) are scored on a seeded sample of that many: about an hour on 2 CPU cores.

@@ -150,19 +150,22 @@ def cmd_stock(args) -> None:
 def cmd_sizing(args) -> None:
     from .layout import Layout
     from .models import load_model
-    from .store import save_table
+    from .store import save_figure, save_table
     from .workbook import sizing
+    from .workbook.plots import caption, figure_caption, learning_curves
     profile = _profile(args)
     layout = Layout.for_profile(profile.name)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     curves = sizing.run(profile, layout, base, tok)
     cfg = profile.sizing
-    save_table(sizing.table(curves), layout, "sizing_curves")
-    save_table(sizing.ladder(curves, cfg.max_gap), layout, "sizing_rungs")
-    changes = sizing.order_changes(curves, cfg.key_methods)
-    save_table(changes, layout, "sizing_order_changes")
-    print(sizing.ladder(curves, cfg.max_gap).round(3).to_string(index=False))
-    print(sizing.length(curves, cfg.key_methods)["statement"])
+    table, ladder, length = sizing.table(curves), sizing.ladder(curves, cfg.max_gap), sizing.length(curves, cfg.key_methods)
+    save_table(table, layout, "sizing_curves")
+    save_table(ladder, layout, "sizing_rungs")
+    save_table(sizing.order_changes(curves, cfg.key_methods), layout, "sizing_order_changes")
+    save_figure(caption(learning_curves(table, length["L"]), f"{figure_caption(profile)} · one seed per setting · "
+                        f"dev split ({profile.data.n_dev} pairs)"), layout, "learning_curves")
+    print(ladder.round(3).to_string(index=False))
+    print(length["statement"])
 
 
 def _profile_names() -> list[str]:

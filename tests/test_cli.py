@@ -10,7 +10,7 @@ from qr_lib import cli
 
 
 def test_every_stage_and_tool_is_a_command_with_its_options_documented(capsys):
-    for command in (*cli.STAGES, "estimate", "export", "stock"):
+    for command in (*cli.STAGES, "estimate", "export", "stock", "sizing"):
         with pytest.raises(SystemExit) as done:
             cli.main([command, "--help"])
         assert done.value.code == 0
@@ -165,6 +165,50 @@ def test_a_batch_whose_methods_need_missing_artifacts_is_refused_before_the_firs
     if "phase1_knapsack4" in argv:
         assert "phase1_knapsack4 needs Phase I" in err
     assert not any(tmp_path.rglob("*"))                           # nothing written, nothing trained
+
+
+def _older_rows(tmp):
+    """The older rows of docs/BAD_INPUT.md as command lines: (argv, what the message says)."""
+    bad_profile = tmp / "broken.json"
+    bad_profile.write_text('{"model": "tiny",\n "nsga": {"pop_size": 4,}}')
+    latin = tmp / "latin.json"
+    latin.write_bytes(b'{"name": "caf\xe9"}')
+    bad_method = tmp / "broken_method.json"
+    bad_method.write_text('{"name": "x", "allocation": {"bits": 4, "rank": 8},}')
+    per_block = tmp / "per_block.json"
+    per_block.write_text('{"name": "x", "allocation": {"bits": [4, 4], "rank": [8, 8]}}')
+    empty = tmp / "not-a-model"
+    empty.mkdir()
+    blocker = tmp / "a-file"
+    blocker.write_text("")
+    smoke = ["--profile", "smoke"]
+    return [
+        (["search", "--profile", str(bad_profile)], "line 2"),
+        (["search", "--profile", str(latin)], "UTF-8"),
+        (["finetune", *smoke, "--method", str(bad_method)], "is not valid JSON (line 1"),
+        (["finetune", *smoke, "--method", str(per_block)], "not both integers"),
+        (["search", *smoke, "--set", "bit_ladder=[2,4,5]"], "cannot quantize to [5] bits"),
+        (["search", *smoke, "--set", "budget_bits=-4"], "a budget of -4 average bits"),
+        (["search", *smoke, "--set", "rank_ladder=[-8,8]"], "rank_ladder"),
+        (["search", *smoke, "--set", "budget_rank=12"], "budget_rank"),
+        (["search", *smoke, "--set", "finetune.lr=-0.1"], "finetune.lr"),
+        (["search", *smoke, "--set", f"model={empty}"], "not a model folder"),
+        (["finetune", *smoke, "--method", "hqq4"], "cannot write results", blocker),
+    ]
+
+
+@pytest.mark.parametrize("row", range(11))
+def test_the_older_bad_input_rows_exit_2_from_the_command_line_with_nothing_written(row, tmp_path, monkeypatch,
+                                                                                    capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    argv, message, *results = _older_rows(inputs)[row]
+    results_dir = results[0] if results else tmp_path / "results"
+    monkeypatch.setenv("QR_RESULTS_DIR", str(results_dir))
+    before = sorted(tmp_path.rglob("*"))
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before                  # nothing written
 
 
 def test_a_folder_or_an_array_given_as_profile_exits_2(tmp_path, monkeypatch, capsys):
