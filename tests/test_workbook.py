@@ -74,16 +74,19 @@ def test_compute_time_sums_what_each_stage_recorded_counting_search_evaluations_
     record(layout.run("lora16", 0).result, 300.0)
     record(layout.run("lora16", 1).result, 200.0)
     record(layout.run("lora16", 2).result, 1e9)
+    record(layout.calibration_curve("c0"), 40.0)
+    record(layout.sizing_curve("lora16"), 900.0)
     damaged = layout.run("lora16", 2).result                # a damaged record is named and left out
     damaged.write_text(damaged.read_text()[:50])
     write_json(layout.manifest, {"files": {}, "notebooks": {"00_setup.ipynb": {"seconds": 5.0},
                                                            "06_benchmarks.ipynb": {"seconds": 7.0}}})
     with pytest.warns(UserWarning, match="damaged or was edited"):
         rows = {r["stage"]: r for r in report.compute_time(layout)}
-    assert list(rows) == ["00", "02", "03-04", "05", "06", "all"]
+    assert list(rows) == ["00", "02", "03-04", "05", "06 calibration", "sizing", "06", "all"]
+    assert rows["06 calibration"]["seconds"] == 40.0 and rows["sizing"]["seconds"] == 900.0
     assert (rows["03-04"]["count"], rows["03-04"]["seconds"]) == (2, 30.0)
     assert (rows["05"]["count"], rows["05"]["seconds"]) == (2, 500.0)
-    assert rows["all"]["seconds"] == 5 + 60 + 30 + 500 + 7
+    assert rows["all"]["seconds"] == 5 + 60 + 30 + 500 + 40 + 900 + 7
     assert rows["03-04"]["source"] == "evaluations/*.json" and rows["05"]["source"] == "runs/*/seed*/result.json"
     assert report.compute_time(Layout(tmp_path / "nothing")) == []
 
@@ -170,4 +173,5 @@ def test_the_report_shows_an_optional_table_only_when_its_command_wrote_it(tmp_p
     layout.table("stock_lm_eval").write_text("| task |\n|---|\n| piqa |\n")
     shown.clear()
     report.show(layout)
-    assert any("stock formats" in str(s) and "| piqa |" in str(s) for s in shown)
+    at = next(i for i, s in enumerate(shown) if "stock formats" in str(s))
+    assert "| piqa |" in str(shown[at + 1])

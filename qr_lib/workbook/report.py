@@ -32,9 +32,35 @@ SECTIONS = [
 ]
 # Written by commands outside `make reproduce` (hours on a CPU): shown when present, never required.
 OPTIONAL = [
+    ("Learning curves: where rank helps, where bits cap (dev split)", "make sizing", ("figure", "learning_curves")),
+    ("Each rung's fidelity and whether it survives fine-tuning", "make sizing", ("table", "sizing_rungs")),
     ("The base model in lm-eval's stock formats, beside published numbers", "make stock-eval",
      ("table", "stock_lm_eval")),
 ]
+# What to read in each figure: one line, shown under it.
+READING = {
+    "learning_curves": "Right panel: a gap to 16-bit LoRA that shrinks with tokens is one rank and training buy "
+                       "back; one that stays is what the bits cost. The dashed line is the chosen final length.",
+    "pilot_configs": "Configs A-D at equal memory: does moving bits between shallow and deep blocks (C vs D), or "
+                     "trading bits for rank (B vs A), change the test loss? Bars: mean over seeds.",
+    "sensitivity_kl": "Which blocks the lowest rung hurts most (KL to the unquantized model's outputs): Phase I's "
+                      "ordering, the only thing the knapsack and the first generation know.",
+    "sensitivity_knapsack": "What Phase I alone would choose: the least-KL allocation within the budget.",
+    "nsga_objective_space": "Every scored allocation: proxy loss against memory; the front is what Phase II "
+                            "hands to Phase III. Uniform allocations are marked for reference.",
+    "nsga_hypervolume": "Whether later generations improved the front at all (a flat line: they did not).",
+    "bo_objective_space": "Phase III's steps among the front: where the GP's expected improvement looked.",
+    "search_selected_allocation": "The selected allocation per block (bits and rank) at the main budget.",
+    "search_selected_allocation_3p5": "The selected allocation per block at 3.5 average bits.",
+    "finetune_loss_curves": "Training loss of the final runs (smoothed): all methods converge or none.",
+    "benchmarks_claims": "Each claim's paired difference with its 95% interval, coloured by verdict after "
+                         "Holm's correction; read the interval, not the point.",
+    "accuracy_vs_memory": "Benchmark average against memory: what each method buys per MiB.",
+    "test_loss_vs_memory": "Test loss against memory (lower is better): the trade-off the search optimizes.",
+    "benchmark_bars": "Per-task accuracy with binomial standard errors and chance lines.",
+    "proxy_calibration": "Does the short proxy order allocations as the final fine-tune does (on the dev "
+                         "split)? Left: rank agreement by proxy length; right: the recommended proxy.",
+}
 
 
 def item_path(layout: Layout, item: tuple[str, str]) -> Path:
@@ -51,7 +77,7 @@ def items(layout: Layout):
 
 def show(layout: Layout) -> None:
     """Display every headline table and figure (in a notebook), naming the missing ones."""
-    from IPython.display import Image, Markdown, display
+    from IPython.display import Markdown, display
 
     current = None
     for title, notebook, path, exists in items(layout):
@@ -60,18 +86,26 @@ def show(layout: Layout) -> None:
             current = title
         if not exists:
             display(Markdown(f"*`{path.name}` has not been written yet: run `{notebook}`.*"))
-        elif path.suffix == ".png":
-            display(Image(filename=str(path)))
         else:
-            display(Markdown(path.read_text()))
+            _display(path)
     for title, command, f in OPTIONAL:
         if item_path(layout, f).exists():
-            display(Markdown(f"## {title}\n*from `{command}`, not part of `make reproduce`*\n\n"
-                             + item_path(layout, f).read_text()))
+            display(Markdown(f"## {title}\n*from `{command}`, not part of `make reproduce`*"))
+            _display(item_path(layout, f))
     if rows := compute_time(layout):
         display(Markdown("## Compute time\n*seconds of work the artifacts record (2 CPU cores for the "
                          "default profile); `make reproduce` writes the same to `tables/compute_time.md`*\n\n"
                          + pd.DataFrame(rows).to_markdown(index=False)))
+
+
+def _display(path: Path) -> None:
+    from IPython.display import Image, Markdown, display
+    if path.suffix == ".png":
+        display(Image(filename=str(path)))
+        if path.stem in READING:
+            display(Markdown(f"*What to read:* {READING[path.stem]}"))
+    else:
+        display(Markdown(path.read_text()))
 
 
 def _recorded(paths) -> tuple[int, float]:
@@ -106,6 +140,11 @@ def compute_time(layout: Layout) -> list[dict]:
             layout.evaluation("*"))
     if runs := layout.runs():
         add("05", "final fine-tuning runs with lm-eval", *_recorded([r.result for r in runs]), layout.run("*", "*").result)
+    if curves := sorted(layout.calibration_curve("*").parent.glob("*.json")):
+        add("06 calibration", "proxy calibration: proxy fine-tunes of its allocations", *_recorded(curves),
+            layout.calibration_curve("*"))
+    if curves := layout.sizing_curves():
+        add("sizing", "learning curves (make sizing; training only)", *_recorded(curves), layout.sizing_curve("*"))
     for nb in ("06_benchmarks", "07_report", "08_fidelity_plasticity_explorer"):
         if f"{nb}.ipynb" in notebooks:
             add(nb[:2], f"notebook {nb} (reads artifacts)", 1, notebooks[f"{nb}.ipynb"]["seconds"], layout.manifest)
