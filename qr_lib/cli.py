@@ -159,7 +159,6 @@ def cmd_sizing(args) -> None:
     curves = sizing.run(profile, layout, base, tok)
     cfg = profile.sizing
     table, ladder, length = sizing.table(curves), sizing.ladder(curves, cfg.max_gap), sizing.length(curves, cfg.key_methods)
-    save_table(table, layout, "sizing_curves")
     save_table(ladder, layout, "sizing_rungs")
     save_table(sizing.order_changes(curves, cfg.key_methods), layout, "sizing_order_changes")
     save_figure(caption(learning_curves(table, length["L"]), f"{figure_caption(profile)} · one seed per setting · "

@@ -93,7 +93,11 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
     """(model, tokenizer) for `embedded`, a local folder or a hub id (offline needs a local copy),
     in compute dtype `dtype` ("auto": the fastest on this machine, hardware.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # Its "Loading weights" bar takes a second here and is left behind in every executed notebook as a
+    # frozen widget; loading a hub model still logs what it downloads.
+    hf_logging.disable_progress_bar()
     dtype = resolve_dtype(dtype, device)
     if name == TINY:
         tok = AutoTokenizer.from_pretrained(embedded_dir())

@@ -97,6 +97,7 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
         lines = [ln for c in cells for o in c.get("outputs", []) if o.get("name") == "stderr"
                  for ln in "".join(o["text"]).splitlines() if ln.strip()]
         assert len(lines) <= 80, (nb.name, len(lines), lines[:20])
+        assert reproduce.WIDGET not in nb.read_text() and str(tmp_path) not in nb.read_text(), nb.name
     index = (out / "README.md").read_text()
     assert "tables/benchmarks.md" in index and "figures/nsga_hypervolume.png" in index
     finished = {p: p.stat().st_mtime for p in out.rglob("result.json")}

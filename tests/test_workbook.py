@@ -175,3 +175,45 @@ def test_the_report_shows_an_optional_table_only_when_its_command_wrote_it(tmp_p
     report.show(layout)
     at = next(i for i, s in enumerate(shown) if "stock formats" in str(s))
     assert "| piqa |" in str(shown[at + 1])
+
+
+def test_committed_notebooks_carry_no_widget_and_no_absolute_path():
+    """Every notebook in the repository, source or executed copy: no frozen widget (a progress bar
+    saved mid-way) and no path of the machine that ran it (reproduce.tidy)."""
+    import json
+    import re
+
+    from qr_lib import REPO_DIR
+    from qr_lib.workbook.reproduce import WIDGET
+    found = sorted(REPO_DIR.glob("notebooks/*.ipynb")) + sorted(REPO_DIR.glob("results/*/notebooks/*.ipynb"))
+    assert len(found) >= 9
+    for path in found:
+        text = path.read_text(encoding="utf-8")
+        outputs = [o for c in json.loads(text)["cells"] for o in c.get("outputs", [])]
+        assert not any(WIDGET in o.get("data", {}) for o in outputs), path
+        assert str(REPO_DIR) not in text and not re.search(r"['\"(]/(root|home|Users|tmp)/", text), path
+
+
+def test_tidy_drops_widgets_and_progress_lines_and_makes_paths_relative(tmp_path, monkeypatch):
+    import json
+
+    from qr_lib import REPO_DIR
+    from qr_lib.workbook import reproduce
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path / "elsewhere"))
+    nb = {"cells": [{"cell_type": "code", "source": [], "metadata": {}, "outputs": [
+        {"output_type": "display_data", "metadata": {}, "data": {reproduce.WIDGET: {"model_id": "x"},
+                                                                  "text/plain": ["Loading weights: 0%"]}},
+        {"output_type": "stream", "name": "stderr", "text": ["\r", "train:  42%|####   | 10/24 [00:03<00:04, 3.1it/s]"]},
+        {"output_type": "stream", "name": "stderr", "text": ["a real warning\n"]},
+        {"output_type": "execute_result", "metadata": {}, "execution_count": 1,
+         "data": {"text/plain": [f"PosixPath('{tmp_path / 'elsewhere'}/smoke/figures/a.png')"]}}]}],
+        "metadata": {"papermill": {"input_path": f"{REPO_DIR}/notebooks/01.ipynb"}}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    reproduce.tidy(path)
+    got = json.loads(path.read_text())
+    outputs = got["cells"][0]["outputs"]
+    assert [o["output_type"] for o in outputs] == ["stream", "execute_result"]
+    assert outputs[0]["text"] == ["a real warning\n"]
+    assert outputs[1]["data"]["text/plain"] == ["PosixPath('results/smoke/figures/a.png')"]
+    assert got["metadata"]["papermill"]["input_path"] == "./notebooks/01.ipynb"

@@ -34,6 +34,8 @@ SECTIONS = [
 OPTIONAL = [
     ("Learning curves: where rank helps, where bits cap (dev split)", "make sizing", ("figure", "learning_curves")),
     ("Each rung's fidelity and whether it survives fine-tuning", "make sizing", ("table", "sizing_rungs")),
+    ("Does the order of the key methods change between L and 2L steps? (dev split, paired)", "make sizing",
+     ("table", "sizing_order_changes")),
     ("The base model in lm-eval's stock formats, beside published numbers", "make stock-eval",
      ("table", "stock_lm_eval")),
 ]

@@ -6,6 +6,8 @@ interruption redoes only unfinished work; the first failing notebook stops the r
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,8 +17,8 @@ import pandas as pd
 from .. import REPO_DIR
 from ..config import Profile
 from ..errors import QRError
-from ..layout import Layout
-from ..store import cache_root, read_json, save_table, write_json
+from ..layout import Layout, results_root
+from ..store import atomic_write_bytes, cache_root, read_json, save_table, write_json
 from . import estimate, report
 from .profiles import load_profile
 from .report import OPTIONAL, compute_time
@@ -131,6 +133,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
             print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"
                   f"the executed copy with the error is {layout.notebooks / nb.name}", file=sys.stderr)
             raise SystemExit(1)
+        tidy(layout.notebooks / nb.name)
         after = _outputs(layout)
         for f, mtime in after.items():
             if before.get(f) != mtime:
@@ -150,6 +153,36 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     write_index(layout, name, manifest)
     total = f"; work the artifacts record: {cost[-1]['seconds']:.0f} s (tables/compute_time.md)" if cost else ""
     print(f"done: {len(todo)} notebooks in {wall:.0f} s of wall-clock time{total}; results in {layout.root}")
+
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+# A progress bar's line: tqdm's "42%|####  |" or its rate "[00:03<00:01, 2.1it/s]".
+PROGRESS_LINE = re.compile(r"\d+%\||\d+/\d+ \[\d")
+
+
+def tidy(path: Path) -> None:
+    """The executed copy as it is committed: without frozen widgets (a progress bar saved mid-way, all a
+    widget output holds), without progress-bar lines in stderr (they carry no result), and without the
+    absolute paths of the machine that ran it (the repository and results roots become relative)."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        kept = []
+        for out in cell.get("outputs", []):
+            if WIDGET in out.get("data", {}):
+                continue
+            if out.get("name") == "stderr":
+                lines = [ln for ln in re.split(r"[\r\n]", "".join(out["text"])) if ln.strip()
+                         and not PROGRESS_LINE.search(ln)]
+                if not lines:
+                    continue
+                out["text"] = [ln + "\n" for ln in lines]
+            kept.append(out)
+        if "outputs" in cell:
+            cell["outputs"] = kept
+    text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    for root, relative in sorted({(str(results_root()), "results"), (str(REPO_DIR), ".")}, key=lambda r: -len(r[0])):
+        text = text.replace(root + "/", relative + "/")
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def wall_clock(manifest: dict) -> list[dict]:

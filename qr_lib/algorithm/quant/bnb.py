@@ -1,12 +1,17 @@
 """bitsandbytes: NF4 (QLoRA's 4-bit, double-quantized absmax) and LLM.int8 (8-bit)."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
 from ...errors import QRError
+
+# On AVX512-BF16 CPUs bitsandbytes looks for an optional hub kernel package ("kernels") and warns that
+# it is missing; its own CPU kernels, which it falls back to, are what runs. Offline the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 NF4_BLOCK = 64          # weights per absmax in bitsandbytes' 4-bit quantization
 DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level scale under double quantization
