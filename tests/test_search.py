@@ -325,3 +325,19 @@ def test_the_command_line_search_runs_on_two_dask_workers_when_asked(smoke_run, 
     assert len(writers) == 2 and os.getpid() not in writers          # the first generation, on both workers
     serial = [r["key"] for r in read_artifact(smoke_run[0].nsga)["result"]["pareto"]]
     assert [r["key"] for r in read_artifact(layout.nsga)["result"]["pareto"]] == serial
+
+
+def test_front_origins_and_phase3_gain_account_for_every_point(smoke_run):
+    from qr_lib.algorithm import search
+    from qr_lib.store import read_artifact
+    layout, _ = smoke_run
+    p2, p3 = read_artifact(layout.nsga)["result"], read_artifact(layout.bo)["result"]
+    rows = search.front_origins(p2, p3)
+    assert sum(r["on_final_front"] for r in rows) == len(p3["pareto"])
+    scored = {(tuple(r["bits"]), tuple(r["ranks"])) for r in p2["evaluations"] + p2["promoted"]
+              + [s["candidate"] for s in p3["steps"] if "candidate" in s]}
+    assert sum(r["scored"] for r in rows) == len(scored)
+    assert any(r["origin"].startswith("generation 1 (uniform") for r in rows)
+    gain = search.phase3_gain(p2, p3)
+    assert gain["phase3_best"] == p3["selected"]["objective"]
+    assert gain["gain"] <= 1e-12                       # Phase III keeps Phase II's best, or finds better

@@ -124,6 +124,50 @@ def select_at(profile: Profile, ev: ProxyEvaluator, p1: dict, p2: dict, p3: dict
     return out
 
 
+def front_origins(p2: dict, p3: dict) -> list[dict]:
+    """Where the final front's points (Phase III's Pareto set, full fidelity) were born: the first
+    generation (by its seed kind: uniform, knapsack, random), a later NSGA-II generation (the first in
+    which the allocation was scored at any fidelity), or Phase III. One row per origin, with the number of
+    front points and of allocations scored there: whether later generations and Phase III reach the front."""
+    def alloc(r):
+        return tuple(r["bits"]), tuple(r["ranks"])
+    kinds = {"uniform": "uniform", "Phase I knapsack": "knapsack", "random": "random"}
+    seeded = {alloc(r): next((v for k, v in kinds.items() if r["origin"].startswith(k)), "other")
+              for r in p2["first_generation"]}
+    born: dict = {}
+    for r in p2["evaluations"] + p2["promoted"]:
+        born[alloc(r)] = min(born.get(alloc(r), r["generation"]), r["generation"])
+    bo_points = {alloc(s["candidate"]) for s in p3["steps"] if "candidate" in s}
+
+    def origin(a):
+        if a in bo_points and a not in born:
+            return "Phase III (BO)"
+        if born.get(a) == 1:
+            return f"generation 1 ({seeded.get(a, 'offspring')})"
+        return f"generation {born.get(a)}"
+    rows: dict = {}
+    for a in set(born) | bo_points:
+        rows.setdefault(origin(a), {"origin": origin(a), "scored": 0, "on_final_front": 0})["scored"] += 1
+    for r in p3["pareto"]:
+        rows[origin(alloc(r))]["on_final_front"] += 1
+    return sorted(rows.values(), key=lambda r: (r["origin"].startswith("Phase"), r["origin"]))
+
+
+def phase3_gain(p2: dict, p3: dict, max_ratio: float = 1.0) -> dict:
+    """What Phase III changed within a budget (`max_ratio` x the main one): the best full-fidelity proxy
+    objective that fits before it (Phase II's records) and after it (with its candidates), and the
+    difference (negative = Phase III found better). Whether that exceeds the proxy's seed noise is for
+    the calibration to say."""
+    before = bo.select([r for r in p2["evaluations"] + p2["promoted"] if r["fidelity"] == "full" and not r["failed"]],
+                       max_ratio)
+    after = bo.select(p3["observed"], max_ratio)
+    return {"max_budget_ratio": max_ratio, "phase2_best": before["objective"] if before else None,
+            "phase3_best": after["objective"] if after else None,
+            "gain": after["objective"] - before["objective"] if before and after else None,
+            "changed": before is None or after is None
+            or (before["bits"], before["ranks"]) != (after["bits"], after["ranks"])}
+
+
 def repair_records(layout: Layout, ev: ProxyEvaluator, p2: dict, p3: dict) -> int:
     """Recompute every proxy record a finished search cites whose file is missing, damaged or edited
     (read_artifact names it in a warning): nsga.json and bo.json keep summaries, and the evaluations
