@@ -24,6 +24,9 @@ from .data import BENCHMARKS, TASK_DIR
 from .errors import QRError
 from .store import atomic_write_bytes, to_jsonable
 
+# Chance level of each benchmark's headline metric (multiple choice: 1 / choices; BoolQ: yes/no), by source.
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "openbookqa": 0.25, "mmlu": 0.25,
+          "piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "gsm8k": 0.0}
 HEADLINE = {"qr_winogrande": "acc", "qr_boolq": "acc", "qr_gsm8k": "exact_match,strict-match"}  # else acc_norm
 
 

@@ -123,3 +123,19 @@ def test_draws_that_ran_at_every_seed_are_their_own_unit_in_a_claim():
     assert paired_by_seed.draws == 1 and own_unit.draws == 3
     assert own_unit.difference == pytest.approx(-2.0 / 4)        # per token: draws are 1, 2, 3 nats worse per example
     assert own_unit.high - own_unit.low > 0.5                     # the draws' spread (0.25 per token) is in it
+
+
+def test_a_benchmark_column_says_what_its_size_can_detect():
+    from qr_lib.workbook import comparison
+    rng = np.random.default_rng(9)
+    n = 400
+
+    def entry(acc_by_task):
+        return {"name": "x", "nll": np.zeros(1), "tokens": np.ones(1),
+                "docs": {t: dict(enumerate((rng.random(n) < a).astype(float))) for t, a in acc_by_task.items()}}
+    data = {("a", 0): entry({"qr_arc_easy": 0.70, "qr_mmlu": 0.25}), ("b", 0): entry({"qr_arc_easy": 0.45, "qr_mmlu": 0.25})}
+    table = comparison.task_power(data).set_index("task")
+    # independent draws: discordance ~ 0.7*0.55 + 0.3*0.45 = 0.52 -> 2.80 * sqrt(0.52 / 400) ~ 0.10
+    assert table.loc["qr_arc_easy", "detectable_difference"] == pytest.approx(0.10, abs=0.015)
+    assert table.loc["qr_arc_easy", "reading"] == "separates some methods"
+    assert table.loc["qr_mmlu", "reading"].startswith("at chance") and table.loc["qr_mmlu", "n"] == n

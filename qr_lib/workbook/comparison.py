@@ -17,7 +17,7 @@ import pandas as pd
 from .. import PACKAGE_DIR
 from ..config import ComparisonConfig
 from ..errors import QRError
-from ..evaluate import headline
+from ..evaluate import CHANCE, headline
 from ..layout import Layout
 from . import stats
 from .finetune import results
@@ -83,6 +83,41 @@ def formatted(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     out["test loss"] = [cell(r, "test_loss", 1, 3) for _, r in table.iterrows()]
     out["held-out ppl"] = [cell(r, "heldout_ppl", 1, 1) for _, r in table.iterrows()]
     return out
+
+
+def task_power(data: dict, seed: int = 0, power: float = 0.8, alpha: float = 0.05) -> pd.DataFrame:
+    """What each benchmark column can tell at this run's size (the first seed's runs, `data` from
+    per_example): its n (documents every method scored), chance, the methods' accuracy range, and the
+    smallest paired difference between two methods it detects with `power` at two-sided `alpha`:
+    (z_{1-alpha/2} + z_power) x sqrt(discordance / n), from the median discordance (the share of
+    documents two methods answer differently) over the pairs of methods. A column whose methods all sit
+    within two standard errors of chance, or whose detectable difference exceeds the spread between
+    its methods, says it cannot separate them."""
+    from scipy.stats import norm
+    z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
+    runs_ = {m: d["docs"] for (m, s), d in data.items() if s == seed and d["docs"]}
+    rows = []
+    for task in sorted({t for docs in runs_.values() for t in docs}):
+        have = {m: docs[task] for m, docs in runs_.items() if task in docs}
+        ids = sorted(set.intersection(*(set(v) for v in have.values())))
+        if not ids:
+            continue
+        values = {m: np.array([v[i] for i in ids], dtype=float) for m, v in have.items()}
+        acc = {m: float(v.mean()) for m, v in values.items()}
+        names = list(values)
+        disc = [float(np.mean(values[a] != values[b])) for i, a in enumerate(names) for b in names[i + 1:]]
+        n = len(ids)
+        detectable = z * np.sqrt(np.median(disc) / n) if disc else float("nan")
+        chance = CHANCE.get(task.removeprefix("qr_"), float("nan"))
+        se = np.sqrt(np.clip([a * (1 - a) for a in acc.values()], 1e-12, None) / n)
+        near_chance = bool(np.all(np.abs(np.array(list(acc.values())) - chance) < 2 * se + 1e-12))
+        spread = max(acc.values()) - min(acc.values())
+        reading = ("at chance: cannot separate methods on this model" if near_chance else
+                   "cannot separate these methods at this n" if spread < detectable else "separates some methods")
+        rows.append({"task": task, "n": n, "chance": chance, "methods": len(acc), "min_accuracy": min(acc.values()),
+                     "max_accuracy": max(acc.values()), "detectable_difference": float(detectable),
+                     "reading": reading})
+    return pd.DataFrame(rows)
 
 
 CLAIMS = PACKAGE_DIR / "reference" / "claims.json"

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..algorithm.allocation import Allocation
 from ..config import Profile
+from ..evaluate import CHANCE
 from ..models import EMBEDDED, EMBEDDED_GGUF
 
 # method id -> (colour, marker); methods not listed (pilot configs, new methods) get GREYS in order.
@@ -26,9 +27,6 @@ STYLE = {
 RANDOM_STYLE = ("#b0b0b0", "x")      # every random draw: one look, they are one baseline
 GREYS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
 HIGHLIGHT = ("qr_adaptor", "qr_adaptor_3p5")
-# Chance level of each benchmark's headline metric (multiple choice: 1 / choices; BoolQ: yes/no), by source.
-CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "openbookqa": 0.25, "mmlu": 0.25,
-          "piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "gsm8k": 0.0}
 
 
 def style(method: str, k: int = 0) -> tuple[str, str]:

@@ -27,7 +27,7 @@ SECTIONS = [
                                               ("figure", "finetune_loss_curves")]),
     ("Benchmarks", "06_benchmarks",
      [("table", "benchmarks"), ("table", "benchmarks_claims"), ("figure", "benchmarks_claims"),
-      ("table", "benchmarks_sample_sizes"),
+      ("table", "benchmarks_sample_sizes"), ("table", "benchmarks_power"),
       ("figure", "accuracy_vs_memory"), ("figure", "test_loss_vs_memory"), ("figure", "benchmark_bars"),
       ("table", "proxy_calibration"), ("figure", "proxy_calibration")]),
 ]
