@@ -113,7 +113,8 @@ def task_power(data: dict, seed: int = 0, power: float = 0.8, alpha: float = 0.0
         near_chance = bool(np.all(np.abs(np.array(list(acc.values())) - chance) < 2 * se + 1e-12))
         spread = max(acc.values()) - min(acc.values())
         reading = ("at chance: cannot separate methods on this model" if near_chance else
-                   "cannot separate these methods at this n" if spread < detectable else "separates some methods")
+                   "methods differ by less than it can detect" if spread < detectable else
+                   "the widest gap reaches what it can detect (the paired claims decide)")
         rows.append({"task": task, "n": n, "chance": chance, "methods": len(acc), "min_accuracy": min(acc.values()),
                      "max_accuracy": max(acc.values()), "detectable_difference": float(detectable),
                      "reading": reading})
