@@ -177,6 +177,9 @@ class ComparisonConfig:
     margin_loss: float = 0.01      # nats per answer token: exp(0.01) = 1% perplexity
     margin_accuracy: float = 0.01  # one accuracy point (fraction), the paper's tables' resolution
     alpha: float = 0.05            # family-wise error of a table's claims (Holm, stats.judge_family)
+    # A run this many nats per token above 16-bit LoRA's test loss (e = 2.7x its perplexity) has been
+    # destroyed by its quantization: figures draw it apart, so it never stretches the real comparison.
+    destroyed_gap: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def runs(layout: Layout) -> pd.DataFrame:
                "memory_MiB": r.memory_bytes / 2**20, "avg_bits": r.avg_bits,
                "trainable_params": r.trainable_parameters, "test_loss": r.test_loss,
                "heldout_ppl": r.heldout_perplexity, "train_seconds": r.train["seconds"],
-               "peak_GiB": r.train["peak_memory"]["peak_bytes"] / 2**30}
+               "peak_GiB": r.train["peak_memory"]["peak_bytes"] / 2**30, "same_run_as": r.same_run_as or ""}
         for task, metrics in r.benchmarks.items():
             row[task], row[f"{task}_stderr"] = headline(metrics)
             row[f"{task}_n"] = metrics["n"]
@@ -49,15 +49,29 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds; 'seeds' says how many runs each row averages."""
     if df.empty:
         return df
-    skip = {"method", "name", "seed"} | {c for c in df.columns if c.endswith(("_stderr", "_n"))}
+    skip = {"method", "name", "seed", "same_run_as"} | {c for c in df.columns if c.endswith(("_stderr", "_n"))}
     values = [c for c in df.columns if c not in skip]
     g = df.groupby(["method", "name"], sort=False)
     mean, std = g[values].mean(), g[values].std(ddof=1)
     out = mean.copy()
     for c in values:
         out[f"{c}_std"] = std[c]
+    # A benchmark's binomial standard error (lm-eval's), averaged over seeds: what one run's accuracy
+    # is uncertain by, whatever the number of seeds.
+    for c in [c for c in df.columns if c.endswith("_stderr")]:
+        out[c] = g[c].mean()
     out.insert(0, "seeds", g.size())
+    out["same_run_as"] = g["same_run_as"].first() if "same_run_as" in df else ""
     return out.reset_index()
+
+
+def destroyed(table: pd.DataFrame, gap: float, reference: str = "lora16") -> set:
+    """Methods whose mean test loss is more than `gap` nats above the reference's (ComparisonConfig.
+    destroyed_gap): quantization has destroyed them, and figures draw them apart."""
+    ref = table.loc[table["method"] == reference, "test_loss"]
+    if ref.empty:
+        return set()
+    return set(table.loc[table["test_loss"] > float(ref.iloc[0]) + gap, "method"])
 
 
 def peak_memory(per_seed: pd.DataFrame, reference: str = "nf4") -> pd.DataFrame:

@@ -21,10 +21,13 @@ STYLE = {
     "qr_adaptor": ("#d62728", "*"), "qr_adaptor_3p5": ("#ff7f0e", "*"),
     "lora16": ("#1f77b4", "o"), "nf4": ("#2ca02c", "s"),
     "hqq4": ("#9467bd", "D"), "hqq3": ("#8c564b", "v"), "hqq2": ("#7f7f7f", "^"),
+    "hqq4_r4": ("#c5b0d5", "d"), "hqq4_r16": ("#5b3a8c", "D"), "hqq3_g32": ("#e6550d", "v"),
+    "hqq3_r16": ("#5e3a2b", "v"), "phase1_knapsack4": ("#e7ba52", "h"),
     "adalora_nf4": ("#17becf", "P"), "loftq_hqq4": ("#bcbd22", "X"),
     "bits_only": ("#e377c2", "<"), "rank_only": ("#aec7e8", ">"),
 }
-RANDOM_STYLE = ("#b0b0b0", "x")      # every random draw: one look, they are one baseline
+RANDOM_STYLE = ("#b0b0b0", "x")
+LINESTYLES = ("-", "--", "-.", ":")   # told apart where colours repeat      # every random draw: one look, they are one baseline
 GREYS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
 HIGHLIGHT = ("qr_adaptor", "qr_adaptor_3p5")
 
@@ -200,52 +203,102 @@ def bo_trace(phase3: dict):
     return fig
 
 
-def metric_vs_memory(table, metric: str, ylabel: str, budget_mib=None, scale: float = 1.0):
-    """One point per method (mean over seeds, error bar = std over seeds) against block memory, in each
-    method's colour and marker, QR-Adaptor enlarged; the budget line. With a budget, a second panel
-    zooms on the methods within 10% of it, where the comparison the paper makes happens."""
-    near = table[(table["memory_MiB"] - budget_mib).abs() <= 0.1 * budget_mib] if budget_mib else table.iloc[:0]
-    zoom = 1 < len(near) < len(table)
-    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4), squeeze=False)
-    for ax in axes[0]:
-        labelled = set()
-        for k, (_, row) in enumerate(table.iterrows()):
+def _merged(table):
+    """The table with every run reported under two names drawn once: the row keeps the first method and
+    takes both names. Two names, one run: finetune's same_run_as, or (runs made before it existed) the
+    same memory and the same test loss to the last digit, which only the same training gives."""
+    table = table.copy()
+    link = {}
+    for i, row in table.iterrows():
+        twin = row.get("same_run_as") or None
+        if twin not in set(table["method"]):
+            same = table[(table.index < i) & (table["memory_MiB"] == row["memory_MiB"])
+                         & (table["test_loss"].round(9) == round(row["test_loss"], 9))]
+            twin = same["method"].iloc[0] if len(same) else None
+        if twin is not None and twin != row["method"]:
+            link[i] = twin
+    drop = []
+    for i, twin in link.items():
+        at = table.index[table["method"] == twin][0]
+        keep, gone = (i, at) if table.loc[i, "method"] in HIGHLIGHT else (at, i)   # QR-Adaptor keeps its star
+        table.loc[keep, "name"] = f"{table.loc[keep, 'name']} = {table.loc[gone, 'name']}"
+        drop.append(gone)
+    return table.drop(index=drop)
+
+
+def _errors(row, metric: str, scale: float):
+    """(error bar, what it is): a benchmark's binomial standard error, else the std over seeds where
+    there are several, else none."""
+    se = row.get(f"{metric}_stderr")
+    if se is not None and se == se:
+        return se * scale, "binomial s.e."
+    std = row.get(f"{metric}_std")
+    return (std * scale, "std over seeds") if row.get("seeds", 1) > 1 and std == std else (None, None)
+
+
+def metric_vs_memory(table, metric: str, ylabel: str, budget_mib=None, scale: float = 1.0, apart=frozenset()):
+    """One point per method (mean over seeds) against block memory, in each method's colour and marker,
+    QR-Adaptor enlarged, identical runs drawn once under both names; the budget line. With a budget, a
+    second panel zooms on the methods within 10% of it, where the paper's comparison is made. Methods
+    in `apart` (destroyed by their quantization: comparison.destroyed) get a panel of their own, so
+    they never stretch the axes of the real comparison. The caption says what the error bars are."""
+    table = _merged(table)
+    table = table[table[metric].notna()]
+    main, far = table[~table["method"].isin(apart)], table[table["method"].isin(apart)]
+    near = main[(main["memory_MiB"] - budget_mib).abs() <= 0.1 * budget_mib] if budget_mib else main.iloc[:0]
+    panels = [("all methods", main)] + ([("near the budget", near)] if 1 < len(near) < len(main) else [])
+    panels += [("destroyed (drawn apart)", far)] if len(far) else []
+    widths = [1.0] * (len(panels) - bool(len(far))) + ([0.6] if len(far) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * sum(widths) + 1, 4), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    kinds, labelled = set(), set()
+    for ax, (title, rows) in zip(axes[0], panels):
+        for k, (_, row) in enumerate(rows.iterrows()):
+            if row[metric] != row[metric]:          # no such score (random draws have no benchmarks)
+                continue
             colour, marker = style(row["method"], k)
-            err = row.get(f"{metric}_std")
+            err, kind = _errors(row, metric, scale)
+            kinds.add(kind)
             big = row["method"] in HIGHLIGHT
             label = "random allocations" if row["method"].startswith("random") else row["name"]
-            ax.errorbar(row["memory_MiB"], row[metric] * scale, yerr=None if err != err else err * scale,
-                        fmt=marker, color=colour, ms=12 if big else 6, capsize=3, mec="k" if big else colour,
+            ax.errorbar(row["memory_MiB"], row[metric] * scale, yerr=err, fmt=marker, color=colour,
+                        ms=12 if big else 6, capsize=3, mec="k" if big else colour,
                         label=None if label in labelled else label)
             labelled.add(label)
-        ax.set_xlabel("block memory (MiB, quantized weights + adapters)")
-        ax.grid(alpha=0.3)
         if budget_mib:
-            ax.axvline(budget_mib, color="grey", ls="--", lw=1, label="budget")
-        ax.set_ylabel(ylabel)
-    if zoom:
-        ax = axes[0][1]
-        std = near[f"{metric}_std"].fillna(0) if f"{metric}_std" in near else 0
-        lo, hi = ((near[metric] - std) * scale).min(), ((near[metric] + std) * scale).max()
-        pad = 0.1 * (hi - lo) or 0.05 * abs(hi)
-        ax.set_xlim(0.9 * budget_mib, 1.03 * budget_mib)
+            ax.axvline(budget_mib, color="grey", ls="--", lw=1, label="budget" if "budget" not in labelled else None)
+            labelled.add("budget")
+        ax.set_xlabel("block memory (MiB, quantized weights + adapters)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    if len(panels) > 1 and panels[1][0] == "near the budget":
+        ax, rows = axes[0][1], near
+        lo, hi = (rows[metric] * scale).min(), (rows[metric] * scale).max()
+        pad = 0.15 * (hi - lo) or 0.05 * abs(hi)
+        ax.set_xlim(0.88 * budget_mib, 1.03 * budget_mib)
         ax.set_ylim(lo - pad, hi + pad)
-        ax.set_title("near the budget", fontsize=9)
-    axes[0][0].legend(fontsize=7, loc="best")
+    fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    kinds.discard(None)
+    if kinds:
+        fig.text(0.01, 0.01, "error bars: " + "; ".join(sorted(kinds)), fontsize=7, color="#555555")
     fig.tight_layout()
     return fig
 
 
 def task_bars(table, tasks: list[str], n_docs: dict | None = None):
-    """Grouped bars: headline metric per task (%), one bar per method in the table's order and each
-    method's colour, error bars = std over seeds; a dashed line at each task's chance level and the
-    documents scored under each task name."""
+    """Grouped bars: headline metric per task (%), one bar per method that has benchmark results (in the
+    table's order and each method's colour; identical runs once, under both names), error bars = the
+    binomial standard error (lm-eval's, mean over seeds); a dashed line at each task's chance level and
+    the documents scored under each task name."""
+    table = _merged(table)
+    table = table.dropna(subset=[t for t in tasks if t in table], how="all")
     fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(tasks) + 2), 3.8))
     width = 0.8 / max(len(table), 1)
     x = np.arange(len(tasks))
     for k, (_, row) in enumerate(table.iterrows()):
         vals = [row[t] * 100 for t in tasks]
-        errs = [0 if row.get(f"{t}_std") != row.get(f"{t}_std") else row.get(f"{t}_std", 0) * 100 for t in tasks]
+        errs = [0 if row.get(f"{t}_stderr") != row.get(f"{t}_stderr") else row.get(f"{t}_stderr", 0) * 100 for t in tasks]
         ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=errs, capsize=2, label=row["name"],
                color=style(row["method"], k)[0], edgecolor="k" if row["method"] in HIGHLIGHT else "none")
     for i, t in enumerate(tasks):
@@ -254,36 +307,46 @@ def task_bars(table, tasks: list[str], n_docs: dict | None = None):
                       label="chance" if i == 0 else None)
     names = [f"{t}\n(n={n_docs[t]})" if n_docs and t in n_docs else t for t in tasks]
     ax.set_xticks(x, names)
-    ax.set_ylabel("accuracy / exact match (%)")
+    ax.set_ylabel("accuracy / exact match (%; bars: binomial s.e.)")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def loss_curves(runs, window: int = 5):
+def loss_curves(runs, window: int = 5, apart=frozenset()):
     """Training loss per step (trailing mean over `window` steps), one line per method: the mean over
-    its seeds, the band the seeds' range. `runs`: [(method id, name, losses)], one per run."""
+    its seeds, the band the seeds' range. `runs`: [(method id, name, losses)], one per run; a run
+    reported under two names arrives once, its name saying both. Random draws are one baseline: their
+    lines share a colour and one legend entry. Methods in `apart` (destroyed) get a panel of their own."""
     import pandas as pd
 
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     by_method: dict = {}
     for method, name, losses in runs:
         by_method.setdefault((method, name), []).append(losses)
+    has_far = any(m in apart for m, _ in by_method)
+    fig, axes = plt.subplots(1, 2 if has_far else 1, figsize=(12 if has_far else 7.5, 3.8), squeeze=False)
+    labelled = set()
     for k, ((method, name), curves) in enumerate(by_method.items()):
+        ax = axes[0][1] if method in apart else axes[0][0]
         n = min(len(c) for c in curves)
         smooth = np.array([pd.Series(c[:n]).rolling(window, min_periods=1).mean() for c in curves])
-        colour = style(method, k)[0]
+        colour, _ = style(method, k)
+        ls = LINESTYLES[k % len(LINESTYLES)] if not method.startswith("random") else "-"
+        label = "random allocations" if method.startswith("random") else (
+            f"{name} ({len(curves)} seeds)" if len(curves) > 1 else name)
         steps = np.arange(1, n + 1)
-        ax.plot(steps, smooth.mean(0), color=colour, lw=2 if method in HIGHLIGHT else 1.2,
-                label=f"{name} ({len(curves)} seeds)" if len(curves) > 1 else name)
+        ax.plot(steps, smooth.mean(0), color=colour, ls=ls, lw=2.2 if method in HIGHLIGHT else 1.2,
+                label=None if label in labelled else label)
+        labelled.add(label)
         if len(curves) > 1:
             ax.fill_between(steps, smooth.min(0), smooth.max(0), color=colour, alpha=0.15)
-        ax.set_xlim(1, max(ax.get_xlim()[1], n))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"train loss (trailing mean of {window})")
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    ax.grid(alpha=0.3)
+    for ax, title in zip(axes[0], ("final fine-tunes", "destroyed (drawn apart)")):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"train loss, nats/token (trailing mean of {window}; lower is better)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
