@@ -162,12 +162,22 @@ def objective_space(phase2: dict, phase3: dict | None = None):
 
 
 def hypervolume_curve(phase2: dict):
+    """The front's hypervolume per generation (normalized objectives), on an axis from 0, with the
+    change from the first generation written on it: a flat line is a finding (later generations did
+    not move the front), not a zoomed wiggle."""
     fig, ax = plt.subplots(figsize=(5, 3))
     gens = [g["generation"] for g in phase2["generations"]]
-    ax.plot(gens, [g["hv"] for g in phase2["generations"]], marker="o")
+    hv = [g["hv"] for g in phase2["generations"]]
+    ax.plot(gens, hv, marker="o")
     ax.set_xticks(gens)
+    ax.set_ylim(0, max(1.25, max(hv, default=0) * 1.1))
+    if len(hv) > 1 and hv[0]:
+        change = 100 * (hv[-1] - hv[0]) / hv[0]
+        note = (f"generation {gens[0]} -> {gens[-1]}: {hv[0]:.3f} -> {hv[-1]:.3f} ({change:+.1f}%)"
+                + ("\nlater generations did not move the front" if abs(change) < 1 else ""))
+        ax.annotate(note, (0.03, 0.05), xycoords="axes fraction", fontsize=7)
     ax.set_xlabel("generation")
-    ax.set_ylabel("hypervolume (normalized)")
+    ax.set_ylabel("hypervolume (normalized; higher is better)")
     ax.set_title(f"NSGA-II front, {phase2['search_fidelity']} fidelity", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -195,6 +205,11 @@ def bo_trace(phase3: dict):
         pad = 0.15 * (hi - lo) or 0.1
         ax.set_ylim(lo - pad, hi + pad)
     ax.set_xticks(its or [1])
+    if phase2:
+        final = max(util + [best])
+        ax.annotate(f"best utility: Phase II {best:.4f}, after Phase III {final:.4f}"
+                    + ("\nPhase III found nothing better" if final <= best + 1e-12 else ""),
+                    (0.03, 0.05), xycoords="axes fraction", fontsize=7)
     ax.set_xlabel("BO iteration")
     ax.set_ylabel(f"utility (a = {phase3['alpha']})")
     ax.legend(fontsize=7)
@@ -484,35 +499,42 @@ def learning_curves(table, length: int | None = None, reference: str = "lora16")
     return fig
 
 
-def calibration_plot(result: dict):
-    """Left: Spearman (proxy vs final test loss) against proxy length, one line per n_val, over all
-    allocations (solid) and over the best few by final loss (dotted). Right: the
-    recommended proxy's score (mean over proxy seeds, bars = the seeds' range) against the final loss."""
+def calibration_plot(result: dict, length: int | None = None, n_val: int | None = None):
+    """Left: Spearman between the proxy and the final runs' dev loss by proxy length, on the full -1..1
+    axis (over all allocations, and over the best top_k). Right: the proxy at (`length`, `n_val`),
+    the search's own setting where given (else the recommended one), against the final dev loss, the
+    allocations numbered and listed beside it so no label covers another."""
     import pandas as pd
 
     table, scores = pd.DataFrame(result["table"]), pd.DataFrame(result["scores"])
     finals = pd.DataFrame(result["finals"]).set_index("method")
     rec = result["recommendation"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for k, (n_val, g) in enumerate(table.groupby("n_val")):
-        a.plot(g["length"], g["spearman"], marker="o", color=f"C{k}", label=f"{n_val} validation pairs")
+    length = rec["length"] if length is None else length
+    n_val = rec["n_val"] if n_val is None or n_val not in set(table["n_val"]) else n_val
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
+    for k, (nv, g) in enumerate(table.groupby("n_val")):
+        a.plot(g["length"], g["spearman"], marker="o", color=f"C{k}", label=f"{nv} validation pairs")
         if "spearman_top" in g:
             a.plot(g["length"], g["spearman_top"], marker="x", ls=":", color=f"C{k}",
-                   label=f"{n_val} pairs, best {int(g['top_k'].iloc[0])} by final loss")
+                   label=f"{nv} pairs, best {int(g['top_k'].iloc[0])} by final loss")
     a.axhline(0.8, color="gray", ls="--", lw=0.8)
+    a.axhline(0, color="k", lw=0.6)
+    a.set_ylim(-1.05, 1.05)
     a.set_xlabel("proxy length (LoRA steps; 0 = before training)")
     a.set_ylabel("Spearman with the final runs' dev loss")
-    a.legend(fontsize=8)
+    a.legend(fontsize=7)
     a.grid(alpha=0.3)
-    g = scores[(scores["length"] == rec["length"]) & (scores["n_val"] == rec["n_val"])]
+    g = scores[(scores["length"] == length) & (scores["n_val"] == n_val)]
     stats = g.groupby("method")["proxy_loss"].agg(["mean", "min", "max"])
     y = finals.loc[stats.index, "final_dev_loss"]
     b.errorbar(stats["mean"], y, xerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]], fmt="o", capsize=3)
-    for m, xv, yv in zip(stats.index, stats["mean"], y):
+    listing = []
+    for k, (m, xv, yv) in enumerate(zip(stats.index, stats["mean"], y), 1):
         same = finals.loc[m].get("same_as") or []
-        label = finals.loc[m, "name"] + (f" (= {', '.join(same)})" if len(same) else "")
-        b.annotate(label, (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    b.set_xlabel(f"proxy loss ({rec['length']} steps, {rec['n_val']} pairs; bars: proxy seeds)")
+        listing.append(f"{k}  {finals.loc[m, 'name']}" + (f" (= {', '.join(same)})" if len(same) else ""))
+        b.annotate(str(k), (xv, yv), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    b.text(1.03, 1.0, "\n".join(listing), transform=b.transAxes, fontsize=7, va="top")
+    b.set_xlabel(f"proxy loss ({length} steps, {n_val} pairs; bars: range over proxy seeds)")
     b.set_ylabel("final runs' dev loss (nats/token, lower is better)")
     b.grid(alpha=0.3)
     fig.tight_layout()

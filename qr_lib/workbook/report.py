@@ -62,7 +62,7 @@ READING = {
     "test_loss_vs_memory": "Test loss against memory (lower is better): the trade-off the search optimizes.",
     "benchmark_bars": "Per-task accuracy with binomial standard errors and chance lines.",
     "proxy_calibration": "Does the short proxy order allocations as the final fine-tune does (on the dev "
-                         "split)? Left: rank agreement by proxy length; right: the recommended proxy.",
+                         "split)? Left: rank agreement by proxy length on the full -1..1 axis; right: the search's own proxy.",
 }
 
 
