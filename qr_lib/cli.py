@@ -97,8 +97,11 @@ def cmd_estimate(args) -> None:
     from .layout import Layout
     from .workbook import estimate
     profile = _profile(args)
-    step = args.step_seconds or estimate.measured_step_seconds(Layout.of(profile.name))
-    print(estimate.describe(estimate.estimate(profile, step)))
+    layout = Layout.of(profile.name)
+    speed = estimate.measure_speed(profile) if getattr(args, "measure", False) else estimate.cached_speed(profile)
+    step = args.step_seconds or (None if speed else estimate.measured_step_seconds(layout))
+    result = estimate.estimate(profile, step, None if args.step_seconds else speed)
+    print(estimate.describe(result, estimate.recorded_seconds(layout)))
 
 
 def cmd_stage(args) -> None:
@@ -122,12 +125,18 @@ def _say_expected_time(args, profile) -> None:
     """Before a whole run: its size, and its time where a finished run of the profile measured one."""
     from .layout import Layout
     from .workbook import estimate
-    step = estimate.measured_step_seconds(Layout.of(profile.name))
-    p = estimate.estimate(profile, step)
-    hours = p.get("hours (training steps only)", {}).get("total")
-    when = f", about {hours:.1f} h of training at the {step:.2f} s per step the last run measured" if hours else ""
+    speed = estimate.cached_speed(profile)
+    step = None if speed else estimate.measured_step_seconds(Layout.of(profile.name))
+    p = estimate.estimate(profile, step, speed)
+    if speed:
+        when = f", about {p['minutes']['total']:.0f} min on this machine (its measured speed)"
+    elif step:
+        when = f", about {p['hours (training steps only)']['total']:.1f} h of training at the {step:.2f} s per step " \
+               "the last run measured"
+    else:
+        when = ""
     print(f"profile {profile.name}: {p['total LoRA steps']:,} LoRA steps{when} "
-          f"(`qr-adaptor estimate --profile {args.profile}` for the breakdown)", flush=True)
+          f"(`qr-adaptor estimate --profile {args.profile} --measure` for the breakdown)", flush=True)
 
 
 def cmd_export(args) -> None:
@@ -206,8 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the model's config (no weights loaded) and, with a step time, the hours.")
     _common(p)
     p.add_argument("--step-seconds", type=float, default=None,
-                   help="seconds per LoRA step on the target machine; default: what a finished run of this "
-                        "profile measured, if any")
+                   help="seconds per LoRA step on another target machine (training hours only); default: this "
+                        "machine's measured speed, if measured, else what a finished run of this profile measured")
+    p.add_argument("--measure", action="store_true",
+                   help="time every unit of work once on this machine (about half a minute; cached) and estimate "
+                        "every stage in minutes")
     p.set_defaults(func=cmd_estimate)
     p = sub.add_parser("export", formatter_class=fmt, help="write finished HQQ runs for use without qr_lib",
                        description="Write <run>/export/: per-module settings, codes, scales and zeros, config, "

@@ -217,3 +217,27 @@ def test_tidy_drops_widgets_and_progress_lines_and_makes_paths_relative(tmp_path
     assert outputs[0]["text"] == ["a real warning\n"]
     assert outputs[1]["data"]["text/plain"] == ["PosixPath('results/smoke/figures/a.png')"]
     assert got["metadata"]["papermill"]["input_path"] == "./notebooks/01.ipynb"
+
+
+def test_the_estimate_measures_this_machine_once_and_prices_every_stage(monkeypatch, tmp_path, capsys):
+    """`estimate --measure` times each unit of work (cached per machine) and gives every stage in minutes;
+    the seconds are the counts times the measured unit costs."""
+    from qr_lib import cli
+    from qr_lib.workbook import estimate
+    from qr_lib.workbook.profiles import load_profile
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path / "results"))
+    assert cli.main(["estimate", "--profile", "smoke", "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "time on this machine, every stage's work" in out and "total:" in out and " min" in out
+    profile = load_profile("smoke")
+    speed = estimate.cached_speed(profile)
+    assert speed is not None and speed.step > 0 and speed.notebook > 0
+    monkeypatch.setattr(estimate, "train", lambda *a, **k: pytest.fail("measured again"))
+    assert estimate.measure_speed(profile) == speed                      # cached
+    result = estimate.estimate(profile, speed=speed)
+    stage = result["stages"]["final fine-tunes"]
+    expected = (stage["steps"] * speed.step + (stage["examples scored"] + stage["lm-eval requests"]) * speed.example
+                + stage["generated tokens"] * speed.token + stage["models built"] * speed.build
+                + stage["model loads"] * speed.load + stage["lm-eval calls"] * speed.lm_eval_call + speed.notebook)
+    assert result["minutes"]["final fine-tunes"] * 60 == pytest.approx(expected)
+    assert not (tmp_path / "results").exists()                          # an estimate writes no results

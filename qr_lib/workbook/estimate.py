@@ -1,27 +1,41 @@
 """What a profile's full run will do, before doing it: `qr-adaptor estimate` (or `reproduce --dry-run`).
 
-The work is counted from the profile (LoRA optimizer steps, examples scored, Phase I block
-evaluations, lm-eval documents) and the memory is the formula of memory.py on the model's shapes,
-read from its config without loading weights. Hours need a seconds-per-step figure: the one a
-finished run of the same profile measured (its final runs' training time per step), or one given
-with --step-seconds (e.g. timed on the first proxy candidate of the target GPU). The paper reports
+The work is counted from the profile, stage by stage (LoRA optimizer steps, examples scored, models
+built and loaded, lm-eval requests and generated tokens, notebooks started) and the memory is the
+formula of memory.py on the model's shapes, read from its config without loading weights. Time comes
+from a Speed measured on the machine at hand (`estimate --measure`: every unit of work timed once,
+cached per machine), in minutes for every stage; or, for another machine, from a seconds-per-step
+figure given with --step-seconds (training hours only). The paper reports
 8-9 minutes per proxy candidate on LLaMA-3.1-8B (arXiv 2505.03802, one version's Phase II); nothing here
 turns that into a per-step figure, because the paper does not say how many steps a candidate took.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from ..algorithm.allocation import uniform
+from ..algorithm.build import build
 from ..algorithm.memory import formula_bytes, model_shapes, profile_budget
 from ..algorithm.search import nsga
 from ..algorithm.search.problem import space_for
+from ..algorithm.train import example_losses, train
 from ..config import Profile
+from ..data import load_finetune
 from ..errors import QRError
-from ..hardware import memory_bytes, resolve_dtype
+from ..evaluate import run_tasks
+from ..hardware import cpu_flags, memory_bytes, resolve_dtype
 from ..layout import Layout
-from ..models import load_skeleton
+from ..models import load_model, load_skeleton
+from ..store import cache_root, content_hash, read_artifact, read_json, write_artifact
 from . import finetune
 from .pilot import CONFIGS, sweep_methods
 
@@ -43,32 +57,101 @@ def search_counts(profile: Profile, space) -> dict:
             "full-fidelity candidates (at most)": full_scored, "proxy steps (at most)": steps}
 
 
-def estimate(profile: Profile, step_seconds: float | None = None) -> dict:
-    """Counts, memory and (with a step time) hours of every stage of a profile's run."""
+# lm-eval requests per document: one log-likelihood per answer choice (multiple choice); GSM8K
+# generates instead (counted in tokens, up to eval.max_gen_toks).
+CHOICES = {"qr_arc_easy": 4, "qr_arc_challenge": 4, "qr_hellaswag": 4, "qr_openbookqa": 4, "qr_mmlu": 4,
+           "qr_piqa": 2, "qr_winogrande": 2, "qr_boolq": 2}
+# What each notebook loads: every one but the report loads the model.
+NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "06", "07", "08")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Seconds this machine takes per unit of work, measured by measure_speed (cached per machine)."""
+    step: float            # one LoRA optimizer step of the final recipe
+    example: float         # scoring one prompt/answer pair (or one lm-eval log-likelihood request)
+    token: float           # generating one token (GSM8K)
+    build: float           # quantizing a model and adding its adapters
+    load: float            # loading the model
+    lm_eval_call: float    # lm-eval's fixed cost per call (building its tasks)
+    notebook: float        # a notebook kernel: start-up and the workbook's imports
+
+    UNITS = {"steps": "step", "examples scored": "example", "lm-eval requests": "example",
+             "generated tokens": "token", "models built": "build", "model loads": "load",
+             "lm-eval calls": "lm_eval_call", "notebooks": "notebook"}
+
+    def seconds(self, work: dict) -> float:
+        return sum(work.get(k, 0) * getattr(self, unit) for k, unit in self.UNITS.items())
+
+
+def _lm_eval(cfg, runs: int) -> dict:
+    """lm-eval work of `runs` benchmarked runs under an EvalConfig: requests, generated tokens, calls."""
+    docs = {t: cfg.task_limits.get(t, cfg.limit) or 0 for t in cfg.tasks}
+    return {"lm-eval requests": runs * sum(n * CHOICES.get(t, 0) for t, n in docs.items()),
+            "generated tokens": runs * sum(n * cfg.max_gen_toks for t, n in docs.items() if t not in CHOICES),
+            "lm-eval calls": runs * len({cfg.task_limits.get(t, cfg.limit) for t in cfg.tasks})}
+
+
+def _skeleton(profile: Profile):
+    """(the model without weights, its shapes, the search space with a flat Phase I)."""
     skeleton = load_skeleton(profile.model)
     shapes = model_shapes(skeleton)
-    budget = profile_budget(profile, shapes)
     zero_kl = {str(b): [0.0] * shapes.n_blocks for b in profile.sensitivity.bits}
-    space = space_for(profile, shapes, {"kl": zero_kl})
-    f, d = profile.finetune, profile.data
+    return skeleton, shapes, space_for(profile, shapes, {"kl": zero_kl})
+
+
+def work(profile: Profile, shapes=None, space=None) -> dict:
+    """Every stage's work, counted from the profile: optimizer steps, examples scored, models built and
+    loaded, lm-eval requests and generated tokens, notebooks. Counts that depend on what the search
+    finds (duplicate candidates, allocations two methods share) are upper bounds."""
+    if shapes is None:
+        _, shapes, space = _skeleton(profile)
+    f, d, p, cal = profile.finetune, profile.data, profile.pilot, profile.calibration
     steps_per_run = math.ceil(f.epochs * d.n_train / (f.batch_size * f.grad_accum))
     if f.max_steps:
         steps_per_run = min(steps_per_run, f.max_steps)
     runs = finetune.plan(profile)
-    p = profile.pilot
+    benchmarked = sum(1 for m, seed in runs if m.benchmarks and profile.eval.benchmarks(seed))
     pilot_runs = len(CONFIGS) * len(p.seeds) + len(sweep_methods(p))
-    cal = profile.calibration
-    stages = {
-        "pilot": {"runs": pilot_runs, "steps": pilot_runs * p.steps, "examples scored": pilot_runs * (p.n_test or d.n_test)},
+    search = search_counts(profile, space)
+    cfg = profile.nsga
+    low_n = min(cfg.low_n_val, d.n_val) if cfg.low_steps > 0 else d.n_val
+    candidates = search["search-fidelity candidates"] + search["full-fidelity candidates (at most)"] \
+        if cfg.low_steps > 0 else search["search-fidelity candidates"] + profile.bo.iterations
+    planned = {m.id for m, _ in runs}
+    # Only the calibration methods that have final runs are calibrated (two with one allocation, once).
+    cal_runs = len([m for m in cal.methods if m in planned]) * len(cal.seeds)
+    pilot_eval = dataclasses.replace(profile.eval, tasks=tuple(p.tasks), limit=p.limit, task_limits={})
+    return {
+        "setup": {"examples scored": d.n_heldout, "model loads": 1, "notebooks": 1},
+        "pilot": {"runs": pilot_runs, "steps": pilot_runs * p.steps, "models built": pilot_runs,
+                  "examples scored": pilot_runs * ((p.n_test or d.n_test) + d.n_dev + d.n_heldout),
+                  **_lm_eval(pilot_eval, pilot_runs), "model loads": 1, "notebooks": 1},
         "Phase I": {"block evaluations": shapes.n_blocks * len(profile.sensitivity.bits), "steps": 0,
-                    "passages": d.n_calib},
-        "Phases II-III": {**search_counts(profile, space), "steps": search_counts(profile, space)["proxy steps (at most)"]},
-        "final fine-tunes": {"runs": len(runs), "steps": len(runs) * steps_per_run,
-                             "examples scored": len(runs) * (f.n_test or d.n_test)},
-        "proxy calibration": {"runs": len(cal.methods) * len(cal.seeds),
-                              "steps": len(cal.methods) * len(cal.seeds) * max(cal.lengths)},
+                    "examples scored": (shapes.n_blocks * len(profile.sensitivity.bits) + 1) * d.n_calib,
+                    "model loads": 1, "notebooks": 1},
+        "Phases II-III": {**search, "steps": search["proxy steps (at most)"], "models built": candidates,
+                          "examples scored": search["search-fidelity candidates"] * low_n
+                          + search["full-fidelity candidates (at most)"] * d.n_val,
+                          "model loads": 2, "notebooks": 2},
+        "final fine-tunes": {"runs (at most)": len(runs), "steps": len(runs) * steps_per_run, "models built": len(runs),
+                             "examples scored": len(runs) * ((f.n_test or d.n_test) + d.n_dev + d.n_heldout),
+                             **_lm_eval(profile.eval, benchmarked), "model loads": 1, "notebooks": 1},
+        "proxy calibration": {"runs (at most)": cal_runs, "steps": cal_runs * max(cal.lengths), "models built": cal_runs,
+                              "examples scored": cal_runs * len(cal.lengths) * max(cal.n_val),
+                              "model loads": 1, "notebooks": 1},
+        "report and explorer": {"model loads": 1, "notebooks": 2},
     }
-    total_steps = sum(s["steps"] for s in stages.values())
+
+
+def estimate(profile: Profile, step_seconds: float | None = None, speed: Speed | None = None) -> dict:
+    """Work, memory and time of every stage of a profile's run: with a measured Speed, the seconds of
+    all the work (training, scoring, lm-eval, builds, loads, notebook start-up); with only a step time
+    (e.g. --step-seconds for another machine), the hours of training steps alone."""
+    skeleton, shapes, space = _skeleton(profile)
+    budget = profile_budget(profile, shapes)
+    stages = work(profile, shapes, space)
+    total_steps = sum(s.get("steps", 0) for s in stages.values())
     params = sum(int(np.prod(t.shape)) for t in skeleton.parameters())
     lora = formula_bytes(shapes, space.allocation(np.array([space.bit_ladder.index(profile.budget_bits),
                                                             space.rank_ladder.index(profile.budget_rank)]
@@ -87,10 +170,14 @@ def estimate(profile: Profile, step_seconds: float | None = None) -> dict:
               # dtype, plus LoRA weights, gradients and AdamW's two moments. Activations come on top.
               "training process peak, about (GiB)": (2 * params * dtype_bytes + 4 * lora) / 2**30}
     out = {"profile": profile.name, "model": profile.model, "device": profile.device, "stages": stages,
-           "total LoRA steps": total_steps, "memory": memory, "step_seconds": step_seconds}
-    if step_seconds:
-        out["hours (training steps only)"] = {k: s["steps"] * step_seconds / 3600 for k, s in stages.items()}
-        out["hours (training steps only)"]["total"] = total_steps * step_seconds / 3600
+           "total LoRA steps": total_steps, "memory": memory, "step_seconds": step_seconds or (speed and speed.step)}
+    if speed is not None:
+        out["speed"] = dataclasses.asdict(speed)
+        out["minutes"] = {k: speed.seconds(s) / 60 for k, s in stages.items()}
+        out["minutes"]["total"] = sum(out["minutes"].values())
+    if out["step_seconds"]:
+        out["hours (training steps only)"] = {k: s.get("steps", 0) * out["step_seconds"] / 3600 for k, s in stages.items()}
+        out["hours (training steps only)"]["total"] = total_steps * out["step_seconds"] / 3600
     return out
 
 
@@ -100,21 +187,97 @@ def measured_step_seconds(layout: Layout) -> float | None:
     return float(np.median(per_step)) if per_step else None
 
 
-def describe(result: dict) -> str:
+def speed_key(profile: Profile) -> str:
+    """What a speed measurement depends on: this machine (its CPU or GPU, cores, torch) and what is timed."""
+    import torch
+
+    device = torch.cuda.get_device_name(0) if profile.device.startswith("cuda") and torch.cuda.is_available() else None
+    return content_hash({"cpu": sorted(cpu_flags()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                         "gpu": device, "torch": torch.__version__, "model": profile.model, "dtype": profile.dtype,
+                         "device": profile.device, "recipe": [profile.finetune.batch_size, profile.finetune.max_len],
+                         "quant": profile.quant, "eval": [profile.eval.batch_size, sorted(profile.eval.tasks)]})
+
+
+def cached_speed(profile: Profile) -> Speed | None:
+    """This machine's measured Speed for the profile's settings, if measure_speed has run here."""
+    record = read_artifact(cache_root() / "speed" / f"{speed_key(profile)}.json", quiet=True)
+    return Speed(**record["result"]) if record is not None else None
+
+
+def measure_speed(profile: Profile, progress: bool = True) -> Speed:
+    """Time each unit of work once on this machine (about half a minute for the embedded model on two
+    CPU cores), cached per machine and profile settings (speed_key) under the data cache."""
+    if (speed := cached_speed(profile)) is not None:
+        return speed
+    path = cache_root() / "speed" / f"{speed_key(profile)}.json"
+    if progress:
+        print("measuring this machine's speed (once; cached)...", flush=True)
+    t = time.time()
+    subprocess.run([sys.executable, "-c", "import qr_lib.workbook.reproduce, qr_lib.workbook.finetune"], check=True)
+    notebook = time.time() - t
+    t = time.time()
+    base, tok = load_model(profile.model, profile.dtype, profile.device)
+    load = time.time() - t
+    splits = load_finetune(dataclasses.replace(profile.data, n_train=max(profile.data.n_train, 16)))
+    allocation = uniform(model_shapes(base).n_blocks, profile.budget_bits, profile.budget_rank,
+                         profile.bit_ladder, profile.rank_ladder)
+    t = time.time()
+    model = build(base, allocation, profile.quant, profile.lora, progress=False)
+    built = time.time() - t
+    tcfg = profile.finetune.train_config(len(splits.train), 0)
+    train(model, tok, splits.train, dataclasses.replace(tcfg, steps=1), progress=False)       # warm-up
+    steps = 3
+    step = train(model, tok, splits.train, dataclasses.replace(tcfg, steps=steps), progress=False)["seconds"] / steps
+    examples = (splits.val + splits.test)[:32]
+    t = time.time()
+    example_losses(model, tok, examples, tcfg.max_len)
+    example = (time.time() - t) / len(examples)
+    ids = tok(examples[0].prompt, return_tensors="pt")["input_ids"].to(profile.device)
+    t = time.time()
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                       pad_token_id=tok.pad_token_id)
+    token = (time.time() - t) / 16
+    t = time.time()
+    run_tasks(model, tok, dataclasses.replace(profile.eval, tasks=("qr_piqa",), limit=1, task_limits={}), progress=False)
+    lm_eval_call = max(0.0, time.time() - t - 2 * example)
+    speed = Speed(step=step, example=example, token=token, build=built, load=load, lm_eval_call=lm_eval_call,
+                  notebook=notebook)
+    write_artifact(path, {"key": speed_key(profile)}, dataclasses.asdict(speed))
+    return speed
+
+
+def recorded_seconds(layout: Layout) -> float | None:
+    """The wall-clock seconds of the last whole run of the profile, as make reproduce recorded it."""
+    manifest = read_json(layout.manifest) if layout.manifest.exists() else {}
+    whole = [r for r in manifest.get("runs", []) if len(r["notebooks"]) == len(NOTEBOOKS)]
+    return whole[-1]["wall_seconds"] if whole else None
+
+
+def describe(result: dict, recorded: float | None = None) -> str:
     lines = [f"estimate for profile {result['profile']}: model {result['model']} on {result['device']}"]
     for stage, counts in result["stages"].items():
         lines.append(f"  {stage}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     lines.append(f"  total LoRA optimizer steps: {result['total LoRA steps']:,}")
     lines.append("memory (formula, memory.py):")
     lines += [f"  {k}: {v:,.2f}" if isinstance(v, float) else f"  {k}: {v:,}" for k, v in result["memory"].items()]
+    minutes = result.get("minutes")
     hours = result.get("hours (training steps only)")
-    if hours:
+    if minutes:
+        speed = result["speed"]
+        lines.append("time on this machine, every stage's work (measured here: "
+                     + ", ".join(f"{k} {v:.3g} s" for k, v in speed.items()) + "):")
+        lines += [f"  {k}: {v:,.1f} min" for k, v in minutes.items()]
+        if recorded:
+            lines.append(f"  the last whole run of this profile took {recorded / 60:,.1f} min: the estimate is "
+                         f"{minutes['total'] * 60 / recorded:.2f} x that")
+    elif hours:
         lines.append(f"time at {result['step_seconds']:.2f} s per step (training only; scoring, lm-eval and "
                      "start-up come on top):")
         lines += [f"  {k}: {v:.1f} h" for k, v in hours.items()]
     else:
-        lines.append("time: give --step-seconds (e.g. the first proxy candidate's seconds per step on the target "
-                     "machine); no run of this profile has measured it yet")
+        lines.append("time: run `qr-adaptor estimate --measure` on the machine that will run it, or give "
+                     "--step-seconds (e.g. the first proxy candidate's seconds per step on the target machine)")
     return "\n".join(lines)
 
 
