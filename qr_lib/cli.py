@@ -107,8 +107,6 @@ def cmd_estimate(args) -> None:
 def cmd_stage(args) -> None:
     if getattr(args, "dry_run", False):
         return cmd_estimate(args)
-    from .workbook.reproduce import check_loopback
-    check_loopback()  # before the estimate below, which may convert the model
     profile, begun = _profile(args), None
     if args.command == "reproduce" and not args.only:
         # The run's starting state and clock come first: the estimate may read the model, which

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
+import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import pandas as pd
+from jupyter_client.manager import AsyncKernelManager
 
 from .. import REPO_DIR
 from ..config import Profile
@@ -47,20 +51,24 @@ def ensure_kernel() -> str:
     return KERNEL
 
 
-def check_loopback() -> None:
-    """Papermill reaches its kernel over TCP on 127.0.0.1: without a working loopback interface (a
-    network namespace with `lo` down) the kernel start waits 60 s and fails with a message that names
-    neither cause nor fix. A connection to ourselves answers in milliseconds."""
-    import socket
+class IPCKernelManager(AsyncKernelManager):
+    """The notebooks' kernel reached over Unix sockets in a private temporary folder instead of TCP on
+    127.0.0.1: it needs no loopback network (a namespace with `lo` down used to wait 60 s and fail with
+    "Kernel didn't respond"), opens no port, and the kernel has no reason to warn that TCP is unencrypted."""
 
-    try:
-        with socket.create_server(("127.0.0.1", 0)) as server, \
-                socket.create_connection(server.getsockname(), timeout=5):
-            pass
-    except OSError as e:
-        raise QRError(f"no loopback network ({e.strerror or e}): the notebooks' kernel is reached over localhost, and "
-                      "this machine or network namespace cannot connect to 127.0.0.1; bring `lo` up (`ip link set lo "
-                      "up`), or run the stages' library functions directly (docs/EXTENDING.md)") from None
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        folder = tempfile.mkdtemp(prefix="qr-kernel-")          # mode 0700: the user's alone
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        self.transport, self.ip = "ipc", str(Path(folder) / "kernel")
+
+
+def execute(notebook: Path, out: Path, parameters: dict, kernel: str, log_output: bool = False) -> None:
+    """Run one notebook with papermill on the project's kernel (over IPC), its copy written to `out`."""
+    import papermill as pm
+
+    pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(NOTEBOOK_DIR), kernel_name=kernel,
+                        progress_bar=False, log_output=log_output, kernel_manager_class=IPCKernelManager)
 
 
 def notebooks() -> list[Path]:
@@ -119,16 +127,12 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     layout = Layout.for_profile(name)
     manifest = read_json(layout.manifest) if layout.manifest.exists() else {"files": {}, "notebooks": {}}
     layout.notebooks.mkdir(exist_ok=True)
-    check_loopback()
     kernel = ensure_kernel()
     for i, nb in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.name} (profile {name})", flush=True)
         before, t0 = _outputs(layout), time.time()
         try:
-            pm.execute_notebook(str(nb), str(layout.notebooks / nb.name),
-                                parameters={"PROFILE": profile, "OVERRIDES": overrides},
-                                cwd=str(NOTEBOOK_DIR), kernel_name=kernel, progress_bar=False,
-                                log_output=log_output)
+            execute(nb, layout.notebooks / nb.name, {"PROFILE": profile, "OVERRIDES": overrides}, kernel, log_output)
         except pm.PapermillExecutionError as e:
             print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"
                   f"the executed copy with the error is {layout.notebooks / nb.name}", file=sys.stderr)
