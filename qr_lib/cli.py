@@ -161,13 +161,23 @@ def cmd_sizing(args) -> None:
     from .workbook import sizing
     from .workbook.plots import caption, figure_caption, learning_curves
     profile = _profile(args)
-    layout = Layout.for_profile(profile.name)
-    base, tok = load_model(profile.model, profile.dtype, profile.device)
-    curves = sizing.run(profile, layout, base, tok)
     cfg = profile.sizing
-    table, ladder, length = sizing.table(curves), sizing.ladder(curves, cfg.max_gap), sizing.length(curves, cfg.key_methods)
+    if args.finished:          # what has finished so far, computing nothing (a long run still going)
+        layout = Layout.of(profile.name)
+        curves = sizing.curves(layout, cfg.methods)
+        if len(curves) < 2:
+            raise QRError(f"{len(curves)} sizing curve(s) finished under {layout.root}; the tables compare at least two")
+        missing = [m for m in cfg.methods if m not in {c["method"] for c in curves}]
+        if missing:
+            print(f"not finished yet (left out): {missing}")
+    else:
+        layout = Layout.for_profile(profile.name)
+        base, tok = load_model(profile.model, profile.dtype, profile.device)
+        curves = sizing.run(profile, layout, base, tok)
+    keys = [m for m in cfg.key_methods if m in {c["method"] for c in curves}]
+    table, ladder, length = sizing.table(curves), sizing.ladder(curves, cfg.max_gap), sizing.length(curves, keys)
     save_table(ladder, layout, "sizing_rungs")
-    save_table(sizing.order_changes(curves, cfg.key_methods), layout, "sizing_order_changes")
+    save_table(sizing.order_changes(curves, keys), layout, "sizing_order_changes")
     save_figure(caption(learning_curves(table, length["L"]), f"{figure_caption(profile)} · one seed per setting · "
                         f"dev split ({profile.data.n_dev} pairs)"), layout, "learning_curves")
     print(ladder.round(3).to_string(index=False))
@@ -239,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "length, each rung's fidelity, and the length at which the order settles. "
                                    "Resumes setting by setting.")
     _common(p)
+    p.add_argument("--finished", action="store_true",
+                   help="write the tables and figure from the curves finished so far; compute nothing")
     p.set_defaults(func=cmd_sizing)
     return ap
 
