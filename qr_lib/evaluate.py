@@ -112,8 +112,9 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path 
     if samples and (cfg.limit is not None or cfg.task_limits):
         raise QRError("give either document indices (samples) or a limit, not both")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lm = _quiet_hflm()(pretrained=base, tokenizer=tok, batch_size=cfg.batch_size, max_length=2048,
-              device=str(next(base.parameters()).device))
+    with _quiet_lm_eval():   # it warns that a model object, not a name, was passed: that is the design here
+        lm = _quiet_hflm()(pretrained=base, tokenizer=tok, batch_size=cfg.batch_size, max_length=2048,
+                           device=str(next(base.parameters()).device))
     groups: dict = {}  # one lm-eval call per distinct limit
     for task in cfg.tasks:
         groups.setdefault(cfg.task_limits.get(task, cfg.limit), []).append(task)

@@ -204,6 +204,7 @@ def test_tidy_drops_widgets_and_progress_lines_and_makes_paths_relative(tmp_path
         {"output_type": "display_data", "metadata": {}, "data": {reproduce.WIDGET: {"model_id": "x"},
                                                                   "text/plain": ["Loading weights: 0%"]}},
         {"output_type": "stream", "name": "stderr", "text": ["\r", "train:  42%|####   | 10/24 [00:03<00:04, 3.1it/s]"]},
+        {"output_type": "stream", "name": "stderr", "text": ["\x1b[A\n", "\x1b[A\n"]},
         {"output_type": "stream", "name": "stderr", "text": ["a real warning\n"]},
         {"output_type": "execute_result", "metadata": {}, "execution_count": 1,
          "data": {"text/plain": [f"PosixPath('{tmp_path / 'elsewhere'}/smoke/figures/a.png')"]}}]}],

@@ -162,6 +162,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
 WIDGET = "application/vnd.jupyter.widget-view+json"
 # A progress bar's line: tqdm's "42%|####  |" or its rate "[00:03<00:01, 2.1it/s]".
 PROGRESS_LINE = re.compile(r"\d+%\||\d+/\d+ \[\d")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")   # a terminal's cursor moves, left by nested bars
 
 
 def tidy(path: Path) -> None:
@@ -175,8 +176,8 @@ def tidy(path: Path) -> None:
             if WIDGET in out.get("data", {}):
                 continue
             if out.get("name") == "stderr":
-                lines = [ln for ln in re.split(r"[\r\n]", "".join(out["text"])) if ln.strip()
-                         and not PROGRESS_LINE.search(ln)]
+                lines = [ln for ln in re.split(r"[\r\n]", "".join(out["text"]))
+                         if ANSI.sub("", ln).strip() and not PROGRESS_LINE.search(ln)]
                 if not lines:
                     continue
                 out["text"] = [ln + "\n" for ln in lines]
