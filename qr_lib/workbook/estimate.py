@@ -228,7 +228,8 @@ def measure_speed(profile: Profile, progress: bool = True) -> Speed:
     train(model, tok, splits.train, dataclasses.replace(tcfg, steps=1), progress=False)       # warm-up
     steps = 3
     step = train(model, tok, splits.train, dataclasses.replace(tcfg, steps=steps), progress=False)["seconds"] / steps
-    examples = (splits.val + splits.test)[:32]
+    examples = (splits.val + splits.test)[:64]
+    example_losses(model, tok, examples[:16], tcfg.max_len)                                   # warm-up
     t = time.time()
     example_losses(model, tok, examples, tcfg.max_len)
     example = (time.time() - t) / len(examples)
@@ -248,9 +249,11 @@ def measure_speed(profile: Profile, progress: bool = True) -> Speed:
 
 
 def recorded_seconds(layout: Layout) -> float | None:
-    """The wall-clock seconds of the last whole run of the profile, as make reproduce recorded it."""
+    """The wall-clock seconds of the last run of the profile from nothing (every notebook, no artifact
+    or cache present at its start), as make reproduce recorded it; a rerun that read its artifacts back
+    says nothing of the work."""
     manifest = read_json(layout.manifest) if layout.manifest.exists() else {}
-    whole = [r for r in manifest.get("runs", []) if len(r["notebooks"]) == len(NOTEBOOKS)]
+    whole = [r for r in manifest.get("runs", []) if len(r["notebooks"]) == len(NOTEBOOKS) and r.get("from_nothing")]
     return whole[-1]["wall_seconds"] if whole else None
 
 
@@ -269,8 +272,8 @@ def describe(result: dict, recorded: float | None = None) -> str:
                      + ", ".join(f"{k} {v:.3g} s" for k, v in speed.items()) + "):")
         lines += [f"  {k}: {v:,.1f} min" for k, v in minutes.items()]
         if recorded:
-            lines.append(f"  the last whole run of this profile took {recorded / 60:,.1f} min: the estimate is "
-                         f"{minutes['total'] * 60 / recorded:.2f} x that")
+            lines.append(f"  the last run of this profile from nothing took {recorded / 60:,.1f} min (on the machine "
+                         f"that ran it): the estimate is {minutes['total'] * 60 / recorded:.2f} x that")
     elif hours:
         lines.append(f"time at {result['step_seconds']:.2f} s per step (training only; scoring, lm-eval and "
                      "start-up come on top):")
