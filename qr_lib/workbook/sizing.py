@@ -32,7 +32,7 @@ import pandas as pd
 from ..algorithm.adapters import prepare
 from ..algorithm.memory import formula_bytes, model_shapes
 from ..algorithm.train import TrainConfig, example_losses, perplexity, train
-from ..config import Profile, SizingConfig
+from ..config import Profile, QuantConfig, SizingConfig
 from ..data import load_finetune, load_texts
 from ..errors import QRError
 from ..layout import Layout
@@ -61,12 +61,12 @@ def data(profile: Profile, cfg: SizingConfig):
     return splits.train, splits.dev, load_texts(profile.data)[1]
 
 
-def curve(profile: Profile, method: Method, cfg: SizingConfig, base, tok, train_set, dev, heldout,
+def curve(profile: Profile, layout: Layout, method: Method, cfg: SizingConfig, base, tok, train_set, dev, heldout,
           progress: bool = True) -> dict:
     """One setting's learning curve: per checkpoint, the dev split's per-example (summed NLL, tokens)
     and the fine-tuning tokens seen; held-out perplexity before and after."""
     tcfg = recipe(profile, cfg)
-    allocation = method.resolve(Context(profile, model_shapes(base), Layout.of(profile.name)))
+    allocation = method.resolve(Context(profile, model_shapes(base), layout))
     qcfg = method.quant_config(profile)
     model, hook, _ = prepare(base, allocation, qcfg, profile.lora, method.adapter, cfg.seed, tcfg.steps)
     checkpoints, scoring = {}, [0.0]
@@ -122,7 +122,7 @@ def run(profile: Profile, layout: Layout, base, tok, progress: bool = True) -> l
             print(f"[sizing {k}/{len(methods)}] {method.name}", flush=True)
         config = {**context, "method": method, "quant": method.quant_config(profile)}
         out.append(cached(layout.sizing_curve(method.id), config,
-                          lambda m=method: curve(profile, m, cfg, base, tok, train_set, dev, heldout, progress)))
+                          lambda m=method: curve(profile, layout, m, cfg, base, tok, train_set, dev, heldout, progress)))
     return out
 
 
@@ -154,7 +154,7 @@ def table(curves_: list[dict], reference: str = "lora16") -> pd.DataFrame:
         for step, point in sorted(c["checkpoints"].items(), key=lambda kv: int(kv[0])):
             nll, tokens = _arrays(c, int(step))
             row = {"method": c["method"], "name": c["name"], "rank": getattr(method.spec, "rank", None),
-                   "quantizer": method.quant_config(Profile()).backend, "bits": c["avg_bits"],
+                   "quantizer": QuantConfig(**method.quant).backend, "bits": c["avg_bits"],
                    "memory_MiB": c["memory_MiB"], "step": int(step), "train_tokens": point["tokens"],
                    "dev_loss": nll.sum() / tokens.sum()}
             if ref is not None and str(step) in ref["checkpoints"]:
