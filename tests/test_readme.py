@@ -60,3 +60,26 @@ def test_the_memory_at_the_1b_shape_the_readme_quotes():
                                                 "meta-llama--Llama-3.2-1B.json").read_text())["result"]["rows"]}
     assert all(r["measured_over_formula"] == 1 for r in rows.values())
     assert f"peaks at {rows['mixed3p5']['peak_over_nf4']:.3f} x NF4's memory" in " ".join(README.split())
+
+
+def test_the_learning_curves_the_readme_quotes():
+    """The sizing paragraph: each rung's gap to 16-bit LoRA before training and at the last checkpoint,
+    as tables/sizing_rungs.csv holds it, and the length statement of tables/sizing_order_changes.csv."""
+    rungs = pd.read_csv(TABLES / "sizing_rungs.csv")
+    last = int(next(c for c in rungs.columns if c.startswith("gap_to_lora16_step")).rsplit("step", 1)[1])
+    first = rungs.set_index("method")
+    text = " ".join(README.split())
+    assert f"after {last} steps" in text
+    base = first.loc["lora16", "dev_loss_step0"]
+    quoted = 0
+    for method, row in first.drop(index="lora16").iterrows():
+        phrase = f"{row['name']} {row[f'gap_to_lora16_step{last}']:+.3f} ({row['dev_loss_step0'] - base:+.3f})"
+        quoted += phrase in text
+    assert quoted == len(first) - 1, "every measured rung is quoted with its gap"
+    changes = pd.read_csv(TABLES / "sizing_order_changes.csv")
+    flips = changes.groupby("L")["flips"].sum()
+    stable = [int(L) for L, n in flips.items() if n == 0]
+    if stable:
+        assert f"from {min(stable)} steps on" in text
+    else:
+        assert f"still changes between {int(flips.index.max())} and {2 * int(flips.index.max())} steps" in text

@@ -28,8 +28,17 @@ def test_the_length_is_where_the_order_stops_changing():
     b = _curve("b", {0: 2.8, 12: 2.7, 24: 2.7, 48: 2.6, 96: 2.5})
     got = sizing.length([a, b], ["a", "b"])
     assert got["stable"] and got["L"] == 24 and got["flips_by_L"][12] == 1
+    assert got["final_steps"] == 48 and sizing.length([a, b], ["a", "b"], "constant")["final_steps"] == 24
     changes = sizing.order_changes([a, b], ["a", "b"])
     assert set(changes["L"]) == {12, 24, 48}          # 0 has no meaningful double, 96 has none measured
+
+
+def test_a_flip_after_a_stable_doubling_moves_the_length_on():
+    # stable between 12 and 24, flipping again between 24 and 48: the length is 48, not 12
+    a = _curve("a", {12: 2.5, 24: 2.5, 48: 2.9, 96: 2.9})
+    b = _curve("b", {12: 2.7, 24: 2.7, 48: 2.7, 96: 2.7})
+    got = sizing.length([a, b], ["a", "b"])
+    assert got["flips_by_L"] == {12: 0, 24: 1, 48: 0} and got["L"] == 48
 
 
 def test_a_length_that_never_settles_is_said_plainly():

@@ -17,8 +17,9 @@ search's ladder, this stage measures both, for a grid of uniform settings (`Sizi
 Nothing here reads the test split. The fine-tuning pairs are the train split extended to the longest
 checkpoint, so every curve sees each pair at most once.
 
-`length(curves, methods)` is the smallest checkpoint L at which the order of the key methods no longer
-changes between L and 2L (paired over dev examples); `ladder(curves, ...)` the rungs whose curve stays
+`length(curves, methods)` is the smallest checkpoint L from which on the order of the key methods no
+longer changes between a checkpoint and its double (paired over dev examples), and the final length
+that gives a decaying schedule as much training; `ladder(curves, ...)` the rungs whose curve stays
 within a gap of 16-bit LoRA's.
 """
 from __future__ import annotations
@@ -205,21 +206,27 @@ def order_changes(curves_: list[dict], methods) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def length(curves_: list[dict], methods) -> dict:
-    """The smallest checkpoint L at which no pair of `methods` flips between L and 2L (order_changes),
-    or, if every L has a flip, the largest L measured, said plainly."""
+def length(curves_: list[dict], methods, schedule: str = "linear") -> dict:
+    """The smallest checkpoint L from which on no pair of `methods` flips between any checkpoint and its
+    double (order_changes), or, if the last doubling measured still flips, the largest L measured, said
+    plainly. `final_steps` carries L over to the final recipe: the curves hold the rate constant after
+    warm-up, and a final run that decays it linearly to zero over S steps takes as much total step size
+    as a constant run of S/2 steps, so it needs 2L steps ("constant": L)."""
     changes = order_changes(curves_, methods)
     if changes.empty:
         raise QRError("no checkpoint L has its double 2L among sizing.steps; add checkpoints (e.g. 12, 24, 48 ...)")
     per_L = changes.groupby("L")["flips"].sum()
-    stable = [int(L) for L, n in per_L.items() if n == 0]
-    if stable:
-        L = min(stable)
-        return {"L": L, "stable": True, "flips_by_L": {int(k): int(v) for k, v in per_L.items()},
-                "statement": f"from {L} steps on, no pair of {list(methods)} changes order between L and 2L "
-                             "on the dev split"}
-    L = int(per_L.index.max())
-    return {"L": L, "stable": False, "flips_by_L": {int(k): int(v) for k, v in per_L.items()},
+    flips = {int(k): int(v) for k, v in per_L.items()}
+    settled = [L for L in flips if all(n == 0 for k, n in flips.items() if k >= L)]
+    factor = 1 if schedule == "constant" else 2
+    if settled:
+        L = min(settled)
+        return {"L": L, "stable": True, "flips_by_L": flips, "final_steps": factor * L,
+                "statement": f"from {L} steps on, no pair of {list(methods)} changes order between a checkpoint and "
+                             f"its double on the dev split: a final run of {factor * L} steps at a {schedule} "
+                             "schedule takes that much training"}
+    L = max(flips)
+    return {"L": L, "stable": False, "flips_by_L": flips, "final_steps": None,
             "statement": f"the order of {list(methods)} still changes between {L} and {2 * L} steps, the longest "
                          "checkpoints measured: longer curves are needed to size the final fine-tune"}
 
