@@ -456,7 +456,7 @@ RANK_STYLE = {4: ":", 8: "-", 16: "--"}
 def learning_curves(table, length: int | None = None, reference: str = "lora16"):
     """Dev loss against fine-tuning tokens for every sizing setting (left), and each setting's paired
     difference to `reference` with its 95% interval over dev examples (right, the reference's own line at 0).
-    A vertical line marks the chosen final length, where given."""
+    A vertical line marks where the order settles (sizing.length), where given."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, g in table.groupby("method", sort=False):
         g = g.sort_values("step")
@@ -478,7 +478,7 @@ def learning_curves(table, length: int | None = None, reference: str = "lora16")
             at = table.loc[table["step"] == length, "train_tokens"]
             if len(at):
                 ax.axvline(float(at.mean()), color="k", lw=0.8, ls="--")
-                ax.annotate(f"chosen length: {length} steps", (float(at.mean()), 0.98), xycoords=("data", "axes fraction"),
+                ax.annotate(f"order settles: {length} steps", (float(at.mean()), 0.98), xycoords=("data", "axes fraction"),
                             fontsize=7, ha="right", va="top", rotation=90)
     a.set_ylabel("dev loss (nats per answer token; lower is better)")
     a.set_title("learning curves (constant rate after warm-up, one seed)", fontsize=9)

@@ -43,7 +43,7 @@ OPTIONAL = [
 # What to read in each figure: one line, shown under it.
 READING = {
     "learning_curves": "Right panel: a gap to 16-bit LoRA that shrinks with tokens is one rank and training buy "
-                       "back; one that stays is what the bits cost. The dashed line is the chosen final length.",
+                       "back; one that stays is what the bits cost. The dashed line: where the key methods' order settles.",
     "pilot_configs": "Configs A-D at equal memory: does moving bits between shallow and deep blocks (C vs D), or "
                      "trading bits for rank (B vs A), change the test loss? Bars: mean over seeds.",
     "sensitivity_kl": "Which blocks the lowest rung hurts most (KL to the unquantized model's outputs): Phase I's "
