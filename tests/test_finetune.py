@@ -263,7 +263,8 @@ def test_the_memory_plot_zooms_on_the_methods_near_the_budget_error_bars_include
     from qr_lib.workbook.plots import metric_vs_memory
     table = pd.DataFrame({"method": ["lora16", "hqq4", "qr_adaptor", "random4_0"], "name": ["LoRA-16", "4-bit", "QR", "r"],
                           "memory_MiB": [210.0, 63.0, 62.0, 38.0],
-                          "test_loss": [3.2, 3.4, 3.5, 7.6], "test_loss_std": [0.01, float("nan"), 0.2, float("nan")]})
+                          "test_loss": [3.2, 3.4, 3.5, 7.6], "test_loss_std": [0.01, float("nan"), 0.2, float("nan")],
+                          "seeds": [3, 1, 3, 1]})
     fig = metric_vs_memory(table, "test_loss", "loss", budget_mib=63.0)
     full, zoom = fig.axes
     assert zoom.get_xlim()[0] > 50 and zoom.get_ylim()[0] < 3.4 and zoom.get_ylim()[1] > 3.7

@@ -289,7 +289,8 @@ def metric_vs_memory(table, metric: str, ylabel: str, budget_mib=None, scale: fl
     axes[0][0].set_ylabel(ylabel)
     if len(panels) > 1 and panels[1][0] == "near the budget":
         ax, rows = axes[0][1], near
-        lo, hi = (rows[metric] * scale).min(), (rows[metric] * scale).max()
+        bars = [(_errors(r, metric, scale)[0] or 0.0) for _, r in rows.iterrows()]   # the drawn bars fit too
+        lo, hi = (rows[metric] * scale - bars).min(), (rows[metric] * scale + bars).max()
         pad = 0.15 * (hi - lo) or 0.05 * abs(hi)
         ax.set_xlim(0.88 * budget_mib, 1.03 * budget_mib)
         ax.set_ylim(lo - pad, hi + pad)
