@@ -101,7 +101,7 @@ def cmd_estimate(args) -> None:
     speed = estimate.measure_speed(profile) if getattr(args, "measure", False) else estimate.cached_speed(profile)
     step = args.step_seconds or (None if speed else estimate.measured_step_seconds(layout))
     result = estimate.estimate(profile, step, None if args.step_seconds else speed)
-    print(estimate.describe(result, estimate.recorded_seconds(layout)))
+    print(estimate.describe(result, estimate.recorded_seconds(layout, result)))
 
 
 def cmd_stage(args) -> None:

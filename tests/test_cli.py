@@ -1,5 +1,4 @@
 """The command line: every command documented, bad input exits 2 before any work, --help is quick."""
-import os
 import subprocess
 import sys
 import time

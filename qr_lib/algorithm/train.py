@@ -154,8 +154,8 @@ def train(model, tok, examples, cfg: TrainConfig, progress: bool = True, desc: s
             step_tokens_seen.append(tokens)
             bar.set_postfix(loss=f"{mean:.3f}", refresh=False)  # drawn at the next refresh, not every step
     model.eval()
-    return {"losses": losses, "train_tokens": tokens, "tokens_seen": step_tokens_seen, "seconds": time.time() - t0, "diverged": diverged,
-            "peak_memory": peak.result}
+    return {"losses": losses, "train_tokens": tokens, "tokens_seen": step_tokens_seen, "seconds": time.time() - t0,
+            "diverged": diverged, "peak_memory": peak.result}
 
 
 @torch.no_grad()

@@ -40,8 +40,9 @@ from .methods import load_method
 
 def final_losses(layout: Layout, methods) -> pd.DataFrame:
     """Each distinct allocation's final loss on the dev split (mean over its finished seeds; never the test
-    split, which only the final table reads), under the first method that has it; `same_as` names the others (a search that selects a uniform allocation makes two
-    methods one allocation, which a rank correlation must count once)."""
+    split, which only the final table reads), under the first method that has it; `same_as` names the
+    others (a search that selects a uniform allocation makes two methods one allocation, which a rank
+    correlation must count once)."""
     rows = []
     for m in methods:
         res = results(layout, m)

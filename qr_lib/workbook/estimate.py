@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,8 +62,6 @@ def search_counts(profile: Profile, space) -> dict:
 # generates instead (counted in tokens, up to eval.max_gen_toks).
 CHOICES = {"qr_arc_easy": 4, "qr_arc_challenge": 4, "qr_hellaswag": 4, "qr_openbookqa": 4, "qr_mmlu": 4,
            "qr_piqa": 2, "qr_winogrande": 2, "qr_boolq": 2}
-# What each notebook loads: every one but the report loads the model.
-NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "06", "07", "08")
 
 
 @dataclass(frozen=True)
@@ -189,8 +188,6 @@ def measured_step_seconds(layout: Layout) -> float | None:
 
 def speed_key(profile: Profile) -> str:
     """What a speed measurement depends on: this machine (its CPU or GPU, cores, torch) and what is timed."""
-    import torch
-
     device = torch.cuda.get_device_name(0) if profile.device.startswith("cuda") and torch.cuda.is_available() else None
     return content_hash({"cpu": sorted(cpu_flags()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                          "gpu": device, "torch": torch.__version__, "model": profile.model, "dtype": profile.dtype,
@@ -198,9 +195,13 @@ def speed_key(profile: Profile) -> str:
                          "quant": profile.quant, "eval": [profile.eval.batch_size, sorted(profile.eval.tasks)]})
 
 
+def _speed_file(key: str) -> Path:
+    return cache_root() / "speed" / f"{key}.json"
+
+
 def cached_speed(profile: Profile) -> Speed | None:
     """This machine's measured Speed for the profile's settings, if measure_speed has run here."""
-    record = read_artifact(cache_root() / "speed" / f"{speed_key(profile)}.json", quiet=True)
+    record = read_artifact(_speed_file(speed_key(profile)), quiet=True)
     return Speed(**record["result"]) if record is not None else None
 
 
@@ -209,7 +210,7 @@ def measure_speed(profile: Profile, progress: bool = True) -> Speed:
     CPU cores), cached per machine and profile settings (speed_key) under the data cache."""
     if (speed := cached_speed(profile)) is not None:
         return speed
-    path = cache_root() / "speed" / f"{speed_key(profile)}.json"
+    key = speed_key(profile)
     if progress:
         print("measuring this machine's speed (once; cached)...", flush=True)
     t = time.time()
@@ -244,16 +245,17 @@ def measure_speed(profile: Profile, progress: bool = True) -> Speed:
     lm_eval_call = max(0.0, time.time() - t - 2 * example)
     speed = Speed(step=step, example=example, token=token, build=built, load=load, lm_eval_call=lm_eval_call,
                   notebook=notebook)
-    write_artifact(path, {"key": speed_key(profile)}, dataclasses.asdict(speed))
+    write_artifact(_speed_file(key), {"key": key}, dataclasses.asdict(speed))
     return speed
 
 
-def recorded_seconds(layout: Layout) -> float | None:
-    """The wall-clock seconds of the last run of the profile from nothing (every notebook, no artifact
-    or cache present at its start), as make reproduce recorded it; a rerun that read its artifacts back
-    says nothing of the work."""
+def recorded_seconds(layout: Layout, result: dict) -> float | None:
+    """The wall-clock seconds of the last run of the profile from nothing (every notebook the estimate
+    `result` counts, no artifact or cache present at its start), as make reproduce recorded it; a rerun
+    that read its artifacts back says nothing of the work."""
+    notebooks = sum(s.get("notebooks", 0) for s in result["stages"].values())
     manifest = read_json(layout.manifest) if layout.manifest.exists() else {}
-    whole = [r for r in manifest.get("runs", []) if len(r["notebooks"]) == len(NOTEBOOKS) and r.get("from_nothing")]
+    whole = [r for r in manifest.get("runs", []) if len(r["notebooks"]) == notebooks and r.get("from_nothing")]
     return whole[-1]["wall_seconds"] if whole else None
 
 

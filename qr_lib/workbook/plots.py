@@ -26,8 +26,8 @@ STYLE = {
     "adalora_nf4": ("#17becf", "P"), "loftq_hqq4": ("#bcbd22", "X"),
     "bits_only": ("#e377c2", "<"), "rank_only": ("#aec7e8", ">"),
 }
-RANDOM_STYLE = ("#b0b0b0", "x")
-LINESTYLES = ("-", "--", "-.", ":")   # told apart where colours repeat      # every random draw: one look, they are one baseline
+RANDOM_STYLE = ("#b0b0b0", "x")      # every random draw: one look, they are one baseline
+LINESTYLES = ("-", "--", "-.", ":")  # told apart where colours repeat
 GREYS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
 HIGHLIGHT = ("qr_adaptor", "qr_adaptor_3p5")
 
@@ -258,7 +258,7 @@ def metric_vs_memory(table, metric: str, ylabel: str, budget_mib=None, scale: fl
     in `apart` (destroyed by their quantization: comparison.destroyed) get a panel of their own, so
     they never stretch the axes of the real comparison. The caption says what the error bars are."""
     table = _merged(table)
-    table = table[table[metric].notna()]
+    table = table[table[metric].notna()]   # methods without the score (random draws have no benchmarks)
     main, far = table[~table["method"].isin(apart)], table[table["method"].isin(apart)]
     near = main[(main["memory_MiB"] - budget_mib).abs() <= 0.1 * budget_mib] if budget_mib else main.iloc[:0]
     panels = [("all methods", main)] + ([("near the budget", near)] if 1 < len(near) < len(main) else [])
@@ -269,8 +269,6 @@ def metric_vs_memory(table, metric: str, ylabel: str, budget_mib=None, scale: fl
     kinds, labelled = set(), set()
     for ax, (title, rows) in zip(axes[0], panels):
         for k, (_, row) in enumerate(rows.iterrows()):
-            if row[metric] != row[metric]:          # no such score (random draws have no benchmarks)
-                continue
             colour, marker = style(row["method"], k)
             err, kind = _errors(row, metric, scale)
             kinds.add(kind)

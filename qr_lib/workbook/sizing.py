@@ -32,8 +32,8 @@ import pandas as pd
 
 from ..algorithm.adapters import prepare
 from ..algorithm.memory import formula_bytes, model_shapes
-from ..algorithm.train import TrainConfig, example_losses, perplexity, train
-from ..config import Profile, QuantConfig, SizingConfig
+from ..algorithm.train import example_losses, perplexity, train
+from ..config import Profile, QuantConfig, SizingConfig, TrainConfig
 from ..data import load_finetune, load_texts
 from ..errors import QRError
 from ..layout import Layout
@@ -45,10 +45,10 @@ from .methods import Context, Method, load_method
 def recipe(profile: Profile, cfg: SizingConfig) -> TrainConfig:
     """The final fine-tune's recipe, run to the longest checkpoint at a constant rate after warm-up (the
     final recipe's warm-up fraction of the longest checkpoint)."""
-    f, steps = profile.finetune, max(cfg.steps)
-    return TrainConfig(steps=steps, batch_size=f.batch_size, grad_accum=f.grad_accum, lr=f.lr,
-                       warmup_steps=max(1, round(f.warmup_ratio * steps)), schedule="constant",
-                       max_len=f.max_len, seed=cfg.seed)
+    steps = max(cfg.steps)
+    final = profile.finetune.train_config(1, cfg.seed)
+    return dataclasses.replace(final, steps=steps, warmup_steps=max(1, round(profile.finetune.warmup_ratio * steps)),
+                               schedule="constant")
 
 
 def data(profile: Profile, cfg: SizingConfig):
@@ -67,7 +67,8 @@ def curve(profile: Profile, layout: Layout, method: Method, cfg: SizingConfig, b
     """One setting's learning curve: per checkpoint, the dev split's per-example (summed NLL, tokens)
     and the fine-tuning tokens seen; held-out perplexity before and after."""
     tcfg = recipe(profile, cfg)
-    allocation = method.resolve(Context(profile, model_shapes(base), layout))
+    shapes = model_shapes(base)
+    allocation = method.resolve(Context(profile, shapes, layout))
     qcfg = method.quant_config(profile)
     model, hook, _ = prepare(base, allocation, qcfg, profile.lora, method.adapter, cfg.seed, tcfg.steps)
     checkpoints, scoring = {}, [0.0]
@@ -96,7 +97,7 @@ def curve(profile: Profile, layout: Layout, method: Method, cfg: SizingConfig, b
         raise QRError(f"the sizing run of {method.id} diverged; lower finetune.lr")
     for step, point in checkpoints.items():
         point["tokens"] = log["tokens_seen"][int(step) - 1] if int(step) else 0
-    memory = formula_bytes(model_shapes(base), allocation, qcfg)
+    memory = formula_bytes(shapes, allocation, qcfg)
     return {"method": method.id, "name": method.name, "memory_MiB": memory["blocks"] / 2**20,
             "avg_bits": memory["avg_bits"], "checkpoints": checkpoints, "train_losses": log["losses"],
             "perplexity_before": before, "perplexity_after": perplexity(model, tok, heldout, max_len=256),
@@ -144,6 +145,12 @@ def _arrays(c: dict, step: int):
     return np.array([x for x, _ in per], dtype=float), np.array([n for _, n in per], dtype=float)
 
 
+def _loss(c: dict, step: int) -> float:
+    """The dev loss of a curve at a checkpoint, nats per answer token."""
+    nll, tokens = _arrays(c, step)
+    return float(nll.sum() / tokens.sum())
+
+
 def table(curves_: list[dict], reference: str = "lora16") -> pd.DataFrame:
     """One row per (setting, checkpoint): dev loss (nats per answer token), tokens seen, the setting's
     rank and quantizer, and the paired difference to `reference` at that checkpoint with its 95%
@@ -172,8 +179,8 @@ def rungs(curves_: list[dict], reference: str = "lora16") -> pd.DataFrame:
     rows = []
     for c in curves_:
         first, last = min(map(int, c["checkpoints"])), max(map(int, c["checkpoints"]))
-        loss = {s: (lambda a: a[0].sum() / a[1].sum())(_arrays(c, s)) for s in (first, last)}
-        gap = loss[last] - (lambda a: a[0].sum() / a[1].sum())(_arrays(ref, last)) if ref else float("nan")
+        loss = {s: _loss(c, s) for s in (first, last)}
+        gap = loss[last] - _loss(ref, last) if ref else float("nan")
         rows.append({"method": c["method"], "name": c["name"], "avg_bits": c["avg_bits"], "memory_MiB": c["memory_MiB"],
                      "perplexity_before": c["perplexity_before"], "perplexity_after": c["perplexity_after"],
                      f"dev_loss_step{first}": loss[first], f"dev_loss_step{last}": loss[last],
