@@ -134,6 +134,12 @@ class FinetuneConfig:
     n_test: int | None = None      # test pairs scored per run (the first n); None = the whole split
     seeds: tuple = (0, 1, 2)       # for methods with "multi_seed"; the others run seeds[0]
     methods: tuple | None = None   # method ids a full run covers; None = every file in methods/
+    # Seeds whose runs also score the dev split (the calibration's final side); None = every seed.
+    # Scoring costs as much as a short fine-tune on a CPU, and the calibration needs one seed's.
+    dev_seeds: tuple | None = None
+
+    def scores_dev(self, seed: int) -> bool:
+        return self.dev_seeds is None or seed in self.dev_seeds
 
     def train_config(self, n_train: int, seed: int) -> TrainConfig:
         steps = math.ceil(self.epochs * n_train / (self.batch_size * self.grad_accum))
@@ -153,9 +159,13 @@ class EvalConfig:
     # Final runs whose seed is listed are benchmarked (None = every seed); every run gets its test
     # loss and perplexity. On a CPU, lm-eval costs as much as the fine-tune itself.
     seeds: tuple | None = None
+    # Methods benchmarked (None = every method whose file allows it): the main ones, where lm-eval
+    # adds information rather than time.
+    methods: tuple | None = None
 
-    def benchmarks(self, seed: int) -> bool:
-        return bool(self.tasks) and (self.seeds is None or seed in self.seeds)
+    def benchmarks(self, seed: int, method: str | None = None) -> bool:
+        return bool(self.tasks) and (self.seeds is None or seed in self.seeds) and \
+            (self.methods is None or method is None or method in self.methods)
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,7 @@ class PilotConfig:
     limit: int = 100
     n_test: int | None = 256       # test pairs scored per run (the first n of the test split)
     memory_tolerance: float = 0.03  # every config within this fraction of the target memory
+    bits: tuple = (2, 4)           # (low, high) rungs of Configs A-D; the paper's pilot: (2, 4)
     sweep_bits: tuple = (2, 3, 4)
     sweep_ranks: tuple = (4, 8, 16)
 

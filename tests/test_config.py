@@ -96,6 +96,8 @@ def test_a_profile_can_include_another_and_change_only_what_differs(tmp_path):
     ({"quant.group_size": 0}, "quant.group_size is 0"),
     ({"quant.group_size": -64}, "quant.group_size is -64"),
     ({"model.name": "/x"}, "a single value"),
+    ({"pilot.bits": [4, 3]}, "pilot.bits is [4, 3]"),
+    ({"pilot.bits": [3]}, "pilot.bits is [3]"),
 ])
 def test_bad_settings_are_refused_when_the_profile_loads(overrides, message):
     with pytest.raises(QRError, match=re.escape(message)):

@@ -57,12 +57,10 @@ def test_every_method_file_loads_and_unknown_ones_are_refused():
         load_method("qlora_9bit")
 
 
-def test_plan_repeats_only_multi_seed_methods_and_pairs_a_random_draw_with_its_seed(quick):
+def test_plan_repeats_only_multi_seed_methods_and_runs_every_random_draw_at_every_seed(quick):
     pairs = finetune.plan(quick, ["qr_adaptor", "hqq2", "random4_0", "random4_1"])
-    assert [(m.id, s) for m, s in pairs] == [("qr_adaptor", 0), ("hqq2", 0), ("random4_0", 0),
-                                             ("qr_adaptor", 1), ("random4_1", 1)]
-    with pytest.raises(QRError, match="seed index 2"):
-        finetune.plan(quick, ["random4_2"])              # the smoke profile has two seeds
+    assert [(m.id, s) for m, s in pairs] == [("qr_adaptor", 0), ("hqq2", 0), ("random4_0", 0), ("random4_1", 0),
+                                             ("qr_adaptor", 1), ("random4_0", 1), ("random4_1", 1)]
 
 
 def test_a_random_draw_spends_its_budget_and_is_reproducible(quick, base, tmp_path):
@@ -117,6 +115,17 @@ def test_the_recipe_is_a_full_epoch_and_benchmarks_only_the_listed_seeds(base, t
     assert rec.train["epochs"] >= 1.0 and rec.train["steps"] == profile.data.n_train // 4
     assert rec.benchmarks == {}  # seed 1 is not benchmarked; its test loss is measured
     assert rec.test_loss > 0
+
+
+def test_only_the_listed_methods_are_benchmarked_and_only_the_listed_seeds_score_dev(base, tmp_path):
+    model_, tok = base
+    profile = load_profile("smoke", {"eval.tasks": ["qr_arc_easy"], "eval.limit": 2, "eval.methods": ["lora16"],
+                                     "finetune.dev_seeds": [0], "finetune.max_steps": 2})
+    hqq4, lora16 = load_method("hqq4"), load_method("lora16")
+    first = finetune.run(profile, Layout(tmp_path), hqq4, 0, model_, tok, progress=False)
+    assert first.benchmarks == {} and first.dev_loss > 0 and len(first.dev_examples["tokens"]) == profile.data.n_dev
+    assert finetune.run(profile, Layout(tmp_path), hqq4, 1, model_, tok, progress=False).dev_loss is None
+    assert "qr_arc_easy" in finetune.run(profile, Layout(tmp_path), lora16, 0, model_, tok, progress=False).benchmarks
 
 
 def test_save_and_reload_give_identical_logits_after_training(quick, base, tmp_path):

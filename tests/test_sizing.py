@@ -9,6 +9,7 @@ from qr_lib.data import load_finetune
 from qr_lib.errors import QRError
 from qr_lib.layout import Layout
 from qr_lib.workbook import sizing
+from qr_lib.workbook.methods import load_method
 
 
 def _curve(method, losses_by_step, n=64, noise=0.3, seed=0):
@@ -83,6 +84,15 @@ def test_sizing_on_smoke_scores_the_dev_split_only_and_reads_back(smoke, base, t
     monkeypatch.setattr(sizing, "train", lambda *a, **k: pytest.fail("a finished curve was retrained"))
     again = sizing.run(profile, layout, model, tok, progress=False)
     assert again == got
+    # What the final runs' plan or the method's wording says is not part of a curve: a longer final
+    # fine-tuning set (covered by the curves' own pairs) and a renamed method read the curves back.
+    def final_pairs(n):
+        return dataclasses.replace(profile, data=dataclasses.replace(profile.data, n_train=n))
+    need = 2 * profile.finetune.batch_size                                # the longest checkpoint's pairs
+    assert sizing.data_config(final_pairs(1), profile.sizing) == sizing.data_config(final_pairs(need), profile.sizing)
+    assert sizing.data_config(final_pairs(1), profile.sizing).n_train == need
+    renamed = dataclasses.replace(load_method("hqq2"), name="renamed", description="", multi_seed=True)
+    assert sizing.setting(profile, renamed) == sizing.setting(profile, load_method("hqq2"))
     assert [c["method"] for c in sizing.curves(layout, ("lora16", "hqq2"))] == ["lora16", "hqq2"]
     table = sizing.table(got)
     assert set(table["step"]) == {0, 1, 2} and (table["dev_loss"] > 0).all()

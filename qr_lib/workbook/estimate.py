@@ -38,7 +38,7 @@ from ..layout import Layout
 from ..models import load_model, load_skeleton
 from ..store import cache_root, content_hash, read_artifact, read_json, write_artifact
 from . import finetune
-from .pilot import CONFIGS, sweep_methods
+from .pilot import configs, sweep_methods
 
 
 def search_counts(profile: Profile, space) -> dict:
@@ -110,8 +110,8 @@ def work(profile: Profile, shapes=None, space=None) -> dict:
     if f.max_steps:
         steps_per_run = min(steps_per_run, f.max_steps)
     runs = finetune.plan(profile)
-    benchmarked = sum(1 for m, seed in runs if m.benchmarks and profile.eval.benchmarks(seed))
-    pilot_runs = len(CONFIGS) * len(p.seeds) + len(sweep_methods(p))
+    benchmarked = sum(1 for m, seed in runs if m.benchmarks and profile.eval.benchmarks(seed, m.id))
+    pilot_runs = len(configs(p.bits)) * len(p.seeds) + len(sweep_methods(p))
     search = search_counts(profile, space)
     cfg = profile.nsga
     low_n = min(cfg.low_n_val, d.n_val) if cfg.low_steps > 0 else d.n_val
@@ -124,7 +124,7 @@ def work(profile: Profile, shapes=None, space=None) -> dict:
     return {
         "setup": {"examples scored": d.n_heldout, "model loads": 1, "notebooks": 1},
         "pilot": {"runs": pilot_runs, "steps": pilot_runs * p.steps, "models built": pilot_runs,
-                  "examples scored": pilot_runs * ((p.n_test or d.n_test) + d.n_dev + d.n_heldout),
+                  "examples scored": pilot_runs * ((p.n_test or d.n_test) + d.n_heldout),
                   **_lm_eval(pilot_eval, pilot_runs), "model loads": 1, "notebooks": 1},
         "Phase I": {"block evaluations": shapes.n_blocks * len(profile.sensitivity.bits), "steps": 0,
                     "examples scored": (shapes.n_blocks * len(profile.sensitivity.bits) + 1) * d.n_calib,
@@ -134,7 +134,8 @@ def work(profile: Profile, shapes=None, space=None) -> dict:
                           + search["full-fidelity candidates (at most)"] * d.n_val,
                           "model loads": 2, "notebooks": 2},
         "final fine-tunes": {"runs (at most)": len(runs), "steps": len(runs) * steps_per_run, "models built": len(runs),
-                             "examples scored": len(runs) * ((f.n_test or d.n_test) + d.n_dev + d.n_heldout),
+                             "examples scored": sum((f.n_test or d.n_test) + d.n_heldout
+                                                    + (d.n_dev if f.scores_dev(seed) else 0) for _, seed in runs),
                              **_lm_eval(profile.eval, benchmarked), "model loads": 1, "notebooks": 1},
         "proxy calibration": {"runs (at most)": cal_runs, "steps": cal_runs * max(cal.lengths), "models built": cal_runs,
                               "examples scored": cal_runs * len(cal.lengths) * max(cal.n_val),

@@ -98,17 +98,20 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
     when the caller runs many (it is the same for all). Test losses are kept example by example (summed
     NLL and answer tokens, in test-split order), so methods can be compared pair by pair."""
     qcfg = method.quant_config(profile)
-    # Which seeds and methods a profile plans does not change this run, so they stay out of its key.
+    # Which seeds and methods a profile plans does not change this run, so they stay out of its key;
+    # what it scores does (lm-eval, the dev split), as flags of this run.
+    benchmarked = method.benchmarks and profile.eval.benchmarks(seed, method.id)
+    scores_dev = profile.finetune.scores_dev(seed)
     config = keyed({"model": profile.model, "dtype": profile.dtype, "data": profile.data, "method": method,
                     "quant": qcfg, "lora": profile.lora,
-                    "finetune": dataclasses.replace(profile.finetune, seeds=(), methods=None),
-                    "eval": profile.eval, "seed": seed})
+                    "finetune": dataclasses.replace(profile.finetune, seeds=(), methods=None, dev_seeds=None),
+                    "eval": dataclasses.replace(profile.eval, seeds=None, methods=None) if benchmarked else None,
+                    "dev": scores_dev, "seed": seed})
     shapes = model_shapes(base)
     allocation = method.resolve(Context(profile, shapes, layout))
     where = layout.run(method.id, seed)
     training = content_hash({**{k: v for k, v in config.items() if k not in ("method", "key")},
-                             "allocation": allocation.pairs(), "adapter": method.adapter,
-                             "benchmarks": method.benchmarks})
+                             "allocation": allocation.pairs(), "adapter": method.adapter})
 
     def compute() -> dict:
         twin = next((r for r in results(layout) if r.training_key == training and r.seed == seed
@@ -122,7 +125,7 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
         log = train(model, tok, d.train, tcfg, progress=progress, desc=f"{method.id} seed {seed}", on_step=hook)
         train_seconds = time.time() - t0
         per_example = example_losses(model, tok, d.test[:profile.finetune.n_test], tcfg.max_len)
-        dev = example_losses(model, tok, d.dev, tcfg.max_len) if d.dev else None
+        dev = example_losses(model, tok, d.dev, tcfg.max_len) if d.dev and scores_dev else None
         save_adapter(model, where, allocation, qcfg, profile, method)
         memory = formula_bytes(shapes, allocation, qcfg)
         return RunResult(
@@ -135,7 +138,7 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
             test_examples=_per_example(per_example),
             heldout_perplexity=perplexity(model, tok, d.heldout, max_len=256),
             benchmarks=run_tasks(model, tok, profile.eval, progress=progress, log_dir=where.lm_eval)
-            if method.benchmarks and profile.eval.benchmarks(seed) else {},
+            if benchmarked else {},
             seconds=round(time.time() - t0, 1), training_key=training,
             dev_loss=mean_loss(dev) if dev else None, dev_examples=_per_example(dev) if dev else None).to_dict()
 
@@ -172,19 +175,10 @@ def load_finetuned(where: RunDir, base=None, tok=None):
 
 
 def plan(profile: Profile, methods: list[str] | None = None) -> list[tuple[Method, int]]:
-    """(method, seed) pairs: every seed of the profile for multi-seed methods, the one at `seed_index`
-    for a method that names it, the first otherwise. Seed-major, so a run stopped half-way already has
-    one result for (nearly) every method."""
+    """(method, seed) pairs: every seed of the profile for multi-seed methods, the first otherwise.
+    Seed-major, so a run stopped half-way already has one result for (nearly) every method."""
     chosen = [load_method(m) for m in (methods or profile.finetune.methods or method_ids())]
-    seeds = profile.finetune.seeds
-    for m in chosen:
-        if m.seed_index is not None and not 0 <= m.seed_index < len(seeds):
-            raise QRError(f"method {m.id} runs at seed index {m.seed_index} but the profile has {len(seeds)} "
-                          f"seeds {list(seeds)}; add seeds (finetune.seeds) or drop the method")
-
-    def runs_at(m, k):
-        return k == m.seed_index if m.seed_index is not None else (k == 0 or m.multi_seed)
-    return [(m, s) for k, s in enumerate(seeds) for m in chosen if runs_at(m, k)]
+    return [(m, s) for k, s in enumerate(profile.finetune.seeds) for m in chosen if k == 0 or m.multi_seed]
 
 
 def run_on_worker(profile: Profile, layout: Layout, method: Method, seed: int) -> None:

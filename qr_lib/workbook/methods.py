@@ -180,7 +180,6 @@ class Method:
     quant: dict = field(default_factory=dict)
     adapter: str = "lora"
     multi_seed: bool = False
-    seed_index: int | None = None  # run only at the profile's seeds[seed_index] (random draw k: seed k)
     benchmarks: bool = True        # False: test loss and perplexity only, no lm-eval (chance draws)
     description: str = ""
 

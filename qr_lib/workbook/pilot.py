@@ -1,11 +1,13 @@
 """The pilot study (Configs A-D): can adapter rank buy back fidelity lost to quantization?
 
 Four configurations at the same memory, fine-tuned and scored the same way (test loss after a short
-fine-tune, plus any lm-eval tasks configured), over several seeds:
-  A  uniform 4-bit                       B  uniform 2-bit
-  C  shallow half 4-bit / deep half 2-bit D  shallow half 2-bit / deep half 4-bit
-The paper records one of them: C at rank 16 (deep blocks at 2 bits) fails against D. C at rank 16
-sets the memory; every other config gets the one rank (all blocks) that brings it closest, and must
+fine-tune, plus any lm-eval tasks configured), over several seeds, with `pilot.bits` = (low, high):
+  A  uniform high                        B  uniform low
+  C  shallow half high / deep half low   D  shallow half low / deep half high
+The paper's pilot uses (2, 4) and records one of them: C at rank 16 (deep blocks at 2 bits) fails
+against D. The default profile uses the lowest rung the embedded model survives (3 bits, measured by
+the sizing curves): at 2 bits every config is a destroyed model and the comparison says nothing about
+where low-bit blocks should sit. C at rank 16 sets the memory; every other config gets the one rank (all blocks) that brings it closest, and must
 land within `memory_tolerance` of it. So A against B asks whether rank buys back bits at equal memory
 (B gets several times A's rank), and C against D, whose bits are mirrored, whether it matters where
 the 2-bit blocks sit; mirrored bits at equal memory force equal rank, so unlike the paper's C and D
@@ -25,36 +27,41 @@ from ..layout import Layout
 from . import comparison, finetune, stats
 from .methods import Method
 
-# config -> (label, bits of the shallow half, bits of the deep half)
-CONFIGS = {"A": ("uniform 4-bit", 4, 4), "B": ("uniform 2-bit", 2, 2),
-           "C": ("shallow 4-bit / deep 2-bit", 4, 2), "D": ("shallow 2-bit / deep 4-bit", 2, 4)}
 TARGET = ("C", 16)   # the paper's recorded config and rank: the memory every config matches
 
 
-def matched_ranks(shapes, qcfg, tolerance: float) -> dict:
+def configs(bits) -> dict:
+    """config -> (label, bits of the shallow half, bits of the deep half), for `bits` = (low, high)."""
+    lo, hi = bits
+    return {"A": (f"uniform {hi}-bit", hi, hi), "B": (f"uniform {lo}-bit", lo, lo),
+            "C": (f"shallow {hi}-bit / deep {lo}-bit", hi, lo), "D": (f"shallow {lo}-bit / deep {hi}-bit", lo, hi)}
+
+
+def matched_ranks(shapes, qcfg, tolerance: float, bits=(2, 4)) -> dict:
     """config -> (rank, bytes / target bytes): the rank whose memory is closest to the target's."""
     n = shapes.n_blocks
+    table = configs(bits)
 
     def mem(sh, dp, r):
         return formula_bytes(shapes, split(n, (sh, r), (dp, r)), qcfg)["blocks"]
     k, r0 = TARGET
-    target = mem(CONFIGS[k][1], CONFIGS[k][2], r0)
+    target = mem(table[k][1], table[k][2], r0)
     out = {}
-    for key, (label, sh, dp) in CONFIGS.items():
+    for key, (label, sh, dp) in table.items():
         r = r0 if key == k else min(range(1, 257), key=lambda r: abs(mem(sh, dp, r) - target))
         ratio = mem(sh, dp, r) / target
         if abs(ratio - 1) > tolerance:
             raise QRError(f"pilot config {key} ({label}) reaches only {ratio:.3f} x the target memory at its "
-                          f"closest rank {r}; raise pilot.memory_tolerance (now {tolerance}) or change CONFIGS")
+                          f"closest rank {r}; raise pilot.memory_tolerance (now {tolerance}) or change pilot.bits")
         out[key] = (r, ratio)
     return out
 
 
-def config_methods(ranks: dict) -> list[Method]:
+def config_methods(ranks: dict, bits=(2, 4)) -> list[Method]:
     """The four configs at their matched ranks (matched_ranks)."""
     return [Method(id=f"config_{k}", name=f"Config {k}: {label} r{ranks[k][0]}",
                    allocation={"shallow": [sh, ranks[k][0]], "deep": [dp, ranks[k][0]]})
-            for k, (label, sh, dp) in CONFIGS.items()]
+            for k, (label, sh, dp) in configs(bits).items()]
 
 
 def sweep_methods(cfg: PilotConfig) -> list[Method]:
@@ -63,9 +70,10 @@ def sweep_methods(cfg: PilotConfig) -> list[Method]:
 
 
 def pilot_profile(profile: Profile) -> Profile:
-    """The profile with the pilot's fine-tune length and evaluation."""
+    """The profile with the pilot's fine-tune length and evaluation (the dev split is not scored: the
+    pilot chooses nothing)."""
     p = profile.pilot
-    return replace(profile, finetune=replace(profile.finetune, max_steps=p.steps, n_test=p.n_test),
+    return replace(profile, finetune=replace(profile.finetune, max_steps=p.steps, n_test=p.n_test, dev_seeds=()),
                    eval=replace(profile.eval, tasks=tuple(p.tasks), limit=p.limit, task_limits={}, seeds=None))
 
 
@@ -73,9 +81,9 @@ def run(profile: Profile, layout: Layout, base, tok, progress: bool = True) -> L
     """Every pilot run (configs x seeds, then the sweep at the first seed); returns the pilot's layout."""
     cfg, pilot = profile.pilot, layout.pilot
     prof = pilot_profile(profile)
-    configs = config_methods(matched_ranks(model_shapes(base), profile.quant, cfg.memory_tolerance))
+    four = config_methods(matched_ranks(model_shapes(base), profile.quant, cfg.memory_tolerance, cfg.bits), cfg.bits)
     sweep = sweep_methods(cfg)
-    todo = [(m, s) for m in configs for s in cfg.seeds] + [(m, cfg.seeds[0]) for m in sweep]
+    todo = [(m, s) for m in four for s in cfg.seeds] + [(m, cfg.seeds[0]) for m in sweep]
     data = finetune.run_data(profile)
     for k, (method, seed) in enumerate(todo, 1):
         if progress:

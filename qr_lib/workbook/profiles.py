@@ -153,7 +153,7 @@ def _build(cls, values: dict, where: str):
 def validate(profile: Profile) -> None:
     """What the stages would otherwise find out after hours: ladders the backend cannot build or that
     repeat a rung, budgets off the ladders, non-positive ranks or group sizes, learning rates that are
-    not finite and positive, unknown benchmark tasks."""
+    not finite and positive, unknown benchmark tasks, a pilot without a (low, high) pair of rungs."""
     where = f"profile {profile.name!r}"
     for name, ladder in (("bit_ladder", profile.bit_ladder), ("rank_ladder", profile.rank_ladder)):
         if len(set(ladder)) != len(ladder):
@@ -175,6 +175,9 @@ def validate(profile: Profile) -> None:
         raise QRError(f"{where}: rank_ladder holds {ranks}; ranks are positive integers, e.g. [4, 8, 16]")
     if profile.budget_rank not in profile.rank_ladder:
         raise QRError(f"{where}: budget_rank {profile.budget_rank} is not on rank_ladder {list(profile.rank_ladder)}")
+    pilot_bits = profile.pilot.bits
+    if len(pilot_bits) != 2 or not pilot_bits[0] < pilot_bits[1]:
+        raise QRError(f"{where}: pilot.bits is {list(pilot_bits)}; it is the pilot's (low, high) rungs, e.g. [3, 4]")
     lo, hi = min(profile.bit_ladder), max(profile.bit_ladder)
     for bits in (profile.budget_bits, *profile.select_at):
         if not lo <= bits <= hi:

@@ -56,10 +56,16 @@ def data(profile: Profile, cfg: SizingConfig):
     if profile.data.n_dev < 2:
         raise QRError(f"the sizing curves are scored on the dev split, and data.n_dev is {profile.data.n_dev}; "
                       "set data.n_dev (e.g. --set data.n_dev=256): the test split is never read to size the run")
+    splits = load_finetune(data_config(profile, cfg))
+    return splits.train, splits.dev, load_texts(profile.data)[1]
+
+
+def data_config(profile: Profile, cfg: SizingConfig):
+    """The data settings the curves read: the profile's, with as many fine-tuning pairs as the longest
+    checkpoint needs in one epoch (the final runs read the first data.n_train of them)."""
     tcfg = recipe(profile, cfg)
     need = tcfg.steps * tcfg.batch_size * tcfg.grad_accum
-    splits = load_finetune(dataclasses.replace(profile.data, n_train=max(profile.data.n_train, need)))
-    return splits.train, splits.dev, load_texts(profile.data)[1]
+    return dataclasses.replace(profile.data, n_train=max(profile.data.n_train, need))
 
 
 def curve(profile: Profile, layout: Layout, method: Method, cfg: SizingConfig, base, tok, train_set, dev, heldout,
@@ -105,9 +111,16 @@ def curve(profile: Profile, layout: Layout, method: Method, cfg: SizingConfig, b
 
 
 def _context(profile: Profile, cfg: SizingConfig) -> dict:
-    return {"model": profile.model, "dtype": profile.dtype, "data": profile.data, "lora": profile.lora,
+    return {"model": profile.model, "dtype": profile.dtype, "data": data_config(profile, cfg), "lora": profile.lora,
             "recipe": recipe(profile, cfg), "steps": cfg.steps,
             "versions": package_versions(("torch", "transformers", "peft", "hqq", "bitsandbytes"))}
+
+
+def setting(profile: Profile, method: Method) -> dict:
+    """What of a method decides its curve: its allocation, adapter and quantization, not its name,
+    description or how many seeds a final run gives it."""
+    return {"method": {"id": method.id, "allocation": method.allocation, "adapter": method.adapter},
+            "quant": method.quant_config(profile)}
 
 
 def run(profile: Profile, layout: Layout, base, tok, progress: bool = True) -> list[dict]:
@@ -122,7 +135,7 @@ def run(profile: Profile, layout: Layout, base, tok, progress: bool = True) -> l
     for k, method in enumerate(methods, 1):
         if progress:
             print(f"[sizing {k}/{len(methods)}] {method.name}", flush=True)
-        config = {**context, "method": method, "quant": method.quant_config(profile)}
+        config = {**context, **setting(profile, method)}
         out.append(cached(layout.sizing_curve(method.id), config,
                           lambda m=method: curve(profile, layout, m, cfg, base, tok, train_set, dev, heldout, progress)))
     return out
