@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv test test-fast reproduce search sizing lab benchmark stock-eval clean-smoke
+.PHONY: venv test test-fast reproduce search sizing length-check lab benchmark stock-eval clean-smoke
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ search: $(STAMP)
 # setting): about 2.5 h for the default's nine settings on 2 CPU cores (float32).
 sizing: $(STAMP)
 	$(CLI) sizing $(ARGS)
+
+# The final runs of the claims' methods again at twice the training, every test-loss claim judged at
+# both lengths (resumes per run; needs `make reproduce` first): about an hour on 2 CPU cores (float32).
+length-check: $(STAMP)
+	$(CLI) length-check $(ARGS)
 
 # lm-eval's stock task formats on the base model (resumes per task). Splits over STOCK_MAX_DOCS documents
 # (HellaSwag's 10,042) are scored on a seeded sample of that many: about an hour on 2 CPU cores.

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from qr_lib.algorithm import memory
 from qr_lib.algorithm.allocation import Allocation, uniform
@@ -94,6 +95,34 @@ def interleaved_step_times(models: dict, batch, rounds: int, warmup: int) -> dic
     return times
 
 
+def flop_rates(model, batch, step_s: float) -> dict:
+    """The LoRA step's achieved FLOP/s against this machine's own matrix-product FLOP/s in the same dtype.
+    The step's FLOPs are counted by torch's FlopCounterMode (the matrix products of forward and
+    backward); the machine's rate is the median of timed products at the model's own MLP shape
+    (tokens x hidden @ hidden x intermediate), so the ratio says how much of what the cores can do
+    in one product a training step gets (the rest: attention's small products, elementwise work,
+    the optimizer, Python)."""
+    with FlopCounterMode(display=False) as counter:
+        lora_step(model, _optimizer(model), batch)
+    flops = counter.get_total_flops()
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    tokens, cfg = batch["input_ids"].numel(), model.config
+    a = torch.randn(tokens, cfg.hidden_size, dtype=dtype, device=batch["input_ids"].device)
+    b = torch.randn(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, device=a.device)
+    times = []
+    for k in range(23):
+        t = time.perf_counter()
+        a @ b
+        if a.is_cuda:
+            torch.cuda.synchronize()
+        if k >= 3:                                  # three warm-up products
+            times.append(time.perf_counter() - t)
+    matmul = 2 * tokens * cfg.hidden_size * cfg.intermediate_size / statistics.median(times)
+    return {"step_flops": flops, "step_s": step_s, "achieved_flops_per_s": flops / step_s,
+            "matmul_flops_per_s": matmul, "achieved_over_matmul": flops / step_s / matmul,
+            "matmul_shape": [tokens, cfg.hidden_size, cfg.intermediate_size], "dtype": str(dtype).removeprefix("torch.")}
+
+
 def dtype_check(profile, loaded: dict, n_blocks: int, batch, rounds: int) -> dict:
     """The 16-bit LoRA step in float32 and bfloat16, timed round-robin after one warm-up step each.
     `loaded` maps a dtype name to a base model already in memory; only a missing dtype is loaded."""
@@ -158,12 +187,14 @@ def run(profile: Profile, out: Path, steps: int, warmup: int, batch_size: int, s
               f"({row['train']['over_16bit']:.3f} x 16-bit)"
               + (f"  packed {row['packed']['step_s_median']:.3f} s ({row['packed_over_train']:.2f} x train)"
                  if "packed" in row else ""))
+    result_flops = flop_rates(builds[reference], batch, statistics.median(times[reference]))
     dense_rows = [r for r in rows if r["avg_bits"] < 16 and r["allocation"] not in STAYS_PACKED]
     result = {"rows": rows, "compute_dtype": profile.dtype, "dequantize_once": use_dense(profile.quant, base),
               "control_16bit_over_16bit": over(CONTROL),
               "worst_quantized_step_over_16bit": max(r["train"]["over_16bit"] for r in dense_rows),
               "worst_quantized_allocation": max(dense_rows, key=lambda r: r["train"]["over_16bit"])["allocation"],
-              "step_ratio_mixed_over_uniform4": over(("mixed-3/4/8", "train"), ("uniform-4bit-r8", "train"))}
+              "step_ratio_mixed_over_uniform4": over(("mixed-3/4/8", "train"), ("uniform-4bit-r8", "train")),
+              "flops": result_flops}
     del builds
     loaded = {str(m.dtype).removeprefix("torch."): m for m in (base, stored)}
     result["dtype_check"] = dtype_check(profile, loaded, shapes.n_blocks, batch, rounds=dtype_rounds)
@@ -172,6 +203,10 @@ def run(profile: Profile, out: Path, steps: int, warmup: int, batch_size: int, s
     print(f"slowest HQQ/NF4 step / 16-bit LoRA step: {result['worst_quantized_step_over_16bit']:.3f} "
           f"({result['worst_quantized_allocation']}); control (16-bit / 16-bit): "
           f"{result['control_16bit_over_16bit']:.3f}; mixed / uniform-4: {result['step_ratio_mixed_over_uniform4']:.3f}")
+    f = result["flops"]
+    print(f"16-bit LoRA step: {f['step_flops'] / 1e9:.1f} GFLOP in {f['step_s']:.3f} s = {f['achieved_flops_per_s'] / 1e9:.1f} "
+          f"GFLOP/s, {f['achieved_over_matmul']:.2f} x this machine's {f['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+          f"matrix product at the model's shape {f['matmul_shape']} ({f['dtype']})")
     write_artifact(out, {"profile": profile, "steps": steps, "warmup": warmup,
                          "batch_size": batch_size, "seq_len": seq_len}, result)
     write_markdown(out.with_suffix(".md"), result, profile_name, batch_size, seq_len)
@@ -202,6 +237,11 @@ def write_markdown(path: Path, result: dict, profile: str, batch_size: int, seq_
               f"{result['control_16bit_over_16bit']:.3f}, the resolution of this measurement. Mixed / uniform-4 (HQQ): "
               f"{result['step_ratio_mixed_over_uniform4']:.3f}. int8 (bnb) stays packed on every path: LLM.int8 also "
               "quantizes activations, so a dense twin would compute something else."]
+    f = result["flops"]
+    lines += ["", f"Throughput: the 16-bit LoRA step does {f['step_flops'] / 1e9:.1f} GFLOP (torch's FlopCounterMode, "
+              f"forward and backward) in {f['step_s']:.3f} s: {f['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+              f"**{f['achieved_over_matmul']:.2f}** x this machine's own {f['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s for "
+              f"one matrix product at the model's MLP shape {f['matmul_shape']} in {f['dtype']}."]
     d = result["dtype_check"]
     lines += ["", f"Compute dtype on this machine (16-bit LoRA step, median of {d['rounds']} round-robin steps): float32 "
               f"{d['float32_s']:.2f} s, bfloat16 {d['bfloat16_s']:.2f} s, bfloat16 / float32 = "

@@ -184,6 +184,24 @@ def cmd_sizing(args) -> None:
     print(length["statement"])
 
 
+def cmd_length_check(args) -> None:
+    from .layout import Layout
+    from .models import load_model
+    from .store import save_table
+    from .workbook import length_check
+    profile = _profile(args)
+    layout = Layout.for_profile(profile.name)
+    if not args.finished:
+        base, tok = load_model(profile.model, profile.dtype, profile.device)
+        length_check.run(profile, layout, base, tok)
+    table = length_check.table(layout, profile.comparison)
+    if table.empty:
+        raise QRError(f"no claim has runs at both lengths under {layout.root}; run `qr-adaptor finetune` and "
+                      "`qr-adaptor length-check` first")
+    save_table(table.round(4), layout, "length_check")
+    print(table[["claim", "steps_L", "verdict_L", "steps_longer", "verdict_longer", "holds"]].to_string(index=False))
+
+
 def _profile_names() -> list[str]:
     return sorted(p.stem for p in (PACKAGE_DIR / "profiles").glob("*.json"))
 
@@ -252,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finished", action="store_true",
                    help="write the tables and figure from the curves finished so far; compute nothing")
     p.set_defaults(func=cmd_sizing)
+    p = sub.add_parser("length-check", formatter_class=fmt, help="do the final verdicts survive longer training?",
+                       description="The claims' methods fine-tuned again at sizing.check_factor x the fine-tuning "
+                                   "pairs (one epoch, the same recipe, the same test examples) and every test-loss "
+                                   "claim judged at both lengths (table length_check). Needs the final runs; resumes "
+                                   "run by run.")
+    _common(p)
+    p.add_argument("--finished", action="store_true",
+                   help="write the table from the runs finished so far; train nothing")
+    p.set_defaults(func=cmd_length_check)
     return ap
 
 

@@ -218,6 +218,11 @@ class SizingConfig:
     # A rung "survives" when its dev loss at the last checkpoint is within this many nats of 16-bit
     # LoRA's (a setting: 0.5 nats = 1.65x the perplexity per answer token).
     max_gap: float = 0.5
+    # The check that the final verdicts survive longer training (workbook/length_check.py): these
+    # methods' final runs again at check_factor x the fine-tuning pairs (one epoch each), on test.
+    check_factor: int = 2
+    check_methods: tuple = ("qr_adaptor", "lora16", "hqq4", "hqq4_r4", "nf4", "qr_adaptor_3p5", "phase1_knapsack4",
+                            "hqq3")
 
 
 @dataclass(frozen=True)

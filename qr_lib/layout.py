@@ -11,6 +11,8 @@ notebook, table and figure asks it.
       searches/<method>/              variant searches (other ladders): their own nsga/bo/search,
                                       Phase I and the evaluations of the main run
       runs/<method>/seed<k>/          05  result.json, allocation.json, adapter/, lm_eval/
+      longer/runs/<method>/seed<k>/   the same final runs at sizing.check_factor x the training
+                                      (`make length-check`; a Layout of their own, like pilot/)
       calibration/<key>.json          06  proxy curves; calibration.json their summary
       stock/<task>-<docs>.json        `make stock-eval`
       tables/<name>.{csv,md}, figures/<name>.png
@@ -108,6 +110,11 @@ class Layout:
     @property
     def pilot(self) -> "Layout":
         return Layout(self.root / "pilot")
+
+    @property
+    def longer(self) -> "Layout":
+        """The length check's runs (workbook/length_check.py)."""
+        return Layout(self.root / "longer")
 
     def sizing_curve(self, method_id: str) -> Path:
         """One setting's learning curve (workbook/sizing.py)."""

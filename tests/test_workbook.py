@@ -165,7 +165,11 @@ def test_the_benchmark_runs_end_to_end_on_smoke_and_honours_its_settings(tmp_pat
     result = record["result"]
     assert all(r["measured_over_formula"] == 1 for r in result["rows"])
     assert result["dtype_check"]["float32_s"] > 0 and result["dtype_check"]["bfloat16_s"] > 0
-    assert "Compute dtype on this machine" in out.with_suffix(".md").read_text()
+    flops = result["flops"]                          # the step's FLOP/s against the machine's own matmul rate
+    assert flops["step_flops"] > 0 and flops["matmul_flops_per_s"] > 0
+    assert flops["achieved_over_matmul"] == pytest.approx(flops["step_flops"] / flops["step_s"] / flops["matmul_flops_per_s"])
+    text = out.with_suffix(".md").read_text()
+    assert "Compute dtype on this machine" in text and "GFLOP/s" in text
 
 
 def test_the_report_shows_an_optional_table_only_when_its_command_wrote_it(tmp_path, monkeypatch):

@@ -93,10 +93,12 @@ def _per_example(scores: list) -> dict:
 
 
 def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, progress: bool = True,
-        data: RunData | None = None) -> RunResult:
+        data: RunData | None = None, runs: Layout | None = None) -> RunResult:
     """Fine-tune, save and evaluate one (method, seed), or read it back. `data` = run_data(profile),
     when the caller runs many (it is the same for all). Test losses are kept example by example (summed
-    NLL and answer tokens, in test-split order), so methods can be compared pair by pair."""
+    NLL and answer tokens, in test-split order), so methods can be compared pair by pair. The method's
+    allocation is resolved from `layout` (its search, Phase I); the run is written under `runs`
+    (default: `layout`)."""
     qcfg = method.quant_config(profile)
     # Which seeds and methods a profile plans does not change this run, so they stay out of its key;
     # what it scores does (lm-eval, the dev split), as flags of this run.
@@ -109,12 +111,13 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
                     "dev": scores_dev, "seed": seed})
     shapes = model_shapes(base)
     allocation = method.resolve(Context(profile, shapes, layout))
-    where = layout.run(method.id, seed)
+    runs = runs or layout
+    where = runs.run(method.id, seed)
     training = content_hash({**{k: v for k, v in config.items() if k not in ("method", "key")},
                              "allocation": allocation.pairs(), "adapter": method.adapter})
 
     def compute() -> dict:
-        twin = next((r for r in results(layout) if r.training_key == training and r.seed == seed
+        twin = next((r for r in results(runs) if r.training_key == training and r.seed == seed
                      and r.method != method.id and r.same_run_as is None), None)
         if twin is not None:                       # trained once, reported under both names
             return dataclasses.replace(twin, method=method.id, name=method.name, same_run_as=twin.method).to_dict()

@@ -37,6 +37,8 @@ OPTIONAL = [
     ("Each rung's fidelity and whether it survives fine-tuning", "make sizing", ("table", "sizing_rungs")),
     ("Does the order of the key methods change between L and 2L steps? (dev split, paired)", "make sizing",
      ("table", "sizing_order_changes")),
+    ("Do the test-loss verdicts survive twice the training? (test split, paired)", "make length-check",
+     ("table", "length_check")),
     ("The base model in lm-eval's stock formats, beside published numbers", "make stock-eval",
      ("table", "stock_lm_eval")),
 ]
@@ -146,6 +148,9 @@ def compute_time(layout: Layout) -> list[dict]:
     if curves := sorted(layout.calibration_curve("*").parent.glob("*.json")):
         add("06 calibration", "proxy calibration: proxy fine-tunes of its allocations", *_recorded(curves),
             layout.calibration_curve("*"))
+    if runs := layout.longer.runs():
+        add("length check", "final runs at twice the training (make length-check)",
+            *_recorded([r.result for r in runs]), layout.longer.run("*", "*").result)
     if curves := layout.sizing_curves():
         add("sizing", "learning curves (make sizing; training only)", *_recorded(curves), layout.sizing_curve("*"))
     for nb in ("06_benchmarks", "07_report", "08_fidelity_plasticity_explorer"):
