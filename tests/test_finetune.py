@@ -282,6 +282,16 @@ def test_the_memory_plot_zooms_on_the_methods_near_the_budget_error_bars_include
     assert len(metric_vs_memory(table, "test_loss", "loss").axes) == 1  # no budget, nothing to zoom on
 
 
+def test_a_run_two_methods_share_is_drawn_once_under_both_names_and_only_that():
+    from qr_lib.workbook.plots import _merged
+    table = pd.DataFrame({"method": ["hqq4", "qr_adaptor", "nf4"], "name": ["4-bit", "QR", "NF4"],
+                          "memory_MiB": [63.0, 63.0, 63.0], "test_loss": [3.4, 3.4, 3.4],
+                          "same_run_as": ["", "hqq4", ""]})
+    drawn = _merged(table)
+    assert list(drawn["method"]) == ["qr_adaptor", "nf4"]        # QR-Adaptor keeps its star
+    assert list(drawn["name"]) == ["QR = 4-bit", "NF4"]           # equal numbers alone merge nothing
+
+
 def test_every_method_keeps_one_colour_and_the_figures_say_what_made_them():
     from qr_lib.workbook import plots
     from qr_lib.workbook.profiles import load_profile

@@ -123,9 +123,6 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
     # executed notebooks and stage artifacts (runs and evaluations differ in number, not in kind).
     committed = Path(__file__).resolve().parents[1] / "results" / "default"
     optional = {name for _, _, (_, name) in report.OPTIONAL}  # written outside make reproduce
-    # Tables the notebooks gained after the committed default run was made; its rerun from nothing
-    # (issue 22) writes them, and this set goes.
-    optional |= {"search_front_origins", "search_phase3_gain", "benchmarks_power"}
 
     def layout(d):
         return {str(p.relative_to(d)) for pattern in ("*.json", "*.md", "tables/*", "figures/*", "notebooks/*")

@@ -31,6 +31,8 @@ LINESTYLES = ("-", "--", "-.", ":")  # told apart where colours repeat
 GREYS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
 HIGHLIGHT = ("qr_adaptor", "qr_adaptor_3p5")
 
+TEST_LOSS = "test loss after fine-tuning\n(nats per answer token; lower is better)"
+
 
 def style(method: str, k: int = 0) -> tuple[str, str]:
     if method in STYLE:
@@ -123,7 +125,8 @@ def objective_space(phase2: dict, phase3: dict | None = None):
     multi = fid != "full"
     fig, axes = plt.subplots(1, 2 if multi else 1, figsize=(12 if multi else 7, 4), squeeze=False)
     metric = evals[0]["metric"] if evals else "loss"
-    ylabel = "proxy validation loss" if metric == "loss" else f"proxy error rate on {metric}"
+    ylabel = "proxy validation loss (nats/token; lower is better)" if metric == "loss" else \
+        f"proxy error rate on {metric} (lower is better)"
     steps = {name: f["train"]["steps"] for name, f in phase2["fidelities"].items()}
     ax = axes[0][0]
     gens = sorted({r["generation"] for r in evals})
@@ -219,19 +222,12 @@ def bo_trace(phase3: dict):
 
 
 def _merged(table):
-    """The table with every run reported under two names drawn once: the row keeps the first method and
-    takes both names. Two names, one run: finetune's same_run_as, or (runs made before it existed) the
-    same memory and the same test loss to the last digit, which only the same training gives."""
+    """The table with every run reported under two names (finetune's same_run_as) drawn once: the row
+    keeps the first method and takes both names."""
     table = table.copy()
-    link = {}
-    for i, row in table.iterrows():
-        twin = row.get("same_run_as") or None
-        if twin not in set(table["method"]):
-            same = table[(table.index < i) & (table["memory_MiB"] == row["memory_MiB"])
-                         & (table["test_loss"].round(9) == round(row["test_loss"], 9))]
-            twin = same["method"].iloc[0] if len(same) else None
-        if twin is not None and twin != row["method"]:
-            link[i] = twin
+    names = set(table["method"])
+    twins = table["same_run_as"].items() if "same_run_as" in table else []
+    link = {i: twin for i, twin in twins if isinstance(twin, str) and twin in names}
     drop = []
     for i, twin in link.items():
         at = table.index[table["method"] == twin][0]
@@ -365,7 +361,7 @@ def loss_curves(runs, window: int = 5, apart=frozenset()):
     return fig
 
 
-def pilot_bars(table, metric: str = "test_loss", ylabel: str = "test loss after fine-tuning"):
+def pilot_bars(table, metric: str = "test_loss", ylabel: str = TEST_LOSS):
     """Configs A-D: mean over seeds, error bars = std over seeds; the y axis starts at 0 so bar
     heights compare; the config and its memory under each bar."""
     fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -381,7 +377,7 @@ def pilot_bars(table, metric: str = "test_loss", ylabel: str = "test loss after 
     return fig
 
 
-def rank_sweep(per_run, metric: str = "test_loss", ylabel: str = "test loss after fine-tuning"):
+def rank_sweep(per_run, metric: str = "test_loss", ylabel: str = TEST_LOSS):
     """Uniform (bits, rank) sweep: one line per bit-width over rank."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for bits, grp in per_run.groupby("bits"):
