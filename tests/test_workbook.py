@@ -96,6 +96,13 @@ def test_compute_time_sums_what_each_stage_recorded_counting_search_evaluations_
     assert rows["all"]["seconds"] == 5 + 60 + 30 + 500 + 40 + 900 + 7
     assert rows["03-04"]["source"] == "evaluations/*.json" and rows["05"]["source"] == "runs/*/seed*/result.json"
     assert report.compute_time(Layout(tmp_path / "nothing")) == []
+    # A notebook 06 that ran the calibration itself is counted apart from it, never twice; the length
+    # check's runs have a row of their own.
+    write_json(layout.manifest, {"files": {}, "notebooks": {"06_benchmarks.ipynb": {"seconds": 52.0}}})
+    record(layout.longer.run("lora16", 0).result, 600.0)
+    with pytest.warns(UserWarning, match="damaged or was edited"):
+        rows = {r["stage"]: r for r in report.compute_time(layout)}
+    assert rows["06"]["seconds"] == 12.0 and rows["length check"]["seconds"] == 600.0
 
 
 def test_an_unchanged_artifact_keeps_the_provenance_of_the_run_that_made_it(tmp_path, monkeypatch):
