@@ -175,7 +175,8 @@ def cmd_sizing(args) -> None:
         base, tok = load_model(profile.model, profile.dtype, profile.device)
         curves = sizing.run(profile, layout, base, tok)
     keys = [m for m in cfg.key_methods if m in {c["method"] for c in curves}]
-    table, ladder, length = sizing.table(curves), sizing.ladder(curves, cfg.max_gap), sizing.length(curves, keys, profile.finetune.schedule)
+    table, length = sizing.table(curves), sizing.length(curves, keys, profile.finetune.schedule)
+    ladder = sizing.ladder(curves, cfg.max_gap, at=length["L"])
     save_table(ladder, layout, "sizing_rungs")
     save_table(sizing.order_changes(curves, keys), layout, "sizing_order_changes")
     save_figure(caption(learning_curves(table, length["L"]), f"{figure_caption(profile)} · one seed per setting · "

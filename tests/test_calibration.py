@@ -47,17 +47,17 @@ def test_a_proxy_that_only_separates_far_allocations_is_caught_near_the_front():
     assert not calibration.recommend(pd.DataFrame([row]), 0.8)["reaches"]   # so it is not recommended
 
 
-def _write_finals(root, rows, dev=True):
+def _write_finals(root, rows, dev=True, seed=0):
     from qr_lib.algorithm.allocation import uniform
     from qr_lib.layout import Layout
     from qr_lib.store import write_artifact
     from qr_lib.workbook.finetune import RunResult
     for method, bits, loss in rows:
-        result = RunResult(method=method, name=method, seed=0, allocation=uniform(1, bits, 8, name=method),
+        result = RunResult(method=method, name=method, seed=seed, allocation=uniform(1, bits, 8, name=method),
                            memory_bytes=1, avg_bits=bits, trainable_parameters=0, train={}, adapter_notes={},
                            test_loss=loss + 100, test_examples={}, heldout_perplexity=0.0, benchmarks={}, seconds=0,
                            dev_loss=loss if dev else None)
-        write_artifact(Layout(root).run(method, 0).result, {}, result.to_dict())
+        write_artifact(Layout(root).run(method, seed).result, {}, result.to_dict())
     return Layout(root)
 
 
@@ -72,6 +72,10 @@ def test_final_runs_without_a_dev_score_are_refused(tmp_path):
     layout = _write_finals(tmp_path, (("hqq4", 4, 3.7),), dev=False)
     with pytest.raises(QRError, match="data.n_dev"):
         calibration.final_losses(layout, ("hqq4",))
+    # Seeds outside finetune.dev_seeds score no dev split: the calibration reads the seeds that did.
+    _write_finals(tmp_path, (("hqq4", 4, 3.5),), dev=True, seed=1)
+    finals = calibration.final_losses(layout, ("hqq4",))
+    assert finals.loc[0, "final_dev_loss"] == 3.5 and finals.loc[0, "final_seeds"] == 1
 
 
 def test_close_pairs_are_counted_against_the_proxy_noise():

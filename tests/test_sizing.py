@@ -57,6 +57,13 @@ def test_a_rung_far_above_16_bit_does_not_survive():
     ladder = sizing.ladder(curves, max_gap=0.5).set_index("method")
     assert ladder.loc["hqq4", "survives"] and not ladder.loc["hqq2", "survives"]
     assert ladder.loc["hqq2", "gap_to_lora16_step48"] == pytest.approx(4.0)
+    # At a shorter checkpoint a rung that survives long training can still be far behind.
+    curves.append(_curve("hqq3", {0: 6.0, 24: 3.5, 48: 2.3}))
+    curves[0]["checkpoints"]["24"] = _curve("x", {24: 2.5})["checkpoints"]["24"]
+    at = sizing.ladder(curves, max_gap=0.5, at=24).set_index("method")
+    assert at.loc["hqq3", "survives"] and not at.loc["hqq3", "survives_at_step24"]
+    assert at.loc["hqq3", "gap_to_lora16_step24"] == pytest.approx(1.0)
+    assert np.isnan(at.loc["hqq4", "gap_to_lora16_step24"])          # not measured there: said, not guessed
 
 
 def test_sizing_on_smoke_scores_the_dev_split_only_and_reads_back(smoke, base, tmp_path, monkeypatch):

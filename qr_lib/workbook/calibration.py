@@ -39,10 +39,10 @@ from .methods import load_method
 
 
 def final_losses(layout: Layout, methods) -> pd.DataFrame:
-    """Each distinct allocation's final loss on the dev split (mean over its finished seeds; never the test
-    split, which only the final table reads), under the first method that has it; `same_as` names the
-    others (a search that selects a uniform allocation makes two methods one allocation, which a rank
-    correlation must count once)."""
+    """Each distinct allocation's final loss on the dev split (mean over its finished seeds that scored it,
+    finetune.dev_seeds; never the test split, which only the final table reads), under the first method
+    that has it; `same_as` names the others (a search that selects a uniform allocation makes two
+    methods one allocation, which a rank correlation must count once)."""
     rows = []
     for m in methods:
         res = results(layout, m)
@@ -53,12 +53,14 @@ def final_losses(layout: Layout, methods) -> pd.DataFrame:
         if same:
             same[0]["same_as"].append(m)
             continue
-        if any(r.dev_loss is None for r in res):
+        scored = [r for r in res if r.dev_loss is not None]    # the seeds of finetune.dev_seeds
+        if not scored:
             raise QRError(f"the final runs of {m} have no dev-split score, which the calibration compares the "
-                          "proxy with (it never reads the test split); set data.n_dev (e.g. 256) and rerun them")
+                          "proxy with (it never reads the test split); set data.n_dev (e.g. 256) and "
+                          "finetune.dev_seeds (e.g. [0]) and rerun them")
         rows.append({"method": m, "name": res[0].name, "allocation": res[0].allocation.to_dict(), "same_as": [],
                      "avg_bits": res[0].avg_bits, "memory_MiB": res[0].memory_bytes / 2**20,
-                     "final_dev_loss": float(np.mean([r.dev_loss for r in res])), "final_seeds": len(res)})
+                     "final_dev_loss": float(np.mean([r.dev_loss for r in scored])), "final_seeds": len(scored)})
     return pd.DataFrame(rows)
 
 

@@ -20,7 +20,7 @@ checkpoint, so every curve sees each pair at most once.
 `length(curves, methods)` is the smallest checkpoint L from which on the order of the key methods no
 longer changes between a checkpoint and its double (paired over dev examples), and the final length
 that gives a decaying schedule as much training; `ladder(curves, ...)` the rungs whose curve stays
-within a gap of 16-bit LoRA's.
+within a gap of 16-bit LoRA's, after the longest training and at the final length.
 """
 from __future__ import annotations
 
@@ -251,10 +251,17 @@ def length(curves_: list[dict], methods, schedule: str = "linear") -> dict:
                          "checkpoints measured: longer curves are needed to size the final fine-tune"}
 
 
-def ladder(curves_: list[dict], max_gap: float, reference: str = "lora16") -> pd.DataFrame:
+def ladder(curves_: list[dict], max_gap: float, reference: str = "lora16", at: int | None = None) -> pd.DataFrame:
     """The rungs (settings at the grid's reference rank) whose dev loss at the last checkpoint stays
-    within `max_gap` nats of `reference`'s: survivable, or not."""
+    within `max_gap` nats of `reference`'s: survivable, or not. With `at` (the checkpoint that stands
+    for the final run's length), the same at that checkpoint: a rung that survives long training may
+    still be far behind after the training the final runs get."""
     r = rungs(curves_, reference)
     gap = [c for c in r.columns if c.startswith("gap_to_")][0]
     r["survives"] = r[gap] <= max_gap
+    if at is not None:
+        ref = next((c for c in curves_ if c["method"] == reference), None)
+        r[f"gap_to_{reference}_step{at}"] = [_loss(c, at) - _loss(ref, at) if ref and str(at) in c["checkpoints"]
+                                             else float("nan") for c in curves_]
+        r[f"survives_at_step{at}"] = r[f"gap_to_{reference}_step{at}"] <= max_gap
     return r
