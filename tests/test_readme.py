@@ -82,8 +82,11 @@ def test_the_calibration_the_readme_quotes_is_on_dev_at_the_searchs_proxy():
     cal = pd.read_csv(TABLES / "proxy_calibration.csv")
     row = cal[(cal["length"] == profile.proxy.steps) & (cal["n_val"] == profile.data.n_val)].iloc[0]
     text = " ".join(README.split())
-    assert (f"Spearman {row['spearman']:.2f} over {row['allocations']} allocations; {row['close_pairs']} of its "
-            f"{row['pairs']} pairs are close, and it orders {row['close_pairs_ordered_right']} of them right") in text
+    assert (f"Spearman {row['spearman']:.2f} over {int(row['allocations'])} allocations; {int(row['close_pairs'])} of "
+            f"its {int(row['pairs'])} pairs are close, and it orders {int(row['close_pairs_ordered_right'])} of them "
+            "right") in text
+    gain = pd.read_csv(TABLES / "search_phase3_gain.csv").iloc[0]["gain"]
+    assert f"proxy loss by {-gain:.4f}, less than the proxy's own seed noise there ({row['seed_noise']:.4f})" in text
 
 
 def test_the_memory_at_the_1b_shape_the_readme_quotes():
