@@ -139,3 +139,7 @@ def test_a_benchmark_column_says_what_its_size_can_detect():
     assert table.loc["qr_arc_easy", "detectable_difference"] == pytest.approx(0.10, abs=0.015)
     assert table.loc["qr_arc_easy", "reading"].startswith("the widest gap reaches")
     assert table.loc["qr_mmlu", "reading"].startswith("at chance") and table.loc["qr_mmlu", "n"] == n
+    # Every method answers every document alike (GSM8K at zero): no detectable difference can be stated.
+    zero = {(m, 0): {"name": m, "nll": np.zeros(1), "tokens": np.ones(1), "docs": {"qr_gsm8k": {i: 0.0 for i in range(8)}}}
+            for m in ("a", "b")}
+    assert np.isnan(comparison.task_power(zero).set_index("task").loc["qr_gsm8k", "detectable_difference"])

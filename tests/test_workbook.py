@@ -27,7 +27,8 @@ def test_pilot_configs_are_memory_matched_and_c_mirrors_d():
         pilot.matched_ranks(model_shapes(tiny_llama()), QuantConfig(group_size=64, hqq_optimize=False), 1e-6)
     # The default profile's pilot: the lowest rung the embedded model survives (3 bits) in place of 2.
     ranks = pilot.matched_ranks(model_shapes(tiny_llama()), QuantConfig(group_size=64, hqq_optimize=False), 0.03, (3, 4))
-    assert ranks["C"] == ranks["D"] and ranks["B"][0] > ranks["A"][0]
+    # On the tiny model one rank step outweighs a bit per weight: B may only match A's rank.
+    assert ranks["C"] == ranks["D"] and ranks["B"][0] >= ranks["A"][0]
     spec = {m.id: m.allocation for m in pilot.config_methods(ranks, (3, 4))}
     assert spec["config_B"] == {"shallow": [3, ranks["B"][0]], "deep": [3, ranks["B"][0]]}
     assert spec["config_C"]["deep"][0] == spec["config_D"]["shallow"][0] == 3

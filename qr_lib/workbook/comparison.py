@@ -42,6 +42,8 @@ def runs(layout: Layout) -> pd.DataFrame:
     tasks = [c for c in df.columns if f"{c}_stderr" in df.columns]
     if tasks:
         df["average"] = df[tasks].mean(axis=1)
+        # The mean of independent task accuracies: its binomial standard error combines the tasks'.
+        df["average_stderr"] = (df[[f"{t}_stderr" for t in tasks]] ** 2).sum(axis=1, min_count=1) ** 0.5 / len(tasks)
     return df
 
 
@@ -121,7 +123,9 @@ def task_power(data: dict, seed: int = 0, power: float = 0.8, alpha: float = 0.0
         names = list(values)
         disc = [float(np.mean(values[a] != values[b])) for i, a in enumerate(names) for b in names[i + 1:]]
         n = len(ids)
-        detectable = z * np.sqrt(np.median(disc) / n) if disc else float("nan")
+        # No document answered differently by any two methods: no discordance to scale, so no
+        # detectable difference can be stated (GSM8K at zero everywhere).
+        detectable = z * np.sqrt(np.median(disc) / n) if disc and np.median(disc) > 0 else float("nan")
         chance = CHANCE.get(task.removeprefix("qr_"), float("nan"))
         se = np.sqrt(np.clip([a * (1 - a) for a in acc.values()], 1e-12, None) / n)
         near_chance = bool(np.all(np.abs(np.array(list(acc.values())) - chance) < 2 * se + 1e-12))
