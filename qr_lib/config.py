@@ -163,9 +163,9 @@ class EvalConfig:
     # adds information rather than time.
     methods: tuple | None = None
 
-    def benchmarks(self, seed: int, method: str | None = None) -> bool:
+    def benchmarks(self, seed: int, method: str) -> bool:
         return bool(self.tasks) and (self.seeds is None or seed in self.seeds) and \
-            (self.methods is None or method is None or method in self.methods)
+            (self.methods is None or method in self.methods)
 
 
 @dataclass(frozen=True)

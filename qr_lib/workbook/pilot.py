@@ -37,7 +37,7 @@ def configs(bits) -> dict:
             "C": (f"shallow {hi}-bit / deep {lo}-bit", hi, lo), "D": (f"shallow {lo}-bit / deep {hi}-bit", lo, hi)}
 
 
-def matched_ranks(shapes, qcfg, tolerance: float, bits=(2, 4)) -> dict:
+def matched_ranks(shapes, qcfg, tolerance: float, bits=PilotConfig.bits) -> dict:
     """config -> (rank, bytes / target bytes): the rank whose memory is closest to the target's."""
     n = shapes.n_blocks
     table = configs(bits)
@@ -57,7 +57,7 @@ def matched_ranks(shapes, qcfg, tolerance: float, bits=(2, 4)) -> dict:
     return out
 
 
-def config_methods(ranks: dict, bits=(2, 4)) -> list[Method]:
+def config_methods(ranks: dict, bits=PilotConfig.bits) -> list[Method]:
     """The four configs at their matched ranks (matched_ranks)."""
     return [Method(id=f"config_{k}", name=f"Config {k}: {label} r{ranks[k][0]}",
                    allocation={"shallow": [sh, ranks[k][0]], "deep": [dp, ranks[k][0]]})
