@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -43,7 +44,8 @@ def _serve(env, prefix=()) -> dict:
             time.sleep(1)
         raise AssertionError("make lab printed no URL with a token:\n" + "".join(lines)[-3000:])
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:                  # one that stopped by itself left its output above
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
@@ -61,11 +63,14 @@ def _user_can_run_the_venv() -> bool:
 
 @pytest.mark.skipif(not _user_can_run_the_venv(),
                     reason="needs root, and a .venv whose interpreter another user may run (here it lives in /root)")
-def test_make_lab_opens_for_an_ordinary_user_too(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    os.chmod(tmp_path, 0o755)
+def test_make_lab_opens_for_an_ordinary_user_too():
+    # The user's home directly under the system temp folder: pytest's tmp_path sits in a folder only
+    # root may enter, where Jupyter could not write its runtime files and stops at once.
+    home = Path(tempfile.mkdtemp(prefix="lab-home-"))
     shutil.chown(home, "nobody")
     env = {"PATH": os.environ["PATH"], "HOME": str(home)}
-    specs = _serve(env, ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"))
+    try:
+        specs = _serve(env, ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     assert specs["default"] == "qr-adaptor"
