@@ -157,9 +157,7 @@ def cmd_stock(args) -> None:
 def cmd_sizing(args) -> None:
     from .layout import Layout
     from .models import load_model
-    from .store import save_figure, save_table
     from .workbook import sizing
-    from .workbook.plots import caption, figure_caption, learning_curves
     profile = _profile(args)
     cfg = profile.sizing
     if args.finished:          # what has finished so far, computing nothing (a long run still going)
@@ -174,13 +172,7 @@ def cmd_sizing(args) -> None:
         layout = Layout.for_profile(profile.name)
         base, tok = load_model(profile.model, profile.dtype, profile.device)
         curves = sizing.run(profile, layout, base, tok)
-    keys = [m for m in cfg.key_methods if m in {c["method"] for c in curves}]
-    table, length = sizing.table(curves), sizing.length(curves, keys, profile.finetune.schedule)
-    ladder = sizing.ladder(curves, cfg.max_gap, at=length["L"])
-    save_table(ladder, layout, "sizing_rungs")
-    save_table(sizing.order_changes(curves, keys), layout, "sizing_order_changes")
-    save_figure(caption(learning_curves(table, length["L"]), f"{figure_caption(profile)} · one seed per setting · "
-                        f"dev split ({profile.data.n_dev} pairs)"), layout, "learning_curves")
+    ladder, length = sizing.save(profile, layout, curves)
     print(ladder.round(3).to_string(index=False))
     print(length["statement"])
 
@@ -188,19 +180,18 @@ def cmd_sizing(args) -> None:
 def cmd_length_check(args) -> None:
     from .layout import Layout
     from .models import load_model
-    from .store import save_table
     from .workbook import length_check
     profile = _profile(args)
     layout = Layout.for_profile(profile.name)
     if not args.finished:
         base, tok = load_model(profile.model, profile.dtype, profile.device)
         length_check.run(profile, layout, base, tok)
-    table = length_check.table(layout, profile.comparison)
+    table = length_check.save(profile, layout)
     if table.empty:
         raise QRError(f"no claim has runs at both lengths under {layout.root}; run `qr-adaptor finetune` and "
                       "`qr-adaptor length-check` first")
-    save_table(table.round(4), layout, "length_check")
-    print(table[["claim", "steps_L", "verdict_L", "steps_longer", "verdict_longer", "holds"]].to_string(index=False))
+    print(table[["claim", "steps_L", "verdict_L", "steps_longer", "verdict_longer", "holds",
+                 "same_sign"]].to_string(index=False))
 
 
 def _profile_names() -> list[str]:

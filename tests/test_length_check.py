@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qr_lib.layout import Layout
-from qr_lib.workbook import finetune, length_check
+from qr_lib.workbook import comparison, finetune, length_check
 from qr_lib.workbook.profiles import load_profile
 
 
@@ -32,9 +32,13 @@ def test_the_check_trains_twice_as_long_on_the_same_test_examples_and_judges_eac
     claims = tmp_path / "claims.json"
     claims.write_text(json.dumps({"claims": [{"a": "hqq4", "relation": "beats", "b": ["lora16"],
                                               "label": "16-bit LoRA", "where": "a test"}]}))
-    got = length_check.table(layout, profile.comparison, claims)
+    got = length_check.save(profile, layout, claims)
+    assert layout.table("length_check").exists() and layout.figure("length_check").exists()
     assert list(got["claim"]) == ["QLoRA HQQ 4-bit beats 16-bit LoRA"]
     row = got.iloc[0]
     assert row["steps_longer"] == 2 * row["steps_L"] and row["seeds_longer"] == 2
     assert row["holds"] == (row["verdict_L"] == row["verdict_longer"])
+    final = comparison.claims(layout, profile.comparison, claims).set_index("claim")
+    assert row["p_holm_L"] == final.loc[row["claim"], "p_holm"] and row["verdict_L"] == final.loc[row["claim"], "verdict"]
+    assert row["same_sign"] == ((row["a_minus_b_L"] > 0) == (row["a_minus_b_longer"] > 0))
     assert row["ci95_low_longer"] <= row["a_minus_b_longer"] <= row["ci95_high_longer"]

@@ -117,3 +117,22 @@ def test_the_learning_curves_the_readme_quotes():
         assert f"from {min(stable)} steps on" in text
     else:
         assert f"still changes between {int(flips.index.max())} and {2 * int(flips.index.max())} steps" in text
+
+
+def test_the_length_check_the_readme_quotes():
+    """Twice the training: how many verdicts hold (judged over the same family), the sign rule, and each
+    interval quoted at the longer length, as tables/length_check.csv holds them."""
+    check = pd.read_csv(TABLES / "length_check.csv").set_index("claim")
+    text = " ".join(README.split())
+    steps = int(check["steps_longer"].iloc[0])
+    assert f"again at {steps} steps, one epoch of {4 * steps} pairs" in text
+    assert f"all {int(check['holds'].sum())} of {len(check)} verdicts hold" in text and check["holds"].all()
+    turned = check[~check["same_sign"]]
+    assert (turned["a_minus_b_L"].abs().max() < 0.02 and turned["a_minus_b_longer"].abs().max() < 0.02
+            and "Every estimate larger than 0.02 nats keeps its sign" in text)
+    for claim in ["QR-Adaptor (3.5 bits) beats QLoRA NF4 (4 bits)", "QR-Adaptor matches 16-bit LoRA"]:
+        r = check.loc[claim]
+        assert (f"{r['a_minus_b_longer']:+.4f} [{r['ci95_low_longer']:+.4f}, {r['ci95_high_longer']:+.4f}]"
+                in text), claim
+    r = check.loc["QR-Adaptor (3.5 bits) beats uniform HQQ 4-bit r8 (4 bits)"]
+    assert f"{r['a_minus_b_longer']:+.4f} [{r['ci95_low_longer']:+.4f}, {r['ci95_high_longer']:+.4f}] (adjusted p {r['p_holm_longer']:.2f})" in text

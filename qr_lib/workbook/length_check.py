@@ -17,7 +17,9 @@ import pandas as pd
 
 from ..config import ComparisonConfig, Profile
 from ..layout import Layout
-from . import comparison, finetune
+from ..store import save_figure, save_table
+from . import comparison, finetune, stats
+from .plots import caption, figure_caption, length_intervals
 
 
 def longer(profile: Profile) -> Profile:
@@ -49,15 +51,23 @@ def run(profile: Profile, layout: Layout, base, tok, progress: bool = True) -> L
 
 
 def table(layout: Layout, cfg: ComparisonConfig = ComparisonConfig(), claims_file: Path = comparison.CLAIMS) -> pd.DataFrame:
-    """Every test-loss claim whose methods ran at both lengths: the difference, 95% interval and verdict
-    at the final length (as the claims table judges it) and at the longer one (judged as a family of
-    its own), the steps of each, and whether the verdict held."""
-    at = {}
-    for name, lay in (("L", layout), ("longer", layout.longer)):
-        c = comparison.claims(lay, cfg, claims_file)
-        at[name] = c[c["metric"] == "test loss"].set_index("claim") if len(c) else pd.DataFrame()
-    if at["L"].empty or at["longer"].empty:
+    """Every test-loss claim whose methods ran at both lengths: the difference, 95% interval, Holm-adjusted
+    p and verdict at each length, the steps of each, whether the verdict held and whether the estimate
+    kept its sign. Both lengths are corrected for the same family: the final claims table, and that table
+    with the longer runs' p-values in place of the final ones (a smaller family of its own would make
+    the longer verdicts easier to reach)."""
+    final = comparison.claims(layout, cfg, claims_file)
+    longer_claims = comparison.claims(layout.longer, cfg, claims_file)
+    if final.empty or longer_claims.empty:
         return pd.DataFrame()
+    at = {"L": final[final["metric"] == "test loss"].set_index("claim")}
+    checked = longer_claims[longer_claims["metric"] == "test loss"].set_index("claim")
+    swapped = (final["metric"] == "test loss") & final["claim"].isin(checked.index)
+    p_values = final["p"].where(~swapped, final["claim"].map(checked["p"]))
+    adjusted = pd.Series(stats.holm(p_values), index=final["claim"])[swapped.values]
+    at["longer"] = checked.assign(p_holm=adjusted, verdict=[
+        stats.verdict(r["ci95_low"], r["ci95_high"], r["margin"], True, adjusted.get(claim, 1.0), cfg.alpha)
+        for claim, r in checked.iterrows()])
     steps = {"L": _steps(layout), "longer": _steps(layout.longer)}
     rows = []
     for claim in [c for c in at["L"].index if c in at["longer"].index]:
@@ -66,10 +76,27 @@ def table(layout: Layout, cfg: ComparisonConfig = ComparisonConfig(), claims_fil
             r = at[name].loc[claim]
             row.update({f"steps_{name}": steps[name], f"a_minus_b_{name}": r["a_minus_b"],
                         f"ci95_low_{name}": r["ci95_low"], f"ci95_high_{name}": r["ci95_high"],
-                        f"verdict_{name}": r["verdict"]})
+                        f"p_holm_{name}": r["p_holm"], f"verdict_{name}": r["verdict"]})
         row["holds"] = row["verdict_L"] == row["verdict_longer"]
+        # With few seeds most verdicts are "can't tell" at both lengths, which holds trivially; whether
+        # the estimate keeps its direction is what the longer run says about the order of the methods.
+        row["same_sign"] = bool((row["a_minus_b_L"] > 0) == (row["a_minus_b_longer"] > 0))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def save(profile: Profile, layout: Layout, claims_file: Path = comparison.CLAIMS) -> pd.DataFrame:
+    """The check's table and figure under the layout, from whatever runs have finished (an empty
+    table, nothing written, when no claim has runs at both lengths)."""
+    robust = table(layout, profile.comparison, claims_file)
+    if len(robust):
+        save_table(robust.round(4), layout, "length_check")
+        seeds = int(robust["seeds_longer"].min())
+        save_figure(caption(length_intervals(robust), f"{figure_caption(profile)}\npaired over {seeds} seeds and the "
+                            "same test examples · 95% t intervals · verdicts after Holm over the final claims "
+                            "table at both lengths"),
+                    layout, "length_check")
+    return robust
 
 
 def _steps(layout: Layout) -> int | None:

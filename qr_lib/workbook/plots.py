@@ -442,6 +442,30 @@ def paired_intervals(claims):
     return fig
 
 
+def length_intervals(table):
+    """Each test-loss claim at the final length and at the longer one (`length_check.table`): the paired
+    difference with its 95% interval, coloured by the verdict at that length; open markers at L."""
+    rows = table.reset_index(drop=True)
+    y = np.arange(len(rows))[::-1] * 1.0
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) + 1.8))
+    for name, offset, marker in (("L", 0.17, "o"), ("longer", -0.17, "s")):
+        steps = int(rows[f"steps_{name}"].iloc[0])
+        for yi, (_, r) in zip(y, rows.iterrows()):
+            d, lo, hi = r[f"a_minus_b_{name}"], r[f"ci95_low_{name}"], r[f"ci95_high_{name}"]
+            colour = VERDICT_COLOURS[r[f"verdict_{name}"]]
+            ax.errorbar(d, yi + offset, xerr=[[d - lo], [hi - d]], fmt=marker, capsize=3, color=colour,
+                        mfc="white" if name == "L" else colour, label=f"{steps} steps: {r[f'verdict_{name}']}")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [c.replace(" beats ", "\nvs ").replace(" matches ", "\nvs ") for c in rows["claim"]], fontsize=7)
+    ax.set_xlabel("a - b, test loss in nats per answer token (lower is better for a)", fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 # Learning curves: the colour says what the frozen weights keep, the line style what the adapter can add.
 FIDELITY_COLOUR = {("hqq", 16): "#1f77b4", ("bnb", 4): "#2ca02c", ("hqq", 4): "#9467bd", ("hqq", 3): "#8c564b",
                    ("hqq", 2): "#7f7f7f"}

@@ -39,6 +39,7 @@ OPTIONAL = [
      ("table", "sizing_order_changes")),
     ("Do the test-loss verdicts survive twice the training? (test split, paired)", "make length-check",
      ("table", "length_check")),
+    ("The same claims' intervals at both lengths", "make length-check", ("figure", "length_check")),
     ("The base model in lm-eval's stock formats, beside published numbers", "make stock-eval",
      ("table", "stock_lm_eval")),
 ]
@@ -63,6 +64,8 @@ READING = {
     "accuracy_vs_memory": "Benchmark average against memory: what each method buys per MiB.",
     "test_loss_vs_memory": "Test loss against memory (lower is better): the trade-off the search optimizes.",
     "benchmark_bars": "Per-task accuracy with binomial standard errors and chance lines.",
+    "length_check": "Each claim's interval at the final length (open) and at twice the training (filled), coloured "
+                    "by verdict: a difference that moves more than its interval is one the final length had not settled.",
     "proxy_calibration": "Does the short proxy order allocations as the final fine-tune does (on the dev "
                          "split)? Left: rank agreement by proxy length on the full -1..1 axis; right: the search's own proxy.",
 }

@@ -37,9 +37,10 @@ from ..config import Profile, QuantConfig, SizingConfig, TrainConfig
 from ..data import load_finetune, load_texts
 from ..errors import QRError
 from ..layout import Layout
-from ..store import cached, package_versions, read_artifact
+from ..store import cached, package_versions, read_artifact, save_figure, save_table
 from . import stats
 from .methods import Context, Method, load_method
+from .plots import caption, figure_caption, learning_curves
 
 
 def recipe(profile: Profile, cfg: SizingConfig) -> TrainConfig:
@@ -265,3 +266,17 @@ def ladder(curves_: list[dict], max_gap: float, reference: str = "lora16", at: i
                                              else float("nan") for c in curves_]
         r[f"survives_at_step{at}"] = r[f"gap_to_{reference}_step{at}"] <= max_gap
     return r
+
+
+def save(profile: Profile, layout: Layout, curves_: list[dict]) -> tuple[pd.DataFrame, dict]:
+    """The learning-curve figure and the tables that size the experiment (each rung at the last checkpoint
+    and at the chosen length; where the key methods' order changes) under the layout; returns the
+    rung table and the chosen length (`length`)."""
+    keys = [m for m in profile.sizing.key_methods if m in {c["method"] for c in curves_}]
+    chosen = length(curves_, keys, profile.finetune.schedule)
+    rung_table = ladder(curves_, profile.sizing.max_gap, at=chosen["L"])
+    save_table(rung_table, layout, "sizing_rungs")
+    save_table(order_changes(curves_, keys), layout, "sizing_order_changes")
+    save_figure(caption(learning_curves(table(curves_), chosen["L"]), f"{figure_caption(profile)} · one seed per "
+                        f"setting · dev split ({profile.data.n_dev} pairs)"), layout, "learning_curves")
+    return rung_table, chosen
