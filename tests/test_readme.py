@@ -136,3 +136,11 @@ def test_the_length_check_the_readme_quotes():
                 in text), claim
     r = check.loc["QR-Adaptor (3.5 bits) beats uniform HQQ 4-bit r8 (4 bits)"]
     assert f"{r['a_minus_b_longer']:+.4f} [{r['ci95_low_longer']:+.4f}, {r['ci95_high_longer']:+.4f}] (adjusted p {r['p_holm_longer']:.2f})" in text
+
+
+def test_the_training_throughput_the_readme_quotes():
+    bench = json.loads((ROOT / "results" / "benchmarks" / "memory_step_time.json").read_text())["result"]
+    f = bench["flops"]
+    text = " ".join(README.split())
+    assert (f"**{f['achieved_over_matmul']:.2f}** x this machine's own {f['dtype']} matrix-product rate "
+            f"({f['achieved_flops_per_s'] / 1e9:.1f} against {f['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s") in text
