@@ -396,6 +396,14 @@ def rank_sweep(per_run, metric: str = "test_loss", ylabel: str = TEST_LOSS):
 VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue", "can't tell": "tab:gray"}
 
 
+def _interval_legend(ax) -> None:
+    """One legend entry per verdict label (every interval carries one) and the x grid of an interval axis."""
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    ax.grid(axis="x", alpha=0.3)
+
+
 def _claim_panels(claims) -> list[tuple[str, object, float, str]]:
     """(title, rows, scale, unit) per panel: the test-loss claims against chance on their own axis (random
     draws sit several nats away and would squash every other interval), accuracies in points."""
@@ -434,10 +442,7 @@ def paired_intervals(claims):
         better = "lower" if title.startswith("test loss") else "higher"
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"a - b, {unit} ({better} is better for a); shaded: +-margin", fontsize=8)
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
-        ax.grid(axis="x", alpha=0.3)
+        _interval_legend(ax)
     fig.tight_layout()
     return fig
 
@@ -458,10 +463,7 @@ def length_intervals(table):
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, [c.replace(" beats ", "\nvs ").replace(" matches ", "\nvs ") for c in rows["claim"]], fontsize=7)
     ax.set_xlabel("a - b, test loss in nats per answer token (lower is better for a)", fontsize=8)
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
-    ax.grid(axis="x", alpha=0.3)
+    _interval_legend(ax)
     fig.tight_layout()
     return fig
 
