@@ -206,5 +206,6 @@ class Layout:
         """The stage artifacts already present: a run from nothing has none."""
         names = {"setup.json": self.setup, "pilot": self.pilot.root, "sensitivity.json": self.sensitivity,
                  "evaluations": self.evaluations, "nsga.json": self.nsga, "bo.json": self.bo,
-                 "search.json": self.search, "searches": self.root / "searches", "runs": self.root / "runs"}
+                 "search.json": self.search, "searches": self.root / "searches", "runs": self.root / "runs",
+                 "calibration": self.root / "calibration"}
         return sorted(k for k, p in names.items() if p.exists())
