@@ -44,7 +44,9 @@ def test_a_proxy_that_only_separates_far_allocations_is_caught_near_the_front():
     row = calibration.summary(scores, finals, batch_size=4, top_k=5).iloc[0]
     assert row["spearman"] > 0.5 and row["top_k"] == 5
     assert row["spearman_top"] == pytest.approx(-1.0) and row["kendall_top"] == pytest.approx(-1.0)
-    assert not calibration.recommend(pd.DataFrame([row]), 0.8)["reaches"]   # so it is not recommended
+    rec = calibration.recommend(pd.DataFrame([row]), 0.8)
+    assert not rec["reaches"]                                            # so it is not recommended,
+    assert "fails among the best 5" in rec["statement"] and "-1.00 among the best 5" in rec["statement"]  # and why
 
 
 def _write_finals(root, rows, dev=True, seed=0):

@@ -253,6 +253,10 @@ def test_claims_are_paired_comparisons_with_known_answers(tmp_path):
     chance = loss.loc["qr_adaptor beats random allocations at the 4-bit budget"]
     assert chance["verdict"] == "better" and chance["b_methods"] == 3 and chance["seeds"] == 3
     assert loss["holds"].all()
+    # Each verdict names its family: the declared primary claims (Holm across them), the rest exploratory.
+    assert loss.loc["qr_adaptor matches 16-bit LoRA", "family"] == "primary"
+    assert chance["family"] == "exploratory" and pd.isna(chance["p_holm"])
+    assert (got.xs("benchmark average", level="metric")["family"] == "benchmarks").all()
     same_docs = got.xs("benchmark average", level="metric")   # identical answers everywhere
     assert (same_docs["a_minus_b"] == 0).all() and (same_docs["verdict"] == "equivalent").all()
     assert not any("nf4" in c or "3.5" in c for c in got.index.get_level_values("claim"))  # not run: left out
@@ -344,7 +348,7 @@ def test_two_methods_with_one_allocation_are_trained_once_and_reported_under_bot
     first = finetune.run(quick, layout, load_method("hqq4"), 0, model_, tok, progress=False)
     monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained the same allocation twice"))
     twin = finetune.run(quick, layout, load_method("qr_adaptor"), 0, model_, tok, progress=False)
-    assert twin.same_run_as == "hqq4" and twin.method == "qr_adaptor" and twin.name == "QR-Adaptor"
+    assert twin.same_run_as == "hqq4" and twin.method == "qr_adaptor" and twin.name == "QR-Adaptor (4-bit budget)"
     assert twin.test_loss == first.test_loss and twin.training_key == first.training_key
     with pytest.raises(QRError, match="same run as"):
         finetune.load_finetuned(layout.run("qr_adaptor", 0), model_, tok)

@@ -9,6 +9,7 @@ Reads artifacts only.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -209,25 +210,53 @@ def paired(data: dict, a: str, b: list[str], metric: str, label: str | None = No
                          lower_is_better=lower)
 
 
-def claims(layout: Layout, cfg: ComparisonConfig = ComparisonConfig(), claims_file: Path = CLAIMS) -> pd.DataFrame:
-    """Every claim of `claims_file` whose methods have run, as a paired comparison with a 95% interval
-    on the test loss and on the benchmark average (stats.compare), judged as one family (Holm across
-    every row, stats.judge_family), and whether the claim holds: 'beats' needs the verdict 'better',
-    'matches' needs 'better' or 'equivalent'."""
+FAMILIES = ("primary", "benchmarks", "exploratory")
+
+
+def read_claims(cfg: ComparisonConfig = ComparisonConfig()) -> list[dict]:
+    """The claims the profile judges: comparison.claims_file, or the package's reference/claims.json."""
+    return json.loads(Path(cfg.claims_file or CLAIMS).read_text())["claims"]
+
+
+def _test_losses(data: dict) -> pd.DataFrame:
+    """Each method's mean test loss over its runs (of per_example's data), as destroyed() reads it."""
+    rows = [{"method": m, "test_loss": d["nll"].sum() / d["tokens"].sum()} for (m, _), d in data.items() if d["nll"].size]
+    return pd.DataFrame(rows, columns=["method", "test_loss"]).groupby("method", as_index=False).mean()
+
+
+def claims(layout: Layout, cfg: ComparisonConfig = ComparisonConfig()) -> pd.DataFrame:
+    """Every claim (read_claims) whose methods have run, as a paired comparison with a 95% interval
+    on the test loss and on the benchmark average (stats.compare), each judged in its family: the
+    profile's declared primary claims on test loss (Holm across them), the benchmark-average rows (Holm
+    across them), and every other test-loss claim exploratory (unadjusted). Whether the claim holds:
+    'beats' needs the verdict 'better', 'matches' needs 'better' or 'equivalent'. `destroyed` names a
+    side whose runs the quantization destroyed (ComparisonConfig.destroyed_gap): a comparison against
+    it says little about the method."""
     data = per_example(layout)
+    ruined = destroyed(_test_losses(data), cfg.destroyed_gap)
     found = []
-    for c in json.loads(Path(claims_file).read_text())["claims"]:
+    for c in read_claims(cfg):
         for metric in ("test loss", "benchmark average"):
             r = paired(data, c["a"], c["b"], metric, c["label"], cfg)
             if r is not None:
-                found.append((c, r))
-    judged = stats.judge_family([r for _, r in found], cfg.alpha)
+                family = "benchmarks" if metric != "test loss" else \
+                    "primary" if c["id"] in cfg.primary else "exploratory"
+                found.append((c, replace(r, family=family)))
+    judged = {}
+    for family in ("primary", "benchmarks"):
+        members = [k for k, (_, r) in enumerate(found) if r.family == family]
+        for k, r in zip(members, stats.judge_family([found[k][1] for k in members], cfg.alpha, family)):
+            judged[k] = r
     rows = []
-    for (c, _), r in zip(found, judged):
+    for k, (c, r) in enumerate(found):
+        r = judged.get(k, r)
         holds = r.verdict == "better" if c["relation"] == "beats" else r.verdict in ("better", "equivalent")
-        rows.append({"claim": f"{r.a} {c['relation']} {c['label']}", **r.as_row(),
-                     "b_methods": len(c["b"]), "holds": holds, "where": c["where"]})
-    return pd.DataFrame(rows)
+        gone = [m for m in (c["a"], *c["b"]) if m in ruined]
+        rows.append({"id": c["id"], "claim": f"{r.a} {c['relation']} {c['label']}", **r.as_row(),
+                     "b_methods": len(c["b"]), "holds": holds, "destroyed": ", ".join(gone), "where": c["where"]})
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    out = pd.DataFrame(rows)
+    return out.sort_values("family", key=lambda f: f.map(order), kind="stable").reset_index(drop=True) if len(out) else out
 
 
 def paper_reference() -> dict:
