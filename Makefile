@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv test test-fast reproduce search sizing length-check lab benchmark stock-eval clean-smoke
+.PHONY: venv test test-fast reproduce search sizing lengths base-grid lab benchmark stock-eval clean-smoke
 
 venv: $(STAMP)
 
@@ -47,10 +47,15 @@ search: $(STAMP)
 sizing: $(STAMP)
 	$(CLI) sizing $(ARGS)
 
-# The final runs of the claims' methods again at twice the training, every test-loss claim judged at
-# both lengths (resumes per run; needs `make reproduce` first): about an hour on 2 CPU cores (float32).
-length-check: $(STAMP)
-	$(CLI) length-check $(ARGS)
+# The primary claims' methods again at 2, 4 and 8 x the final training, every primary claim judged at
+# every length (resumes per run; needs `make reproduce` first): about two hours on 2 CPU cores (float32).
+lengths: $(STAMP)
+	$(CLI) lengths $(ARGS)
+
+# Each rung on the embedded base (dequantized Q4_1) and on an off-grid control: does the base's grid
+# favour 4-bit rungs? (about 5 minutes on 2 CPU cores)
+base-grid: $(STAMP)
+	$(CLI) base-grid $(ARGS)
 
 # lm-eval's stock task formats on the base model (resumes per task). Splits over STOCK_MAX_DOCS documents
 # (HellaSwag's 10,042) are scored on a seeded sample of that many: about an hour on 2 CPU cores.

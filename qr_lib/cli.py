@@ -100,7 +100,7 @@ def cmd_estimate(args) -> None:
     layout = Layout.of(profile.name)
     speed = estimate.measure_speed(profile) if getattr(args, "measure", False) else estimate.cached_speed(profile)
     step = args.step_seconds or (None if speed else estimate.measured_step_seconds(layout))
-    result = estimate.estimate(profile, step, None if args.step_seconds else speed)
+    result = estimate.estimate(profile, step, None if args.step_seconds else speed, estimate.cached_worker_speed(profile))
     print(estimate.describe(result, estimate.recorded_seconds(layout, result)))
 
 
@@ -125,7 +125,7 @@ def _say_expected_time(args, profile) -> None:
     from .workbook import estimate
     speed = estimate.cached_speed(profile)
     step = None if speed else estimate.measured_step_seconds(Layout.of(profile.name))
-    p = estimate.estimate(profile, step, speed)
+    p = estimate.estimate(profile, step, speed, estimate.cached_worker_speed(profile))
     if speed:
         when = f", about {p['minutes']['total']:.0f} min on this machine (its measured speed)"
     elif step:
@@ -133,7 +133,8 @@ def _say_expected_time(args, profile) -> None:
                "the last run measured"
     else:
         when = ""
-    print(f"profile {profile.name}: {p['total LoRA steps']:,} LoRA steps{when} "
+    print(f"profile {profile.name}: {profile.model} in {profile.dtype} on {profile.device}, runner {p['runner']}; "
+          f"{p['total LoRA steps']:,} LoRA steps{when} "
           f"(`qr-adaptor estimate --profile {args.profile} --measure` for the breakdown)", flush=True)
 
 
@@ -155,6 +156,7 @@ def cmd_stock(args) -> None:
 
 
 def cmd_sizing(args) -> None:
+    from .algorithm.runner import open_runner
     from .layout import Layout
     from .models import load_model
     from .workbook import sizing
@@ -171,27 +173,40 @@ def cmd_sizing(args) -> None:
     else:
         layout = Layout.for_profile(profile.name)
         base, tok = load_model(profile.model, profile.dtype, profile.device)
-        curves = sizing.run(profile, layout, base, tok)
+        with open_runner(profile.parallel, profile.device) as runner:
+            curves = sizing.run(profile, layout, base, tok, runner)
     ladder, length = sizing.save(profile, layout, curves)
     print(ladder.round(3).to_string(index=False))
     print(length["statement"])
 
 
-def cmd_length_check(args) -> None:
+def cmd_lengths(args) -> None:
+    from .algorithm.runner import open_runner
     from .layout import Layout
     from .models import load_model
-    from .workbook import length_check
+    from .workbook import lengths
     profile = _profile(args)
     layout = Layout.for_profile(profile.name)
     if not args.finished:
         base, tok = load_model(profile.model, profile.dtype, profile.device)
-        length_check.run(profile, layout, base, tok)
-    table = length_check.save(profile, layout)
-    if table.empty:
-        raise QRError(f"no claim has runs at both lengths under {layout.root}; run `qr-adaptor finetune` and "
-                      "`qr-adaptor length-check` first")
-    print(table[["claim", "steps_L", "verdict_L", "steps_longer", "verdict_longer", "holds",
-                 "same_sign"]].to_string(index=False))
+        with open_runner(profile.parallel, profile.device) as runner:
+            lengths.run(profile, layout, base, tok, runner)
+    table, trend = lengths.save(profile, layout)
+    if trend.empty:
+        raise QRError(f"no primary claim has runs at two lengths under {layout.root}; run `qr-adaptor finetune` and "
+                      "`qr-adaptor lengths` first")
+    print(trend[["claim", "steps", "verdicts", "slope_per_doubling", "crosses_zero_at_steps"]].to_string(index=False))
+
+
+def cmd_base_grid(args) -> None:
+    from .layout import Layout
+    from .models import load_model
+    from .workbook import base_grid
+    profile = _profile(args)
+    layout = Layout.for_profile(profile.name)
+    base, tok = load_model(profile.model, profile.dtype, profile.device)
+    table = base_grid.save(profile, layout, base_grid.run(profile, layout, base, tok))
+    print(table.drop(columns=["seconds"]).round(4).to_string(index=False))
 
 
 def _profile_names() -> list[str]:
@@ -262,15 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finished", action="store_true",
                    help="write the tables and figure from the curves finished so far; compute nothing")
     p.set_defaults(func=cmd_sizing)
-    p = sub.add_parser("length-check", formatter_class=fmt, help="do the final verdicts survive longer training?",
-                       description="The claims' methods fine-tuned again at sizing.check_factor x the fine-tuning "
-                                   "pairs (one epoch, the same recipe, the same test examples) and every test-loss "
-                                   "claim judged at both lengths (table length_check). Needs the final runs; resumes "
-                                   "run by run.")
+    p = sub.add_parser("lengths", formatter_class=fmt, help="the primary claims across training length",
+                       description="The primary claims' methods fine-tuned again at lengths.factors x the final "
+                                   "fine-tune's pairs (one epoch each, the same recipe, seeds and test examples), each "
+                                   "primary claim judged at every length, with a trend labelled as extrapolation "
+                                   "(tables lengths, lengths_trends; figure lengths). Needs the final runs; resumes "
+                                   "run by run; runs on profile.parallel's workers.")
     _common(p)
     p.add_argument("--finished", action="store_true",
-                   help="write the table from the runs finished so far; train nothing")
-    p.set_defaults(func=cmd_length_check)
+                   help="write the tables and figure from the runs finished so far; train nothing")
+    p.set_defaults(func=cmd_lengths)
+    p = sub.add_parser("base-grid", formatter_class=fmt, help="does the embedded base's Q4_1 grid favour 4-bit rungs?",
+                       description="Every rung of the ladder and NF4 on the embedded base (dequantized Q4_1) and on a "
+                                   "control with every weight spread within its Q4_1 bin: KL to that base and held-out "
+                                   "perplexity (table and figure base_grid). About 5 minutes on 2 CPU cores.")
+    _common(p)
+    p.set_defaults(func=cmd_base_grid)
     return ap
 
 

@@ -5,14 +5,16 @@ notebook, table and figure asks it.
       setup.json                      00  the model and the data
       pilot/runs/<config>/seed<k>/    01  the pilot's runs (a Layout of their own, same run folders)
       sensitivity.json                02  Phase I
+      base_grid.json                  02  the rungs on the embedded base and on an off-grid control
       evaluations/<key>.json          03  one proxy score per (allocation, fidelity), content-addressed
       nsga.json, bo.json              03, 04  Phases II and III
       search.json                     04  the selection at each budget and what the search cost
       searches/<method>/              variant searches (other ladders): their own nsga/bo/search,
                                       Phase I and the evaluations of the main run
       runs/<method>/seed<k>/          05  result.json, allocation.json, adapter/, lm_eval/
-      longer/runs/<method>/seed<k>/   the same final runs at sizing.check_factor x the training
-                                      (`make length-check`; a Layout of their own, like pilot/)
+      lengths/x<f>/runs/<method>/seed<k>/   the primary claims' runs at f x the final training
+                                      (`make lengths`; a Layout each, like pilot/)
+      sizing/<method>.json            the learning curves (`make sizing`)
       calibration/<key>.json          06  proxy curves; calibration.json their summary
       stock/<task>-<docs>.json        `make stock-eval`
       tables/<name>.{csv,md}, figures/<name>.png
@@ -111,10 +113,13 @@ class Layout:
     def pilot(self) -> "Layout":
         return Layout(self.root / "pilot")
 
-    @property
-    def longer(self) -> "Layout":
-        """The length check's runs (workbook/length_check.py)."""
-        return Layout(self.root / "longer")
+    def at_length(self, factor: float) -> "Layout":
+        """The length study's runs at `factor` x the final training (workbook/lengths.py)."""
+        return Layout(self.root / "lengths" / f"x{factor:g}")
+
+    def lengths(self) -> list["Layout"]:
+        """The length study's folders that exist (lengths/x<f>/), in path order."""
+        return [Layout(p) for p in sorted((self.root / "lengths").glob("x*"))]
 
     def sizing_curve(self, method_id: str) -> Path:
         """One setting's learning curve (workbook/sizing.py)."""
@@ -130,6 +135,11 @@ class Layout:
     def sensitivity_progress(self, key: str) -> Path:
         """Per-block progress of an unfinished Phase I, deleted when it completes."""
         return self._main / f".sensitivity-{key}.partial.json"
+
+    @property
+    def base_grid(self) -> Path:
+        """Each rung's cost on the embedded base and on its off-grid control (workbook/base_grid.py)."""
+        return self._main / "base_grid.json"
 
     @property
     def evaluations(self) -> Path:

@@ -7,6 +7,7 @@ precision" is a dequantized 5-bit (Q4_1) checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -121,6 +122,13 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
     model.to(device)
     model.eval()
     return model, tok
+
+
+@functools.lru_cache(maxsize=1)
+def worker_model(name: str, dtype: str, device: str):
+    """load_model, kept for the next call in this process: a runner's worker trains many runs on one
+    base (a build copies what it quantizes and never changes the base, as in a serial run)."""
+    return load_model(name, dtype, device)
 
 
 # Architecture configs of the paper's models, for shapes without a hub (reference/configs/).

@@ -1,4 +1,5 @@
 """The pilot study's bookkeeping, the report's index and the reproduce runner's plumbing."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,12 @@ def test_pilot_configs_are_memory_matched_and_c_mirrors_d():
     assert load_profile("default").pilot.bits == (3, 4)
 
 
-def test_pilot_profile_keeps_the_callers_other_settings():
-    p = load_profile("smoke", {"data.n_train": 32})
+def test_pilot_profile_trains_its_own_length_on_fresh_pairs_and_keeps_the_callers_other_settings():
+    p = load_profile("smoke", {"data.n_train": 32, "pilot.steps": 12, "finetune.lr": 3e-4})
     q = pilot.pilot_profile(p)
-    assert q.data.n_train == 32 and q.finetune.max_steps == p.pilot.steps and q.eval.tasks == tuple(p.pilot.tasks)
+    f = q.finetune
+    assert f.train_config(q.data.n_train, 0).steps == 12 and q.data.n_train == 12 * f.batch_size * f.grad_accum
+    assert f.lr == 3e-4 and q.eval.tasks == tuple(p.pilot.tasks) and f.n_test == p.pilot.n_test
 
 
 def test_report_lists_files_in_notebook_order(tmp_path):
@@ -100,10 +103,10 @@ def test_compute_time_sums_what_each_stage_recorded_counting_search_evaluations_
     # A notebook 06 that ran the calibration itself is counted apart from it, never twice; the length
     # check's runs have a row of their own.
     write_json(layout.manifest, {"files": {}, "notebooks": {"06_benchmarks.ipynb": {"seconds": 52.0}}})
-    record(layout.longer.run("lora16", 0).result, 600.0)
+    record(layout.at_length(2).run("lora16", 0).result, 600.0)
     with pytest.warns(UserWarning, match="damaged or was edited"):
         rows = {r["stage"]: r for r in report.compute_time(layout)}
-    assert rows["06"]["seconds"] == 12.0 and rows["length check"]["seconds"] == 600.0
+    assert rows["06"]["seconds"] == 12.0 and rows["lengths x2"]["seconds"] == 600.0
 
 
 def test_an_unchanged_artifact_keeps_the_provenance_of_the_run_that_made_it(tmp_path, monkeypatch):
@@ -255,9 +258,18 @@ def test_the_estimate_measures_this_machine_once_and_prices_every_stage(monkeypa
     monkeypatch.setattr(estimate, "train", lambda *a, **k: pytest.fail("measured again"))
     assert estimate.measure_speed(profile) == speed                      # cached
     result = estimate.estimate(profile, speed=speed)
+    assert "in float32 on cpu, runner serial" in out
     stage = result["stages"]["final fine-tunes"]
     expected = (stage["steps"] * speed.step + (stage["examples scored"] + stage["lm-eval requests"]) * speed.example
                 + stage["generated tokens"] * speed.token + stage["models built"] * speed.build
                 + stage["model loads"] * speed.load + stage["lm-eval calls"] * speed.lm_eval_call + speed.notebook)
     assert result["minutes"]["final fine-tunes"] * 60 == pytest.approx(expected)
     assert not (tmp_path / "results").exists()                          # an estimate writes no results
+    # On local workers a stage's runs share the workers, each at one worker's speed, after their start.
+    worker = dataclasses.replace(speed, step=2 * speed.step, cluster=5.0)
+    two = estimate.estimate(profile, speed=speed, worker=worker)
+    heavy = expected - stage["model loads"] * speed.load - speed.notebook
+    light = expected - heavy
+    assert two["minutes"]["final fine-tunes"] * 60 == pytest.approx(
+        light + 5.0 + speed.load + (heavy + stage["steps"] * speed.step) / 2)
+    assert two["minutes"]["Phase I"] == result["minutes"]["Phase I"]       # not a runner stage

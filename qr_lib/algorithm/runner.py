@@ -20,7 +20,6 @@ Ray's actors or object store.
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Callable, Protocol
 
@@ -56,9 +55,21 @@ class DaskRunner:
         futures = [self.client.submit(fn, *args, pure=False, retries=self.retries) for args in calls]
         return self.client.gather(futures)
 
-    def worker_pids(self) -> dict:
-        """worker address -> process id: lets a test see that two processes did the work."""
-        return self.client.run(os.getpid)
+
+def each(runner: Runner, label: str, calls: list[tuple], worker: Callable, here: Callable, names: list[str],
+         progress: bool = True) -> list:
+    """The one loop of every stage that trains. A parallel runner first runs `worker(*call)` for every
+    call on its workers (each loads its own model and writes its own artifact); then `here(*call)` runs
+    in this process, in order, with a progress line each: it reads every finished artifact back (or,
+    on the serial runner, computes it). So a parallel run ends with exactly a serial run's results."""
+    if runner.parallel and calls:
+        runner.map(worker, calls)
+    out = []
+    for k, (call, name) in enumerate(zip(calls, names), 1):
+        if progress:
+            print(f"[{label} {k}/{len(calls)}] {name}", flush=True)
+        out.append(here(*call))
+    return out
 
 
 @contextmanager

@@ -40,6 +40,12 @@ def _logprobs(model, batch) -> torch.Tensor:
     return torch.log_softmax(out.float(), dim=-1)
 
 
+def reference_distributions(model, batches) -> list[torch.Tensor]:
+    """The model's next-token log-probabilities on every batch, kept in bf16 (it halves their memory;
+    mean_kl computes in float32): what mean_kl measures a quantized twin against."""
+    return [_logprobs(model, b).to(torch.bfloat16) for b in batches]
+
+
 @torch.no_grad()
 def mean_kl(model, batches, reference: list[torch.Tensor]) -> float:
     """Token-averaged KL(reference || model) over non-padding positions."""
@@ -63,8 +69,7 @@ def measure(model, tok, texts, cfg: SensitivityConfig, qcfg: QuantConfig, partia
         raise QRError("no calibration texts; raise data.n_calib above 0")
     device = next(model.parameters()).device
     batches = calibration_batches(tok, texts, cfg.seq_len, cfg.batch_size, device)
-    # bf16 halves the memory of the cached reference distributions; KL is computed in float32.
-    reference = [_logprobs(model, b).to(torch.bfloat16) for b in batches]
+    reference = reference_distributions(model, batches)
     blocks = transformer_blocks(model)
     try:
         done = read_json(partial) if partial is not None and partial.exists() else {}

@@ -26,6 +26,7 @@ import torch
 from ..algorithm.allocation import uniform
 from ..algorithm.build import build
 from ..algorithm.memory import formula_bytes, model_shapes, profile_budget
+from ..algorithm.runner import open_runner
 from ..algorithm.search import nsga
 from ..algorithm.search.problem import space_for
 from ..algorithm.train import example_losses, train
@@ -74,6 +75,7 @@ class Speed:
     load: float            # loading the model
     lm_eval_call: float    # lm-eval's fixed cost per call (building its tasks)
     notebook: float        # a notebook kernel: start-up and the workbook's imports
+    cluster: float = 0.0   # starting and closing a runner's local workers (parallel.backend "dask")
 
     UNITS = {"steps": "step", "examples scored": "example", "lm-eval requests": "example",
              "generated tokens": "token", "models built": "build", "model loads": "load",
@@ -81,6 +83,23 @@ class Speed:
 
     def seconds(self, work: dict) -> float:
         return sum(work.get(k, 0) * getattr(self, unit) for k, unit in self.UNITS.items())
+
+
+# The stages whose runs go through the runner (runner.each, the search's proxy evaluations), and the
+# work a worker does; the caller's process loads the model, starts the notebook and reads artifacts back.
+PARALLEL_STAGES = ("pilot", "Phases II-III", "final fine-tunes", "proxy calibration")
+WORKER_WORK = ("steps", "examples scored", "lm-eval requests", "generated tokens", "models built", "lm-eval calls")
+
+
+def stage_seconds(stage: str, counts: dict, speed: Speed, worker: Speed | None, workers: int) -> float:
+    """A stage's seconds: all of it at `speed` on the serial runner; on local workers (`worker`: one
+    worker's speed at parallel.threads_per_worker), its runs' work shared among `workers` (which each
+    load the model once, at the same time), after the cluster starts."""
+    if worker is None or stage not in PARALLEL_STAGES:
+        return speed.seconds(counts)
+    heavy = {k: v for k, v in counts.items() if k in WORKER_WORK}
+    light = {k: v for k, v in counts.items() if k not in WORKER_WORK}
+    return speed.seconds(light) + worker.cluster + worker.load + worker.seconds(heavy) / workers
 
 
 def _lm_eval(cfg, runs: int) -> dict:
@@ -111,7 +130,7 @@ def work(profile: Profile, shapes=None, space=None) -> dict:
         steps_per_run = min(steps_per_run, f.max_steps)
     runs = finetune.plan(profile)
     benchmarked = sum(1 for m, seed in runs if m.benchmarks and profile.eval.benchmarks(seed, m.id))
-    pilot_runs = len(configs(p.bits)) * len(p.seeds) + len(sweep_methods(p))
+    pilot_runs = len(configs(p.bits)) * len(p.seeds) + 1 + len(sweep_methods(p))   # + the 16-bit reference
     search = search_counts(profile, space)
     cfg = profile.nsga
     low_n = min(cfg.low_n_val, d.n_val) if cfg.low_steps > 0 else d.n_val
@@ -144,10 +163,12 @@ def work(profile: Profile, shapes=None, space=None) -> dict:
     }
 
 
-def estimate(profile: Profile, step_seconds: float | None = None, speed: Speed | None = None) -> dict:
+def estimate(profile: Profile, step_seconds: float | None = None, speed: Speed | None = None,
+             worker: Speed | None = None) -> dict:
     """Work, memory and time of every stage of a profile's run: with a measured Speed, the seconds of
-    all the work (training, scoring, lm-eval, builds, loads, notebook start-up); with only a step time
-    (e.g. --step-seconds for another machine), the hours of training steps alone."""
+    all the work (training, scoring, lm-eval, builds, loads, notebook start-up), the runner's stages
+    priced as they run on its workers where `worker` (one worker's Speed) is given; with only a step
+    time (e.g. --step-seconds for another machine), the hours of training steps alone."""
     skeleton, shapes, space = _skeleton(profile)
     budget = profile_budget(profile, shapes)
     stages = work(profile, shapes, space)
@@ -169,11 +190,14 @@ def estimate(profile: Profile, step_seconds: float | None = None, speed: Speed |
               # computes with dequantized weights (quant.dequantize_once), so both count at the compute
               # dtype, plus LoRA weights, gradients and AdamW's two moments. Activations come on top.
               "training process peak, about (GiB)": (2 * params * dtype_bytes + 4 * lora) / 2**30}
-    out = {"profile": profile.name, "model": profile.model, "device": profile.device, "stages": stages,
+    out = {"profile": profile.name, "model": profile.model, "device": profile.device, "dtype": profile.dtype,
+           "runner": (f"{profile.parallel.workers} local workers x {profile.parallel.threads_per_worker} thread(s)"
+                      if profile.parallel.backend == "dask" else f"serial, {torch.get_num_threads()} thread(s)"),
+           "stages": stages,
            "total LoRA steps": total_steps, "memory": memory, "step_seconds": step_seconds or (speed and speed.step)}
     if speed is not None:
         out["speed"] = dataclasses.asdict(speed)
-        out["minutes"] = {k: speed.seconds(s) / 60 for k, s in stages.items()}
+        out["minutes"] = {k: stage_seconds(k, s, speed, worker, profile.parallel.workers) / 60 for k, s in stages.items()}
         out["minutes"]["total"] = sum(out["minutes"].values())
     if out["step_seconds"]:
         out["hours (training steps only)"] = {k: s.get("steps", 0) * out["step_seconds"] / 3600 for k, s in stages.items()}
@@ -191,6 +215,7 @@ def speed_key(profile: Profile) -> str:
     """What a speed measurement depends on: this machine (its CPU or GPU, cores, torch) and what is timed."""
     device = torch.cuda.get_device_name(0) if profile.device.startswith("cuda") and torch.cuda.is_available() else None
     return content_hash({"cpu": sorted(cpu_flags()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                         "parallel": profile.parallel,
                          "gpu": device, "torch": torch.__version__, "model": profile.model, "dtype": profile.dtype,
                          "device": profile.device, "recipe": [profile.finetune.batch_size, profile.finetune.max_len],
                          "quant": profile.quant, "eval": [profile.eval.batch_size, sorted(profile.eval.tasks)]})
@@ -203,24 +228,18 @@ def _speed_file(key: str) -> Path:
 def cached_speed(profile: Profile) -> Speed | None:
     """This machine's measured Speed for the profile's settings, if measure_speed has run here."""
     record = read_artifact(_speed_file(speed_key(profile)), quiet=True)
-    return Speed(**record["result"]) if record is not None else None
+    return Speed(**record["result"]["main"]) if record is not None else None
 
 
-def measure_speed(profile: Profile, progress: bool = True) -> Speed:
-    """Time each unit of work once on this machine (about half a minute for the embedded model on two
-    CPU cores), cached per machine and profile settings (speed_key) under the data cache."""
-    if (speed := cached_speed(profile)) is not None:
-        return speed
-    key = speed_key(profile)
-    if progress:
-        print("measuring this machine's speed (once; cached)...", flush=True)
-    t = time.time()
-    subprocess.run([sys.executable, "-c", "import qr_lib.workbook.reproduce, qr_lib.workbook.finetune"], check=True)
-    notebook = time.time() - t
-    t = time.time()
-    base, tok = load_model(profile.model, profile.dtype, profile.device)
-    load = time.time() - t
-    splits = load_finetune(dataclasses.replace(profile.data, n_train=max(profile.data.n_train, 16)))
+def cached_worker_speed(profile: Profile) -> Speed | None:
+    """One runner worker's measured Speed (parallel.backend "dask"), if measure_speed has run here."""
+    record = read_artifact(_speed_file(speed_key(profile)), quiet=True)
+    return Speed(**record["result"]["worker"]) if record is not None and record["result"]["worker"] else None
+
+
+def _time_units(profile: Profile, base, tok, splits) -> dict:
+    """Seconds of one build, one LoRA step, one scored example and one generated token, at the torch
+    threads of the moment (after a warm-up each)."""
     allocation = uniform(model_shapes(base).n_blocks, profile.budget_bits, profile.budget_rank,
                          profile.bit_ladder, profile.rank_ladder)
     t = time.time()
@@ -240,13 +259,46 @@ def measure_speed(profile: Profile, progress: bool = True) -> Speed:
     with torch.no_grad():
         model.generate(input_ids=ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
                        pad_token_id=tok.pad_token_id)
-    token = (time.time() - t) / 16
+    return {"step": step, "example": example, "token": (time.time() - t) / 16, "build": built, "model": model}
+
+
+def measure_speed(profile: Profile, progress: bool = True) -> Speed:
+    """Time each unit of work once on this machine (about a minute for the embedded model on two CPU
+    cores; again at one worker's threads where the profile runs local workers, and the workers' start),
+    cached per machine and profile settings (speed_key) under the data cache."""
+    if (speed := cached_speed(profile)) is not None:
+        return speed
+    key = speed_key(profile)
+    if progress:
+        print("measuring this machine's speed (once; cached)...", flush=True)
+    t = time.time()
+    subprocess.run([sys.executable, "-c", "import qr_lib.workbook.reproduce, qr_lib.workbook.finetune"], check=True)
+    notebook = time.time() - t
+    t = time.time()
+    base, tok = load_model(profile.model, profile.dtype, profile.device)
+    load = time.time() - t
+    splits = load_finetune(dataclasses.replace(profile.data, n_train=max(profile.data.n_train, 16)))
+    units = _time_units(profile, base, tok, splits)
+    model = units.pop("model")
     t = time.time()
     run_tasks(model, tok, dataclasses.replace(profile.eval, tasks=("qr_piqa",), limit=1, task_limits={}), progress=False)
-    lm_eval_call = max(0.0, time.time() - t - 2 * example)
-    speed = Speed(step=step, example=example, token=token, build=built, load=load, lm_eval_call=lm_eval_call,
-                  notebook=notebook)
-    write_artifact(_speed_file(key), {"key": key}, dataclasses.asdict(speed))
+    lm_eval_call = max(0.0, time.time() - t - 2 * units["example"])
+    speed = Speed(**units, load=load, lm_eval_call=lm_eval_call, notebook=notebook)
+    worker = None
+    if profile.parallel.backend == "dask" and not profile.parallel.address:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(profile.parallel.threads_per_worker)
+        try:
+            one = _time_units(profile, base, tok, splits)
+        finally:
+            torch.set_num_threads(threads)
+        one.pop("model")
+        t = time.time()
+        with open_runner(profile.parallel, profile.device):
+            pass
+        worker = dataclasses.replace(speed, **one, cluster=time.time() - t)
+    write_artifact(_speed_file(key), {"key": key}, {"main": dataclasses.asdict(speed),
+                                                    "worker": dataclasses.asdict(worker) if worker else None})
     return speed
 
 
@@ -261,7 +313,8 @@ def recorded_seconds(layout: Layout, result: dict) -> float | None:
 
 
 def describe(result: dict, recorded: float | None = None) -> str:
-    lines = [f"estimate for profile {result['profile']}: model {result['model']} on {result['device']}"]
+    lines = [f"estimate for profile {result['profile']}: model {result['model']} in {result['dtype']} on "
+             f"{result['device']}, runner {result['runner']}"]
     for stage, counts in result["stages"].items():
         lines.append(f"  {stage}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     lines.append(f"  total LoRA optimizer steps: {result['total LoRA steps']:,}")

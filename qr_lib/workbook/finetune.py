@@ -24,14 +24,14 @@ from ..algorithm.adapters import prepare
 from ..algorithm.allocation import Allocation, AllocationRecord
 from ..algorithm.build import build
 from ..algorithm.memory import formula_bytes, model_shapes
-from ..algorithm.runner import SERIAL, Runner
+from ..algorithm.runner import SERIAL, Runner, each
 from ..algorithm.train import example_losses, mean_loss, perplexity, train
 from ..config import LoraSettings, Profile, QuantConfig
 from ..data import load_finetune, load_texts
 from ..errors import QRError
 from ..evaluate import run_tasks
 from ..layout import Layout, RunDir
-from ..models import load_model
+from ..models import load_model, worker_model
 from ..store import cached, content_hash, keyed, read_artifact, read_json, write_json
 from .methods import Context, Method, load_method, method_ids
 
@@ -184,28 +184,56 @@ def plan(profile: Profile, methods: list[str] | None = None) -> list[tuple[Metho
     return [(m, s) for k, s in enumerate(profile.finetune.seeds) for m in chosen if k == 0 or m.multi_seed]
 
 
-def run_on_worker(profile: Profile, layout: Layout, method: Method, seed: int) -> None:
-    """On a runner's worker: one final run, written into its run folder (the caller reads it back)."""
-    base, tok = load_model(profile.model, profile.dtype, profile.device)
-    run(profile, layout, method, seed, base, tok, progress=False)
+@dataclass(frozen=True)
+class Planned:
+    """One run a stage asks for: the profile it runs under (a stage's own length or scoring), the
+    method, the seed, and the layout it is written under (None: the main one)."""
+    profile: Profile
+    method: Method
+    seed: int
+    runs: Layout | None = None
+
+
+def run_on_worker(profile: Profile, layout: Layout, method: Method, seed: int, runs: Layout | None) -> None:
+    """On a runner's worker: one run, written into its run folder (the caller reads it back)."""
+    base, tok = worker_model(profile.model, profile.dtype, profile.device)
+    run(profile, layout, method, seed, base, tok, progress=False, runs=runs)
+
+
+def run_planned(layout: Layout, planned: list[Planned], base, tok, runner: Runner = SERIAL, progress: bool = True,
+                label: str = "run") -> list[RunResult]:
+    """Every planned run through the runner (runner.each): finished ones are read back, not redone."""
+    data: dict = {}
+
+    def here(profile, layout_, method, seed, runs):
+        key = content_hash(profile.data)
+        if key not in data:             # the same for every run of one data setting
+            data[key] = run_data(profile)
+        return run(profile, layout_, method, seed, base, tok, progress, data[key], runs=runs)
+    return each(runner, label, [(p.profile, layout, p.method, p.seed, p.runs) for p in planned], run_on_worker, here,
+                [f"{p.method.name}, seed {p.seed}" for p in planned], progress)
+
+
+def trained_for(profile: Profile, factor: float) -> Profile:
+    """The final recipe over `factor` x the fine-tuning pairs, one epoch of fresh pairs (so `factor` x the
+    steps), scored on the test split alone: no lm-eval, no dev split. The stages that train at another
+    length (the pilot, the length study) say so by this factor."""
+    n_train = round(factor * profile.data.n_train)
+    cap = profile.finetune.max_steps
+    return dataclasses.replace(
+        profile, data=dataclasses.replace(profile.data, n_train=n_train),
+        finetune=dataclasses.replace(profile.finetune, dev_seeds=(),
+                                     max_steps=None if cap is None else max(1, round(factor * cap))),
+        eval=dataclasses.replace(profile.eval, tasks=()))
 
 
 def run_all(profile: Profile, layout: Layout, base, tok, methods: list[str] | None = None,
             runner: Runner = SERIAL, progress: bool = True) -> list[RunResult]:
-    """Every planned run, in order; finished ones are read back, not redone. A parallel runner trains
-    the runs on its workers first (each writes its own folder); all are then read back here."""
+    """Every planned run, in order; finished ones are read back, not redone."""
     todo = plan(profile, methods)
     # Every method's allocation first: one that needs an artifact not there yet (the search, Phase I)
     # fails now, not after the methods before it have trained.
     context = Context(profile, model_shapes(base), layout)
     for method in {m.id: m for m, _ in todo}.values():
         method.resolve(context)
-    if runner.parallel:
-        runner.map(run_on_worker, [(profile, layout, method, seed) for method, seed in todo])
-    data = run_data(profile)
-    out = []
-    for k, (method, seed) in enumerate(todo, 1):
-        if progress:
-            print(f"[run {k}/{len(todo)}] {method.name}, seed {seed}", flush=True)
-        out.append(run(profile, layout, method, seed, base, tok, progress, data))
-    return out
+    return run_planned(layout, [Planned(profile, m, s) for m, s in todo], base, tok, runner, progress)

@@ -7,25 +7,36 @@ fine-tune, plus any lm-eval tasks configured), over several seeds, with `pilot.b
 The paper's pilot uses (2, 4) and records one of them: C at rank 16 (deep blocks at 2 bits) fails
 against D. The default profile uses the lowest rung the embedded model survives (3 bits, measured by
 the sizing curves): at 2 bits every config is a destroyed model and the comparison says nothing about
-where low-bit blocks should sit. C at rank 16 sets the memory; every other config gets the one rank (all blocks) that brings it closest, and must
-land within `memory_tolerance` of it. So A against B asks whether rank buys back bits at equal memory
+where low-bit blocks should sit. C at rank 16 sets the memory; every other config gets the one rank
+(all blocks) that brings it closest, and must land within `memory_tolerance` of it. So A against B asks whether rank buys back bits at equal memory
 (B gets several times A's rank), and C against D, whose bits are mirrored, whether it matters where
-the 2-bit blocks sit; mirrored bits at equal memory force equal rank, so unlike the paper's C and D
-they do not also differ in rank. Both are judged by paired comparisons (comparison.paired).
-A sweep over uniform (bits, rank) shows where adding rank stops helping as bits fall.
-Every run goes through finetune.run (cached per run under the layout's pilot/).
+the low-bit blocks sit; mirrored bits at equal memory force equal rank, so unlike the paper's C and D
+they do not also differ in rank. Both are judged by paired comparisons (comparison.paired), a family
+of two. A sweep over uniform (bits, rank) shows where adding rank stops helping as bits fall.
+
+The pilot trains `pilot.steps` steps, one epoch of fresh pairs, long enough that no config is
+destroyed by the project's own rule (more than comparison.destroyed_gap nats above 16-bit LoRA at the
+same length, measured by a 16-bit reference run at the first seed): a verdict against a destroyed
+config would only say that it is destroyed. On the default model uniform 3-bit is still more than a
+nat behind after 96 steps (the length check's runs), so the default pilot trains 192.
+Every run goes through finetune.run_planned (cached per run under the layout's pilot/).
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
+import pandas as pd
+
 from ..algorithm.allocation import split
 from ..algorithm.memory import formula_bytes, model_shapes
+from ..algorithm.runner import SERIAL, Runner
 from ..config import ComparisonConfig, PilotConfig, Profile
 from ..errors import QRError
 from ..layout import Layout
+from ..store import save_figure, save_table
 from . import comparison, finetune, stats
-from .methods import Method
+from .methods import Method, load_method
+from .plots import caption, figure_caption, pilot_bars, rank_sweep
 
 TARGET = ("C", 16)   # the paper's recorded config and rank: the memory every config matches
 
@@ -70,35 +81,40 @@ def sweep_methods(cfg: PilotConfig) -> list[Method]:
 
 
 def pilot_profile(profile: Profile) -> Profile:
-    """The profile with the pilot's fine-tune length and evaluation (the dev split is not scored: the
-    pilot chooses nothing)."""
-    p = profile.pilot
-    return replace(profile, finetune=replace(profile.finetune, max_steps=p.steps, n_test=p.n_test, dev_seeds=()),
+    """The profile at the pilot's length (pilot.steps, one epoch of fresh pairs: finetune.trained_for)
+    and evaluation (the dev split is not scored: the pilot chooses nothing)."""
+    p, f = profile.pilot, profile.finetune
+    longer = finetune.trained_for(profile, p.steps * f.batch_size * f.grad_accum / profile.data.n_train)
+    return replace(longer, finetune=replace(longer.finetune, n_test=p.n_test),
                    eval=replace(profile.eval, tasks=tuple(p.tasks), limit=p.limit, task_limits={}, seeds=None))
 
 
-def run(profile: Profile, layout: Layout, base, tok, progress: bool = True) -> Layout:
-    """Every pilot run (configs x seeds, then the sweep at the first seed); returns the pilot's layout."""
+def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, progress: bool = True) -> Layout:
+    """Every pilot run (configs x seeds, the 16-bit reference at the first seed, then the sweep at the
+    first seed) through the runner; returns the pilot's layout."""
     cfg, pilot = profile.pilot, layout.pilot
     prof = pilot_profile(profile)
     four = config_methods(matched_ranks(model_shapes(base), profile.quant, cfg.memory_tolerance, cfg.bits), cfg.bits)
-    sweep = sweep_methods(cfg)
-    todo = [(m, s) for m in four for s in cfg.seeds] + [(m, cfg.seeds[0]) for m in sweep]
-    data = finetune.run_data(profile)
-    for k, (method, seed) in enumerate(todo, 1):
-        if progress:
-            print(f"[pilot {k}/{len(todo)}] {method.name}, seed {seed}", flush=True)
-        finetune.run(prof, pilot, method, seed, base, tok, progress, data)
+    todo = [(m, s) for m in four for s in cfg.seeds] + [(load_method(cfg.reference), cfg.seeds[0])] + \
+        [(m, cfg.seeds[0]) for m in sweep_methods(cfg)]
+    finetune.run_planned(layout, [finetune.Planned(prof, m, s, pilot) for m, s in todo], base, tok, runner, progress,
+                         label="pilot")
     return pilot
 
 
 def tables(profile: Profile, pilot: Layout):
-    """(Configs A-D summarized over seeds, the sweep's runs with bits and rank columns)."""
+    """(Configs A-D summarized over seeds, with each one's gap to the 16-bit reference and whether that
+    gap destroys it by the project's rule; the sweep's runs with bits and rank columns)."""
     per_run = comparison.runs(pilot)
     configs = per_run[per_run["method"].str.startswith("config_")]
     summary = comparison.summary(configs)
     target = summary.loc[summary["method"] == f"config_{TARGET[0]}", "memory_MiB"].iloc[0]
     summary.insert(3, f"memory / {TARGET[0]}", summary["memory_MiB"] / target)
+    ref = per_run[per_run["method"] == profile.pilot.reference]
+    if len(ref):      # the reference ran at the first seed: every config's first seed against it
+        first = configs[configs["seed"] == profile.pilot.seeds[0]].set_index("method")["test_loss"]
+        summary[f"gap_to_{profile.pilot.reference}"] = summary["method"].map(first) - float(ref["test_loss"].iloc[0])
+        summary["destroyed"] = summary[f"gap_to_{profile.pilot.reference}"] > profile.comparison.destroyed_gap
     spec = {m.id: m.allocation for m in sweep_methods(profile.pilot)}
     sw = per_run[per_run["method"].isin(list(spec))].copy()
     sw["bits"] = [spec[m]["bits"] for m in sw["method"]]
@@ -106,11 +122,45 @@ def tables(profile: Profile, pilot: Layout):
     return summary, sw
 
 
-def verdicts(pilot: Layout, cfg: ComparisonConfig | None = None) -> list:
-    """Paired comparisons of the pilot (comparison.paired on the test loss): C against D (the paper
-    finds C worse) and B against A (can rank buy back bits at equal memory?)."""
+def verdicts(pilot: Layout, cfg: ComparisonConfig | None = None, reference: str = PilotConfig.reference) -> pd.DataFrame:
+    """Paired comparisons of the pilot (comparison.paired on the test loss), a declared family of two
+    judged together: C against D (the paper finds C worse) and B against A (can rank buy back bits at
+    equal memory?); `destroyed` names a config more than destroyed_gap nats above the reference."""
     data = comparison.per_example(pilot)
-    pairs = [("config_C", "config_D"), ("config_B", "config_A")]
     cfg = cfg or ComparisonConfig()
-    out = [comparison.paired(data, a, [b], "test loss", cfg=cfg) for a, b in pairs]
-    return stats.judge_family([r for r in out if r is not None], cfg.alpha)
+    ruined = comparison.destroyed(comparison._test_losses(data), cfg.destroyed_gap, reference)
+    pairs = [("config_C", "config_D"), ("config_B", "config_A")]
+    found = [(a, b, r) for a, b in pairs if (r := comparison.paired(data, a, [b], "test loss", cfg=cfg)) is not None]
+    judged = stats.judge_family([r for *_, r in found], cfg.alpha, "pilot")
+    return pd.DataFrame([{**r.as_row(), "destroyed": ", ".join(m for m in (a, b) if m in ruined)}
+                         for (a, b, _), r in zip(found, judged)])
+
+
+def finding(verdict: str) -> str:
+    """What the pilot's C-against-D verdict says of the paper's finding (C worse than D)."""
+    return {"worse": "holds", "better": "is contradicted (C better than D)"}.get(
+        verdict, f"is not shown either way (the verdict is '{verdict}')")
+
+
+def save(profile: Profile, layout: Layout) -> dict:
+    """The pilot's tables and figures under the layout, from its finished runs: pilot_configs (and its
+    figure), pilot_verdict, the sweep if the profile has one; returns them and the reading."""
+    pilot = layout.pilot
+    configs, sweep = tables(profile, pilot)
+    cols = [c for c in ["name", "seeds", "memory_MiB", "memory / C", "avg_bits", "test_loss", "test_loss_std",
+                        f"gap_to_{profile.pilot.reference}", "destroyed", "heldout_ppl", "heldout_ppl_std"]
+            if c in configs]
+    save_table(configs[cols].round(4), layout, "pilot_configs")
+    steps = {r.train["steps"] for r in finetune.results(pilot)}
+    save_figure(caption(pilot_bars(configs, f"Configs A-D at equal memory, {'/'.join(map(str, sorted(steps)))} steps"),
+                        f"{figure_caption(profile)} · error bars: std over {len(profile.pilot.seeds)} seeds"),
+                layout, "pilot_configs")
+    judged = verdicts(pilot, profile.comparison, profile.pilot.reference)
+    save_table(judged.round(4), layout, "pilot_verdict")
+    out = {"configs": configs[cols], "verdicts": judged, "sweep": sweep,
+           "finding": finding(judged.iloc[0]["verdict"]) if len(judged) else None}
+    if len(sweep):
+        save_figure(caption(rank_sweep(sweep), f"{figure_caption(profile)} · first seed"), layout, "pilot_rank_sweep")
+        out["grid"] = sweep.pivot_table(index="bits", columns="rank", values="test_loss")
+        save_table(out["grid"].reset_index(), layout, "pilot_rank_sweep")
+    return out

@@ -5,6 +5,8 @@ caption naming the model, the profile and what the error bars are (caption()).
 """
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless everywhere; notebooks show figures through store.save_figure or show()
@@ -361,10 +363,11 @@ def loss_curves(runs, window: int = 5, apart=frozenset()):
     return fig
 
 
-def pilot_bars(table, metric: str = "test_loss", ylabel: str = TEST_LOSS):
+def pilot_bars(table, title: str = "", metric: str = "test_loss", ylabel: str = TEST_LOSS):
     """Configs A-D: mean over seeds, error bars = std over seeds; the y axis starts at 0 so bar
     heights compare; the config and its memory under each bar."""
     fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.set_title(title, fontsize=10)
     x = np.arange(len(table))
     ax.bar(x, table[metric], yerr=table.get(f"{metric}_std"), capsize=4,
            color=[GREYS[k % len(GREYS)] for k in range(len(table))], alpha=0.85)
@@ -405,28 +408,36 @@ def _interval_legend(ax) -> None:
 
 
 def _claim_panels(claims) -> list[tuple[str, object, float, str]]:
-    """(title, rows, scale, unit) per panel: the test-loss claims against chance on their own axis (random
-    draws sit several nats away and would squash every other interval), accuracies in points."""
+    """(title, rows, scale, unit) per panel: one per family (comparison.FAMILIES), the exploratory
+    claims against random draws on their own axis (draws sit several nats away and would squash every
+    other interval), accuracies in points."""
     panels = []
-    for metric in dict.fromkeys(claims["metric"]):
-        rows = claims[claims["metric"] == metric]
-        if metric == "test loss":
+    for family in dict.fromkeys(claims["family"]):
+        rows = claims[claims["family"] == family]
+        n = len(rows)
+        if family == "primary":
+            panels.append((f"primary family: test loss (Holm over {n})", rows, 1.0, "nats per answer token"))
+        elif family == "benchmarks":
+            panels.append((f"benchmark average, a family of its own (Holm over {n})", rows, 100.0, "points"))
+        else:
             near, chance = rows[rows["b_methods"] <= 1], rows[rows["b_methods"] > 1]
             panels += [(t, r, 1.0, "nats per answer token") for t, r in
-                       (("test loss", near), ("test loss, against random allocations", chance)) if len(r)]
-        else:
-            panels.append((metric, rows, 100.0, "points"))
+                       (("exploratory: test loss, unadjusted", near),
+                        ("exploratory: against random allocations, unadjusted", chance)) if len(r)]
     return panels
 
 
 def paired_intervals(claims):
     """Each claim's paired difference (a - b) with its 95% interval and margin, a panel per family on an
-    axis scaled to it; the colour is the verdict. A method compared with itself (one allocation, two
-    names: identical runs) is drawn in light grey and said so, not reported as a finding."""
+    axis scaled to it; the colour is the verdict in its family. A method compared with itself (one
+    allocation, two names: identical runs) is drawn in light grey and said so, not reported as a
+    finding; a destroyed side is named under the claim."""
     panels = _claim_panels(claims)
+    cols = min(2, len(panels))
+    grid_rows = math.ceil(len(panels) / cols)
     height = max(len(rows) for _, rows, _, _ in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.6 * height + 1.8), squeeze=False)
-    for ax, (title, rows, scale, unit) in zip(axes[0], panels):
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(6.2 * cols, grid_rows * (0.62 * height + 1.6)), squeeze=False)
+    for ax, (title, rows, scale, unit) in zip(axes.flat, panels):
         rows = rows.reset_index(drop=True)
         y = np.arange(len(rows))[::-1]
         for yi, (_, r) in zip(y, rows.iterrows()):
@@ -436,34 +447,82 @@ def paired_intervals(claims):
             d, lo, hi = (scale * r[k] for k in ("a_minus_b", "ci95_low", "ci95_high"))
             ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", capsize=4, color=colour, label=label)
         margin = scale * rows["margin"].iloc[0]
-        ax.axvspan(-margin, margin, color="tab:blue", alpha=0.08)
+        ax.axvspan(-margin, margin, color="tab:blue", alpha=0.18, lw=0)
+        for edge in (-margin, margin):
+            ax.axvline(edge, color="tab:blue", lw=0.6, ls=":")
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(y, [f"{r['a']}\nvs {r['b']}" for _, r in rows.iterrows()], fontsize=8)
-        better = "lower" if title.startswith("test loss") else "higher"
+        destroyed = rows["destroyed"] if "destroyed" in rows else [""] * len(rows)
+        ax.set_yticks(y, [f"{r['a']}\nvs {r['b']}" + (f"\n(destroyed: {gone})" if gone else "")
+                          for (_, r), gone in zip(rows.iterrows(), destroyed)], fontsize=7)
+        better = "lower" if unit.startswith("nats") else "higher"
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel(f"a - b, {unit} ({better} is better for a); shaded: +-margin", fontsize=8)
+        ax.set_xlabel(f"a - b, {unit} ({better} is better for a); shaded: +-margin {margin:g}", fontsize=8)
         _interval_legend(ax)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     return fig
 
 
-def length_intervals(table):
-    """Each test-loss claim at the final length and at the longer one (`length_check.table`): the paired
-    difference with its 95% interval, coloured by the verdict at that length; open markers at L."""
-    rows = table.reset_index(drop=True)
-    y = np.arange(len(rows))[::-1] * 1.0
-    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) + 1.8))
-    for name, offset, marker in (("L", 0.17, "o"), ("longer", -0.17, "s")):
-        steps = int(rows[f"steps_{name}"].iloc[0])
-        for yi, (_, r) in zip(y, rows.iterrows()):
-            d, lo, hi = r[f"a_minus_b_{name}"], r[f"ci95_low_{name}"], r[f"ci95_high_{name}"]
-            colour = VERDICT_COLOURS[r[f"verdict_{name}"]]
-            ax.errorbar(d, yi + offset, xerr=[[d - lo], [hi - d]], fmt=marker, capsize=3, color=colour,
-                        mfc="white" if name == "L" else colour, label=f"{steps} steps: {r[f'verdict_{name}']}")
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(y, [c.replace(" beats ", "\nvs ").replace(" matches ", "\nvs ") for c in rows["claim"]], fontsize=7)
-    ax.set_xlabel("a - b, test loss in nats per answer token (lower is better for a)", fontsize=8)
-    _interval_legend(ax)
+def length_trends(lengths, trends):
+    """Each primary claim across training length (`lengths.table`, `lengths.trends`): the paired
+    difference with its 95% interval at every length, coloured by the verdict there; dashed, the
+    weighted straight line in log2(steps) carried to 4x the longest run: an extrapolation."""
+    ids = list(dict.fromkeys(lengths["id"]))
+    cols = min(2, len(ids))
+    rows_ = math.ceil(len(ids) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.2 * cols, 3.3 * rows_), squeeze=False)
+    for ax, cid in zip(axes.flat, ids):
+        g = lengths[lengths["id"] == cid].sort_values("steps")
+        for _, r in g.iterrows():
+            ax.errorbar(r["steps"], r["a_minus_b"], yerr=[[r["a_minus_b"] - r["ci95_low"]], [r["ci95_high"] - r["a_minus_b"]]],
+                        fmt="o", capsize=4, color=VERDICT_COLOURS[r["verdict"]], label=r["verdict"])
+        t = trends.set_index("id").loc[cid]
+        if np.isfinite(float(t["slope_per_doubling"])):
+            x = np.geomspace(g["steps"].min(), 4 * g["steps"].max(), 50)
+            ax.plot(x, t["intercept"] + t["slope_per_doubling"] * np.log2(x), ls="--", color="0.4", lw=1,
+                    label="trend (extrapolation)")
+        margin = g["margin"].iloc[0]
+        ax.axhspan(-margin, margin, color="tab:blue", alpha=0.08)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(g["steps"].unique()), [str(int(v)) for v in sorted(g["steps"].unique())])
+        ax.set_title(g["claim"].iloc[0], fontsize=8)
+        ax.set_xlabel("fine-tuning steps (one epoch of fresh pairs each)", fontsize=8)
+        ax.set_ylabel("a - b, test loss (nats/token)", fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(ids):]:
+        ax.axis("off")
+    fig.suptitle("Primary claims across training length (shaded: +-margin; lower is better for a)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def base_grid_bars(table):
+    """Each rung's cost on the embedded base (its weights on a Q4_1 grid) and on the off-grid control
+    (`base_grid.table`): KL to the rung's own base (log axis) and perplexity relative to that base."""
+    rows = table[table["bits"] != 16]
+    rungs = list(dict.fromkeys(rows["rung"]))
+    bases = list(dict.fromkeys(rows["base"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(len(rungs))
+    width = 0.8 / len(bases)
+    for k, (base, colour) in enumerate(zip(bases, ("#8c564b", "#1f77b4"))):
+        g = rows[rows["base"] == base].set_index("rung").loc[rungs]
+        for ax, col in zip(axes, ("kl", "perplexity_over_base")):
+            ax.bar(x + (k - (len(bases) - 1) / 2) * width, g[col], width, color=colour, label=base)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("KL(base || quantized), nats per token (log)")
+    axes[1].set_ylabel("held-out perplexity / the base's own")
+    axes[1].axhline(1, color="black", lw=0.8)
+    for ax in axes:
+        ax.set_xticks(x, rungs, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("What each rung costs on the embedded base and on a control whose weights are off its Q4_1 grid "
+                 "(lower is better)", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -26,7 +26,7 @@ SECTIONS = [
     ("Final fine-tune", "05_final_finetune", [("table", "finetune_runs"), ("table", "finetune_peak_memory"),
                                               ("figure", "finetune_loss_curves")]),
     ("Benchmarks", "06_benchmarks",
-     [("table", "benchmarks"), ("table", "benchmarks_claims"), ("figure", "benchmarks_claims"),
+     [("table", "benchmarks"), ("table", "benchmarks_claims"), ("figure", "benchmarks_claims"), ("table", "claims_power"),
       ("table", "benchmarks_sample_sizes"), ("table", "benchmarks_power"),
       ("figure", "accuracy_vs_memory"), ("figure", "test_loss_vs_memory"), ("figure", "benchmark_bars"),
       ("table", "proxy_calibration"), ("figure", "proxy_calibration")]),
@@ -37,9 +37,12 @@ OPTIONAL = [
     ("Each rung's fidelity and whether it survives fine-tuning", "make sizing", ("table", "sizing_rungs")),
     ("Does the order of the key methods change between L and 2L steps? (dev split, paired)", "make sizing",
      ("table", "sizing_order_changes")),
-    ("Do the test-loss verdicts survive twice the training? (test split, paired)", "make length-check",
-     ("table", "length_check")),
-    ("The same claims' intervals at both lengths", "make length-check", ("figure", "length_check")),
+    ("The primary claims across training length (test split, paired)", "make lengths", ("table", "lengths")),
+    ("What changed per primary claim, and its trend (an extrapolation)", "make lengths", ("table", "lengths_trends")),
+    ("The primary claims' intervals by length", "make lengths", ("figure", "lengths")),
+    ("Does the base's own Q4_1 grid favour 4-bit rungs? (KL and perplexity, embedded base and off-grid control)",
+     "make base-grid", ("table", "base_grid")),
+    ("The same, as a figure", "make base-grid", ("figure", "base_grid")),
     ("The base model in lm-eval's stock formats, beside published numbers", "make stock-eval",
      ("table", "stock_lm_eval")),
 ]
@@ -59,13 +62,16 @@ READING = {
     "search_selected_allocation": "The selected allocation per block (bits and rank) at the main budget.",
     "search_selected_allocation_3p5": "The selected allocation per block at 3.5 average bits.",
     "finetune_loss_curves": "Training loss of the final runs (smoothed): all methods converge or none.",
-    "benchmarks_claims": "Each claim's paired difference with its 95% interval, coloured by verdict after "
-                         "Holm's correction; read the interval, not the point.",
+    "benchmarks_claims": "Each claim's paired difference with its 95% interval, a panel per family, coloured by its "
+                         "verdict in that family (Holm within the primary and the benchmark families; the exploratory "
+                         "ones unadjusted); read the interval, not the point.",
     "accuracy_vs_memory": "Benchmark average against memory: what each method buys per MiB.",
     "test_loss_vs_memory": "Test loss against memory (lower is better): the trade-off the search optimizes.",
     "benchmark_bars": "Per-task accuracy with binomial standard errors and chance lines.",
-    "length_check": "Each claim's interval at the final length (open) and at twice the training (filled), coloured "
-                    "by verdict: a difference that moves more than its interval is one the final length had not settled.",
+    "lengths": "Each primary claim's interval at every training length, coloured by verdict: a difference that "
+               "moves more than its interval is one the final length had not settled; the dashed trend is an extrapolation.",
+    "base_grid": "Each rung's cost on the embedded base (weights on a Q4_1 grid) and on a control off that grid: "
+                 "a 4-bit rung much cheaper on the embedded base than on the control is the grid's gift to 4 bits.",
     "proxy_calibration": "Does the short proxy order allocations as the final fine-tune does (on the dev "
                          "split)? Left: rank agreement by proxy length on the full -1..1 axis; right: the search's own proxy.",
 }
@@ -153,9 +159,10 @@ def compute_time(layout: Layout) -> list[dict]:
         n, calibration = _recorded(curves)
         add("06 calibration", "proxy calibration: proxy fine-tunes of its allocations", n, calibration,
             layout.calibration_curve("*"))
-    if runs := layout.longer.runs():
-        add("length check", "final runs at twice the training (make length-check)",
-            *_recorded([r.result for r in runs]), layout.longer.run("*", "*").result)
+    for at in layout.lengths():
+        if runs := at.runs():
+            add(f"lengths {at.root.name}", f"primary methods at {at.root.name[1:]} x the training (make lengths)",
+                *_recorded([r.result for r in runs]), at.run("*", "*").result)
     if curves := layout.sizing_curves():
         add("sizing", "learning curves (make sizing; training only)", *_recorded(curves), layout.sizing_curve("*"))
     for nb in ("06_benchmarks", "07_report", "08_fidelity_plasticity_explorer"):

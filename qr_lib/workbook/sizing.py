@@ -32,11 +32,13 @@ import pandas as pd
 
 from ..algorithm.adapters import prepare
 from ..algorithm.memory import formula_bytes, model_shapes
+from ..algorithm.runner import SERIAL, Runner, each
 from ..algorithm.train import example_losses, perplexity, train
 from ..config import Profile, QuantConfig, SizingConfig, TrainConfig
 from ..data import load_finetune, load_texts
 from ..errors import QRError
 from ..layout import Layout
+from ..models import worker_model
 from ..store import cached, package_versions, read_artifact, save_figure, save_table
 from . import stats
 from .methods import Context, Method, load_method
@@ -124,22 +126,31 @@ def setting(profile: Profile, method: Method) -> dict:
             "quant": method.quant_config(profile)}
 
 
-def run(profile: Profile, layout: Layout, base, tok, progress: bool = True) -> list[dict]:
-    """Every setting's curve (an artifact each, read back when its configuration is unchanged)."""
+def measured(profile: Profile, layout: Layout, method: Method, base, tok, progress: bool = True) -> dict:
+    """One setting's curve: its artifact under the layout's sizing/, read back when its configuration
+    is unchanged (the stage protocol)."""
     cfg = profile.sizing
-    methods = [load_method(m) for m in cfg.methods]
+    config = {**_context(profile, cfg), **setting(profile, method)}
+
+    def compute():
+        train_set, dev, heldout = data(profile, cfg)
+        return curve(profile, layout, method, cfg, base, tok, train_set, dev, heldout, progress)
+    return cached(layout.sizing_curve(method.id), config, compute)
+
+
+def measured_on_worker(profile: Profile, layout: Layout, method: Method) -> None:
+    """On a runner's worker: one setting's curve, written as its artifact (the caller reads it back)."""
+    measured(profile, layout, method, *worker_model(profile.model, profile.dtype, profile.device), progress=False)
+
+
+def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, progress: bool = True) -> list[dict]:
+    """Every setting's curve through the runner (an artifact each, read back when unchanged)."""
+    methods = [load_method(m) for m in profile.sizing.methods]
     if len(methods) < 2:
         raise QRError(f"sizing.methods holds {len(methods)} setting; the curves compare at least two")
-    train_set, dev, heldout = data(profile, cfg)
-    context = _context(profile, cfg)
-    out = []
-    for k, method in enumerate(methods, 1):
-        if progress:
-            print(f"[sizing {k}/{len(methods)}] {method.name}", flush=True)
-        config = {**context, **setting(profile, method)}
-        out.append(cached(layout.sizing_curve(method.id), config,
-                          lambda m=method: curve(profile, layout, m, cfg, base, tok, train_set, dev, heldout, progress)))
-    return out
+    data(profile, profile.sizing)         # a missing dev split fails here, before any work
+    return each(runner, "sizing", [(profile, layout, m) for m in methods], measured_on_worker,
+                lambda p, lay, m: measured(p, lay, m, base, tok, progress), [m.name for m in methods], progress)
 
 
 def curves(layout: Layout, methods=None) -> list[dict]:

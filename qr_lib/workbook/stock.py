@@ -28,7 +28,7 @@ from ..config import EvalConfig, Profile
 from ..data import STOCK, stock_docs
 from ..evaluate import run_tasks, samples_file
 from ..layout import Layout
-from ..store import atomic_write_bytes, cached, save_table
+from ..store import atomic_write_bytes, cached, read_artifact, save_table
 
 REFERENCE = PACKAGE_DIR / "reference" / "smollm2_lm_eval.json"
 SAMPLE_SEED = 0
@@ -61,11 +61,32 @@ def run(profile: Profile, layout: Layout, base, tok, max_docs: int | None = None
             _compress(samples_file(layout.stock_logs, name))  # MBs of prompts and log-likelihoods
             return metrics
         metrics = cached(layout.stock(task, "full" if chosen is None else f"sample{len(chosen)}"), config, compute)
-        rows.append({"task": task, **{k: metrics.get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
-                     "n": metrics["n"], "of": total})
-    table = beside_reference(pd.DataFrame(rows)).round(2)  # the stock/*.json artifacts keep every digit
+        rows.append(_row(task, metrics, total))
+    return _save(pd.DataFrame(rows), layout)
+
+
+def _row(task: str, metrics: dict, total: int) -> dict:
+    return {"task": task, **{k: metrics.get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
+            "n": metrics["n"], "of": total}
+
+
+def _save(rows: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+    table = beside_reference(rows).round(2)  # the stock/*.json artifacts keep every digit
     save_table(table, layout, "stock_lm_eval")
     return table
+
+
+def save(profile: Profile, layout: Layout) -> pd.DataFrame | None:
+    """The stock table from the stock/ artifacts already there (scored for this model and compute dtype,
+    whatever sample), computing nothing; None where no task has been scored (`make stock-eval`)."""
+    rows = []
+    for task in STOCK:
+        for path in sorted(layout.stock(task, "*").parent.glob(layout.stock(task, "*").name)):
+            record = read_artifact(path)
+            if record is not None and (record["config"]["model"], record["config"]["dtype"]) == (profile.model, profile.dtype):
+                rows.append(_row(task, record["result"], len(stock_docs(task))))
+                break
+    return _save(pd.DataFrame(rows), layout) if rows else None
 
 
 def _compress(path: Path) -> None:
