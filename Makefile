@@ -64,9 +64,11 @@ STOCK_MAX_DOCS ?= 2500
 stock-eval: $(STAMP)
 	$(CLI) stock $(ARGS) $(if $(STOCK_MAX_DOCS),--max-docs $(STOCK_MAX_DOCS))
 
-# Memory (formula against packed models), peak training memory and step times: a script outside the package.
+# Memory (formula against packed models), peak training memory and step times; then the default design's
+# work per hour under each configuration (threads or workers, allocator, scoring, optimizer): scripts outside the package.
 benchmark: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/memory_step_time.py $(ARGS)
+	$(OFFLINE) $(PY) benchmarks/throughput.py --profile $(PROFILE)
 
 # JupyterLab at the repository root (notebooks/ and results/ both in reach), on the project's kernel
 # (registered inside .venv, and the server's default), with the same offline settings as every other

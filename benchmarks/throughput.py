@@ -5,11 +5,17 @@ The unit of work is a final run of the default profile's recipe: a build, its Lo
 fine-tuning stream, and the examples it scores (test and dev pairs). Each configuration is timed in
 fresh processes on the same data (16-bit LoRA, the default's batch and length):
 
-- today's:        one process with 2 intra-op threads; scoring in batches of 16 under no_grad
+- today's:        one process with 2 intra-op threads; scoring in batches of 16 under no_grad;
+                  glibc's default allocator settings
 - two workers:    two processes at once, one thread each, each doing the same unit (work per hour
                   is their combined rate)
-- scoring:        batches of 64 under inference_mode
+- allocator:      glibc told never to hand big blocks back to the kernel (MALLOC_MMAP_MAX_=0, a high
+                  MALLOC_TRIM_THRESHOLD_): every large tensor otherwise comes from a fresh mmap whose
+                  pages fault in again, a quarter of the processes' time in the kernel on these VMs
+- both:           two workers with that allocator
+- scoring:        batches of 8, or of 64, under inference_mode
 - fused AdamW:    torch's fused CPU AdamW for the LoRA parameters
+- today again:    the first configuration once more, last: how far the machine drifted meanwhile
 
 For each: training tokens per second, the LoRA step's GFLOP/s and its fraction of this machine's own
 matrix-product rate (at the model's MLP shape, in float32), examples scored per second, and the final
@@ -29,9 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-
-PROCESS = ("today", "two workers", "scoring: batch 64, inference_mode", "fused AdamW")
-
 
 def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch: int, inference: bool,
          fused: bool) -> dict:
@@ -83,8 +86,13 @@ def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch
             "flops_per_token": flops_per_token}
 
 
-def _spawn(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": args[args.index("--threads") + 1]}
+# glibc's settings of the allocator variant (environment variables read when a process starts).
+ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
+def _spawn(args: list[str], allocator: bool = False) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR}
+    env.update({"OMP_NUM_THREADS": args[args.index("--threads") + 1]}, **(ALLOCATOR if allocator else {}))
     return subprocess.Popen([sys.executable, __file__, "--unit", *args], stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -131,16 +139,21 @@ def main(argv=None) -> int:
     from qr_lib.store import write_artifact
     common = ["--profile", a.profile, "--steps", str(a.steps), "--examples", str(a.examples)]
     cores = os.cpu_count() or 2
+    two = str(min(2, cores))
+    plan = [("today", 1, [*common, "--threads", two], False),
+            ("two workers", 2, [*common, "--threads", "1"], False),
+            ("allocator", 1, [*common, "--threads", two], True),
+            ("two workers + allocator", 2, [*common, "--threads", "1"], True),
+            ("scoring: batch 8, inference_mode", 1, [*common, "--threads", two, "--score-batch", "8", "--inference"],
+             False),
+            ("scoring: batch 64, inference_mode", 1, [*common, "--threads", two, "--score-batch", "64", "--inference"],
+             False),
+            ("fused AdamW", 1, [*common, "--threads", two, "--fused"], False),
+            ("today again (drift control)", 1, [*common, "--threads", two], False)]
     variants = {}
-    print("today: one process, 2 threads", flush=True)
-    variants["today"] = [_result(_spawn([*common, "--threads", str(min(2, cores))]))]
-    print("two workers: two processes at once, 1 thread each", flush=True)
-    variants["two workers"] = [_result(p) for p in [_spawn([*common, "--threads", "1"]) for _ in range(2)]]
-    print("scoring in batches of 64 under inference_mode", flush=True)
-    variants["scoring: batch 64, inference_mode"] = [_result(_spawn([*common, "--threads", str(min(2, cores)),
-                                                                      "--score-batch", "64", "--inference"]))]
-    print("fused AdamW", flush=True)
-    variants["fused AdamW"] = [_result(_spawn([*common, "--threads", str(min(2, cores)), "--fused"]))]
+    for name, processes, args, allocator in plan:
+        print(name, flush=True)
+        variants[name] = [_result(p) for p in [_spawn(args, allocator) for _ in range(processes)]]
     machine = matmul_rate(min(2, cores))
     rows = []
     for name, units in variants.items():
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
     lines = [f"Written by `make benchmark` (benchmarks/throughput.py), profile `{a.profile}`, {cores} cores: each "
              f"configuration trains {a.steps} LoRA steps of the final recipe (16-bit LoRA) and scores {a.examples} "
              "examples in fresh processes; 'final runs/hour' prices a default final run (a build, 48 steps, 512 scored "
-             f"examples) at the measured rates. Matrix-product rate here: {machine / 1e9:.1f} GFLOP/s (float32, "
+             f"examples) at the measured rates; 'today again' ran last and shows the machine's drift over the run. Matrix-product rate here: {machine / 1e9:.1f} GFLOP/s (float32, "
              "256 x 576 @ 576 x 1536).", "",
              "| configuration | processes | threads each | train tokens/s | GFLOP/s | of matmul rate | examples scored/s "
              "| final runs/hour | / today |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -55,16 +57,34 @@ def _profile(args):
 
 
 def _run_notebooks(args, prefixes: list[str], begun=None, loaded=None) -> None:
-    import logging
-
     from .progress import PLAIN_ENV
     from .workbook import reproduce
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
+    # papermill streams every cell's output as log records: the whole of it goes to the results folder's
+    # log (reproduce.run), and the terminal shows the stages' progress lines and errors alone.
+    terminal = logging.StreamHandler()
+    terminal.addFilter(_progress_only)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[terminal], force=True)
     logging.getLogger("papermill").addFilter(_no_cell_markers)
-    os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars the terminal can show
+    os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars, kept in the log
     reproduce.run(args.profile, prefixes or None, log_output=True, overrides=parse_overrides(args.set),
                   skip=getattr(args, "skip", None), begun=begun, loaded=loaded)
+
+
+# A stage's progress line, as runner.each and the stages print them: "[run 3/33] QLoRA NF4, seed 1".
+PROGRESS = re.compile(r"^\[[A-Za-z][\w .-]* (\d+/\d+\]|grid\])")
+
+
+def _progress_only(record) -> bool:
+    """The terminal's share of a streamed cell output: its progress lines (the record is cut to them),
+    or the whole record where it is an error."""
+    if record.levelno >= logging.ERROR:
+        return True
+    lines = [ln for ln in record.getMessage().splitlines() if PROGRESS.match(ln.strip())]
+    if not lines:
+        return False
+    record.msg, record.args = "\n".join(ln.strip() for ln in lines), ()
+    return True
 
 
 def _no_cell_markers(record) -> bool:

@@ -18,7 +18,7 @@ notebook, table and figure asks it.
       calibration/<key>.json          06  proxy curves; calibration.json their summary
       stock/<task>-<docs>.json        `make stock-eval`
       tables/<name>.{csv,md}, figures/<name>.png
-      notebooks/, manifest.json, README.md   written by `make reproduce`
+      notebooks/, manifest.json, README.md, reproduce.log   written by `make reproduce`
     results/benchmarks/               `make benchmark` (benchmarks/)
 
 QR_RESULTS_DIR moves the results/ root (tests, or a disk with more room).
@@ -203,6 +203,11 @@ class Layout:
     @property
     def notebooks(self) -> Path:
         return self.root / "notebooks"
+
+    @property
+    def log(self) -> Path:
+        """make reproduce's full output (every notebook cell's), appended run by run."""
+        return self.root / "reproduce.log"
 
     @property
     def manifest(self) -> Path:

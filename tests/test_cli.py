@@ -9,7 +9,7 @@ from qr_lib import cli
 
 
 def test_every_stage_and_tool_is_a_command_with_its_options_documented(capsys):
-    for command in (*cli.STAGES, "estimate", "export", "stock", "sizing"):
+    for command in (*cli.STAGES, "estimate", "export", "stock", "sizing", "lengths", "base-grid"):
         with pytest.raises(SystemExit) as done:
             cli.main([command, "--help"])
         assert done.value.code == 0
@@ -221,3 +221,21 @@ def test_a_folder_or_an_array_given_as_profile_exits_2(tmp_path, monkeypatch, ca
         assert cli.main(argv) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def test_the_terminal_shows_the_stages_progress_lines_and_errors_of_a_streamed_notebook():
+    import logging
+
+    from qr_lib.cli import _progress_only
+
+    def record(msg, level=logging.INFO):
+        return logging.LogRecord("papermill", level, __file__, 1, msg, (), None)
+    chunk = record("<IPython.core.display.Markdown object>\n[run 3/33] QLoRA NF4, seed 1\n 42%|####  | 3/7\n")
+    assert _progress_only(chunk) and chunk.getMessage() == "[run 3/33] QLoRA NF4, seed 1"
+    assert _progress_only(record("[lengths 1/30] LoRA (16-bit), seed 0"))
+    assert _progress_only(record("[base grid] embedded, hqq 4-bit: KL 0.2136"))
+    for quiet in ("   method  seeds  test_loss\n0  lora16  3  3.33", "VBox(children=(HTML(value=''),))",
+                  "Failed to load CPU gemm_4bit_forward from kernels-community"):
+        assert not _progress_only(record(quiet)), quiet
+    assert not _progress_only(record("Unable to parse line 3 'METHODS = None'", logging.WARNING))
+    assert _progress_only(record("Traceback: the kernel died", logging.ERROR))

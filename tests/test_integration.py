@@ -72,15 +72,30 @@ def test_unknown_model_offline_gives_a_clear_error(monkeypatch):
 
 
 def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_redoing(tmp_path, monkeypatch,
-                                                                                        network_cut_inherited):
-    """The whole workbook, setup to report, in notebook kernels whose network is cut (and whose
-    HF_*_OFFLINE switches are unset): not one connection is attempted."""
+                                                                                        network_cut_inherited, capfd):
+    """The whole workbook, setup to report, from the command line, in notebook kernels whose network is
+    cut (and whose HF_*_OFFLINE switches are unset): not one connection is attempted, and the terminal
+    gets a line per notebook and per run, the full output going to the results folder's log."""
+    from qr_lib import cli
     from qr_lib.workbook import report, reproduce
     network_log = network_cut_inherited
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
-    reproduce.run("smoke")
+    assert cli.main(["reproduce", "--profile", "smoke"]) == 0
     assert not network_log.exists(), network_log.read_text()
+    said = capfd.readouterr()
+    terminal = (said.out + said.err).splitlines()
+    assert len(terminal) <= 60 and not any("object>" in ln or "%|" in ln for ln in terminal), terminal
+    assert sum(ln.startswith("[run ") for ln in terminal) == len(Layout(tmp_path / "smoke").runs())
     out = tmp_path / "smoke"
+    # The pilot runs a 16-bit reference at its own length, so each config's gap (and the destroyed rule)
+    # is measured, and its two verdicts are judged as a family of their own.
+    import pandas as pd
+    configs = pd.read_csv(out / "tables" / "pilot_configs.csv")
+    assert {"gap_to_lora16", "destroyed"} <= set(configs.columns) and configs["gap_to_lora16"].notna().all()
+    assert set(pd.read_csv(out / "tables" / "pilot_verdict.csv")["family"]) == {"pilot"}
+    claims = pd.read_csv(out / "tables" / "benchmarks_claims.csv")
+    assert set(claims["family"]) <= {"primary", "benchmarks", "exploratory"} and "primary" in set(claims["family"])
+    assert "Executing" not in Layout(out).log.read_text() and len(Layout(out).log.read_text().splitlines()) > 100
     executed = {p.name for p in (out / "notebooks").glob("*.ipynb")}
     assert executed == {p.name for p in reproduce.notebooks()}
     assert [str(p) for _, _, p, ok in report.items(Layout(out)) if not ok] == []

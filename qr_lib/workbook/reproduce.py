@@ -7,6 +7,7 @@ interruption redoes only unfinished work; the first failing notebook stops the r
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import sys
@@ -128,8 +129,11 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     manifest = read_json(layout.manifest) if layout.manifest.exists() else {"files": {}, "notebooks": {}}
     layout.notebooks.mkdir(exist_ok=True)
     kernel = ensure_kernel()
+    log = _log_to(layout.log) if log_output else None
+    print(f"{len(todo)} notebooks of profile {name}" + (f"; their full output goes to {layout.log}" if log else ""),
+          flush=True)
     for i, nb in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {nb.name} (profile {name})", flush=True)
+        print(f"[{i}/{len(todo)}] {nb.name}", flush=True)
         before, t0 = _outputs(layout), time.time()
         try:
             execute(nb, layout.notebooks / nb.name, {"PROFILE": profile, "OVERRIDES": overrides}, kernel, log_output)
@@ -139,10 +143,12 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
             raise SystemExit(1)
         tidy(layout.notebooks / nb.name)
         after = _outputs(layout)
-        for f, mtime in after.items():
-            if before.get(f) != mtime:
-                manifest["files"][f] = {"notebook": nb.name}
+        written = [f for f, mtime in after.items() if before.get(f) != mtime]
+        for f in written:
+            manifest["files"][f] = {"notebook": nb.name}
         manifest["notebooks"][nb.name] = {"seconds": round(time.time() - t0, 1)}
+        print(f"      {nb.name}: {time.time() - t0:.0f} s, {len(written)} tables and figures in {layout.tables.parent}",
+              flush=True)
         write_json(layout.manifest, manifest)
         write_index(layout, name, manifest)
     wall = round(time.time() - started, 1)
@@ -155,8 +161,19 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     if cost:
         save_table(pd.DataFrame(cost), layout, "compute_time")
     write_index(layout, name, manifest)
+    if log is not None:
+        logging.getLogger("papermill").removeHandler(log)
+        log.close()
     total = f"; work the artifacts record: {cost[-1]['seconds']:.0f} s (tables/compute_time.md)" if cost else ""
     print(f"done: {len(todo)} notebooks in {wall:.0f} s of wall-clock time{total}; results in {layout.root}")
+
+
+def _log_to(path: Path) -> logging.Handler:
+    """Every streamed cell output of this run appended to `path` (the run's full log)."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("papermill").addHandler(handler)
+    return handler
 
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
