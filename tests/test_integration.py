@@ -95,7 +95,7 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
     assert set(pd.read_csv(out / "tables" / "pilot_verdict.csv")["family"]) == {"pilot"}
     claims = pd.read_csv(out / "tables" / "benchmarks_claims.csv")
     assert set(claims["family"]) <= {"primary", "benchmarks", "exploratory"} and "primary" in set(claims["family"])
-    assert "Executing" not in Layout(out).log.read_text() and len(Layout(out).log.read_text().splitlines()) > 100
+    assert "Executing Cell" not in Layout(out).log.read_text() and len(Layout(out).log.read_text().splitlines()) > 100
     executed = {p.name for p in (out / "notebooks").glob("*.ipynb")}
     assert executed == {p.name for p in reproduce.notebooks()}
     assert [str(p) for _, _, p, ok in report.items(Layout(out)) if not ok] == []

@@ -16,6 +16,25 @@ def test_each_runs_every_call_here_in_order_with_a_line_each(capsys):
     assert capsys.readouterr().out.splitlines() == ["[stage 1/2] one", "[stage 2/2] two"]
 
 
+class _Reversed:
+    """A parallel runner in miniature: every call runs, and they finish last first."""
+    parallel = True
+
+    def map(self, fn, calls, done=None):
+        out = [fn(*args) for args in calls]
+        for k in reversed(range(len(calls))):
+            done(k)
+        return out
+
+
+def test_each_says_which_call_finished_as_workers_finish_then_reads_back_quietly(capsys):
+    written = []
+    out = each(_Reversed(), "stage", [(1,), (2,)], worker=written.append, here=lambda x: 10 * x, names=["one", "two"])
+    assert out == [10, 20] and written == [1, 2]
+    assert capsys.readouterr().out.splitlines() == ["[stage 1/2] two: finished on a worker",
+                                                    "[stage 2/2] one: finished on a worker"]
+
+
 def _stages(profile, layout, base, tok, runner):
     """Every training stage of a small profile, each through the runner: final runs, pilot, length
     study, sizing curves, calibration proxies."""

@@ -30,15 +30,20 @@ from ..errors import QRError
 class Runner(Protocol):
     parallel: bool
 
-    def map(self, fn: Callable, calls: list[tuple]) -> list: ...
+    def map(self, fn: Callable, calls: list[tuple], done: Callable[[int], None] | None = None) -> list: ...
 
 
 class SerialRunner:
     """Everything in this process, in order."""
     parallel = False
 
-    def map(self, fn, calls):
-        return [fn(*args) for args in calls]
+    def map(self, fn, calls, done=None):
+        out = []
+        for k, args in enumerate(calls):
+            out.append(fn(*args))
+            if done is not None:
+                done(k)
+        return out
 
 
 SERIAL = SerialRunner()
@@ -51,22 +56,35 @@ class DaskRunner:
     def __init__(self, client, retries: int):
         self.client, self.retries = client, retries
 
-    def map(self, fn, calls):
+    def map(self, fn, calls, done=None):
+        """Every call on the workers; `done(k)` as call k finishes, in whatever order they finish."""
+        from dask.distributed import as_completed
+
         futures = [self.client.submit(fn, *args, pure=False, retries=self.retries) for args in calls]
+        if done is not None:
+            index = {f.key: k for k, f in enumerate(futures)}
+            for future in as_completed(futures):
+                done(index[future.key])
         return self.client.gather(futures)
 
 
 def each(runner: Runner, label: str, calls: list[tuple], worker: Callable, here: Callable, names: list[str],
          progress: bool = True) -> list:
     """The one loop of every stage that trains. A parallel runner first runs `worker(*call)` for every
-    call on its workers (each loads its own model and writes its own artifact); then `here(*call)` runs
-    in this process, in order, with a progress line each: it reads every finished artifact back (or,
-    on the serial runner, computes it). So a parallel run ends with exactly a serial run's results."""
+    call on its workers (each loads its own model and writes its own artifact), with a progress line as
+    each finishes; then `here(*call)` runs in this process, in order: it reads every finished artifact
+    back (or, on the serial runner, computes it, with a progress line before each). So a parallel run
+    ends with exactly a serial run's results."""
+    finished = []
+
+    def say(k: int) -> None:
+        finished.append(k)
+        print(f"[{label} {len(finished)}/{len(calls)}] {names[k]}: finished on a worker", flush=True)
     if runner.parallel and calls:
-        runner.map(worker, calls)
+        runner.map(worker, calls, say if progress else None)
     out = []
     for k, (call, name) in enumerate(zip(calls, names), 1):
-        if progress:
+        if progress and not runner.parallel:
             print(f"[{label} {k}/{len(calls)}] {name}", flush=True)
         out.append(here(*call))
     return out
