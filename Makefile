@@ -74,12 +74,13 @@ benchmark: $(STAMP)
 # (registered inside .venv, and the server's default), with the same offline settings as every other
 # target. PORT= picks the port, LAB_ARGS= passes more options. As root (containers, cloud GPU boxes)
 # Jupyter refuses to start without --allow-root; without a display there is no browser to open: the
-# URL with its token is printed instead.
+# URL with its token is printed instead. `exec`: the server is make's own child, so stopping make (which
+# passes SIGTERM on to its children) stops the server, not only a shell around it.
 PORT ?= 8888
 LAB_ARGS ?=
 lab: $(STAMP)
 	$(PY) -c "from qr_lib.workbook.reproduce import ensure_kernel; ensure_kernel()"
-	$(OFFLINE) $(VENV)/bin/jupyter lab --notebook-dir=. --port=$(PORT) \
+	exec env $(OFFLINE) $(VENV)/bin/jupyter lab --notebook-dir=. --port=$(PORT) \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(if $(DISPLAY),,--no-browser) \
 		--MappingKernelManager.default_kernel_name=qr-adaptor $(LAB_ARGS)
 

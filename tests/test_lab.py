@@ -1,6 +1,6 @@
 """`make lab` opens anywhere: as root (here) and as an ordinary user, on a chosen port, printing the URL
 with its token, with the project's kernel as the server's default. The server is started, asked for its
-kernels over HTTP with the token it printed, and stopped."""
+kernels over HTTP with the token it printed, and stopped by stopping make alone: the server goes with it."""
 import json
 import os
 import re
@@ -25,8 +25,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _serve(env, prefix=()) -> dict:
-    """Start `make lab PORT=<free>`, read the token from the URL it prints, return /api/kernelspecs."""
+    """Start `make lab PORT=<free>`, read the token from the URL it prints, return /api/kernelspecs
+    after stopping make (its pid alone, as a user's `kill` would): the server must stop listening."""
     port = _free_port()
     server = subprocess.Popen([*prefix, "make", "-s", "lab", f"PORT={port}"], cwd=ROOT, env=env,
                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -40,12 +46,21 @@ def _serve(env, prefix=()) -> dict:
             if tokens:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?token={tokens[0]}",
                                             timeout=10) as r:
-                    return json.loads(r.read())
+                    specs = json.loads(r.read())
+                server.send_signal(signal.SIGTERM)
+                server.wait(timeout=30)
+                stopped = time.time() + 30
+                while _listening(port) and time.time() < stopped:
+                    time.sleep(0.5)
+                assert not _listening(port), "JupyterLab still listens after its make was stopped"
+                return specs
             time.sleep(1)
         raise AssertionError("make lab printed no URL with a token:\n" + "".join(lines)[-3000:])
     finally:
-        if server.poll() is None:                  # one that stopped by itself left its output above
+        try:                                       # whatever is left of the session (nothing, when it works)
             os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         server.wait(timeout=30)
 
 
