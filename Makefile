@@ -9,6 +9,8 @@ SET ?=
 # The CLI goes offline by itself unless the profile reads the hub (the paper profile does).
 CLI = TOKENIZERS_PARALLELISM=false $(PY) -m qr_lib
 ARGS = --profile $(PROFILE) $(foreach s,$(SET),--set $(s))
+# OVERWRITE=1 lets a run replace results made with other settings (without it, such a run stops and names them).
+STAGE_ARGS = $(ARGS) $(if $(OVERWRITE),--overwrite)
 STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -36,26 +38,26 @@ test-fast: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -m "not integration"
 
 reproduce: $(STAMP)
-	$(CLI) reproduce $(ARGS)
+	$(CLI) reproduce $(STAGE_ARGS)
 
 # The three-phase search alone (notebooks 02-04: artifacts, tables and plots).
 search: $(STAMP)
-	$(CLI) search $(ARGS)
+	$(CLI) search $(STAGE_ARGS)
 
 # Learning curves on the dev split that size the final fine-tune and the search's ladder (resumes per
 # setting): about 2.5 h for the default's nine settings on 2 CPU cores (float32).
 sizing: $(STAMP)
-	$(CLI) sizing $(ARGS)
+	$(CLI) sizing $(STAGE_ARGS)
 
 # The primary claims' methods again at 2, 4 and 8 x the final training, every primary claim judged at
 # every length (resumes per run; needs `make reproduce` first): about two hours on 2 CPU cores (float32).
 lengths: $(STAMP)
-	$(CLI) lengths $(ARGS)
+	$(CLI) lengths $(STAGE_ARGS)
 
 # Each rung on the embedded base (dequantized Q4_1) and on an off-grid control: does the base's grid
 # favour 4-bit rungs? (about 5 minutes on 2 CPU cores)
 base-grid: $(STAMP)
-	$(CLI) base-grid $(ARGS)
+	$(CLI) base-grid $(STAGE_ARGS)
 
 # lm-eval's stock task formats on the base model (resumes per task). Splits over STOCK_MAX_DOCS documents
 # (HellaSwag's 10,042) are scored on a seeded sample of that many: about an hour on 2 CPU cores.

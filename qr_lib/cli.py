@@ -68,7 +68,7 @@ def _run_notebooks(args, prefixes: list[str], begun=None, loaded=None) -> None:
     logging.getLogger("papermill").addFilter(_no_cell_markers)
     os.environ[PLAIN_ENV] = "1"  # inherited by the kernels: text progress bars, kept in the log
     reproduce.run(args.profile, prefixes or None, log_output=True, overrides=parse_overrides(args.set),
-                  skip=getattr(args, "skip", None), begun=begun, loaded=loaded)
+                  skip=getattr(args, "skip", None), begun=begun, loaded=loaded, overwrite=getattr(args, "overwrite", False))
 
 
 # A stage's progress line, as runner.each and the stages print them: "[run 3/33] QLoRA NF4, seed 1".
@@ -100,6 +100,7 @@ def cmd_finetune(args) -> None:
     from .workbook import finetune, methods
 
     profile = _profile(args)
+    _guard(args, profile)
     # Unlike reproduce, this command makes none of what its methods read: all of it must be there first.
     chosen = [methods.load_method(m) for m in args.method or profile.finetune.methods or methods.method_ids()]
     methods.check_prerequisites(profile, Layout.of(profile.name), chosen)
@@ -170,6 +171,7 @@ def cmd_stock(args) -> None:
     from .models import load_model
     from .workbook import stock
     profile = _profile(args)
+    _guard(args, profile)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     table = stock.run(profile, Layout.for_profile(profile.name), base, tok, args.max_docs)
     print(table.round(2).to_string(index=False))
@@ -191,6 +193,7 @@ def cmd_sizing(args) -> None:
         if missing:
             print(f"not finished yet (left out): {missing}")
     else:
+        _guard(args, profile)
         layout = Layout.for_profile(profile.name)
         base, tok = load_model(profile.model, profile.dtype, profile.device)
         with open_runner(profile.parallel, profile.device) as runner:
@@ -206,6 +209,7 @@ def cmd_lengths(args) -> None:
     from .models import load_model
     from .workbook import lengths
     profile = _profile(args)
+    _guard(args, profile)
     layout = Layout.for_profile(profile.name)
     if not args.finished:
         base, tok = load_model(profile.model, profile.dtype, profile.device)
@@ -223,6 +227,7 @@ def cmd_base_grid(args) -> None:
     from .models import load_model
     from .workbook import base_grid
     profile = _profile(args)
+    _guard(args, profile)
     layout = Layout.for_profile(profile.name)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     table = base_grid.save(profile, layout, base_grid.run(profile, layout, base, tok))
@@ -240,6 +245,21 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="a dotted profile setting for this run, repeatable, e.g. --set finetune.seeds=[0]")
 
 
+def _overwrite(p: argparse.ArgumentParser) -> None:
+    """For the commands that write into results/<profile>/."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results made with other settings (without it such a run stops before it starts, "
+                        "naming them)")
+
+
+def _guard(args, profile) -> None:
+    """A command that writes stops before it starts where the profile's results hold other settings."""
+    from .layout import Layout
+    from .workbook.reproduce import refuse_other_settings
+    if not args.overwrite:
+        refuse_other_settings(profile, Layout.of(profile.name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(prog="qr-adaptor", formatter_class=fmt,
@@ -250,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, description=what, formatter_class=fmt)
         _common(p)
         p.set_defaults(func=cmd_stage)
+        _overwrite(p)
         if name == "reproduce":
             p.add_argument("--only", nargs="+", metavar="PREFIX", help="notebook name prefixes, e.g. 02 03")
             p.add_argument("--skip", nargs="+", metavar="PREFIX",
@@ -287,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=None,
                    help="a split longer than this is scored on a seeded random sample of this many documents; "
                         "default: every split in full (HellaSwag's 10,042 take hours on a CPU)")
+    _overwrite(p)
     p.set_defaults(func=cmd_stock)
     p = sub.add_parser("sizing", formatter_class=fmt, help="learning curves that size the final fine-tune and the ladder",
                        description="One fine-tune per uniform setting (sizing.methods) at a constant rate, scored on "
@@ -296,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--finished", action="store_true",
                    help="write the tables and figure from the curves finished so far; compute nothing")
+    _overwrite(p)
     p.set_defaults(func=cmd_sizing)
     p = sub.add_parser("lengths", formatter_class=fmt, help="the primary claims across training length",
                        description="The primary claims' methods fine-tuned again at lengths.factors x the final "
@@ -306,12 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--finished", action="store_true",
                    help="write the tables and figure from the runs finished so far; train nothing")
+    _overwrite(p)
     p.set_defaults(func=cmd_lengths)
     p = sub.add_parser("base-grid", formatter_class=fmt, help="does the embedded base's Q4_1 grid favour 4-bit rungs?",
                        description="Every rung of the ladder and NF4 on the embedded base (dequantized Q4_1) and on a "
                                    "control with every weight spread within its Q4_1 bin: KL to that base and held-out "
                                    "perplexity (table and figure base_grid). About 5 minutes on 2 CPU cores.")
     _common(p)
+    _overwrite(p)
     p.set_defaults(func=cmd_base_grid)
     return ap
 

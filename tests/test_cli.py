@@ -239,3 +239,39 @@ def test_the_terminal_shows_the_stages_progress_lines_and_errors_of_a_streamed_n
         assert not _progress_only(record(quiet)), quiet
     assert not _progress_only(record("Unable to parse line 3 'METHODS = None'", logging.WARNING))
     assert _progress_only(record("Traceback: the kernel died", logging.ERROR))
+
+
+def _results_of(profile, tmp_path, monkeypatch):
+    """A results folder whose setup artifact records `profile`, as every run's first stage writes it."""
+    from qr_lib import store
+    from qr_lib.layout import Layout
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    layout = Layout.for_profile(profile.name)
+    store.write_artifact(layout.setup, {"profile": profile}, {"model": {}, "datasets": []})
+    return layout
+
+
+@pytest.mark.parametrize("command", [["reproduce"], ["search"], ["base-grid"], ["lengths"], ["sizing"],
+                                     ["finetune", "--method", "lora16"]])
+def test_results_made_with_other_settings_are_never_overwritten_without_the_flag(command, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from qr_lib.workbook.profiles import load_profile
+    layout = _results_of(load_profile("smoke"), tmp_path, monkeypatch)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert cli.main([*command, "--profile", "smoke", "--set", "finetune.seeds=[7]", "--set", "dtype=bfloat16"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "dtype: 'float32' there, 'bfloat16' here" in err and "finetune.seeds: [0] there, [7] here" in err
+    assert "--overwrite" in err and "Nothing was run" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before     # nothing touched
+    assert layout.setup.exists()
+
+
+def test_an_auto_profile_on_a_cpu_with_native_bf16_is_told_the_float32_results_differ(tmp_path, monkeypatch):
+    """Profiles hold their dtype resolved: where "auto" means bf16, float32 results are other settings;
+    the same profile pinned to float32 reads them."""
+    from qr_lib.workbook import profiles, reproduce
+    layout = _results_of(profiles.load_profile("smoke", {"dtype": "float32"}), tmp_path, monkeypatch)
+    monkeypatch.setattr(profiles, "resolve_dtype", lambda name, device="cpu": "bfloat16" if name == "auto" else name)
+    assert reproduce.other_settings(profiles.load_profile("smoke", {"dtype": "float32"}), layout) == []
+    assert reproduce.other_settings(profiles.load_profile("smoke", {"dtype": "auto"}), layout) == [
+        "dtype: 'float32' there, 'bfloat16' here"]

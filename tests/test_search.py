@@ -238,6 +238,24 @@ def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_score
     assert lower["predicted_kl"] > uniform4["predicted_kl"] and lower["memory_MiB"] < uniform4["memory_MiB"]
 
 
+def test_the_explorer_says_when_the_results_it_finds_were_made_with_other_settings(smoke, base, smoke_run, tmp_path):
+    """A profile whose proxy differs from the one that made the records finds none of them, and says
+    which settings the results record (as on a CPU where "auto" means bf16 and the results are float32)."""
+    import dataclasses
+    import shutil
+
+    from qr_lib.layout import Layout
+    from qr_lib.store import write_artifact
+    from qr_lib.workbook.explorer import Explorer
+    layout = Layout(tmp_path / "copy")
+    shutil.copytree(smoke_run[0].root, layout.root)
+    write_artifact(layout.setup, {"profile": smoke}, {})
+    assert "other settings" not in Explorer(smoke, layout, n_groups=2, base=base[0]).summary()
+    other = dataclasses.replace(smoke, dtype="bfloat16")
+    ex = Explorer(other, layout, n_groups=2, base=base[0])
+    assert ex.records == [] and "dtype: 'float32' there, 'bfloat16' here" in ex.summary()
+
+
 def test_the_selection_is_never_dominated():
     """The audit's case: a one-point front made every utility 0 and the first record, dominated, won."""
     recs = [{"key": "dominated", "objective": 3.0, "budget_ratio": 0.99},

@@ -16,6 +16,7 @@ from ..layout import Layout
 from ..models import load_skeleton
 from ..store import content_hash, read_artifact, stored_result
 from .plots import allocation_heatmap, show
+from .profiles import other_settings
 
 
 class Explorer:
@@ -32,6 +33,8 @@ class Explorer:
                           f"`qr-adaptor sensitivity --profile {profile.name}`)")
         self.kl = kl_by_rung(phase1["kl"], profile.bit_ladder, n)
         self.records = self._records()
+        # Why none may match: the results were made with other settings (a dtype, a --set).
+        self.other_settings = [] if self.records else other_settings(profile, layout)
 
     def _records(self) -> list[Evaluation]:
         """Every proxy score of this profile's proxy (same model, data, quantizer and libraries), with
@@ -47,6 +50,16 @@ class Explorer:
                     set(r.allocation.ranks) <= set(self.profile.rank_ladder):
                 out.append(r)
         return out
+
+    def summary(self) -> str:
+        """What the explorer found, and where it found nothing of this profile's, why."""
+        groups = [f"{g[0]}-{g[-1]}" for g in self.groups]
+        text = f"{len(self.records)} evaluated allocations in the cache; groups: {groups}"
+        if self.other_settings:
+            text += (f"\nthe results under {self.layout.root} were made with other settings: "
+                     f"{'; '.join(self.other_settings)}. Load the profile with theirs to read them "
+                     "(e.g. OVERRIDES = {'dtype': 'float32'} in the parameters cell, or --set dtype=float32).")
+        return text
 
     def allocation(self, group_bits, group_ranks) -> Allocation:
         bits, ranks = [0] * self.shapes.n_blocks, [0] * self.shapes.n_blocks

@@ -26,7 +26,9 @@ from ..data import LOCAL_SUFFIXES, load_finetune
 from ..errors import QRError
 from ..evaluate import check_tasks
 from ..hardware import resolve_dtype
+from ..layout import Layout
 from ..models import TINY, load_skeleton, tiny_llama
+from ..store import read_artifact, to_jsonable
 
 PROFILE_DIR = PACKAGE_DIR / "profiles"
 LOCAL_MODELS = ("embedded", "tiny")
@@ -225,3 +227,23 @@ def load_profile(name: str = "default", overrides: dict | None = None) -> Profil
     check_data(profile)
     # Resolved once here, so every stage, cache key and artifact sees the dtype that really computed.
     return dataclasses.replace(profile, dtype=resolve_dtype(profile.dtype, profile.device))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def other_settings(profile: Profile, layout: Layout) -> list[str]:
+    """How the settings of the results under `layout` differ from `profile`'s, as dotted keys with both
+    values; empty where there are no results yet or they are this profile's. The results' settings are
+    those their setup artifact records (every run writes it first). Profiles hold their dtype resolved
+    (load_profile), so a float32 run and an "auto" profile on a CPU with native bf16 differ here."""
+    record = read_artifact(layout.setup, quiet=True)
+    if record is None or "profile" not in record["config"]:
+        return []
+    theirs, ours = _flat(record["config"]["profile"]), _flat(json.loads(json.dumps(to_jsonable(profile))))
+    return [f"{k}: {theirs.get(k, '(unset)')!r} there, {ours.get(k, '(unset)')!r} here"
+            for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]

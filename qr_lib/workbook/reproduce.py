@@ -25,7 +25,7 @@ from ..errors import QRError
 from ..layout import Layout, results_root
 from ..store import atomic_write_bytes, cache_root, read_json, save_table, write_json
 from . import estimate, report
-from .profiles import load_profile
+from .profiles import load_profile, other_settings
 from .report import OPTIONAL, compute_time
 
 
@@ -35,6 +35,18 @@ def starting_state(layout: Layout) -> dict:
     artifacts = layout.started()
     caches = sorted(p.name for p in cache_root().iterdir() if any(p.iterdir())) if cache_root().exists() else []
     return {"artifacts": artifacts, "caches": caches, "from_nothing": not artifacts and not caches}
+
+def refuse_other_settings(profile: Profile, layout: Layout) -> None:
+    """A run never silently replaces results made with other settings (another dtype on a CPU with
+    native bf16, an edited profile, a --set): it stops before anything is written."""
+    differ = other_settings(profile, layout)
+    if differ:
+        shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
+        raise QRError(f"{layout.root} holds results made with other settings ({shown}). Nothing was run. To browse "
+                      "them, load the profile with the settings they record (e.g. --set dtype=float32); to replace "
+                      "them, run again with --overwrite (make ... OVERWRITE=1); to keep both, give this run a "
+                      "profile of its own name.")
+
 
 NOTEBOOK_DIR = REPO_DIR / "notebooks"
 # The project's Jupyter kernel: this environment's Python, registered inside the environment (not the
@@ -107,11 +119,12 @@ def write_index(layout: Layout, profile: str, manifest: dict) -> None:
 
 def run(profile: str, only: list[str] | None = None, log_output: bool = False,
         overrides: dict | None = None, skip: list[str] | None = None,
-        begun: tuple[dict, float] | None = None, loaded: Profile | None = None) -> None:
+        begun: tuple[dict, float] | None = None, loaded: Profile | None = None, overwrite: bool = False) -> None:
     """Run the notebooks for a profile (a name or a path, with dotted `overrides`; the notebooks get
     both and load it themselves); with `log_output` their output (stage progress) streams to the
     terminal. `begun`: (starting_state, time.time()) taken by a caller that did work of its own first;
-    `loaded`: the profile that caller already loaded from the same name and overrides."""
+    `loaded`: the profile that caller already loaded from the same name and overrides. Results made
+    with other settings are replaced only with `overwrite` (refuse_other_settings)."""
     import papermill as pm
 
     overrides = overrides or {}
@@ -122,6 +135,8 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
                       f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
     loaded = loaded or load_profile(profile, overrides)  # a bad profile fails here, before any notebook
     name = loaded.name
+    if not overwrite:
+        refuse_other_settings(loaded, Layout.of(name))
     # The starting state before the size check, which may convert the model on a fresh machine.
     start, started = begun or (starting_state(Layout.of(name)), time.time())
     estimate.check_size(loaded, Layout.of(name))          # an absurd size fails here, before anything is written
