@@ -95,7 +95,7 @@ def _outputs(layout: Layout) -> dict[str, float]:
 
 def write_index(layout: Layout, profile: str, manifest: dict) -> None:
     lines = [f"# Results of the `{profile}` profile", "",
-             "Written by `make reproduce` (qr_lib/reproduce.py); every file below was written by the "
+             "Written by `make reproduce` (qr_lib/workbook/reproduce.py); every file below was written by the "
              "notebook named beside it. Executed notebooks are under `notebooks/`.", ""]
     for nb in sorted({v["notebook"] for v in manifest["files"].values()}):
         run = manifest["notebooks"].get(nb, {})
