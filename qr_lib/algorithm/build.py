@@ -116,8 +116,6 @@ def build(base: nn.Module, allocation: Allocation, qcfg: QuantConfig = QuantConf
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, lora_config(model, allocation, lora))
-    peft_model.qr_allocation = allocation
-    peft_model.qr_quant = qcfg
     return peft_model
 
 

@@ -76,7 +76,7 @@ class BnbBackend:
             q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=self.cfg.bnb_double_quant)
             # On CPUs with AVX512-BF16 the first eval forward repacks 4-bit weights in place, after
-            # which LoRA gradients through the layer are silently None (see STACK-NOTES).
+            # which LoRA gradients through the layer are silently None (tests/test_build.py shows it).
             q.support_avx512bf16_for_cpu = False
         else:
             q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
