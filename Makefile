@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv test test-fast reproduce search sizing lengths base-grid lab benchmark stock-eval clean-smoke
+.PHONY: venv test test-fast reproduce search sizing lengths base-grid classroom lab benchmark stock-eval clean-smoke
 
 venv: $(STAMP)
 
@@ -58,6 +58,11 @@ lengths: $(STAMP)
 # favour 4-bit rungs? (about 5 minutes on 2 CPU cores)
 base-grid: $(STAMP)
 	$(CLI) base-grid $(STAGE_ARGS)
+
+# The teaching pack on the real model: the pilot (Configs A-D) and a uniform bits x rank sweep at a short
+# length, one seed (profile classroom; notebook 01, results/classroom/): the trade-off as a heatmap.
+classroom: $(STAMP)
+	$(CLI) pilot --profile classroom $(if $(OVERWRITE),--overwrite) $(foreach s,$(SET),--set $(s))
 
 # lm-eval's stock task formats on the base model (resumes per task). Splits over STOCK_MAX_DOCS documents
 # (HellaSwag's 10,042) are scored on a seeded sample of that many: about an hour on 2 CPU cores.

@@ -2,6 +2,7 @@
 import dataclasses
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from qr_lib.errors import QRError
@@ -273,3 +274,17 @@ def test_the_estimate_measures_this_machine_once_and_prices_every_stage(monkeypa
     assert two["minutes"]["final fine-tunes"] * 60 == pytest.approx(
         light + 5.0 + speed.load + (heavy + stage["steps"] * speed.step) / 2)
     assert two["minutes"]["Phase I"] == result["minutes"]["Phase I"]       # not a runner stage
+
+
+def test_the_pilots_bits_by_rank_sweep_is_a_grid_table_and_a_heatmap_with_the_reference_gap(tmp_path, base):
+    """The teaching sweep: uniform (bits, rank) runs at the first seed, tabled as a bits x rank grid of
+    test loss and drawn as a heatmap whose cells give each loss and its gap to the 16-bit reference."""
+    profile = load_profile("smoke", {"pilot.steps": 2, "pilot.seeds": [0], "pilot.sweep_bits": [2, 4],
+                                     "pilot.sweep_ranks": [4, 8], "pilot.n_test": 8})
+    layout = Layout(tmp_path)
+    pilot.run(profile, layout, *base, progress=False)
+    out = pilot.save(profile, layout)
+    grid = pd.read_csv(layout.table("pilot_rank_sweep", ".csv")).set_index("bits")
+    assert list(grid.index) == [2, 4] and list(grid.columns) == ["4", "8"]
+    assert grid.loc[4, "8"] == pytest.approx(out["sweep"].query("bits == 4 and rank == 8")["test_loss"].iloc[0], abs=1e-4)
+    assert layout.figure("pilot_rank_heatmap").exists() and layout.figure("pilot_rank_sweep").exists()

@@ -36,7 +36,7 @@ from ..layout import Layout
 from ..store import save_figure, save_table
 from . import comparison, finetune, stats
 from .methods import Method, load_method
-from .plots import caption, figure_caption, pilot_bars, rank_sweep
+from .plots import caption, figure_caption, pilot_bars, rank_bits_heatmap, rank_sweep
 
 TARGET = ("C", 16)   # the paper's recorded config and rank: the memory every config matches
 
@@ -163,4 +163,8 @@ def save(profile: Profile, layout: Layout) -> dict:
         save_figure(caption(rank_sweep(sweep), f"{figure_caption(profile)} · first seed"), layout, "pilot_rank_sweep")
         out["grid"] = sweep.pivot_table(index="bits", columns="rank", values="test_loss")
         save_table(out["grid"].reset_index(), layout, "pilot_rank_sweep")
+        ref = comparison.runs(pilot).query("method == @profile.pilot.reference and seed == @profile.pilot.seeds[0]")
+        reference = float(ref["test_loss"].iloc[0]) if len(ref) else None
+        save_figure(caption(rank_bits_heatmap(out["grid"], reference), f"{figure_caption(profile)} · first seed"),
+                    layout, "pilot_rank_heatmap")
     return out

@@ -396,6 +396,30 @@ def rank_sweep(per_run, metric: str = "test_loss", ylabel: str = TEST_LOSS):
     return fig
 
 
+def rank_bits_heatmap(grid, reference: float | None = None, label: str = TEST_LOSS):
+    """The measured bits x rank grid (rows bits, columns rank) as a heatmap, each cell's loss written in
+    it, with its gap to the 16-bit reference where one ran: the trade-off in one picture (down a column
+    fidelity falls, along a row plasticity grows)."""
+    fig, ax = plt.subplots(figsize=(1.3 * len(grid.columns) + 2.2, 0.8 * len(grid.index) + 1.6))
+    values = grid.to_numpy(float)
+    im = ax.imshow(values, cmap="viridis_r", aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            text = f"{values[i, j]:.3f}" + (f"\n{values[i, j] - reference:+.3f}" if reference is not None else "")
+            dark = values[i, j] > np.nanmean(values)
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(len(grid.columns)), [str(r) for r in grid.columns])
+    ax.set_yticks(range(len(grid.index)), [f"{b}-bit" for b in grid.index])
+    ax.set_xlabel("LoRA rank (every block)")
+    ax.set_ylabel("weights")
+    ax.set_title("measured loss" + (" and its gap to 16-bit LoRA" if reference is not None else ""), fontsize=9)
+    bar = fig.colorbar(im, ax=ax, label=label)
+    bar.formatter.set_useOffset(False)      # absolute losses on the scale, not an offset above it
+    bar.update_ticks()
+    fig.tight_layout()
+    return fig
+
+
 VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue", "can't tell": "tab:gray"}
 
 
