@@ -253,9 +253,12 @@ def _overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _guard(args, profile) -> None:
-    """A command that writes stops before it starts where the profile's results hold other settings."""
+    """A command that writes stops before it starts where the profile's device is missing here or
+    its results hold other settings."""
     from .layout import Layout
+    from .workbook.profiles import check_device
     from .workbook.reproduce import refuse_other_settings
+    check_device(profile)
     if not args.overwrite:
         refuse_other_settings(profile, Layout.of(profile.name))
 

@@ -8,7 +8,9 @@ measurement or the paper's says so beside it; the others are settings.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 UNQUANTIZED = 16                  # a "bit-width" that leaves a block unquantized (baselines)
 DEFAULT_BIT_LADDER = (2, 3, 4, 8)
@@ -17,6 +19,8 @@ DEFAULT_RANK_LADDER = (4, 8, 16)
 BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
               "mmlu", "gsm8k")
 TASKS = tuple(f"qr_{t}" for t in BENCHMARKS)
+SCHEDULES = ("linear", "cosine", "constant")   # the learning rate after warm-up (algorithm/train.py)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ class PilotConfig:
     # (comparison.destroyed_gap), so no verdict silently rests on a destroyed config.
     reference: str = "lora16"
     tasks: tuple = ()              # lm-eval tasks per run; the test loss is always measured
-    limit: int = 100
+    limit: int | None = 100         # documents per task; None = the full split
     n_test: int | None = 256       # test pairs scored per run (the first n of the test split)
     memory_tolerance: float = 0.03  # every config within this fraction of the target memory
     bits: tuple = (2, 4)           # (low, high) rungs of Configs A-D; the paper's pilot: (2, 4)
@@ -275,3 +279,75 @@ class Profile:
     def random_weights(self) -> bool:
         """The smoke profile's tiny model is random: its runs check the mechanics, never the paper."""
         return self.model == "tiny"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a setting may take: `test` says whether a value is one, `says` names them and
+    `example` gives one, for the message that refuses the rest."""
+    test: Callable[[Any], bool]
+    says: str
+    example: str
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+POSITIVE = Domain(lambda x: _number(x) and x > 0, "a finite positive number", "4")
+NON_NEGATIVE = Domain(lambda x: _number(x) and x >= 0, "a finite number >= 0", "0")
+FRACTION = Domain(lambda x: _number(x) and 0 <= x < 1, "a fraction in [0, 1)", "0.05")
+PROBABILITY = Domain(lambda x: _number(x) and 0 <= x <= 1, "a probability in [0, 1]", "0.5")
+LEVEL = Domain(lambda x: _number(x) and 0 < x < 1, "a level strictly between 0 and 1", "0.05")
+# AdamW's steps are about lr in size whatever the gradient: above 1 every weight it touches is noise.
+LEARNING_RATE = Domain(lambda x: _number(x) and 0 < x <= 1, "a learning rate: a positive number at most 1", "2e-4")
+SEEDS = Domain(lambda x: len(x) > 0 and all(isinstance(s, int) and s >= 0 for s in x),
+               "a non-empty list of non-negative integer seeds", "[0, 1, 2]")
+POSITIVE_ITEMS = Domain(lambda x: len(x) > 0 and all(_number(v) and v > 0 for v in x),
+                        "a non-empty list of positive numbers", "[1, 2, 4, 8]")
+NON_NEGATIVE_ITEMS = Domain(lambda x: len(x) > 0 and all(_number(v) and v >= 0 for v in x),
+                            "a non-empty list of numbers >= 0", "[0, 8, 16]")
+
+
+def one_of(*choices: str) -> Domain:
+    return Domain(lambda x: x in choices, f"one of {list(choices)}", repr(choices[0]))
+
+
+# The domain of every numeric or enumerated setting, checked when a profile loads (profiles.validate),
+# before any work. A setting whose default is None may also be null; no other may.
+DOMAINS: dict[str, Domain] = {
+    "dtype": one_of(*DTYPES),
+    "device": Domain(lambda x: re.fullmatch(r"cpu|mps|cuda(:\d+)?", x) is not None, "cpu, cuda, cuda:<n> or mps",
+                     "'cpu'"),
+    "proxy_metric_limit": POSITIVE,   # budget_bits and budget_rank: checked against the ladders
+    **{f"data.{k}": POSITIVE for k in ("n_train", "n_val", "n_test", "n_calib", "n_heldout")},
+    "data.n_dev": NON_NEGATIVE, "data.seed": NON_NEGATIVE,
+    "quant.backend": one_of("hqq", "bnb"), "quant.group_size": POSITIVE,
+    "lora.alpha_ratio": POSITIVE, "lora.dropout": FRACTION,
+    **{f"proxy.{k}": POSITIVE for k in ("steps", "batch_size", "grad_accum", "max_len")},
+    "proxy.lr": LEARNING_RATE, "proxy.warmup_steps": NON_NEGATIVE, "proxy.weight_decay": NON_NEGATIVE,
+    "proxy.schedule": one_of(*SCHEDULES), "proxy.seed": NON_NEGATIVE,
+    "sensitivity.bits": POSITIVE_ITEMS, "sensitivity.seq_len": POSITIVE, "sensitivity.batch_size": POSITIVE,
+    "nsga.pop_size": POSITIVE, "nsga.generations": NON_NEGATIVE, "nsga.n_random": NON_NEGATIVE,
+    "nsga.mutation_prob": PROBABILITY, "nsga.crossover_prob": PROBABILITY, "nsga.low_steps": NON_NEGATIVE,
+    "nsga.low_n_val": POSITIVE, "nsga.promote": NON_NEGATIVE, "nsga.seed": NON_NEGATIVE,
+    "bo.iterations": NON_NEGATIVE, "bo.alpha": PROBABILITY, "bo.ei_tol": NON_NEGATIVE, "bo.xi": NON_NEGATIVE,
+    "bo.seed": NON_NEGATIVE,
+    "limits.max_hours": POSITIVE, "limits.floor_step_seconds": POSITIVE, "limits.max_memory_gib": POSITIVE,
+    "parallel.backend": one_of("serial", "dask"), "parallel.workers": POSITIVE,
+    "parallel.threads_per_worker": POSITIVE, "parallel.retries": NON_NEGATIVE,
+    "finetune.epochs": POSITIVE, "finetune.max_steps": POSITIVE, "finetune.batch_size": POSITIVE,
+    "finetune.grad_accum": POSITIVE, "finetune.lr": LEARNING_RATE, "finetune.warmup_ratio": FRACTION,
+    "finetune.schedule": one_of(*SCHEDULES), "finetune.max_len": POSITIVE, "finetune.n_test": POSITIVE,
+    "finetune.seeds": SEEDS, "finetune.dev_seeds": SEEDS,
+    "eval.limit": POSITIVE, "eval.batch_size": POSITIVE, "eval.max_gen_toks": POSITIVE, "eval.seeds": SEEDS,
+    "pilot.steps": POSITIVE, "pilot.seeds": SEEDS, "pilot.limit": POSITIVE, "pilot.n_test": POSITIVE,
+    "pilot.memory_tolerance": POSITIVE,
+    "comparison.margin_loss": NON_NEGATIVE, "comparison.margin_accuracy": NON_NEGATIVE, "comparison.alpha": LEVEL,
+    "comparison.power": LEVEL, "comparison.destroyed_gap": POSITIVE,
+    "calibration.lengths": NON_NEGATIVE_ITEMS, "calibration.n_val": POSITIVE_ITEMS, "calibration.seeds": SEEDS,
+    "calibration.min_spearman": Domain(lambda x: _number(x) and -1 <= x <= 1, "a correlation in [-1, 1]", "0.8"),
+    "calibration.top_k": POSITIVE,
+    "sizing.steps": NON_NEGATIVE_ITEMS, "sizing.seed": NON_NEGATIVE, "sizing.max_gap": POSITIVE,
+    "lengths.factors": POSITIVE_ITEMS,
+}

@@ -136,6 +136,20 @@ def test_an_absurd_size_is_refused_with_its_estimate_before_any_work(tmp_path, m
     (["model.name=/x"], "a single value"),
     (["nsga.pop_size=1000000000"], "limits.max_hours"),
     (["limits.max_memory_gib=0.001"], "--set limits.max_memory_gib="),
+    # The hostile-user report's values: each once exited 0 with a wrong result or ended in a traceback.
+    (["finetune.epochs=-1"], "finetune.epochs is -1.0"), (["proxy.steps=-3"], "proxy.steps is -3"),
+    (["proxy.steps=0"], "proxy.steps is 0"), (["finetune.batch_size=0"], "finetune.batch_size is 0"),
+    (["proxy.max_len=0"], "proxy.max_len is 0"), (["lora.dropout=1.5"], "lora.dropout is 1.5"),
+    (["dtype=\"float8\""], "dtype is 'float8'"), (["finetune.schedule=\"bogus\""], "finetune.schedule is 'bogus'"),
+    (["finetune.max_steps=-5"], "finetune.max_steps is -5"), (["eval.limit=-1"], "eval.limit is -1"),
+    (["data.n_train=0"], "data.n_train is 0"), (["nsga.pop_size=0"], "nsga.pop_size is 0"),
+    (["nsga.generations=-1"], "nsga.generations is -1"), (["finetune.seeds=[]"], "finetune.seeds is ()"),
+    (["bo.iterations=-2"], "bo.iterations is -2"), (["finetune.grad_accum=0"], "finetune.grad_accum is 0"),
+    (["parallel.backend=\"ray\""], "parallel.backend is 'ray'"), (["proxy.lr=1e308"], "proxy.lr is 1e+308"),
+    (["device=\"cuda:99\""], "CUDA device(s)"),
+    (["proxy.steps=null"], "proxy.steps is null"), (["data=null"], "data must be a mapping"),
+    (["nsga.pop_size=null"], "pop_size is null"), (["finetune.seeds=null"], "seeds is null"),
+    (["model=null"], "model is null"), (["proxy.lr=null"], "lr is null"), (["quant.group_size=null"], "group_size is null"),
 ])
 def test_every_load_time_refusal_exits_2_from_the_command_line_with_nothing_written(settings, message, tmp_path,
                                                                                     monkeypatch, capsys):

@@ -137,3 +137,37 @@ def test_the_model_is_checked_from_its_config_when_the_profile_loads(tmp_path):
                                                   "vocab_size": 100}))
     with pytest.raises(QRError, match="not a causal language model|no `model.layers`|lacks linear modules"):
         load_profile("smoke", {"model": str(bert)})
+
+
+def _bad_values(domain) -> list:
+    """Values outside a domain of config.DOMAINS, the edges first."""
+    from qr_lib import config as C
+    return {C.POSITIVE: [0, -1], C.NON_NEGATIVE: [-1], C.FRACTION: [1.5, -0.1], C.PROBABILITY: [1.5, -0.1],
+            C.LEVEL: [0, 1], C.LEARNING_RATE: [1e308, 1.5, 0], C.SEEDS: [[], [-1]], C.POSITIVE_ITEMS: [[], [0]],
+            C.NON_NEGATIVE_ITEMS: [[], [-1]]}.get(domain, [1.5] if "correlation" in domain.says else ["bogus"])
+
+
+def _leaves(cls, prefix=""):
+    """(dotted name, field) of every setting of a config dataclass, nested ones walked."""
+    import dataclasses
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _leaves(type(default), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def test_every_setting_out_of_its_domain_or_null_is_refused_at_load_naming_it():
+    """The table of domains (config.DOMAINS) fed every edge outside each one, and every setting that
+    has no null meaning fed null: each refused when the profile loads, the setting and its value named."""
+    from qr_lib.config import DOMAINS, Profile
+    for name, domain in DOMAINS.items():
+        for value in _bad_values(domain):
+            with pytest.raises(QRError, match=f"{re.escape(name)} is [^;]+; it is"):
+                load_profile("smoke", {name: value})
+    nulls = [name for name, f in _leaves(Profile) if "None" not in str(f.type) and name != "name"]
+    assert len(nulls) > 90
+    for name in nulls:
+        with pytest.raises(QRError, match=f"{re.escape(name.rsplit('.', 1)[-1])} is null"):
+            load_profile("smoke", {name: None})

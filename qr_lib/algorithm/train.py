@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ..config import TrainConfig
+from ..config import SCHEDULES, TrainConfig
 from ..errors import QRError
 from ..progress import tqdm
 from .memory import PeakMemory
@@ -24,7 +24,6 @@ IGNORE = -100
 # Rows per length-sorted window = LENGTH_GROUP x batch size (Hugging Face's LengthGroupedSampler
 # uses 50): batches are cut from sorted windows, then shuffled.
 LENGTH_GROUP = 50
-SCHEDULES = ("linear", "cosine", "constant")
 
 
 def encode(tok, examples, max_len: int) -> list[dict]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from .. import PACKAGE_DIR
 from ..algorithm.memory import model_shapes
 from ..algorithm.quant import check_bits, get_backend
-from ..config import Profile
+from ..config import DOMAINS, Profile
 from ..data import LOCAL_SUFFIXES, load_finetune
 from ..errors import QRError
 from ..evaluate import check_tasks
@@ -105,16 +104,20 @@ def profile_values(name: str, overrides: dict | None = None, _seen: tuple = ()) 
 def needs_hub(values: dict) -> bool:
     """Whether a profile reads anything from the Hugging Face hub: a model that is neither embedded
     nor a local folder, or hub data (Alpaca, WikiText-2, C4)."""
-    model = values.get("model", "embedded")
-    data = values.get("data", {})
+    model, data = values.get("model", "embedded"), values.get("data")
+    model = model if isinstance(model, str) else "embedded"      # a wrong type is refused when the profile loads
+    data = data if isinstance(data, dict) else {}
     return ((model not in LOCAL_MODELS and not Path(model).expanduser().is_dir())
             or any(data.get(k) in v for k, v in HUB_DATA.items()))
 
 
-def _check_type(value, default, where: str):
+def _check_type(value, default, where: str, nullable: bool = False):
     """The value a setting gets, or a QRError naming the setting and the type it needs. The type is
     the default's (ints accept no strings or bools, floats accept ints, tuples accept lists); a
-    setting whose default is None is not checked."""
+    setting whose default is None is not checked; only a `nullable` one (typed `X | None`) may be null."""
+    if value is None and not nullable:
+        raise QRError(f"{where} is null; it is a {type(default).__name__} like the default {default!r} and has no "
+                      "null meaning; fix the profile or the override")
     if default is None or value is None:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
@@ -148,8 +151,33 @@ def _build(cls, values: dict, where: str):
                 raise QRError(f"{where}.{k} must be a mapping of {type(default).__name__} settings, got {v!r}")
             kwargs[k] = _build(type(default), {**dataclasses.asdict(default), **v}, f"{where}.{k}")
         else:
-            kwargs[k] = _check_type(v, default if default is not dataclasses.MISSING else None, f"{where}.{k}")
+            kwargs[k] = _check_type(v, default if default is not dataclasses.MISSING else None, f"{where}.{k}",
+                                    nullable="None" in str(known[k].type))
     return cls(**kwargs)
+
+
+def check_device(profile: Profile) -> None:
+    """Before a run (not at load: a GPU profile is planned on a laptop with `estimate`): the device is
+    one this torch can compute on."""
+    device = profile.device
+    if device.startswith("cuda") and (not torch.cuda.is_available()
+                                      or int(device.partition(":")[2] or 0) >= torch.cuda.device_count()):
+        raise QRError(f"profile {profile.name!r}: device is {device!r}, and this torch ({torch.__version__}) sees "
+                      f"{torch.cuda.device_count()} CUDA device(s); run it on a GPU machine, or --set device=cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise QRError(f"profile {profile.name!r}: device is 'mps', which this machine lacks; --set device=cpu")
+
+
+def check_domains(profile: Profile) -> None:
+    """Every setting in config.DOMAINS against its domain (null passes only where the type check let
+    it, i.e. where the default is null)."""
+    for name, domain in DOMAINS.items():
+        value = profile
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value is not None and not domain.test(value):
+            raise QRError(f"profile {profile.name!r}: {name} is {value!r}; it is {domain.says}, e.g. {domain.example}; "
+                          "fix the profile or the override")
 
 
 def validate(profile: Profile) -> None:
@@ -157,15 +185,10 @@ def validate(profile: Profile) -> None:
     repeat a rung, budgets off the ladders, non-positive ranks or group sizes, learning rates that are
     not finite and positive, unknown benchmark tasks, a pilot without a (low, high) pair of rungs."""
     where = f"profile {profile.name!r}"
+    check_domains(profile)
     for name, ladder in (("bit_ladder", profile.bit_ladder), ("rank_ladder", profile.rank_ladder)):
         if len(set(ladder)) != len(ladder):
             raise QRError(f"{where}: {name} {list(ladder)} repeats a rung; list each once, e.g. {sorted(set(ladder))}")
-    for name, lr in (("proxy.lr", profile.proxy.lr), ("finetune.lr", profile.finetune.lr)):
-        if not (math.isfinite(lr) and lr > 0):
-            raise QRError(f"{where}: {name} is {lr}; a learning rate is a finite positive number, e.g. 2e-4")
-    if profile.quant.group_size <= 0:
-        raise QRError(f"{where}: quant.group_size is {profile.quant.group_size}; it is a positive number of weights "
-                      "per scale and zero that divides every linear's input width, e.g. 64 or 128")
     try:
         metric = () if profile.proxy_metric == "loss" else (profile.proxy_metric,)
         check_tasks((*profile.eval.tasks, *profile.eval.task_limits, *profile.pilot.tasks, *metric))

@@ -25,7 +25,7 @@ from ..errors import QRError
 from ..layout import Layout, results_root
 from ..store import atomic_write_bytes, cache_root, read_json, save_table, write_json
 from . import estimate, report
-from .profiles import load_profile, other_settings
+from .profiles import check_device, load_profile, other_settings
 from .report import OPTIONAL, compute_time
 
 
@@ -135,6 +135,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
                       f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
     loaded = loaded or load_profile(profile, overrides)  # a bad profile fails here, before any notebook
     name = loaded.name
+    check_device(loaded)
     if not overwrite:
         refuse_other_settings(loaded, Layout.of(name))
     # The starting state before the size check, which may convert the model on a fresh machine.
