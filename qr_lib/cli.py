@@ -253,14 +253,16 @@ def _overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _guard(args, profile) -> None:
-    """A command that writes stops before it starts where the profile's device is missing here or
-    its results hold other settings."""
+    """A command that writes stops before it starts where the profile's device is missing here, its
+    results hold other settings, or another command is running on them; else it holds their lock."""
     from .layout import Layout
+    from .store import hold_lock
     from .workbook.profiles import check_device
     from .workbook.reproduce import refuse_other_settings
     check_device(profile)
     if not args.overwrite:
         refuse_other_settings(profile, Layout.of(profile.name))
+    hold_lock(Layout.of(profile.name).lock)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -214,6 +214,11 @@ class Layout:
         return self.root / "manifest.json"
 
     @property
+    def lock(self) -> Path:
+        """Held by the command that runs on this folder (store.hold_lock): one run per results folder."""
+        return self.root / ".lock"
+
+    @property
     def index(self) -> Path:
         return self.root / "README.md"
 

@@ -7,11 +7,13 @@ the current one and the file is untouched, else compute and write. Paths come fr
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -227,3 +229,31 @@ def save_figure(fig, layout, name: str) -> Path:
         from IPython.display import Image, display
         display(Image(filename=str(path)))
     return path
+
+
+_HELD: dict[Path, object] = {}     # the locks this process holds, by path: taking one twice is a no-op
+
+
+def hold_lock(path: Path) -> None:
+    """One run per results folder: an advisory lock on `path`, held until this process ends. A second
+    command on the same folder stops at once (two runs would each do all the work and one manifest
+    record would be lost), naming the holder. The operating system drops the lock of a process that
+    dies however it dies, so a killed run never leaves a stale lock in the way."""
+    path = Path(path).resolve()
+    if path in _HELD:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise QRError(f"{path.parent} is in use by {holder}; wait for it to finish (or stop it: its finished work "
+                      "is kept), then run again") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:4])}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.flush()
+    _HELD[path] = f

@@ -1,4 +1,5 @@
 """The command line: every command documented, bad input exits 2 before any work, --help is quick."""
+import os
 import subprocess
 import sys
 import time
@@ -289,3 +290,27 @@ def test_an_auto_profile_on_a_cpu_with_native_bf16_is_told_the_float32_results_d
     assert reproduce.other_settings(profiles.load_profile("smoke", {"dtype": "float32"}), layout) == []
     assert reproduce.other_settings(profiles.load_profile("smoke", {"dtype": "auto"}), layout) == [
         "dtype: 'float32' there, 'bfloat16' here"]
+
+
+def test_one_command_per_results_folder_and_a_killed_holder_leaves_no_stale_lock(tmp_path, monkeypatch, capsys):
+    """A second command on a folder another process is running on stops at once (exit 2), naming the
+    holder; once that process is killed (SIGKILL: no cleanup of its own) the folder is free again."""
+    import signal
+
+    from qr_lib.layout import Layout
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    lock = Layout.of("smoke").lock
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from qr_lib.store import hold_lock; "
+                               "hold_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli.main(["base-grid", "--profile", "smoke"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"is in use by pid {holder.pid}" in err and "wait for it to finish" in err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    from qr_lib.store import hold_lock
+    hold_lock(lock)                                              # taken over: no stale lock in the way
+    assert f"pid {os.getpid()}" in lock.read_text()

@@ -23,7 +23,7 @@ from .. import REPO_DIR
 from ..config import Profile
 from ..errors import QRError
 from ..layout import Layout, results_root
-from ..store import atomic_write_bytes, cache_root, read_json, save_table, write_json
+from ..store import atomic_write_bytes, cache_root, hold_lock, read_json, save_table, write_json
 from . import estimate, report
 from .profiles import check_device, load_profile, other_settings
 from .report import OPTIONAL, compute_time
@@ -141,6 +141,7 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     # The starting state before the size check, which may convert the model on a fresh machine.
     start, started = begun or (starting_state(Layout.of(name)), time.time())
     estimate.check_size(loaded, Layout.of(name))          # an absurd size fails here, before anything is written
+    hold_lock(Layout.of(name).lock)
     layout = Layout.for_profile(name)
     manifest = read_json(layout.manifest) if layout.manifest.exists() else {"files": {}, "notebooks": {}}
     layout.notebooks.mkdir(exist_ok=True)
