@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -359,14 +361,33 @@ def offline_unless_hub(args) -> None:
             os.environ.setdefault(var, "1")
 
 
+class Stopped(Exception):
+    """SIGTERM, raised where the command is, so that every `with` on the way out closes (the notebook's
+    kernel, the Dask workers, the lock) as Ctrl-C's KeyboardInterrupt does."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
+STOPPED = "stopped; every finished run and artifact is kept: run the same command again to resume"
+
+
 def exit_code(work) -> int:
-    """Run `work()`: 0 when it finishes, 2 with its message when the input is bad (a QRError); any other
-    failure keeps its traceback. The benchmark scripts answer the same way."""
+    """Run `work()`: 0 when it finishes, 2 with its message when the input is bad (a QRError), 143 on
+    SIGTERM and 130 on Ctrl-C with the tool's own line; any other failure keeps its traceback. The
+    benchmark scripts answer the same way."""
     try:
         work()
     except QRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped:
+        print(STOPPED + " (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(STOPPED + " (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
@@ -376,7 +397,13 @@ def main(argv=None) -> int:
     def work():
         offline_unless_hub(args)
         args.func(args)
-    return exit_code(work)
+    if threading.current_thread() is not threading.main_thread():   # signals reach the main thread only
+        return exit_code(work)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return exit_code(work)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run() -> None:

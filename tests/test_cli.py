@@ -314,3 +314,27 @@ def test_one_command_per_results_folder_and_a_killed_holder_leaves_no_stale_lock
     from qr_lib.store import hold_lock
     hold_lock(lock)                                              # taken over: no stale lock in the way
     assert f"pid {os.getpid()}" in lock.read_text()
+
+
+def test_sigterm_mid_run_prints_the_tools_line_and_exits_143_keeping_finished_work(tmp_path):
+    """SIGTERM during a search: the tool's own line, exit 143, the lock released with the process, and
+    every proxy record already written intact (a rerun reads them back)."""
+    import signal
+
+    from qr_lib.layout import Layout
+    from qr_lib.store import read_artifact
+    env = {**os.environ, "QR_RESULTS_DIR": str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-m", "qr_lib", "search", "--profile", "smoke"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    evaluations = Layout(tmp_path / "smoke").evaluations
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None and not list(evaluations.glob("*.json")):
+        time.sleep(0.2)
+    assert child.poll() is None, child.communicate()
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err[-2000:]
+    # The tool's line, not a traceback of its own (the notebook kernel, shut down mid-cell, may still log
+    # its closed channel and nbclient its dead kernel).
+    assert "stopped; every finished run and artifact is kept" in err and "qr_lib.cli.Stopped" not in err
+    assert all(read_artifact(p) is not None for p in evaluations.glob("*.json"))
