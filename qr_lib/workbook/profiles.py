@@ -212,7 +212,8 @@ def validate(profile: Profile) -> None:
 
 def check_model(profile: Profile) -> None:
     """From the model's config alone, without its weights: a decoder whose blocks carry the seven
-    linears QR-Adaptor allocates, and an HQQ group size that divides every one's input width."""
+    linears QR-Adaptor allocates, and shapes the backend can quantize (HQQ: a group size that divides
+    every one's input width)."""
     where = f"profile {profile.name!r}"
     try:
         if profile.model == TINY:
@@ -221,10 +222,9 @@ def check_model(profile: Profile) -> None:
         else:
             skeleton = load_skeleton(profile.model)
         shapes = model_shapes(skeleton)
-        if profile.quant.backend == "hqq":
-            backend = get_backend(profile.quant)
-            for out_features, in_features in sorted({s for block in shapes.linears for s in block}):
-                backend.check_shape(out_features, in_features)
+        backend = get_backend(profile.quant)     # each backend says which shapes it can quantize
+        for out_features, in_features in sorted({s for block in shapes.linears for s in block}):
+            backend.check_shape(out_features, in_features)
     except QRError as e:
         raise QRError(f"{where}: {e}") from None
 
