@@ -105,6 +105,14 @@ def git_commit() -> str | None:
         return None
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def environment() -> dict:
     import torch
 

@@ -1,5 +1,6 @@
 """The final fine-tune, its baselines, saving/reloading, and the lm-eval tasks, on the tiny model."""
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -361,3 +362,27 @@ def test_a_batch_that_needs_a_missing_artifact_fails_before_its_first_run(quick,
     with pytest.raises(QRError, match="needs Phase I first"):
         finetune.run_all(quick, Layout(tmp_path), *base, methods=["hqq4", "phase1_knapsack4"], progress=False)
     assert not Layout(tmp_path).runs()                   # hqq4 did not train first
+
+
+def test_a_truncated_adapter_is_retrained_and_never_exported_or_loaded(smoke, base, tmp_path):
+    """The adapter's checksum is recorded beside the run (allocation.json): an adapter cut short makes
+    the run retrain on the next read-back (same result, the file whole again), and export and load
+    refuse it, naming the file, until then."""
+    from qr_lib.errors import QRError
+    from qr_lib.layout import Layout
+    from qr_lib.workbook import finetune
+    from qr_lib.workbook.export import export_run
+    from qr_lib.workbook.methods import load_method
+    profile = dataclasses.replace(smoke, eval=dataclasses.replace(smoke.eval, tasks=()))
+    layout = Layout(tmp_path)
+    first = finetune.run(profile, layout, load_method("lora16"), 0, *base, progress=False)
+    where = layout.run("lora16", 0)
+    adapter = where.adapter / "adapter_model.safetensors"
+    whole = adapter.read_bytes()
+    adapter.write_bytes(whole[: len(whole) // 3])
+    for use in (lambda: export_run(where, *base), lambda: finetune.load_finetuned(where, *base)):
+        with pytest.raises(QRError, match="does not match the checksum its run recorded"):
+            use()
+    with pytest.warns(UserWarning, match="retraining the run"):
+        again = finetune.run(profile, layout, load_method("lora16"), 0, *base, progress=False)
+    assert again.test_loss == pytest.approx(first.test_loss, abs=1e-6) and adapter.read_bytes() == whole

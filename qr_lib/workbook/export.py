@@ -29,6 +29,7 @@ from ..errors import QRError
 from ..layout import RunDir
 from ..models import linear_names, load_model
 from ..store import read_json, write_json
+from .finetune import check_adapter
 
 FORMAT = "qr-adaptor-export/1"
 FORMULA = "W[o, i] = (codes[o, i] - zero[o, i // group_size]) * scale[o, i // group_size]"
@@ -37,6 +38,7 @@ FORMULA = "W[o, i] = (codes[o, i] - zero[o, i // group_size]) * scale[o, i // gr
 def export_run(where: RunDir, base=None, tok=None) -> Path:
     """Write the run's export/ folder (see the module docstring); returns that folder."""
     meta = read_json(where.allocation)
+    check_adapter(where)
     qcfg = QuantConfig(**meta["quant"])
     backend = get_backend(qcfg)
     try:

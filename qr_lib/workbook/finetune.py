@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -32,7 +34,7 @@ from ..errors import QRError
 from ..evaluate import run_tasks
 from ..layout import Layout, RunDir
 from ..models import load_model, worker_model
-from ..store import cached, content_hash, keyed, read_artifact, read_json, write_json
+from ..store import cached, content_hash, file_sha256, keyed, read_artifact, read_json, write_json
 from .methods import Context, Method, load_method, method_ids
 
 
@@ -145,10 +147,17 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
             seconds=round(time.time() - t0, 1), training_key=training,
             dev_loss=mean_loss(dev) if dev else None, dev_examples=_per_example(dev) if dev else None).to_dict()
 
-    # A new search selection is a new run, though the method's configuration is the same.
-    def same_allocation(result: dict) -> bool:
-        return Allocation.from_dict(result["allocation"]).pairs() == allocation.pairs()
-    return RunResult.from_dict(cached(where.result, config, compute, valid=same_allocation))
+    # A new search selection is a new run, though the method's configuration is the same; a run whose
+    # adapter no longer matches its recorded checksum (truncated, edited) is retrained.
+    def still_valid(result: dict) -> bool:
+        if Allocation.from_dict(result["allocation"]).pairs() != allocation.pairs():
+            return False
+        damaged = damaged_adapter(where)
+        if damaged:
+            warnings.warn(f"{damaged} does not match the checksum its run recorded (truncated or edited); "
+                          "retraining the run", stacklevel=2)
+        return not damaged
+    return RunResult.from_dict(cached(where.result, config, compute, valid=still_valid))
 
 
 def save_adapter(model, where: RunDir, allocation: Allocation, qcfg: QuantConfig, profile: Profile,
@@ -156,7 +165,31 @@ def save_adapter(model, where: RunDir, allocation: Allocation, qcfg: QuantConfig
     """peft's adapter files plus what rebuilds the quantized model they sit on."""
     model.save_pretrained(str(where.adapter))
     write_json(where.allocation, {"allocation": allocation, "quant": qcfg, "lora": profile.lora,
-                                  "model": profile.model, "dtype": profile.dtype, "adapter": method.adapter})
+                                  "model": profile.model, "dtype": profile.dtype, "adapter": method.adapter,
+                                  "adapter_sha256": {p.name: file_sha256(p)
+                                                     for p in sorted(where.adapter.glob("*.safetensors"))}})
+
+
+def damaged_adapter(where: RunDir) -> Path | None:
+    """The adapter file of a run that no longer matches the checksum its run recorded, if any. Only
+    files that are there are checked: the committed results carry no adapters (they are not tracked),
+    and runs saved before checksums were recorded have none to check."""
+    if not where.allocation.exists():
+        return None
+    recorded = read_json(where.allocation).get("adapter_sha256", {})
+    for name, digest in recorded.items():
+        path = where.adapter / name
+        if path.exists() and file_sha256(path) != digest:
+            return path
+    return None
+
+
+def check_adapter(where: RunDir) -> None:
+    """Refuse to use a run's adapter that no longer matches its recorded checksum."""
+    damaged = damaged_adapter(where)
+    if damaged is not None:
+        raise QRError(f"{damaged} does not match the checksum its run recorded (truncated or edited); rerun the "
+                      "run's `qr-adaptor finetune --method ...` to retrain it (the damaged run is redone)")
 
 
 def load_finetuned(where: RunDir, base=None, tok=None):
@@ -166,6 +199,7 @@ def load_finetuned(where: RunDir, base=None, tok=None):
         twin = where.path.parent.parent / record["result"]["same_run_as"] / where.path.name
         raise QRError(f"{where.path} is the same run as {twin} (one training, two names); load that folder")
     meta = read_json(where.allocation)
+    check_adapter(where)
     if meta["adapter"] == "adalora":
         raise QRError("reloading AdaLoRA runs is not supported; load them with peft.PeftModel.from_pretrained")
     if base is None:
