@@ -153,10 +153,15 @@ def write_artifact(path: Path, config, result) -> dict:
     return record
 
 
-def read_artifact(path: Path, quiet: bool = False) -> dict | None:
+# What a reader that lists records does with a damaged one (the warning says so, not "recomputing").
+LEFT_OUT = "leaving it out here; the stage that wrote it recomputes it on its next run"
+
+
+def read_artifact(path: Path, quiet: bool = False, then: str = "recomputing it") -> dict | None:
     """The record at `path` if it is whole and untouched; None if it is missing, is not JSON, or its
     checksum does not match its content (a truncated or edited file). Such a file is named in a
-    warning and the caller recomputes it; the rewrite replaces it."""
+    warning that says what the caller does with it (`then`): a stage recomputes it (the rewrite
+    replaces it), a reader that lists records leaves it out (LEFT_OUT)."""
     path = Path(path)
     if not path.exists():
         return None
@@ -167,7 +172,7 @@ def read_artifact(path: Path, quiet: bool = False) -> dict | None:
         ok = False
     if not ok:
         if not quiet:
-            warnings.warn(f"{path} is damaged or was edited (its checksum does not match); recomputing it",
+            warnings.warn(f"{path} is damaged or was edited (its checksum does not match); {then}",
                           stacklevel=2)
         return None
     return record

@@ -127,3 +127,14 @@ def test_an_edited_evaluation_record_is_repaired_on_the_reproduce_path(smoke_run
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
     reproduce.run("smoke", only=["04"])
     assert json.loads(copy.evaluation(key).read_text())["result"]["objective"] == pytest.approx(before)
+
+
+def test_a_reader_that_lists_records_says_it_leaves_a_damaged_one_out_rather_than_recomputing(tmp_path):
+    from qr_lib.store import write_artifact
+    from qr_lib.workbook import sizing
+    layout = Layout(tmp_path)
+    for method in ("a", "b"):
+        write_artifact(layout.sizing_curve(method), {"method": method}, {"method": method, "checkpoints": []})
+    _tamper(layout.sizing_curve("b"), lambda r: r.update(method="edited"))
+    with pytest.warns(UserWarning, match="b.json is damaged or was edited .*; leaving it out here"):
+        assert [c["method"] for c in sizing.curves(layout)] == ["a"]

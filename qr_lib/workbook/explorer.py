@@ -14,7 +14,7 @@ from ..config import Profile
 from ..errors import QRError
 from ..layout import Layout
 from ..models import load_skeleton
-from ..store import content_hash, read_artifact, stored_result
+from ..store import LEFT_OUT, content_hash, read_artifact, stored_result
 from .plots import allocation_heatmap, show
 from .profiles import other_settings
 
@@ -42,7 +42,7 @@ class Explorer:
         context_key = content_hash(proxy_context(self.profile))
         out = []
         for path in sorted(self.layout.evaluations.glob("*.json")):
-            rec = read_artifact(path)
+            rec = read_artifact(path, then=LEFT_OUT)
             if rec is None or rec["config"].get("context_key") != context_key:
                 continue
             r = Evaluation.from_dict(rec["result"])

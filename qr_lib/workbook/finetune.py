@@ -34,7 +34,7 @@ from ..errors import QRError
 from ..evaluate import run_tasks
 from ..layout import Layout, RunDir
 from ..models import load_model, worker_model
-from ..store import cached, content_hash, file_sha256, keyed, read_artifact, read_json, write_json
+from ..store import LEFT_OUT, cached, content_hash, file_sha256, keyed, read_artifact, read_json, write_json
 from .methods import Context, Method, load_method, method_ids
 
 
@@ -70,7 +70,7 @@ def results(layout: Layout, method_id: str = "*") -> list[RunResult]:
     edited result is named in a warning and left out (the next run of the stage recomputes it)."""
     out = []
     for run_dir in layout.runs(method_id):
-        record = read_artifact(run_dir.result)
+        record = read_artifact(run_dir.result, then=LEFT_OUT)
         if record is not None:
             out.append(RunResult.from_dict(record["result"]))
     return out

@@ -39,7 +39,7 @@ from ..data import load_finetune, load_texts
 from ..errors import QRError
 from ..layout import Layout
 from ..models import worker_model
-from ..store import cached, package_versions, read_artifact, save_figure, save_table
+from ..store import LEFT_OUT, cached, package_versions, read_artifact, save_figure, save_table
 from . import stats
 from .methods import Context, Method, load_method
 from .plots import caption, figure_caption, learning_curves
@@ -157,7 +157,7 @@ def curves(layout: Layout, methods=None) -> list[dict]:
     """The finished curves under the layout (checksum-checked; a damaged one is named and left out)."""
     out = []
     for path in layout.sizing_curves():
-        record = read_artifact(path)
+        record = read_artifact(path, then=LEFT_OUT)
         if record is not None and (methods is None or record["result"]["method"] in methods):
             out.append(record["result"])
     if methods is not None:
