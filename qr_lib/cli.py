@@ -102,10 +102,10 @@ def cmd_finetune(args) -> None:
     from .workbook import finetune, methods
 
     profile = _profile(args)
-    _guard(args, profile)
     # Unlike reproduce, this command makes none of what its methods read: all of it must be there first.
     chosen = [methods.load_method(m) for m in args.method or profile.finetune.methods or methods.method_ids()]
     methods.check_prerequisites(profile, Layout.of(profile.name), chosen)
+    _guard(args, profile)
     if not args.method:
         return _run_notebooks(args, STAGES["finetune"][0], loaded=profile)
     layout = Layout.for_profile(profile.name)
@@ -264,7 +264,7 @@ def _guard(args, profile) -> None:
     check_device(profile)
     if not args.overwrite:
         refuse_other_settings(profile, Layout.of(profile.name))
-    hold_lock(Layout.of(profile.name).lock)
+    hold_lock(Layout.for_profile(profile.name).lock)       # the folder made (and checked writable) first
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,8 +141,8 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
     # The starting state before the size check, which may convert the model on a fresh machine.
     start, started = begun or (starting_state(Layout.of(name)), time.time())
     estimate.check_size(loaded, Layout.of(name))          # an absurd size fails here, before anything is written
-    hold_lock(Layout.of(name).lock)
     layout = Layout.for_profile(name)
+    hold_lock(layout.lock)
     manifest = read_json(layout.manifest) if layout.manifest.exists() else {"files": {}, "notebooks": {}}
     layout.notebooks.mkdir(exist_ok=True)
     kernel = ensure_kernel()
