@@ -77,6 +77,9 @@ def embedded_dir() -> Path:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def resolve(name: str) -> str:
     """Map a model name to something from_pretrained can open without a network."""
     if name == EMBEDDED:
@@ -86,6 +89,13 @@ def resolve(name: str) -> str:
         if not (folder / "config.json").exists():
             raise QRError(f"no config.json in {folder}: not a model folder; give a folder that "
                           "save_pretrained wrote, a Hugging Face model id, or 'embedded'")
+        # What from_pretrained would otherwise miss only after the run has started.
+        if not any((folder / f).exists() for f in TOKENIZER_FILES):
+            raise QRError(f"no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)}); save it beside the "
+                          "model: tokenizer.save_pretrained(folder)")
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+            raise QRError(f"no weights in {folder} (no *.safetensors or pytorch_model*.bin); save the model there "
+                          "with model.save_pretrained(folder)")
         return str(folder)
     return name
 

@@ -190,6 +190,13 @@ def _older_rows(tmp):
     empty.mkdir()
     blocker = tmp / "a-file"
     blocker.write_text("")
+    config_only = tmp / "config-only"                  # the report's case: a folder with config.json alone
+    config_only.mkdir()
+    (config_only / "config.json").write_text('{"model_type": "llama"}')
+    no_weights = tmp / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text('{"model_type": "llama"}')
+    (no_weights / "tokenizer.json").write_text("{}")
     smoke = ["--profile", "smoke"]
     return [
         (["search", "--profile", str(bad_profile)], "line 2"),
@@ -202,11 +209,13 @@ def _older_rows(tmp):
         (["search", *smoke, "--set", "budget_rank=12"], "budget_rank"),
         (["search", *smoke, "--set", "finetune.lr=-0.1"], "finetune.lr"),
         (["search", *smoke, "--set", f"model={empty}"], "not a model folder"),
+        (["search", *smoke, "--set", f"model={config_only}"], "no tokenizer in"),
+        (["search", *smoke, "--set", f"model={no_weights}"], "no weights in"),
         (["finetune", *smoke, "--method", "hqq4"], "cannot write results", blocker),
     ]
 
 
-@pytest.mark.parametrize("row", range(11))
+@pytest.mark.parametrize("row", range(13))
 def test_the_older_bad_input_rows_exit_2_from_the_command_line_with_nothing_written(row, tmp_path, monkeypatch,
                                                                                     capsys):
     inputs = tmp_path / "inputs"
