@@ -135,6 +135,8 @@ def test_the_model_is_checked_from_its_config_when_the_profile_loads(tmp_path):
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,
                                                   "num_attention_heads": 4, "intermediate_size": 128,
                                                   "vocab_size": 100}))
+    (bert / "tokenizer.json").write_text("{}")          # present, so the check reaches the architecture
+    (bert / "model.safetensors").write_bytes(b"")
     with pytest.raises(QRError, match="not a causal language model|no `model.layers`|lacks linear modules"):
         load_profile("smoke", {"model": str(bert)})
 
