@@ -239,6 +239,8 @@ def test_a_folder_or_an_array_given_as_profile_exits_2(tmp_path, monkeypatch, ca
     bert.mkdir()
     (bert / "config.json").write_text('{"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, '
                                       '"num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100}')
+    (bert / "tokenizer.json").write_text("{}")          # present, so the check reaches the architecture
+    (bert / "model.safetensors").write_bytes(b"")
     for argv, message in ((["estimate", "--profile", str(folder)], "is a folder"),
                           (["estimate", "--profile", str(array)], "not an object"),
                           (["estimate", "--profile", "smoke", "--set", f"model={bert}"], "LLaMA-like decoder")):
