@@ -105,9 +105,9 @@ def cmd_finetune(args) -> None:
     # Unlike reproduce, this command makes none of what its methods read: all of it must be there first.
     chosen = [methods.load_method(m) for m in args.method or profile.finetune.methods or methods.method_ids()]
     methods.check_prerequisites(profile, Layout.of(profile.name), chosen)
-    _guard(args, profile)
     if not args.method:
         return _run_notebooks(args, STAGES["finetune"][0], loaded=profile)
+    _guard(args, profile)
     layout = Layout.for_profile(profile.name)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     with open_runner(profile.parallel, profile.device) as runner:
@@ -257,14 +257,9 @@ def _overwrite(p: argparse.ArgumentParser) -> None:
 def _guard(args, profile) -> None:
     """A command that writes stops before it starts where the profile's device is missing here, its
     results hold other settings, or another command is running on them; else it holds their lock."""
-    from .layout import Layout
-    from .store import hold_lock
-    from .workbook.profiles import check_device
-    from .workbook.reproduce import refuse_other_settings
-    check_device(profile)
-    if not args.overwrite:
-        refuse_other_settings(profile, Layout.of(profile.name))
-    hold_lock(Layout.for_profile(profile.name).lock)       # the folder made (and checked writable) first
+    from .workbook import reproduce
+    reproduce.admit(profile, args.overwrite)
+    reproduce.claim(profile.name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -314,7 +314,7 @@ def one_of(*choices: str) -> Domain:
 
 
 # The domain of every numeric or enumerated setting, checked when a profile loads (profiles.validate),
-# before any work. A setting whose default is None may also be null; no other may.
+# before any work. A setting typed `X | None` may also be null; no other may.
 DOMAINS: dict[str, Domain] = {
     "dtype": one_of(*DTYPES),
     "device": Domain(lambda x: re.fullmatch(r"cpu|mps|cuda(:\d+)?", x) is not None, "cpu, cuda, cuda:<n> or mps",

@@ -87,6 +87,14 @@ def content_hash(obj, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def package_versions(names=TRACKED_PACKAGES) -> dict:
     out = {}
     for n in names:
@@ -103,14 +111,6 @@ def git_commit() -> str | None:
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def environment() -> dict:
@@ -135,7 +135,7 @@ def checksum(config, result) -> str:
     return hashlib.sha256(json.dumps({"config": config, "result": result}, sort_keys=True).encode()).hexdigest()
 
 
-def _plain(obj):
+def plain(obj):
     """obj as the JSON a file holds (dataclasses to dicts, tuples to lists): what a stored record compares to."""
     return json.loads(json.dumps(to_jsonable(obj)))
 
@@ -144,7 +144,7 @@ def write_artifact(path: Path, config, result) -> dict:
     """Write {config, environment, result, checksum}. A record whose config and result did not change
     is kept, so a rerun that reads its inputs back leaves the provenance of the run that did the work."""
     path = Path(path)
-    config, result = _plain(config), _plain(result)
+    config, result = plain(config), plain(result)
     old = read_artifact(path, quiet=True)
     if old is not None and old["config"] == config and old["result"] == result:
         return old
@@ -189,7 +189,7 @@ def cached(path: Path, config, compute, valid=None):
     atomically with its config, provenance and checksum. So a stage whose config changed, or whose file
     is damaged or edited, is recomputed, and anything else is read back, never recomputed."""
     record = read_artifact(path)
-    if record is not None and record["config"] == _plain(config) and (valid is None or valid(record["result"])):
+    if record is not None and record["config"] == plain(config) and (valid is None or valid(record["result"])):
         return record["result"]
     return write_artifact(path, config, compute())["result"]  # JSON types, whichever way it came
 
@@ -198,7 +198,7 @@ def stored_result(path: Path, config=None):
     """The result at `path` if the file is whole (and its config equals `config`, where given); None
     otherwise: for readers that cannot recompute a stage (tables, figures, the explorer)."""
     record = read_artifact(path)
-    if record is None or (config is not None and record["config"] != _plain(config)):
+    if record is None or (config is not None and record["config"] != plain(config)):
         return None
     return record["result"]
 

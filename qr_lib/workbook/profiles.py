@@ -27,7 +27,7 @@ from ..evaluate import check_tasks
 from ..hardware import resolve_dtype
 from ..layout import Layout
 from ..models import TINY, load_skeleton, tiny_llama
-from ..store import read_artifact, to_jsonable
+from ..store import plain, read_artifact
 
 PROFILE_DIR = PACKAGE_DIR / "profiles"
 LOCAL_MODELS = ("embedded", "tiny")
@@ -170,7 +170,7 @@ def check_device(profile: Profile) -> None:
 
 def check_domains(profile: Profile) -> None:
     """Every setting in config.DOMAINS against its domain (null passes only where the type check let
-    it, i.e. where the default is null)."""
+    it, i.e. where the field is typed `X | None`)."""
     for name, domain in DOMAINS.items():
         value = profile
         for part in name.split("."):
@@ -267,6 +267,6 @@ def other_settings(profile: Profile, layout: Layout) -> list[str]:
     record = read_artifact(layout.setup, quiet=True)
     if record is None or "profile" not in record["config"]:
         return []
-    theirs, ours = _flat(record["config"]["profile"]), _flat(json.loads(json.dumps(to_jsonable(profile))))
+    theirs, ours = _flat(record["config"]["profile"]), _flat(plain(profile))
     return [f"{k}: {theirs.get(k, '(unset)')!r} there, {ours.get(k, '(unset)')!r} here"
             for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]

@@ -36,6 +36,7 @@ def starting_state(layout: Layout) -> dict:
     caches = sorted(p.name for p in cache_root().iterdir() if any(p.iterdir())) if cache_root().exists() else []
     return {"artifacts": artifacts, "caches": caches, "from_nothing": not artifacts and not caches}
 
+
 def refuse_other_settings(profile: Profile, layout: Layout) -> None:
     """A run never silently replaces results made with other settings (another dtype on a CPU with
     native bf16, an edited profile, a --set): it stops before anything is written."""
@@ -46,6 +47,22 @@ def refuse_other_settings(profile: Profile, layout: Layout) -> None:
                       "them, load the profile with the settings they record (e.g. --set dtype=float32); to replace "
                       "them, run again with --overwrite (make ... OVERWRITE=1); to keep both, give this run a "
                       "profile of its own name.")
+
+
+def admit(profile: Profile, overwrite: bool = False) -> None:
+    """The refusals every command that writes makes before it writes anything: a device this machine
+    lacks, and (unless `overwrite`) results of other settings in the profile's folder."""
+    check_device(profile)
+    if not overwrite:
+        refuse_other_settings(profile, Layout.of(profile.name))
+
+
+def claim(name: str) -> Layout:
+    """The profile's results folder, made, checked writable and locked for this process (one run per
+    folder): the last step before a command writes into it."""
+    layout = Layout.for_profile(name)
+    hold_lock(layout.lock)
+    return layout
 
 
 NOTEBOOK_DIR = REPO_DIR / "notebooks"
@@ -135,14 +152,11 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
                       f"{[nb.name for nb in notebooks()]}, e.g. --only 02 03")
     loaded = loaded or load_profile(profile, overrides)  # a bad profile fails here, before any notebook
     name = loaded.name
-    check_device(loaded)
-    if not overwrite:
-        refuse_other_settings(loaded, Layout.of(name))
+    admit(loaded, overwrite)
     # The starting state before the size check, which may convert the model on a fresh machine.
     start, started = begun or (starting_state(Layout.of(name)), time.time())
     estimate.check_size(loaded, Layout.of(name))          # an absurd size fails here, before anything is written
-    layout = Layout.for_profile(name)
-    hold_lock(layout.lock)
+    layout = claim(name)
     manifest = read_json(layout.manifest) if layout.manifest.exists() else {"files": {}, "notebooks": {}}
     layout.notebooks.mkdir(exist_ok=True)
     kernel = ensure_kernel()
