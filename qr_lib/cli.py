@@ -99,9 +99,11 @@ def cmd_finetune(args) -> None:
     from .algorithm.runner import open_runner
     from .layout import Layout
     from .models import load_model
-    from .workbook import finetune, methods
+    from .workbook import finetune, methods, profiles
 
     profile = _profile(args)
+    if args.method:         # the profile's own methods were checked when it loaded
+        profiles.check_methods(profile, dict.fromkeys(args.method, "--method"))
     # Unlike reproduce, this command makes none of what its methods read: all of it must be there first.
     chosen = [methods.load_method(m) for m in args.method or profile.finetune.methods or methods.method_ids()]
     methods.check_prerequisites(profile, Layout.of(profile.name), chosen)

@@ -255,7 +255,9 @@ class Profile:
     rank_ladder: tuple = DEFAULT_RANK_LADDER
     budget_bits: int = 4           # the memory budget is uniform budget_bits at budget_rank
     budget_rank: int = 8
-    select_at: tuple = ()          # further budgets (average bits, e.g. 3.5) to select from the same front
+    # Further budgets (average bits) selected from the same front: 3.5 is the paper's "about 3.5 bits beats
+    # 4-bit QLoRA" claim, which methods/qr_adaptor_3p5.json reads.
+    select_at: tuple = (3.5,)
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -305,6 +307,8 @@ SEEDS = Domain(lambda x: len(x) > 0 and all(isinstance(s, int) and s >= 0 for s 
                "a non-empty list of non-negative integer seeds", "[0, 1, 2]")
 POSITIVE_ITEMS = Domain(lambda x: len(x) > 0 and all(_number(v) and v > 0 for v in x),
                         "a non-empty list of positive numbers", "[1, 2, 4, 8]")
+POSITIVE_ITEMS_OR_NONE = Domain(lambda x: all(_number(v) and v > 0 for v in x),
+                                "a list of positive numbers (empty: none)", "[4, 8, 16]")
 NON_NEGATIVE_ITEMS = Domain(lambda x: len(x) > 0 and all(_number(v) and v >= 0 for v in x),
                             "a non-empty list of numbers >= 0", "[0, 8, 16]")
 
@@ -342,7 +346,8 @@ DOMAINS: dict[str, Domain] = {
     "finetune.seeds": SEEDS, "finetune.dev_seeds": SEEDS,
     "eval.limit": POSITIVE, "eval.batch_size": POSITIVE, "eval.max_gen_toks": POSITIVE, "eval.seeds": SEEDS,
     "pilot.steps": POSITIVE, "pilot.seeds": SEEDS, "pilot.limit": POSITIVE, "pilot.n_test": POSITIVE,
-    "pilot.memory_tolerance": POSITIVE,
+    "pilot.memory_tolerance": POSITIVE, "pilot.sweep_bits": POSITIVE_ITEMS_OR_NONE,
+    "pilot.sweep_ranks": POSITIVE_ITEMS_OR_NONE,
     "comparison.margin_loss": NON_NEGATIVE, "comparison.margin_accuracy": NON_NEGATIVE, "comparison.alpha": LEVEL,
     "comparison.power": LEVEL, "comparison.destroyed_gap": POSITIVE,
     "calibration.lengths": NON_NEGATIVE_ITEMS, "calibration.n_val": POSITIVE_ITEMS, "calibration.seeds": SEEDS,

@@ -161,6 +161,47 @@ def test_every_load_time_refusal_exits_2_from_the_command_line_with_nothing_writ
     assert not any(tmp_path.rglob("*"))
 
 
+# Method files the report fed a run: each trained, or trained another run, or failed after minutes.
+BAD_METHODS = [
+    ({"bits": 5, "rank": 8}, {}, "method bad: backend 'hqq' cannot quantize to [5] bits"),
+    ({"shallow": [4], "deep": [2, 16]}, {}, "gives shallow [4]"),
+    ({"shallow": [4, -8], "deep": [4, 16]}, {}, "gives shallow [4, -8]"),
+    ({"shallow": [4, 0], "deep": [4, 0]}, {}, "rank 0 in both halves"),
+    ({"bits": 4, "rank": -8}, {}, "bits > 0 and rank >= 1"),
+    ({"bits": 4, "rank": 8}, {"quant": {"group_size": 0}}, "method bad: quant.group_size is 0"),
+    ({"bits": 4, "rank": 8}, {"quant": {"groupsize": 64}}, "keys are among"),
+    ({"bits": 4, "rank": 8}, {"adapter": "ia3"}, "adapter 'ia3' is not one of"),
+    ({"search_at": 3.7}, {}, "search_at 3.7 is not a budget the search selects at"),
+    ({"random": {"bits": 9, "draw": 0}}, {}, "a budget of 9 average bits lies outside bit_ladder"),
+    ({"random": {"bits": 4, "draw": -1}}, {}, "draw that is not a non-negative integer"),
+    ({"knapsack": {"bits": 4, "rank": 5}}, {}, "knapsack rank 5 is not on the rank ladder"),
+    ({"search": {"rank_ladder": [0]}}, {}, "needs positive ranks"),
+]
+
+
+@pytest.mark.parametrize("where", ["profile", "command"])
+@pytest.mark.parametrize("allocation, extra, message", BAD_METHODS)
+def test_a_bad_method_file_is_refused_before_any_work_whether_the_profile_or_the_command_names_it(
+        allocation, extra, message, where, tmp_path, monkeypatch, capsys):
+    import json
+    results = tmp_path / "results"
+    monkeypatch.setenv("QR_RESULTS_DIR", str(results))
+    method = tmp_path / "bad.json"
+    method.write_text(json.dumps({"name": "bad", "allocation": allocation, **extra}))
+    argv = (["search", "--profile", "smoke", "--set", f'finetune.methods=["{method}"]'] if where == "profile"
+            else ["finetune", "--profile", "smoke", "--method", str(method)])
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not results.exists()                                   # nothing written, no model loaded
+
+
+def test_pilot_rungs_the_backend_cannot_build_are_refused_at_load(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))
+    assert cli.main(["pilot", "--profile", "smoke", "--set", "pilot.sweep_bits=[3,5]"]) == 2
+    assert "cannot quantize to [5] bits" in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*"))
+
+
 @pytest.mark.parametrize("argv", [
     ["finetune", "--profile", "smoke", "--method", "hqq4", "phase1_knapsack4", "qr_adaptor"],
     ["finetune", "--profile", "smoke", "--set", "finetune.methods=[\"lora16\",\"qr_adaptor\"]"],
@@ -202,7 +243,7 @@ def _older_rows(tmp):
         (["search", "--profile", str(bad_profile)], "line 2"),
         (["search", "--profile", str(latin)], "UTF-8"),
         (["finetune", *smoke, "--method", str(bad_method)], "is not valid JSON (line 1"),
-        (["finetune", *smoke, "--method", str(per_block)], "not both integers"),
+        (["finetune", *smoke, "--method", str(per_block)], "per-block choices are what the search selects"),
         (["search", *smoke, "--set", "bit_ladder=[2,4,5]"], "cannot quantize to [5] bits"),
         (["search", *smoke, "--set", "budget_bits=-4"], "a budget of -4 average bits"),
         (["search", *smoke, "--set", "rank_ladder=[-8,8]"], "rank_ladder"),

@@ -22,7 +22,11 @@ def test_profiles_load():
 
 
 def test_overrides_and_errors():
-    p = load_profile("smoke", {"proxy.steps": 7, "quant.backend": "bnb", "bit_ladder": [4, 8], "select_at": []})
+    # bitsandbytes builds 4 and 8 bits only: every rung and every method the profile names must fit it.
+    p = load_profile("smoke", {"proxy.steps": 7, "quant.backend": "bnb", "bit_ladder": [4, 8], "select_at": [],
+                               "pilot.bits": [4, 8], "finetune.methods": ["lora16", "nf4", "qr_adaptor"],
+                               "calibration.methods": ["qr_adaptor"], "sizing.methods": ["lora16", "nf4"],
+                               "sizing.key_methods": ["lora16", "nf4"]})
     assert p.proxy.steps == 7 and p.quant.backend == "bnb" and p.proxy.batch_size == 4
     with pytest.raises(QRError, match="unknown setting"):
         load_profile("smoke", {"proxy.stepz": 1})
@@ -145,7 +149,7 @@ def _bad_values(domain) -> list:
     """Values outside a domain of config.DOMAINS, the edges first."""
     from qr_lib import config as C
     return {C.POSITIVE: [0, -1], C.NON_NEGATIVE: [-1], C.FRACTION: [1.5, -0.1], C.PROBABILITY: [1.5, -0.1],
-            C.LEVEL: [0, 1], C.LEARNING_RATE: [1e308, 1.5, 0], C.SEEDS: [[], [-1]], C.POSITIVE_ITEMS: [[], [0]],
+            C.LEVEL: [0, 1], C.LEARNING_RATE: [1e308, 1.5, 0], C.SEEDS: [[], [-1]], C.POSITIVE_ITEMS: [[], [0]], C.POSITIVE_ITEMS_OR_NONE: [[0], [-1]],
             C.NON_NEGATIVE_ITEMS: [[], [-1]]}.get(domain, [1.5] if "correlation" in domain.says else ["bogus"])
 
 

@@ -47,16 +47,21 @@ def test_packed_backends_train_on_cuda_and_the_peak_is_the_runs_own(cuda_model, 
         assert measured_bytes(packed)["blocks"] == formula_bytes(model_shapes(model), alloc, qcfg)["blocks"]
 
 
-def test_a_smoke_sized_search_and_a_final_run_with_lm_eval_on_cuda(tmp_path):
+def test_a_smoke_sized_search_and_a_final_run_with_lm_eval_on_cuda(cuda_model, tmp_path):
     from qr_lib.algorithm import search
+    from qr_lib.layout import Layout
     from qr_lib.workbook import finetune
+    from qr_lib.workbook.methods import load_method
     from qr_lib.workbook.profiles import load_profile
 
     profile = load_profile("gpu", {"nsga.pop_size": 4, "nsga.generations": 1, "nsga.n_random": 1, "bo.iterations": 1,
                                    "proxy.steps": 2, "nsga.low_steps": 1, "data.n_train": 16, "data.n_val": 8,
                                    "data.n_test": 16, "data.n_calib": 2, "finetune.max_steps": 2,
-                                   "eval.limit": 4, "eval.tasks": ["qr_arc_easy"], "select_at": []})
-    result = search.run(profile, tmp_path, progress=False)
-    assert result["selected_scores"]["budget_ratio"] <= 1
-    rec = finetune.run(profile, finetune.load_method("qr_adaptor"), 0, tmp_path, progress=False)["result"]
-    assert rec["benchmarks"]["qr_arc_easy"]["n"] == 4 and rec["train"]["peak_memory"]["scope"].startswith("run (CUDA")
+                                   "eval.limit": 4, "eval.tasks": ["qr_arc_easy"], "eval.task_limits": {},
+                                   "parallel.backend": "serial"})
+    base, tok = cuda_model
+    layout = Layout(tmp_path)
+    result = search.run(profile, layout, base, tok, progress=False)
+    assert result.selected_scores["budget_ratio"] <= 1
+    run = finetune.run(profile, layout, load_method("qr_adaptor"), 0, base, tok, progress=False)
+    assert run.benchmarks["qr_arc_easy"]["n"] == 4 and run.train["peak_memory"]["scope"].startswith("run (CUDA")

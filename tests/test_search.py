@@ -297,7 +297,8 @@ def test_a_candidate_that_diverges_is_recorded_and_the_search_goes_on(smoke, bas
         return {**log, "diverged": True} if len(calls) == 2 else log
 
     monkeypatch.setattr(proxy, "train", second_diverges)
-    small = load_profile("smoke", {"nsga.generations": 1, "nsga.n_random": 0, "bo.iterations": 1, "select_at": []})
+    small = load_profile("smoke", {"nsga.generations": 1, "nsga.n_random": 0, "bo.iterations": 1, "select_at": [],
+                                   "finetune.methods": ["qr_adaptor"], "calibration.methods": ["qr_adaptor"]})
     result = search.run(small, Layout(tmp_path), *base, progress=False)
     records = read_artifact(Layout(tmp_path).nsga)["result"]["evaluations"]
     assert sum(r["failed"] for r in records) == 1 and len(records) > 2

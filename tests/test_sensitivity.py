@@ -3,7 +3,7 @@ import torch
 
 from qr_lib.algorithm import sensitivity as S
 from qr_lib.config import QuantConfig, SensitivityConfig
-from qr_lib.store import write_json
+from qr_lib.store import write_artifact
 
 Q = QuantConfig(group_size=64, hqq_optimize=False)
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine, they said.",
@@ -25,12 +25,23 @@ def test_kl_is_positive_falls_with_bits_and_the_model_is_restored(tok):
     assert torch.equal(before, model(input_ids=x).logits)
 
 
-def test_profile_resumes_from_partial_results(tok, tmp_path):
+def test_profile_resumes_from_partial_results_and_never_from_an_edited_one(tok, tmp_path):
+    import json
     partial = tmp_path / "partial.json"
-    write_json(partial, {"2:0": 123.0, "2:1": 456.0})
+    write_artifact(partial, {"progress of": partial.name}, {"2:0": 123.0, "2:1": 456.0})
     r = S.measure(_model(tok), tok, TEXTS, SensitivityConfig(bits=(2,), seq_len=16), Q, partial=partial,
                   progress=False)
     assert r["kl"]["2"][:2] == [123.0, 456.0] and r["kl"]["2"][2] < 1
+    # The report's case: one KL value edited in the progress file (2.476 for 0.0025) with its checksum
+    # left as it was: named, and every block measured again.
+    write_artifact(partial, {"progress of": partial.name}, {"2:0": 0.0025, "2:1": 456.0})
+    record = json.loads(partial.read_text())
+    record["result"]["2:0"] = 2.476
+    partial.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="damaged or was edited.*measuring its blocks again"):
+        r = S.measure(_model(tok), tok, TEXTS, SensitivityConfig(bits=(2,), seq_len=16), Q, partial=partial,
+                      progress=False)
+    assert all(k < 1 for k in r["kl"]["2"])
 
 
 def test_bits_the_backend_lacks_are_refused(tok):

@@ -217,6 +217,36 @@ def test_committed_notebooks_carry_no_widget_and_no_absolute_path():
         assert str(REPO_DIR) not in text and not re.search(r"['\"(]/(root|home|Users|tmp)/", text), path
 
 
+def test_an_executed_copy_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """papermill saves its copy after every cell: a full disk once left 12 KB of invalid JSON in place of
+    the executed notebook. It now writes a hidden partial file that only a whole, tidied copy replaces."""
+    import json
+
+    import papermill as pm
+
+    from qr_lib.workbook import reproduce
+    out = tmp_path / "01_x.ipynb"
+    out.write_text('{"the": "last whole copy"}')
+    whole = {"cells": [], "metadata": {"papermill": {"output_path": "?"}}, "nbformat": 4, "nbformat_minor": 5}
+
+    def disk_full(notebook, output, **kwargs):
+        Path(output).write_text(json.dumps(whole)[:12])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pm, "execute_notebook", disk_full)
+    with pytest.raises(OSError):
+        reproduce.execute(tmp_path / "in.ipynb", out, {}, "k")
+    assert json.loads(out.read_text()) == {"the": "last whole copy"} and sorted(tmp_path.iterdir()) == [out]
+
+    def cell_fails(notebook, output, **kwargs):
+        Path(output).write_text(json.dumps(whole))
+        raise pm.PapermillExecutionError(0, 1, "boom", "ValueError", "bad", [])
+    monkeypatch.setattr(pm, "execute_notebook", cell_fails)
+    with pytest.raises(pm.PapermillExecutionError):
+        reproduce.execute(tmp_path / "in.ipynb", out, {}, "k")     # the copy with the error is kept, whole
+    assert json.loads(out.read_text())["metadata"]["papermill"]["output_path"] == str(out)
+    assert sorted(tmp_path.iterdir()) == [out]
+
+
 def test_tidy_drops_widgets_and_progress_lines_and_makes_paths_relative(tmp_path, monkeypatch):
     import json
 

@@ -21,7 +21,7 @@ from ..errors import QRError
 from ..layout import Layout
 from ..models import block_linears, transformer_blocks
 from ..progress import tqdm
-from ..store import cached, keyed, read_json, write_json
+from ..store import cached, keyed, read_artifact, write_artifact
 from .build import default_cache, quantized_linears, set_block_linears, use_dense
 from .quant import check_bits, get_backend
 
@@ -71,10 +71,11 @@ def measure(model, tok, texts, cfg: SensitivityConfig, qcfg: QuantConfig, partia
     batches = calibration_batches(tok, texts, cfg.seq_len, cfg.batch_size, device)
     reference = reference_distributions(model, batches)
     blocks = transformer_blocks(model)
-    try:
-        done = read_json(partial) if partial is not None and partial.exists() else {}
-    except ValueError:  # damaged progress: redo the blocks rather than fail
-        done = {}
+    # The progress file is checksummed like every artifact: a damaged or edited one is named and its
+    # blocks are measured again, so no value enters sensitivity.json unchecked.
+    progress_config = {"progress of": partial.name} if partial is not None else None
+    record = read_artifact(partial, then="measuring its blocks again") if partial is not None else None
+    done = record["result"] if record is not None and record["config"] == progress_config else {}
     cache = default_cache(qcfg) if backend.cacheable else None
     dense = use_dense(qcfg, model)  # the same weights training computes with
     todo = [(i, b) for b in cfg.bits for i in range(len(blocks)) if f"{b}:{i}" not in done]
@@ -87,7 +88,7 @@ def measure(model, tok, texts, cfg: SensitivityConfig, qcfg: QuantConfig, partia
         finally:
             set_block_linears(blocks[i], linears, originals)
         if partial is not None:
-            write_json(partial, done)
+            write_artifact(partial, progress_config, done)
     return {"bits": list(cfg.bits),
             "kl": {str(b): [done[f"{b}:{i}"] for i in range(len(blocks))] for b in cfg.bits}}
 

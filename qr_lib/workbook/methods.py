@@ -28,6 +28,7 @@ from ..algorithm import search
 from ..algorithm.adapters import ADAPTERS
 from ..algorithm.allocation import Allocation, split, uniform
 from ..algorithm.memory import ModelShapes
+from ..algorithm.quant import check_bits, get_backend
 from ..algorithm.runner import SERIAL, Runner
 from ..algorithm.search.problem import budget_rank_rung, knapsack, level_bytes, random_allocation, space_for
 from ..config import Profile, QuantConfig
@@ -40,18 +41,25 @@ METHOD_DIR = PACKAGE_DIR / "methods"
 
 @dataclass(frozen=True)
 class Context:
-    """What resolving an allocation may read: the profile, the model's shapes and the results folder."""
+    """What resolving an allocation may read: the profile, the model's shapes and the results folder
+    (None when a method is checked at load, where only the kinds the profile decides resolve)."""
     profile: Profile
     shapes: ModelShapes
-    layout: Layout
+    layout: Layout | None
 
 
 class Spec:
     """An allocation kind: `resolve` makes the allocation; `needs` names the artifact it is read from
-    (path, what makes it), or None when the profile alone decides it."""
+    (path, what makes it), or None when the profile alone decides it; `check` says, before any work,
+    whether the profile can make it at all."""
 
     def needs(self, layout: Layout) -> tuple[Path, str] | None:
         return None
+
+    def check(self, ctx: Context, method: "Method") -> None:
+        """Kinds the profile alone decides are resolved now (against the block count and the ladders)
+        and their bits checked against the method's backend; kinds read from an artifact override this."""
+        _check_bits(method, method.quant_config(ctx.profile), set(self.resolve(ctx, method).bits))
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,12 @@ class Searched(Spec):
         chosen = result.selected if self.bits is None else result.at(self.bits)
         return dataclasses.replace(chosen, name=method.name)
 
+    def check(self, ctx: Context, method: "Method") -> None:
+        budgets = (ctx.profile.budget_bits, *ctx.profile.select_at)
+        if self.bits is not None and float(self.bits) not in map(float, budgets):
+            raise QRError(f"method {method.id}: search_at {self.bits} is not a budget the search selects at "
+                          f"({list(budgets)}: budget_bits and select_at); add it to the profile's select_at")
+
 
 @dataclass(frozen=True)
 class Variant(Spec):
@@ -100,6 +114,14 @@ class Variant(Spec):
 
     def resolve(self, ctx: Context, method: "Method") -> Allocation:
         return dataclasses.replace(search.load_result(ctx.layout.variant(method.id)).selected, name=method.name)
+
+    def check(self, ctx: Context, method: "Method") -> None:
+        variant = self.profile(ctx.profile)
+        _check_bits(method, variant.quant, variant.bit_ladder)
+        ranks = [r for r in variant.rank_ladder if not (isinstance(r, int) and r > 0)]
+        if ranks or variant.budget_rank not in variant.rank_ladder:
+            raise QRError(f"method {method.id}: its search's rank_ladder {list(variant.rank_ladder)} needs positive "
+                          f"ranks and budget_rank {variant.budget_rank}; set both in the method's search settings")
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,13 @@ class Knapsack(Spec):
         level = level_bytes(space, self.bits, budget_rank_rung(p))
         return space.allocation(knapsack(space, level, space.rank_ladder.index(self.rank)), name=method.name)
 
+    def check(self, ctx: Context, method: "Method") -> None:
+        p = ctx.profile
+        if self.rank not in p.rank_ladder:
+            raise QRError(f"method {method.id}: knapsack rank {self.rank} is not on the rank ladder "
+                          f"{sorted(p.rank_ladder)}; choose one of those")
+        _check_budget(method, self.bits, p)
+
 
 @dataclass(frozen=True)
 class Random(Spec):
@@ -136,6 +165,24 @@ class Random(Spec):
         genes = random_allocation(space, level, np.random.default_rng([int(self.draw), int(round(10 * self.bits))]))
         return space.allocation(genes, name=method.name)
 
+    def check(self, ctx: Context, method: "Method") -> None:
+        _check_budget(method, self.bits, ctx.profile)
+        super().check(ctx, method)
+
+
+def _check_bits(method: "Method", qcfg: QuantConfig, bits) -> None:
+    try:
+        check_bits(get_backend(qcfg), bits)
+    except QRError as e:
+        raise QRError(f"method {method.id}: {e}") from None
+
+
+def _check_budget(method: "Method", bits, profile: Profile) -> None:
+    lo, hi = min(profile.bit_ladder), max(profile.bit_ladder)
+    if not (isinstance(bits, (int, float)) and not isinstance(bits, bool) and lo <= bits <= hi):
+        raise QRError(f"method {method.id}: a budget of {bits!r} average bits lies outside bit_ladder "
+                      f"{list(profile.bit_ladder)}; choose a number between {lo} and {hi}")
+
 
 def parse_allocation(method_id: str, spec):
     """The typed spec of a method file's "allocation" value, or a QRError naming the six kinds."""
@@ -144,19 +191,33 @@ def parse_allocation(method_id: str, spec):
                        "{\"shallow\": [b, r], \"deep\": [b, r]}, \"search\", {\"search_at\": bits}, "
                        "{\"search\": {profile settings}}, {\"knapsack\": {\"bits\": b, \"rank\": r}}, "
                        "{\"random\": {\"bits\": b, \"draw\": k}} (docs/EXTENDING.md)")
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def pair(v, what: str, min_rank: int) -> tuple:
+        if not (isinstance(v, list) and len(v) == 2 and all(map(integer, v)) and v[0] > 0 and v[1] >= min_rank):
+            raise bad(f"gives {what} {v!r}; it is one [bits, rank] pair of integers, bits > 0 and rank >= {min_rank}, "
+                      "e.g. [4, 16] (per-block choices are what the search selects)")
+        return tuple(v)
     if spec == "search":
         return Searched()
     if not isinstance(spec, dict) or len(spec) == 0:
         raise bad("is none of the allocation kinds")
     kind = next(iter(spec))
     if "bits" in spec and "rank" in spec and set(spec) == {"bits", "rank"}:
-        if not (isinstance(spec["bits"], int) and isinstance(spec["rank"], int)):
-            raise bad("is a uniform allocation with bits and rank that are not both integers (per-block choices "
-                      "are what the search selects)")
-        return Uniform(spec["bits"], spec["rank"])
-    if "shallow" in spec and "deep" in spec:
-        return Split(tuple(spec["shallow"]), tuple(spec["deep"]), spec.get("boundary"))
+        return Uniform(*pair([spec["bits"], spec["rank"]], "a uniform (bits, rank)", 1))
+    if "shallow" in spec and "deep" in spec and set(spec) <= {"shallow", "deep", "boundary"}:
+        boundary = spec.get("boundary")
+        if boundary is not None and not integer(boundary):
+            raise bad(f"gives boundary {boundary!r}; it is the first deep block's index, an integer")
+        # rank 0 leaves a half without adapters (a baseline); both halves at 0 would train nothing
+        shallow, deep = pair(spec["shallow"], "shallow", 0), pair(spec["deep"], "deep", 0)
+        if shallow[1] == deep[1] == 0:
+            raise bad("has rank 0 in both halves, which trains nothing; give one half a rank of at least 1")
+        return Split(shallow, deep, boundary)
     if kind == "search_at" and len(spec) == 1:
+        if not isinstance(spec["search_at"], (int, float)) or isinstance(spec["search_at"], bool):
+            raise bad("gives search_at as no number; it is a budget in average bits, e.g. 3.5")
         return Searched(float(spec["search_at"]))
     if kind == "search" and len(spec) == 1 and isinstance(spec["search"], dict):
         fields = {f.name for f in dataclasses.fields(Profile)}
@@ -165,10 +226,14 @@ def parse_allocation(method_id: str, spec):
             raise QRError(f"method {method_id}: {unknown} are not profile fields; a variant search may set "
                           "top-level fields such as bit_ladder or rank_ladder")
         return Variant(dict(spec["search"]))
-    if kind == "knapsack" and len(spec) == 1 and set(spec["knapsack"]) == {"bits", "rank"}:
+    if kind == "knapsack" and len(spec) == 1 and isinstance(spec["knapsack"], dict) \
+            and set(spec["knapsack"]) == {"bits", "rank"}:
         return Knapsack(spec["knapsack"]["bits"], spec["knapsack"]["rank"])
-    if kind == "random" and len(spec) == 1 and set(spec["random"]) == {"bits", "draw"}:
-        return Random(spec["random"]["bits"], int(spec["random"]["draw"]))
+    if kind == "random" and len(spec) == 1 and isinstance(spec["random"], dict) \
+            and set(spec["random"]) == {"bits", "draw"}:
+        if not (integer(spec["random"]["draw"]) and spec["random"]["draw"] >= 0):
+            raise bad("gives a draw that is not a non-negative integer; draws are numbered 0, 1, 2, ...")
+        return Random(spec["random"]["bits"], spec["random"]["draw"])
     raise bad("is none of the allocation kinds")
 
 
@@ -186,6 +251,10 @@ class Method:
     def __post_init__(self):
         if self.adapter not in ADAPTERS:
             raise QRError(f"method {self.id}: adapter {self.adapter!r} is not one of {list(ADAPTERS)}")
+        known = {f.name for f in dataclasses.fields(QuantConfig)}
+        if not isinstance(self.quant, dict) or set(self.quant) - known:
+            raise QRError(f"method {self.id}: quant {self.quant!r} is not a dict of quantization settings; "
+                          f"its keys are among {sorted(known)}")
         parse_allocation(self.id, self.allocation)
 
     @property
@@ -197,6 +266,12 @@ class Method:
 
     def resolve(self, ctx: Context) -> Allocation:
         return self.spec.resolve(ctx, self)
+
+
+def check_method(method: Method, profile: Profile, shapes: ModelShapes) -> None:
+    """Before any work: the method's allocation fits this profile (model blocks, ladders, budgets) and
+    its backend can quantize to its bits; what only an artifact decides is checked when it is read."""
+    method.spec.check(Context(profile, shapes, None), method)
 
 
 def method_ids() -> list[str]:

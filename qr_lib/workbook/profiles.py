@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import PACKAGE_DIR
-from ..algorithm.memory import model_shapes
+from ..algorithm.memory import ModelShapes, model_shapes
 from ..algorithm.quant import check_bits, get_backend
 from ..config import DOMAINS, Profile
 from ..data import LOCAL_SUFFIXES, load_finetune
@@ -28,6 +28,7 @@ from ..hardware import resolve_dtype
 from ..layout import Layout
 from ..models import TINY, load_skeleton, tiny_llama
 from ..store import plain, read_artifact
+from .methods import check_method, load_method, method_ids
 
 PROFILE_DIR = PACKAGE_DIR / "profiles"
 LOCAL_MODELS = ("embedded", "tiny")
@@ -168,7 +169,7 @@ def check_device(profile: Profile) -> None:
         raise QRError(f"profile {profile.name!r}: device is 'mps', which this machine lacks; --set device=cpu")
 
 
-def check_domains(profile: Profile) -> None:
+def check_domains(profile: Profile, where: str = "", fix: str = "fix the profile or the override") -> None:
     """Every setting in config.DOMAINS against its domain (null passes only where the type check let
     it, i.e. where the field is typed `X | None`)."""
     for name, domain in DOMAINS.items():
@@ -176,8 +177,8 @@ def check_domains(profile: Profile) -> None:
         for part in name.split("."):
             value = getattr(value, part)
         if value is not None and not domain.test(value):
-            raise QRError(f"profile {profile.name!r}: {name} is {value!r}; it is {domain.says}, e.g. {domain.example}; "
-                          "fix the profile or the override")
+            raise QRError(f"{where or f'profile {profile.name!r}'}: {name} is {value!r}; it is {domain.says}, "
+                          f"e.g. {domain.example}; {fix}")
 
 
 def validate(profile: Profile) -> None:
@@ -195,6 +196,10 @@ def validate(profile: Profile) -> None:
     except QRError as e:
         raise QRError(f"{where}: {e}") from None
     check_bits(get_backend(profile.quant), profile.bit_ladder)
+    try:
+        check_bits(get_backend(profile.quant), (*profile.pilot.bits, *profile.pilot.sweep_bits))
+    except QRError as e:
+        raise QRError(f"{where}: pilot.bits or pilot.sweep_bits: {e}") from None
     ranks = [r for r in profile.rank_ladder if not (isinstance(r, int) and r > 0)]
     if ranks:
         raise QRError(f"{where}: rank_ladder holds {ranks}; ranks are positive integers, e.g. [4, 8, 16]")
@@ -210,23 +215,54 @@ def validate(profile: Profile) -> None:
                           f"{list(profile.bit_ladder)}; choose budgets between {lo} and {hi}")
 
 
-def check_model(profile: Profile) -> None:
+def model_shapes_of(profile: Profile) -> ModelShapes:
+    """The model's shapes from its config alone, without its weights."""
+    if profile.model == TINY:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):   # tiny_llama seeds the generator
+            return model_shapes(tiny_llama())
+    return model_shapes(load_skeleton(profile.model))
+
+
+def check_model(profile: Profile) -> ModelShapes:
     """From the model's config alone, without its weights: a decoder whose blocks carry the seven
     linears QR-Adaptor allocates, and shapes the backend can quantize (HQQ: a group size that divides
-    every one's input width)."""
-    where = f"profile {profile.name!r}"
+    every one's input width). Returns the shapes."""
     try:
-        if profile.model == TINY:
-            with torch.random.fork_rng(devices=[]), torch.device("meta"):   # tiny_llama seeds the generator
-                skeleton = tiny_llama()
-        else:
-            skeleton = load_skeleton(profile.model)
-        shapes = model_shapes(skeleton)
+        shapes = model_shapes_of(profile)
         backend = get_backend(profile.quant)     # each backend says which shapes it can quantize
         for out_features, in_features in sorted({s for block in shapes.linears for s in block}):
             backend.check_shape(out_features, in_features)
     except QRError as e:
-        raise QRError(f"{where}: {e}") from None
+        raise QRError(f"profile {profile.name!r}: {e}") from None
+    return shapes
+
+
+def profile_methods(profile: Profile) -> dict[str, str]:
+    """Every method the profile's stages may run or read -> the setting that first names it: the final
+    runs' (every file when it names none), the calibration's, the sizing's and the pilot's reference."""
+    named = {}
+    for setting, ids in (("finetune.methods", profile.finetune.methods or method_ids()),
+                         ("calibration.methods", profile.calibration.methods),
+                         ("sizing.methods", (*profile.sizing.methods, *profile.sizing.key_methods)),
+                         ("eval.methods", profile.eval.methods or ()), ("pilot.reference", (profile.pilot.reference,))):
+        for method_id in ids:
+            named.setdefault(method_id, setting)
+    return named
+
+
+def check_methods(profile: Profile, named: dict[str, str], shapes: ModelShapes | None = None) -> None:
+    """Before any work, each method (id -> where it was named): its file loads, its quantization
+    overrides lie in their domains, and its allocation fits the profile (methods.check_method). The
+    message names the method, where it was named, and the fix."""
+    shapes = shapes or model_shapes_of(profile)
+    for method_id, setting in named.items():
+        try:
+            method = load_method(method_id)
+            check_domains(dataclasses.replace(profile, quant=method.quant_config(profile)), f"method {method.id}",
+                          "fix the method file's quant")
+            check_method(method, profile, shapes)
+        except QRError as e:
+            raise QRError(f"profile {profile.name!r}, {setting}: {e}; or drop the method from {setting}") from None
 
 
 def check_data(profile: Profile) -> None:
@@ -246,7 +282,7 @@ def load_profile(name: str = "default", overrides: dict | None = None) -> Profil
     values["name"] = path.stem
     profile = _build(Profile, values, f"profile {path.stem!r}")
     validate(profile)
-    check_model(profile)
+    check_methods(profile, profile_methods(profile), check_model(profile))
     check_data(profile)
     # Resolved once here, so every stage, cache key and artifact sees the dtype that really computed.
     return dataclasses.replace(profile, dtype=resolve_dtype(profile.dtype, profile.device))

@@ -94,11 +94,23 @@ class IPCKernelManager(AsyncKernelManager):
 
 
 def execute(notebook: Path, out: Path, parameters: dict, kernel: str, log_output: bool = False) -> None:
-    """Run one notebook with papermill on the project's kernel (over IPC), its copy written to `out`."""
+    """Run one notebook with papermill on the project's kernel (over IPC); its executed copy, tidied,
+    replaces `out` (with the error, where a cell failed). papermill saves its copy after every cell, so it
+    writes a hidden partial file: a run killed or out of disk mid-save leaves `out` as it was."""
     import papermill as pm
 
-    pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(NOTEBOOK_DIR), kernel_name=kernel,
-                        progress_bar=False, log_output=log_output, kernel_manager_class=IPCKernelManager)
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
+    try:
+        pm.execute_notebook(str(notebook), str(partial), parameters=parameters, cwd=str(NOTEBOOK_DIR),
+                            kernel_name=kernel, progress_bar=False, log_output=log_output,
+                            kernel_manager_class=IPCKernelManager)
+    except pm.PapermillExecutionError:
+        tidy(partial, out)
+        raise
+    else:
+        tidy(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def notebooks() -> list[Path]:
@@ -172,7 +184,6 @@ def run(profile: str, only: list[str] | None = None, log_output: bool = False,
             print(f"\nnotebook {nb.name} failed: {e.ename}: {e.evalue}\n"
                   f"the executed copy with the error is {layout.notebooks / nb.name}", file=sys.stderr)
             raise SystemExit(1)
-        tidy(layout.notebooks / nb.name)
         after = _outputs(layout)
         written = [f for f, mtime in after.items() if before.get(f) != mtime]
         for f in written:
@@ -213,11 +224,14 @@ PROGRESS_LINE = re.compile(r"\d+%\||\d+/\d+ \[\d")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")   # a terminal's cursor moves, left by nested bars
 
 
-def tidy(path: Path) -> None:
-    """The executed copy as it is committed: without frozen widgets (a progress bar saved mid-way, all a
-    widget output holds), without progress-bar lines in stderr (they carry no result), and without the
-    absolute paths of the machine that ran it (the repository and results roots become relative)."""
+def tidy(path: Path, to: Path | None = None) -> None:
+    """The executed copy at `path` as it is committed, written atomically to `to` (default: in place):
+    without frozen widgets (a progress bar saved mid-way, all a widget output holds), without progress-bar
+    lines in stderr (they carry no result), and without the absolute paths of the machine that ran it (the
+    repository and results roots become relative)."""
     nb = json.loads(path.read_text(encoding="utf-8"))
+    if to is not None and "papermill" in nb.get("metadata", {}):
+        nb["metadata"]["papermill"]["output_path"] = str(to)
     for cell in nb["cells"]:
         kept = []
         for out in cell.get("outputs", []):
@@ -235,7 +249,7 @@ def tidy(path: Path) -> None:
     text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
     for root, relative in sorted({(str(results_root()), "results"), (str(REPO_DIR), ".")}, key=lambda r: -len(r[0])):
         text = text.replace(root + "/", relative + "/")
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(to or path, text.encode("utf-8"))
 
 
 def wall_clock(manifest: dict) -> list[dict]:
