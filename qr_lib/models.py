@@ -20,7 +20,7 @@ from torch import nn
 from . import PACKAGE_DIR
 from .errors import QRError
 from .hardware import resolve_dtype
-from .store import cache_root
+from .store import cache_root, follow_umask
 
 EMBEDDED = "embedded"
 TINY = "tiny"  # a random 4-block LLaMA with the embedded tokenizer: the smoke profile's model
@@ -70,6 +70,7 @@ def embedded_dir() -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    follow_umask(tmp)                      # a shared cache: readable by whoever the umask allows
     if out.exists():  # another process finished first; keep its copy
         shutil.rmtree(tmp)
     else:

@@ -51,6 +51,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file under `folder` the user's umask: safetensors (and so peft's save_pretrained)
+    creates its files 0600 whatever the umask, which leaves a shared adapter or export unreadable to others."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 def to_jsonable(obj):
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}

@@ -364,10 +364,13 @@ def test_a_batch_that_needs_a_missing_artifact_fails_before_its_first_run(quick,
     assert not Layout(tmp_path).runs()                   # hqq4 did not train first
 
 
-def test_a_truncated_adapter_is_retrained_and_never_exported_or_loaded(smoke, base, tmp_path):
+def test_a_truncated_adapter_is_retrained_and_never_exported_or_loaded(smoke, base, tmp_path, request):
     """The adapter's checksum is recorded beside the run (allocation.json): an adapter cut short makes
     the run retrain on the next read-back (same result, the file whole again), and export and load
-    refuse it, naming the file, until then."""
+    refuse it, naming the file, until then. The adapter and the export follow the umask (safetensors
+    alone makes them 0600)."""
+    import os
+    request.addfinalizer(lambda old=os.umask(0o022): os.umask(old))
     from qr_lib.errors import QRError
     from qr_lib.layout import Layout
     from qr_lib.workbook import finetune
@@ -386,3 +389,7 @@ def test_a_truncated_adapter_is_retrained_and_never_exported_or_loaded(smoke, ba
     with pytest.warns(UserWarning, match="retraining the run"):
         again = finetune.run(profile, layout, load_method("lora16"), 0, *base, progress=False)
     assert again.test_loss == pytest.approx(first.test_loss, abs=1e-6) and adapter.read_bytes() == whole
+    out = export_run(where, *base)
+    files = [p for folder in (where.adapter, out) for p in folder.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}

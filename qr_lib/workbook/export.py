@@ -28,7 +28,7 @@ from ..config import UNQUANTIZED, QuantConfig
 from ..errors import QRError
 from ..layout import RunDir
 from ..models import linear_names, load_model
-from ..store import read_json, write_json
+from ..store import follow_umask, read_json, write_json
 from .finetune import check_adapter
 
 FORMAT = "qr-adaptor-export/1"
@@ -72,4 +72,5 @@ def export_run(where: RunDir, base=None, tok=None) -> Path:
     if tok is not None:
         tok.save_pretrained(str(out))
     shutil.copytree(where.adapter, out / "adapter", dirs_exist_ok=True)
+    follow_umask(out)
     return out

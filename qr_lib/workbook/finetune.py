@@ -34,7 +34,8 @@ from ..errors import QRError
 from ..evaluate import run_tasks
 from ..layout import Layout, RunDir
 from ..models import load_model, worker_model
-from ..store import LEFT_OUT, cached, content_hash, file_sha256, keyed, read_artifact, read_json, write_json
+from ..store import (LEFT_OUT, cached, content_hash, file_sha256, follow_umask, keyed, read_artifact, read_json,
+                     write_json)
 from .methods import Context, Method, load_method, method_ids
 
 
@@ -164,6 +165,7 @@ def save_adapter(model, where: RunDir, allocation: Allocation, qcfg: QuantConfig
                  method: Method) -> None:
     """peft's adapter files plus what rebuilds the quantized model they sit on."""
     model.save_pretrained(str(where.adapter))
+    follow_umask(where.adapter)
     write_json(where.allocation, {"allocation": allocation, "quant": qcfg, "lora": profile.lora,
                                   "model": profile.model, "dtype": profile.dtype, "adapter": method.adapter,
                                   "adapter_sha256": {p.name: file_sha256(p)
