@@ -62,6 +62,12 @@ class RunDir:
         return self.path / "allocation.json"
 
     @property
+    def trained(self) -> Path:
+        """A benchmarked run's scores before lm-eval (deleted once result.json holds them): a run stopped
+        during lm-eval resumes there instead of retraining."""
+        return self.path / "trained.json"
+
+    @property
     def adapter(self) -> Path:
         return self.path / "adapter"
 

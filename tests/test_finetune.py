@@ -319,6 +319,31 @@ def test_a_broken_method_file_names_itself_and_the_schema(tmp_path, quick, base)
         load_method(str(lists))
 
 
+def test_a_run_stopped_during_lm_eval_resumes_at_lm_eval_without_retraining(quick, base, tmp_path, monkeypatch):
+    """SIGTERM or Ctrl-C while lm-eval scores a run: the trained adapter and the scores before lm-eval
+    are kept (trained.json, checksummed), and the rerun rebuilds the model from them and runs lm-eval
+    alone, to the result an uninterrupted run writes."""
+    model_, tok = base
+    method = load_method("hqq4")
+    clean = finetune.run(quick, Layout(tmp_path / "clean"), method, 0, model_, tok, progress=False)
+    layout = Layout(tmp_path / "stopped")
+    real = finetune.run_tasks
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune, "run_tasks", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(quick, layout, method, 0, model_, tok, progress=False)
+    where = layout.run("hqq4", 0)
+    assert where.trained.exists() and not where.result.exists()
+    monkeypatch.setattr(finetune, "run_tasks", real)
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("retrained a run whose adapter was kept"))
+    again = finetune.run(quick, layout, method, 0, model_, tok, progress=False)
+    assert not where.trained.exists()
+    assert again.benchmarks == clean.benchmarks and again.test_examples == clean.test_examples
+    assert again.train["losses"] == clean.train["losses"]
+
+
 def test_a_run_killed_before_its_result_is_redone_never_read_half_written(quick, base, tmp_path):
     """kill -9 between the adapter and result.json leaves a half-written adapter and no result: the
     rerun trains again, writes both, and reloads to the same logits as a clean run."""

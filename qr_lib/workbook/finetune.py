@@ -35,7 +35,7 @@ from ..evaluate import run_tasks
 from ..layout import Layout, RunDir
 from ..models import load_model, worker_model
 from ..store import (LEFT_OUT, cached, content_hash, file_sha256, follow_umask, keyed, read_artifact, read_json,
-                     write_json)
+                     stored_result, write_artifact, write_json)
 from .methods import Context, Method, load_method, method_ids
 
 
@@ -124,29 +124,22 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
                      and r.method != method.id and r.same_run_as is None), None)
         if twin is not None:                       # trained once, reported under both names
             return dataclasses.replace(twin, method=method.id, name=method.name, same_run_as=twin.method).to_dict()
-        d = data or run_data(profile)
-        tcfg = profile.finetune.train_config(len(d.train), seed)
+        stage = {"key": config["key"], "allocation": allocation.pairs()}
+        scored = stored_result(where.trained, stage) if method.adapter != "adalora" else None
+        if scored is not None and where.allocation.exists() and damaged_adapter(where) is None:
+            # stopped during lm-eval: the trained adapter and its scores are kept, only lm-eval runs again
+            model = _rebuild(where, base, allocation, qcfg, profile, method, seed, scored["train"]["steps"])
+        else:
+            model, scored = _train_and_score(profile, method, seed, base, tok, allocation, qcfg, where,
+                                             data or run_data(profile), progress)
+            scored = {**scored, "training_key": training}
+            if benchmarked:
+                write_artifact(where.trained, stage, scored)
+        if not benchmarked:
+            return scored
         t0 = time.time()
-        model, hook, notes = prepare(base, allocation, qcfg, profile.lora, method.adapter, seed, tcfg.steps)
-        log = train(model, tok, d.train, tcfg, progress=progress, desc=f"{method.id} seed {seed}", on_step=hook)
-        train_seconds = time.time() - t0
-        per_example = example_losses(model, tok, d.test[:profile.finetune.n_test], tcfg.max_len)
-        dev = example_losses(model, tok, d.dev, tcfg.max_len) if d.dev and scores_dev else None
-        save_adapter(model, where, allocation, qcfg, profile, method)
-        memory = formula_bytes(shapes, allocation, qcfg)
-        return RunResult(
-            method=method.id, name=method.name, seed=seed, allocation=allocation,
-            memory_bytes=memory["blocks"], avg_bits=memory["avg_bits"],
-            trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-            train={**log, "steps": tcfg.steps, "epochs": tcfg.steps * tcfg.batch_size * tcfg.grad_accum / len(d.train),
-                   "seconds": round(train_seconds, 1)},
-            adapter_notes=notes, test_loss=mean_loss(per_example),
-            test_examples=_per_example(per_example),
-            heldout_perplexity=perplexity(model, tok, d.heldout, max_len=256),
-            benchmarks=run_tasks(model, tok, profile.eval, progress=progress, log_dir=where.lm_eval)
-            if benchmarked else {},
-            seconds=round(time.time() - t0, 1), training_key=training,
-            dev_loss=mean_loss(dev) if dev else None, dev_examples=_per_example(dev) if dev else None).to_dict()
+        benchmarks = run_tasks(model, tok, profile.eval, progress=progress, log_dir=where.lm_eval)
+        return {**scored, "benchmarks": benchmarks, "seconds": round(scored["seconds"] + time.time() - t0, 1)}
 
     # A new search selection is a new run, though the method's configuration is the same; a run whose
     # adapter no longer matches its recorded checksum (truncated, edited) is retrained.
@@ -158,7 +151,44 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
             warnings.warn(f"{damaged} does not match the checksum its run recorded (truncated or edited); "
                           "retraining the run", stacklevel=2)
         return not damaged
-    return RunResult.from_dict(cached(where.result, config, compute, valid=still_valid))
+    result = RunResult.from_dict(cached(where.result, config, compute, valid=still_valid))
+    where.trained.unlink(missing_ok=True)           # the result holds all of it now
+    return result
+
+
+def _train_and_score(profile: Profile, method: Method, seed: int, base, tok, allocation: Allocation,
+                     qcfg: QuantConfig, where: RunDir, d: RunData, progress: bool):
+    """Train one run, save its adapter, and score it on the test split, the dev split (where this seed
+    does) and the held-out passages: (model, the RunResult's fields but lm-eval's)."""
+    tcfg = profile.finetune.train_config(len(d.train), seed)
+    t0 = time.time()
+    model, hook, notes = prepare(base, allocation, qcfg, profile.lora, method.adapter, seed, tcfg.steps)
+    log = train(model, tok, d.train, tcfg, progress=progress, desc=f"{method.id} seed {seed}", on_step=hook)
+    train_seconds = time.time() - t0
+    per_example = example_losses(model, tok, d.test[:profile.finetune.n_test], tcfg.max_len)
+    dev = example_losses(model, tok, d.dev, tcfg.max_len) if d.dev and profile.finetune.scores_dev(seed) else None
+    save_adapter(model, where, allocation, qcfg, profile, method)
+    memory = formula_bytes(model_shapes(base), allocation, qcfg)
+    return model, RunResult(
+        method=method.id, name=method.name, seed=seed, allocation=allocation,
+        memory_bytes=memory["blocks"], avg_bits=memory["avg_bits"],
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        train={**log, "steps": tcfg.steps, "epochs": tcfg.steps * tcfg.batch_size * tcfg.grad_accum / len(d.train),
+               "seconds": round(train_seconds, 1)},
+        adapter_notes=notes, test_loss=mean_loss(per_example), test_examples=_per_example(per_example),
+        heldout_perplexity=perplexity(model, tok, d.heldout, max_len=256), benchmarks={},
+        seconds=round(time.time() - t0, 1),
+        dev_loss=mean_loss(dev) if dev else None, dev_examples=_per_example(dev) if dev else None).to_dict()
+
+
+def _rebuild(where: RunDir, base, allocation: Allocation, qcfg: QuantConfig, profile: Profile, method: Method,
+             seed: int, steps: int):
+    """The trained model of a run whose adapter is saved: built as training built it (same seed, so a
+    LoftQ initialisation of the quantized weights is the same), the trained adapter weights loaded."""
+    model, _, _ = prepare(base, allocation, qcfg, profile.lora, method.adapter, seed, steps)
+    set_peft_model_state_dict(model, load_file(str(where.adapter / "adapter_model.safetensors")))
+    model.eval()
+    return model
 
 
 def save_adapter(model, where: RunDir, allocation: Allocation, qcfg: QuantConfig, profile: Profile,
