@@ -203,10 +203,11 @@ def cached(path: Path, config, compute, valid=None):
     return write_artifact(path, config, compute())["result"]  # JSON types, whichever way it came
 
 
-def stored_result(path: Path, config=None):
+def stored_result(path: Path, config=None, then: str = LEFT_OUT):
     """The result at `path` if the file is whole (and its config equals `config`, where given); None
-    otherwise: for readers that cannot recompute a stage (tables, figures, the explorer)."""
-    record = read_artifact(path)
+    otherwise: for readers that cannot recompute a stage (tables, figures, the explorer). `then`: what
+    the warning about a damaged file says the caller does instead (read_artifact)."""
+    record = read_artifact(path, then=then)
     if record is None or (config is not None and record["config"] != plain(config)):
         return None
     return record["result"]

@@ -25,7 +25,7 @@ from ..evaluate import headline, run_tasks
 from ..layout import Layout
 from ..models import load_model
 from ..progress import tqdm
-from ..store import cached, content_hash, package_versions, read_artifact
+from ..store import LEFT_OUT, cached, content_hash, package_versions, read_artifact
 from .allocation import Allocation, AllocationRecord
 from .build import build
 from .memory import formula_bytes, model_shapes, profile_budget
@@ -163,7 +163,7 @@ class ProxyEvaluator:
         """Every stored record of this context (optionally of one fidelity), in key order."""
         out = []
         for path in sorted(self.layout.evaluations.glob("*.json")):
-            rec = read_artifact(path)
+            rec = read_artifact(path, then=LEFT_OUT)
             if rec is not None and rec["config"].get("context_key") == self.context_key and \
                     (fidelity is None or rec["result"]["fidelity"] == fidelity):
                 out.append(Evaluation.from_dict(rec["result"]))

@@ -125,7 +125,8 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
         if twin is not None:                       # trained once, reported under both names
             return dataclasses.replace(twin, method=method.id, name=method.name, same_run_as=twin.method).to_dict()
         stage = {"key": config["key"], "allocation": allocation.pairs()}
-        scored = stored_result(where.trained, stage) if method.adapter != "adalora" else None
+        scored = stored_result(where.trained, stage, then="training the run again") \
+            if method.adapter != "adalora" else None
         if scored is not None and where.allocation.exists() and damaged_adapter(where) is None:
             # stopped during lm-eval: the trained adapter and its scores are kept, only lm-eval runs again
             model = _rebuild(where, base, allocation, qcfg, profile, method, seed, scored["train"]["steps"])

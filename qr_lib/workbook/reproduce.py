@@ -84,7 +84,10 @@ def ensure_kernel() -> str:
 class IPCKernelManager(AsyncKernelManager):
     """The notebooks' kernel reached over Unix sockets in a private temporary folder instead of TCP on
     127.0.0.1: it needs no loopback network (a namespace with `lo` down used to wait 60 s and fail with
-    "Kernel didn't respond"), opens no port, and the kernel has no reason to warn that TCP is unencrypted."""
+    "Kernel didn't respond"), and the kernel has no reason to warn that TCP is unencrypted. Its five
+    channels open no port; ipykernel itself still binds one on 127.0.0.1 for the output of processes
+    the kernel forks (its IOPub pipe, messages checked against a random token, no switch to turn it
+    off), and goes without it where there is no loopback."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

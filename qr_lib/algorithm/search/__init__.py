@@ -66,7 +66,7 @@ class SearchResult:
 
 def load_result(layout: Layout) -> SearchResult:
     """The finished search of a layout, checksum-checked; a QRError that says how to run it otherwise."""
-    record = read_artifact(layout.search)
+    record = read_artifact(layout.search, quiet=True)      # the error below says what to do
     if record is None:
         raise QRError(f"{layout.search} is missing or damaged; run the search first (notebook 04_bo_refinement or "
                       "`qr-adaptor search`)")
