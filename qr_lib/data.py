@@ -214,9 +214,10 @@ def local_pool(path: Path, sources: Sources) -> dict[str, list[Example]]:
     seen = set(evaluation_keys(sources))
     pool: dict[str, list[Example]] = {}
     for i, r in enumerate(rows, 1):
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r[k].strip() for k in ("prompt", "answer")):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r[k].strip() for k in ("prompt", "answer")) \
+                or not isinstance(r.get("source") or "", str):
             raise QRError(f"{path}: example {i} needs non-empty string fields 'prompt' and 'answer' "
-                          f"(optional 'source'); got {r!r:.200}")
+                          f"(optional 'source', a string); got {r!r:.200}")
         if (k := normalize(r["prompt"])) not in seen:
             seen.add(k)
             source = r.get("source") or "local"

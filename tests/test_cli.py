@@ -110,6 +110,7 @@ def test_a_streamed_run_keeps_the_cells_output_and_drops_papermills_cell_markers
     (b"", "holds no usable example"),
     (b'{"prompt": "caf\xe9", "answer": " x"}\n', "not UTF-8"),
     (b'{"prompt": "Q: 1?", "answer": " 1"}\n', "fewer than"),
+    (b'{"prompt": "Q: 1?", "answer": " 1", "source": ["x"]}\n', "optional 'source', a string"),
 ])
 def test_bad_fine_tuning_data_exits_2_before_any_work(content, message, tmp_path, monkeypatch, capsys):
     data = tmp_path / "pairs.jsonl"
