@@ -151,20 +151,27 @@ def save(profile: Profile, layout: Layout) -> dict:
                         f"gap_to_{profile.pilot.reference}", "destroyed", "heldout_ppl", "heldout_ppl_std"]
             if c in configs]
     save_table(configs[cols].round(4), layout, "pilot_configs")
-    steps = {r.train["steps"] for r in finetune.results(pilot)}
-    save_figure(caption(pilot_bars(configs, f"Configs A-D at equal memory, {'/'.join(map(str, sorted(steps)))} steps"),
-                        f"{figure_caption(profile)} · error bars: std over {len(profile.pilot.seeds)} seeds"),
-                layout, "pilot_configs")
     judged = verdicts(pilot, profile.comparison, profile.pilot.reference)
     save_table(judged.round(4), layout, "pilot_verdict")
+    steps = {r.train["steps"] for r in finetune.results(pilot)}
+    said = tuple(f"{r['a'].split(':')[0]} - {r['b'].split(':')[0]}: {r['a_minus_b']:+.3f} [{r['ci95_low']:+.3f}, "
+                 f"{r['ci95_high']:+.3f}] nats, {r['verdict']}" for _, r in judged.iterrows())
+    if len(judged):
+        said += (f"the paper's finding (C worse than D) {finding(judged.iloc[0]['verdict'])}",)
+    runs = comparison.runs(pilot)
+    reference = runs.query("method == @profile.pilot.reference and seed == @profile.pilot.seeds[0]")
+    ref = (f"{reference['name'].iloc[0]} (first seed)", float(reference["test_loss"].iloc[0])) if len(reference) else None
+    save_figure(caption(pilot_bars(configs, f"Configs A-D at equal memory, {'/'.join(map(str, sorted(steps)))} steps",
+                                   reference=ref, verdicts=said),
+                        f"{figure_caption(profile)} · error bars: std over {len(profile.pilot.seeds)} seeds · "
+                        "verdicts: paired over seeds and test examples, 95% intervals"),
+                layout, "pilot_configs")
     out = {"configs": configs[cols], "verdicts": judged, "sweep": sweep,
            "finding": finding(judged.iloc[0]["verdict"]) if len(judged) else None}
     if len(sweep):
         save_figure(caption(rank_sweep(sweep), f"{figure_caption(profile)} · first seed"), layout, "pilot_rank_sweep")
         out["grid"] = sweep.pivot_table(index="bits", columns="rank", values="test_loss")
         save_table(out["grid"].reset_index(), layout, "pilot_rank_sweep")
-        ref = comparison.runs(pilot).query("method == @profile.pilot.reference and seed == @profile.pilot.seeds[0]")
-        reference = float(ref["test_loss"].iloc[0]) if len(ref) else None
-        save_figure(caption(rank_bits_heatmap(out["grid"], reference), f"{figure_caption(profile)} · first seed"),
-                    layout, "pilot_rank_heatmap")
+        save_figure(caption(rank_bits_heatmap(out["grid"], ref[1] if ref else None),
+                            f"{figure_caption(profile)} · first seed"), layout, "pilot_rank_heatmap")
     return out

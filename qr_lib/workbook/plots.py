@@ -249,9 +249,11 @@ def _errors(row, metric: str, scale: float):
     return (std * scale, "std over seeds") if row.get("seeds", 1) > 1 and std == std else (None, None)
 
 
-def metric_vs_memory(table, metric: str, ylabel: str, budget_mib=None, scale: float = 1.0, apart=frozenset()):
+def metric_vs_memory(table, metric: str, ylabel: str, budget_mib=None, scale: float = 1.0, apart=frozenset(),
+                     chance: float | None = None):
     """One point per method (mean over seeds) against block memory, in each method's colour and marker,
-    QR-Adaptor enlarged, identical runs drawn once under both names; the budget line. With a budget, a
+    QR-Adaptor enlarged, identical runs drawn once under both names; the budget line, and the chance
+    level (in the metric's units, before `scale`) where given. With a budget, a
     second panel zooms on the methods within 10% of it, where the paper's comparison is made. Methods
     in `apart` (destroyed by their quantization: comparison.destroyed) get a panel of their own, so
     they never stretch the axes of the real comparison. The caption says what the error bars are."""
@@ -280,6 +282,8 @@ def metric_vs_memory(table, metric: str, ylabel: str, budget_mib=None, scale: fl
         if budget_mib:
             ax.axvline(budget_mib, color="grey", ls="--", lw=1, label="budget" if "budget" not in labelled else None)
             labelled.add("budget")
+        if chance is not None and title == "all methods":
+            ax.axhline(chance * scale, color="k", ls=":", lw=1, label="chance")
         ax.set_xlabel("block memory (MiB, quantized weights + adapters)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
@@ -327,48 +331,75 @@ def task_bars(table, tasks: list[str], n_docs: dict | None = None):
     return fig
 
 
-def loss_curves(runs, window: int = 5, apart=frozenset()):
-    """Training loss per step (trailing mean over `window` steps), one line per method: the mean over
-    its seeds, the band the seeds' range. `runs`: [(method id, name, losses)], one per run; a run
-    reported under two names arrives once, its name saying both. Random draws are one baseline: their
-    lines share a colour and one legend entry. Methods in `apart` (destroyed) get a panel of their own."""
+def loss_curves(runs, window: int = 5, apart=frozenset(), reference: str = "lora16"):
+    """Training loss per step (trailing mean over `window` steps). `runs`: [(method id, name, seed,
+    losses)], one per run; a run reported under two names arrives once, its name saying both. Left: each
+    method minus `reference` on the same seed, so on the same batches (the batch-to-batch noise every
+    method shares cancels): the mean over seeds, the band their range. Middle: the raw curves (means over
+    seeds). Random draws are one baseline: one colour, one legend entry. Methods in `apart` (destroyed)
+    get a panel of their own."""
     import pandas as pd
 
     by_method: dict = {}
-    for method, name, losses in runs:
-        by_method.setdefault((method, name), []).append(losses)
+    for method, name, seed, losses in runs:
+        by_method.setdefault((method, name), {})[seed] = np.asarray(losses, dtype=float)
+    ref = next((seeds for (m, _), seeds in by_method.items() if m == reference), {})
+    ref_name = next((n for m, n in by_method if m == reference), reference)
     has_far = any(m in apart for m, _ in by_method)
-    fig, axes = plt.subplots(1, 2 if has_far else 1, figsize=(12 if has_far else 7.5, 3.8), squeeze=False)
-    labelled = set()
-    for k, ((method, name), curves) in enumerate(by_method.items()):
-        ax = axes[0][1] if method in apart else axes[0][0]
-        n = min(len(c) for c in curves)
-        smooth = np.array([pd.Series(c[:n]).rolling(window, min_periods=1).mean() for c in curves])
+    fig, axes = plt.subplots(1, 3 if has_far else 2, figsize=(17 if has_far else 12, 4.2), squeeze=False)
+    gap_ax, raw_ax = axes[0][0], axes[0][1]
+    labelled: dict = {}
+
+    def smooth(x):
+        return pd.Series(x).rolling(window, min_periods=1).mean().to_numpy()
+    for k, ((method, name), seeds) in enumerate(by_method.items()):
         colour, _ = style(method, k)
         ls = LINESTYLES[k % len(LINESTYLES)] if not method.startswith("random") else "-"
+        lw = 2.2 if method in HIGHLIGHT else 1.2
         label = "random allocations" if method.startswith("random") else (
-            f"{name} ({len(curves)} seeds)" if len(curves) > 1 else name)
+            f"{name} ({len(seeds)} seeds)" if len(seeds) > 1 else name)
+        n = min(len(c) for c in seeds.values())
         steps = np.arange(1, n + 1)
-        ax.plot(steps, smooth.mean(0), color=colour, ls=ls, lw=2.2 if method in HIGHLIGHT else 1.2,
-                label=None if label in labelled else label)
-        labelled.add(label)
-        if len(curves) > 1:
-            ax.fill_between(steps, smooth.min(0), smooth.max(0), color=colour, alpha=0.15)
-    for ax, title in zip(axes[0], ("final fine-tunes", "destroyed (drawn apart)")):
+        ax = axes[0][2] if method in apart else raw_ax
+        ax.plot(steps, np.mean([smooth(c[:n]) for c in seeds.values()], 0), color=colour, ls=ls, lw=lw,
+                label=None if label in labelled.get(id(ax), set()) else label)
+        labelled.setdefault(id(ax), set()).add(label)
+        paired = [smooth(seeds[s][:n] - ref[s][:n]) for s in seeds if s in ref and len(ref[s]) >= n]
+        if method == reference or method in apart or not paired:
+            continue
+        gap = np.array(paired)
+        gap_ax.plot(steps, gap.mean(0), color=colour, ls=ls, lw=lw,
+                    label=None if label in labelled.get(id(gap_ax), set()) else label)
+        labelled.setdefault(id(gap_ax), set()).add(label)
+        if len(gap) > 1:
+            gap_ax.fill_between(steps, gap.min(0), gap.max(0), color=colour, alpha=0.12, lw=0)
+    gap_ax.axhline(0, color=FIDELITY_COLOUR[("hqq", 16)], lw=1)
+    gap_ax.set_ylabel(f"train loss minus {ref_name}, same seed and batches")
+    gap_ax.set_title(f"the gap to {ref_name} on the same batches (band: range over seeds)", fontsize=9)
+    raw_ax.set_ylabel(f"train loss, nats/token (trailing mean of {window})")
+    raw_ax.set_title("train loss (mean over seeds; the batches make it jump for every method alike)", fontsize=9)
+    for ax in axes[0]:
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"train loss, nats/token (trailing mean of {window}; lower is better)")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if has_far:
+        axes[0][2].set_title("destroyed (drawn apart)", fontsize=9)
+        axes[0][2].set_ylabel(f"train loss, nats/token (trailing mean of {window})")
     fig.tight_layout()
     return fig
 
 
-def pilot_bars(table, title: str = "", metric: str = "test_loss", ylabel: str = TEST_LOSS):
+def pilot_bars(table, title: str = "", metric: str = "test_loss", ylabel: str = TEST_LOSS,
+               reference: tuple[str, float] | None = None, verdicts: tuple[str, ...] = ()):
     """Configs A-D: mean over seeds, error bars = std over seeds; the y axis starts at 0 so bar
-    heights compare; the config and its memory under each bar."""
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    ax.set_title(title, fontsize=10)
+    heights compare; the config and its memory under each bar; `reference` (name, value) a dashed line;
+    `verdicts` (one line each, e.g. the paired C - D difference and what it says) under the title."""
+    fig, ax = plt.subplots(figsize=(8, 4.2 if verdicts else 3.8))
+    ax.set_title(title + "".join(f"\n{v}" for v in verdicts), fontsize=10 if not verdicts else 9)
+    if reference is not None:
+        ax.axhline(reference[1], color=FIDELITY_COLOUR[("hqq", 16)], ls="--", lw=1, label=reference[0])
+        ax.legend(fontsize=7, loc="lower right")
     x = np.arange(len(table))
     ax.bar(x, table[metric], yerr=table.get(f"{metric}_std"), capsize=4,
            color=[GREYS[k % len(GREYS)] for k in range(len(table))], alpha=0.85)
@@ -458,10 +489,13 @@ def paired_intervals(claims):
     allocation, two names: identical runs) is drawn in light grey and said so, not reported as a
     finding; a destroyed side is named under the claim."""
     panels = _claim_panels(claims)
-    cols = min(2, len(panels))
-    grid_rows = math.ceil(len(panels) / cols)
-    height = max(len(rows) for _, rows, _, _ in panels)
-    fig, axes = plt.subplots(grid_rows, cols, figsize=(6.2 * cols, grid_rows * (0.62 * height + 1.6)), squeeze=False)
+    # One column, each panel as tall as its claims: no panel of one row stretched to another's height.
+    heights = [len(rows) + 1.4 for _, rows, _, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 0.5 * sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    fig.suptitle("better / worse: the whole interval lies beyond the shaded margin on one side; equivalent: inside "
+                 "it;\ncan't tell: the interval reaches across the margin (more seeds or examples would decide)",
+                 fontsize=8)
     for ax, (title, rows, scale, unit) in zip(axes.flat, panels):
         rows = rows.reset_index(drop=True)
         y = np.arange(len(rows))[::-1]
@@ -476,15 +510,14 @@ def paired_intervals(claims):
         for edge in (-margin, margin):
             ax.axvline(edge, color="tab:blue", lw=0.6, ls=":")
         ax.axvline(0, color="black", lw=0.8)
-        destroyed = rows["destroyed"] if "destroyed" in rows else [""] * len(rows)
+        destroyed = rows["destroyed"].fillna("") if "destroyed" in rows else [""] * len(rows)
         ax.set_yticks(y, [f"{r['a']}\nvs {r['b']}" + (f"\n(destroyed: {gone})" if gone else "")
                           for (_, r), gone in zip(rows.iterrows(), destroyed)], fontsize=7)
         better = "lower" if unit.startswith("nats") else "higher"
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"a - b, {unit} ({better} is better for a); shaded: +-margin {margin:g}", fontsize=8)
+        ax.set_ylim(-0.6, len(rows) - 0.4)
         _interval_legend(ax)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     fig.tight_layout()
     return fig
 
@@ -561,8 +594,10 @@ RANK_STYLE = {4: ":", 8: "-", 16: "--"}
 def learning_curves(table, length: int | None = None, reference: str = "lora16"):
     """Dev loss against fine-tuning tokens for every sizing setting (left), and each setting's paired
     difference to `reference` with its 95% interval over dev examples (right, the reference's own line at 0).
-    A vertical line marks where the order settles (sizing.length), where given."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    Colour is the quantizer's bits, line style the rank; the top axis counts optimizer steps at the scored
+    checkpoints. A vertical line marks where the order settles (sizing.length), where given."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5.2))
+    reference_name = reference
     for method, g in table.groupby("method", sort=False):
         g = g.sort_values("step")
         bits = int(round(g["bits"].iloc[0]))
@@ -572,25 +607,31 @@ def learning_curves(table, length: int | None = None, reference: str = "lora16")
         ls = RANK_STYLE.get(g["rank"].iloc[0], "-.")
         x = g["train_tokens"].clip(lower=1)
         a.plot(x, g["dev_loss"], ls=ls, color=colour, marker="o", ms=3, label=g["name"].iloc[0])
-        if method != reference and f"minus_{reference}" in g:
+        if method == reference:
+            reference_name = g["name"].iloc[0]
+        elif f"minus_{reference}" in g:
             b.plot(x, g[f"minus_{reference}"], ls=ls, color=colour, marker="o", ms=3)
             b.fill_between(x, g["ci95_low"], g["ci95_high"], color=colour, alpha=0.12, lw=0)
+    checkpoints = table.groupby("step")["train_tokens"].mean().clip(lower=1)
     for ax in (a, b):
         ax.set_xscale("symlog", linthresh=max(1, table.loc[table["step"] > 0, "train_tokens"].min()))
         ax.set_xlabel("fine-tuning tokens seen (log; 0 = before training)")
         ax.grid(alpha=0.3)
-        if length is not None:
-            at = table.loc[table["step"] == length, "train_tokens"]
-            if len(at):
-                ax.axvline(float(at.mean()), color="k", lw=0.8, ls="--")
-                ax.annotate(f"order settles: {length} steps", (float(at.mean()), 0.98), xycoords=("data", "axes fraction"),
-                            fontsize=7, ha="right", va="top", rotation=90)
+        top = ax.twiny()                 # the same axis, labelled in optimizer steps at each checkpoint
+        top.set_xscale("symlog", linthresh=max(1, table.loc[table["step"] > 0, "train_tokens"].min()))
+        top.set_xlim(ax.get_xlim())
+        top.set_xticks(list(checkpoints.values), [str(int(s)) for s in checkpoints.index], fontsize=7)
+        top.minorticks_off()
+        top.set_xlabel("optimizer steps", fontsize=8)
+        if length is not None and length in checkpoints.index:
+            ax.axvline(float(checkpoints[length]), color="k", lw=0.8, ls="--")
+            ax.annotate(f"order settles: {length} steps", (float(checkpoints[length]), 0.98),
+                        xycoords=("data", "axes fraction"), fontsize=7, ha="right", va="top", rotation=90)
     a.set_ylabel("dev loss (nats per answer token; lower is better)")
     a.set_title("learning curves (constant rate after warm-up, one seed)", fontsize=9)
-    a.legend(fontsize=7, ncol=2)
     b.axhline(0, color=FIDELITY_COLOUR[("hqq", 16)], lw=1)
-    b.set_ylabel(f"dev loss minus {reference} (nats/token)")
-    b.set_title("the gap to 16-bit LoRA: does rank close it, or does it stay?\n"
+    b.set_ylabel(f"dev loss minus {reference_name} (nats/token)")
+    b.set_title(f"the gap to {reference_name}: does rank close it, or does it stay?\n"
                 "(band: 95% paired interval over dev examples)", fontsize=9)
     top = table.loc[table["method"] != reference, "ci95_high"] if "ci95_high" in table else None
     if top is not None and len(top):
@@ -598,9 +639,15 @@ def learning_curves(table, length: int | None = None, reference: str = "lora16")
         limit = min(float(top.max()), 2.0)
         b.set_ylim(min(-0.1, float(table["ci95_low"].min()) - 0.05), limit + 0.05)
         if float(top.max()) > limit:
-            b.annotate("axis clipped at +2 nats: higher curves are off the top", (0.01, 0.98), xycoords="axes fraction",
-                       fontsize=7, va="top")
-    fig.tight_layout()
+            b.annotate("axis clipped at +2 nats:\nhigher curves are off the top", (0.99, 0.98), xycoords="axes fraction",
+                       fontsize=7, va="top", ha="right")
+    # Below both panels, so no curve sits under it; it says what colour and line style encode.
+    ranks = ", ".join(f"{'solid' if st == '-' else 'dotted' if st == ':' else 'dashed'} r{r}"
+                      for r, st in sorted(RANK_STYLE.items()) if r in set(table["rank"]))
+    handles, labels = a.get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.11), ncol=5, fontsize=7, frameon=False,
+               title=f"colour: the quantizer and its bits; line: the rank ({ranks})", title_fontsize=7)
     return fig
 
 
