@@ -318,3 +318,23 @@ def test_the_pilots_bits_by_rank_sweep_is_a_grid_table_and_a_heatmap_with_the_re
     assert list(grid.index) == [2, 4] and list(grid.columns) == ["4", "8"]
     assert grid.loc[4, "8"] == pytest.approx(out["sweep"].query("bits == 4 and rank == 8")["test_loss"].iloc[0], abs=1e-4)
     assert layout.figure("pilot_rank_heatmap").exists() and layout.figure("pilot_rank_sweep").exists()
+
+
+def test_the_report_opens_with_a_summary_read_from_the_tables_it_cites(tmp_path):
+    import pandas as pd
+
+    from qr_lib.layout import Layout
+    from qr_lib.store import save_table
+    from qr_lib.workbook import report
+    layout = Layout(tmp_path)
+    assert report.summary(layout) == ""                              # nothing written yet, nothing said
+    row = {"id": "x", "claim": "A beats B", "a": "A", "b": "B", "a_minus_b": -0.0275, "ci95_low": -0.0768,
+           "ci95_high": 0.0218, "verdict": "can't tell"}
+    save_table(pd.DataFrame([{**row, "family": "primary"}, {**row, "id": "y", "family": "exploratory"}]), layout,
+               "benchmarks_claims")
+    save_table(pd.DataFrame([{"id": "x", "reading": "needs 8 seeds"}]), layout, "claims_power")
+    save_table(pd.DataFrame([{**row, "steps": s, "verdict": v} for s, v in ((96, "worse"), (48, "can't tell"))]),
+               layout, "lengths")
+    text = report.summary(layout)
+    assert "Holm over 1" in text and "A beats B: -0.028 [-0.077, +0.022], **can't tell** (needs 8 seeds" in text
+    assert "can't tell at 48 steps, worse at 96 steps" in text and "Pilot" not in text

@@ -89,10 +89,55 @@ def items(layout: Layout):
             yield title, notebook, item_path(layout, f), item_path(layout, f).exists()
 
 
+def _csv(layout: Layout, name: str) -> pd.DataFrame | None:
+    path = layout.table(name, ".csv")
+    return pd.read_csv(path) if path.exists() else None
+
+
+def _interval(r) -> str:
+    return f"{r['a_minus_b']:+.3f} [{r['ci95_low']:+.3f}, {r['ci95_high']:+.3f}]"
+
+
+def summary(layout: Layout) -> str:
+    """What this run found, in a few lines of Markdown, every number read from the tables it cites:
+    the primary claims and the power behind the undecided ones, each claim across training length, the
+    pilot's verdicts, what the search selected, and the work it took. Missing tables are skipped."""
+    lines = []
+    claims, power = _csv(layout, "benchmarks_claims"), _csv(layout, "claims_power")
+    if claims is not None:
+        primary = claims[claims["family"] == "primary"]
+        lines.append(f"**Primary claims** (test loss, nats per answer token, a - b with its 95% interval; Holm over "
+                     f"{len(primary)}; `tables/benchmarks_claims.md`):")
+        for _, r in primary.iterrows():
+            need = power.set_index("id")["reading"].get(r["id"], "") if power is not None else ""
+            lines.append(f"- {r['claim']}: {_interval(r)}, **{r['verdict']}**"
+                         + (f" ({need}; `tables/claims_power.md`)" if r["verdict"] == "can't tell" and need else ""))
+    if (lengths := _csv(layout, "lengths")) is not None:
+        lines.append("\n**Across training length** (`tables/lengths.md`):")
+        for cid, g in lengths.groupby("id", sort=False):
+            g = g.sort_values("steps")
+            lines.append(f"- {g['claim'].iloc[0]}: " + ", ".join(f"{v} at {s} steps" for s, v in zip(g["steps"], g["verdict"])))
+    if (pilot := _csv(layout, "pilot_verdict")) is not None:
+        lines.append("\n**Pilot, Configs A-D at equal memory** (`tables/pilot_verdict.md`): "
+                     + "; ".join(f"{r['a'].split(':')[0]} - {r['b'].split(':')[0]} {_interval(r)}, {r['verdict']}"
+                                 for _, r in pilot.iterrows()))
+    if (search := _csv(layout, "search_summary")) is not None:
+        q = search.set_index("quantity")["value"]
+        lines.append(f"\n**Search** (`tables/search_summary.md`): the selection averages {float(q['avg_bits']):.2f} bits "
+                     f"at {float(q['budget_ratio']):.3f} of the memory budget, proxy {q['metric']} "
+                     f"{float(q['objective']):.4f}.")
+    if rows := compute_time(layout):
+        lines.append(f"\n**Work** (`tables/compute_time.md`): {rows[-1]['seconds'] / 3600:.1f} h that the artifacts record.")
+    return "\n".join(lines)
+
+
 def show(layout: Layout) -> None:
-    """Display every headline table and figure (in a notebook), naming the missing ones."""
+    """Display what the run found (summary), then every headline table and figure (in a notebook),
+    naming the missing ones."""
     from IPython.display import Markdown, display
 
+    if text := summary(layout):
+        display(Markdown("## In short\n" + text))
     current = None
     for title, notebook, path, exists in items(layout):
         if title != current:
