@@ -238,6 +238,26 @@ def test_the_explorer_reports_memory_predicted_kl_and_the_nearest_measured_score
     assert lower["predicted_kl"] > uniform4["predicted_kl"] and lower["memory_MiB"] < uniform4["memory_MiB"]
 
 
+def test_the_explorer_predicts_from_learning_curves_so_rank_counts_and_flags_far_neighbours(smoke, base, smoke_run):
+    """Without learning curves there is no curve prediction; with them (set here as the sizing stage would
+    measure them at the final length), a uniform setting gets its measured gap back, an unmeasured rank is
+    interpolated in log2(rank) and said so, bits without a curve are scaled by Phase I's KL, and a
+    neighbour more than `far` rungs away is flagged."""
+    from qr_lib.workbook.explorer import Explorer
+    layout, result = smoke_run
+    ex = Explorer(smoke, layout, n_groups=2, base=base[0])
+    assert ex.reference is None and ex.describe(result.selected)["from_curves"] is None
+    ex.reference, ex.gaps = 3.0, {(4, 4): 0.4, (4, 16): 0.1, (3, 8): 1.0}
+    assert ex.predict(ex.allocation([4, 4], [4, 4]))["gap"] == pytest.approx(0.4)
+    mid = ex.predict(ex.allocation([4, 4], [8, 8]))
+    assert mid["gap"] == pytest.approx(0.25) and mid["dev_loss"] == pytest.approx(3.25)
+    assert any("interpolated between ranks 4 and 16" in n for n in mid["notes"])
+    two = ex.predict(ex.allocation([2, 2], [8, 8]))
+    assert two["gap"] > 1.0 and any("2 bits has no curve" in n for n in two["notes"])
+    ex.far = -1
+    assert all(n["far"] for n in ex.describe(result.selected)["nearest"])
+
+
 def test_the_explorer_says_when_the_results_it_finds_were_made_with_other_settings(smoke, base, smoke_run, tmp_path):
     """A profile whose proxy differs from the one that made the records finds none of them, and says
     which settings the results record (as on a CPU where "auto" means bf16 and the results are float32)."""
