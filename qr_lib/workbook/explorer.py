@@ -164,10 +164,11 @@ class Explorer:
         sliders = []
         for k, blocks in enumerate(self.groups):
             label = f"blocks {blocks[0]}-{blocks[-1]}"
+            wide = {"description_width": "initial"}          # the block range readable, not cut
             sliders.append((W.SelectionSlider(options=list(self.profile.bit_ladder), value=self.profile.budget_bits,
-                                              description=f"{label} bits"),
+                                              description=f"{label} bits", style=wide),
                             W.SelectionSlider(options=list(self.profile.rank_ladder), value=self.profile.budget_rank,
-                                              description=f"{label} rank")))
+                                              description=f"{label} rank", style=wide)))
 
         def redraw(_=None):
             alloc = self.allocation([b.value for b, _ in sliders], [r.value for _, r in sliders])
