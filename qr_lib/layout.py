@@ -11,7 +11,8 @@ notebook, table and figure asks it.
       search.json                     04  the selection at each budget and what the search cost
       searches/<method>/              variant searches (other ladders): their own nsga/bo/search,
                                       Phase I and the evaluations of the main run
-      runs/<method>/seed<k>/          05  result.json, allocation.json, adapter/, lm_eval/
+      runs/<method>/seed<k>/          05  result.json, allocation.json, adapter/, lm_eval/ (and
+                                      trained.json while lm-eval scores a trained run)
       lengths/x<f>/runs/<method>/seed<k>/   the primary claims' runs at f x the final training
                                       (`make lengths`; a Layout each, like pilot/)
       sizing/<method>.json            the learning curves (`make sizing`)
