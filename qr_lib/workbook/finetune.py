@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from ..algorithm.adapters import prepare
 from ..algorithm.allocation import Allocation, AllocationRecord
 from ..algorithm.build import build
-from ..algorithm.memory import formula_bytes, model_shapes
+from ..algorithm.memory import ModelShapes, formula_bytes, model_shapes
 from ..algorithm.runner import SERIAL, Runner, each
 from ..algorithm.train import example_losses, mean_loss, perplexity, train
 from ..config import LoraSettings, Profile, QuantConfig
@@ -131,7 +131,7 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
             # stopped during lm-eval: the trained adapter and its scores are kept, only lm-eval runs again
             model = _rebuild(where, base, allocation, qcfg, profile, method, seed, scored["train"]["steps"])
         else:
-            model, scored = _train_and_score(profile, method, seed, base, tok, allocation, qcfg, where,
+            model, scored = _train_and_score(profile, method, seed, base, tok, allocation, qcfg, shapes, where,
                                              data or run_data(profile), progress)
             scored = {**scored, "training_key": training}
             if benchmarked:
@@ -158,7 +158,7 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
 
 
 def _train_and_score(profile: Profile, method: Method, seed: int, base, tok, allocation: Allocation,
-                     qcfg: QuantConfig, where: RunDir, d: RunData, progress: bool):
+                     qcfg: QuantConfig, shapes: ModelShapes, where: RunDir, d: RunData, progress: bool):
     """Train one run, save its adapter, and score it on the test split, the dev split (where this seed
     does) and the held-out passages: (model, the RunResult's fields but lm-eval's)."""
     tcfg = profile.finetune.train_config(len(d.train), seed)
@@ -169,7 +169,7 @@ def _train_and_score(profile: Profile, method: Method, seed: int, base, tok, all
     per_example = example_losses(model, tok, d.test[:profile.finetune.n_test], tcfg.max_len)
     dev = example_losses(model, tok, d.dev, tcfg.max_len) if d.dev and profile.finetune.scores_dev(seed) else None
     save_adapter(model, where, allocation, qcfg, profile, method)
-    memory = formula_bytes(model_shapes(base), allocation, qcfg)
+    memory = formula_bytes(shapes, allocation, qcfg)
     return model, RunResult(
         method=method.id, name=method.name, seed=seed, allocation=allocation,
         memory_bytes=memory["blocks"], avg_bits=memory["avg_bits"],
@@ -187,6 +187,11 @@ def _rebuild(where: RunDir, base, allocation: Allocation, qcfg: QuantConfig, pro
     """The trained model of a run whose adapter is saved: built as training built it (same seed, so a
     LoftQ initialisation of the quantized weights is the same), the trained adapter weights loaded."""
     model, _, _ = prepare(base, allocation, qcfg, profile.lora, method.adapter, seed, steps)
+    return _with_adapter(model, where)
+
+
+def _with_adapter(model, where: RunDir):
+    """`model` (built as the run built it) with the run's trained adapter weights, for inference."""
     set_peft_model_state_dict(model, load_file(str(where.adapter / "adapter_model.safetensors")))
     model.eval()
     return model
@@ -239,9 +244,7 @@ def load_finetuned(where: RunDir, base=None, tok=None):
         base, tok = load_model(meta["model"], meta["dtype"])
     model = build(base, Allocation.from_dict(meta["allocation"]), QuantConfig(**meta["quant"]),
                   LoraSettings(**meta["lora"]), progress=False)
-    set_peft_model_state_dict(model, load_file(str(where.adapter / "adapter_model.safetensors")))
-    model.eval()
-    return model, tok
+    return _with_adapter(model, where), tok
 
 
 def plan(profile: Profile, methods: list[str] | None = None) -> list[tuple[Method, int]]:

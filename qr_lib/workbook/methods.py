@@ -30,7 +30,8 @@ from ..algorithm.allocation import Allocation, split, uniform
 from ..algorithm.memory import ModelShapes
 from ..algorithm.quant import check_bits, get_backend
 from ..algorithm.runner import SERIAL, Runner
-from ..algorithm.search.problem import budget_rank_rung, knapsack, level_bytes, random_allocation, space_for
+from ..algorithm.search.problem import (budget_rank_rung, check_budget, knapsack, level_bytes, random_allocation,
+                                        space_for)
 from ..config import Profile, QuantConfig
 from ..errors import QRError
 from ..layout import Layout
@@ -178,10 +179,10 @@ def _check_bits(method: "Method", qcfg: QuantConfig, bits) -> None:
 
 
 def _check_budget(method: "Method", bits, profile: Profile) -> None:
-    lo, hi = min(profile.bit_ladder), max(profile.bit_ladder)
-    if not (isinstance(bits, (int, float)) and not isinstance(bits, bool) and lo <= bits <= hi):
-        raise QRError(f"method {method.id}: a budget of {bits!r} average bits lies outside bit_ladder "
-                      f"{list(profile.bit_ladder)}; choose a number between {lo} and {hi}")
+    try:
+        check_budget(bits, profile.bit_ladder)
+    except QRError as e:
+        raise QRError(f"method {method.id}: {e}") from None
 
 
 def parse_allocation(method_id: str, spec):

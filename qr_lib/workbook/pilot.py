@@ -153,14 +153,14 @@ def save(profile: Profile, layout: Layout) -> dict:
     save_table(configs[cols].round(4), layout, "pilot_configs")
     judged = verdicts(pilot, profile.comparison, profile.pilot.reference)
     save_table(judged.round(4), layout, "pilot_verdict")
-    steps = {r.train["steps"] for r in finetune.results(pilot)}
+    finished = finetune.results(pilot)
+    steps = {r.train["steps"] for r in finished}
     said = tuple(f"{r['a'].split(':')[0]} - {r['b'].split(':')[0]}: {r['a_minus_b']:+.3f} [{r['ci95_low']:+.3f}, "
                  f"{r['ci95_high']:+.3f}] nats, {r['verdict']}" for _, r in judged.iterrows())
     if len(judged):
         said += (f"the paper's finding (C worse than D) {finding(judged.iloc[0]['verdict'])}",)
-    runs = comparison.runs(pilot)
-    reference = runs.query("method == @profile.pilot.reference and seed == @profile.pilot.seeds[0]")
-    ref = (f"{reference['name'].iloc[0]} (first seed)", float(reference["test_loss"].iloc[0])) if len(reference) else None
+    ref = next(((f"{r.name} (first seed)", r.test_loss) for r in finished
+                if r.method == profile.pilot.reference and r.seed == profile.pilot.seeds[0]), None)
     save_figure(caption(pilot_bars(configs, f"Configs A-D at equal memory, {'/'.join(map(str, sorted(steps)))} steps",
                                    reference=ref, verdicts=said),
                         f"{figure_caption(profile)} · error bars: std over {len(profile.pilot.seeds)} seeds · "

@@ -20,6 +20,7 @@ import torch
 from .. import PACKAGE_DIR
 from ..algorithm.memory import ModelShapes, model_shapes
 from ..algorithm.quant import check_bits, get_backend
+from ..algorithm.search.problem import check_budget
 from ..config import DOMAINS, Profile
 from ..data import LOCAL_SUFFIXES, load_finetune
 from ..errors import QRError
@@ -208,11 +209,11 @@ def validate(profile: Profile) -> None:
     pilot_bits = profile.pilot.bits
     if len(pilot_bits) != 2 or not pilot_bits[0] < pilot_bits[1]:
         raise QRError(f"{where}: pilot.bits is {list(pilot_bits)}; it is the pilot's (low, high) rungs, e.g. [3, 4]")
-    lo, hi = min(profile.bit_ladder), max(profile.bit_ladder)
     for bits in (profile.budget_bits, *profile.select_at):
-        if not lo <= bits <= hi:
-            raise QRError(f"{where}: a budget of {bits} average bits lies outside bit_ladder "
-                          f"{list(profile.bit_ladder)}; choose budgets between {lo} and {hi}")
+        try:
+            check_budget(bits, profile.bit_ladder)
+        except QRError as e:
+            raise QRError(f"{where}: {e}") from None
 
 
 def model_shapes_of(profile: Profile) -> ModelShapes:

@@ -174,12 +174,19 @@ def random_allocation(space: SearchSpace, budget: float, rng) -> np.ndarray:
         g[rng.choice(up)] += 1
 
 
+def check_budget(bits, bit_ladder) -> None:
+    """A budget in average bits is a number within the bit ladder (level_bytes interpolates between rungs)."""
+    lo, hi = min(bit_ladder), max(bit_ladder)
+    if not (isinstance(bits, (int, float)) and not isinstance(bits, bool) and lo <= bits <= hi):
+        raise QRError(f"a budget of {bits!r} average bits lies outside bit_ladder {sorted(bit_ladder)}; choose a "
+                      f"number between {lo} and {hi}")
+
+
 def level_bytes(space: SearchSpace, bits: float, rank_rung: int) -> float:
     """The memory of `bits` average bits at `rank_rung`: a uniform allocation's bytes when `bits` is a
     rung, linear between the neighbouring rungs otherwise (3.5 bits = halfway from 3 to 4)."""
-    rungs = [b for b in space.bit_ladder]
-    if not rungs[0] <= bits <= rungs[-1]:
-        raise QRError(f"{bits} bits lies outside the bit ladder {list(space.bit_ladder)}; choose a budget within it")
+    check_budget(bits, space.bit_ladder)
+    rungs = list(space.bit_ladder)
     return float(np.interp(bits, rungs, [space.bytes(uniform_genes(space, j, rank_rung)) for j in range(len(rungs))]))
 
 
