@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # No model or dataset hub is reached at run time; the embedded model and data come from packages.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv test test-fast reproduce search sizing lengths base-grid classroom lab benchmark stock-eval clean-smoke
+.PHONY: venv test test-fast reproduce search sizing lengths base-grid classroom lab benchmark stock-eval wheelhouse clean-smoke
 
 venv: $(STAMP)
 
@@ -31,11 +31,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps $$($(PY) -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['qr_lib']['no_deps']))")
 	touch $@
 
+# Two pytest-xdist workers, each computing on half the cores (tests/conftest.py): the suite's tests are
+# mostly single-threaded Python and small matrix products, so two at a time use 2 cores better than one.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q -m "not integration"
+	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not integration"
 
 reproduce: $(STAMP)
 	$(CLI) reproduce $(STAGE_ARGS)
@@ -76,6 +79,14 @@ stock-eval: $(STAMP)
 benchmark: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/memory_step_time.py $(ARGS)
 	$(OFFLINE) $(PY) benchmarks/throughput.py --profile $(PROFILE)
+
+# The wheels a GPU lent without a network needs for benchmarks/gpu_check.sh (wheelhouse/, git-ignored, under
+# 50 MB so it travels with the working tree): what the project needs beyond torch, transformers and peft and
+# the GPU image's packages, for its Python (WHEEL_PYTHON). WHEEL_HAVE=none targets a bare interpreter.
+WHEEL_PYTHON ?= 3.12
+WHEEL_HAVE ?= benchmarks/gpu_image_packages.txt
+wheelhouse: $(STAMP)
+	$(PY) benchmarks/wheelhouse.py --python $(WHEEL_PYTHON) --have $(WHEEL_HAVE)
 
 # JupyterLab at the repository root (notebooks/ and results/ both in reach), on the project's kernel
 # (registered inside .venv, and the server's default), with the same offline settings as every other

