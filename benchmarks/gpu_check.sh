@@ -25,7 +25,10 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # qr_lib from this checkout, installed or not
 
+failed=0
 has() { "$PY" -c "import $1" > /dev/null 2>&1; }
+# report PART STATUS LAST-LINE: one line per part; the script exits 1 if any part that ran failed
+report() { echo "$1: exit $2 ($3)"; [ "$2" = 0 ] || failed=1; }
 # needs PART MODULE... : true when every module imports, else one line naming the first missing one
 needs() {
     local part=$1; shift
@@ -72,7 +75,7 @@ fi
 
 if needs "gpu tests" pytest hqq pymoo skopt lm_eval; then
     "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rA > "$OUT/gpu_tests.txt" 2>&1
-    echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.txt"))"
+    report "gpu tests" $? "$(tail -1 "$OUT/gpu_tests.txt")"
 fi
 if needs "smoke on $DEVICE" hqq pymoo skopt lm_eval papermill ipykernel matplotlib; then
     smoke_set=()
@@ -87,7 +90,7 @@ print(json.dumps([m for m in p.finetune.methods if load_method(m).quant_config(p
     fi
     QR_RESULTS_DIR="$OUT/results" "$PY" -m qr_lib reproduce --profile smoke --set device="$DEVICE" "${smoke_set[@]}" \
         --only 00 02 03 04 05 > "$OUT/smoke_$DEVICE.txt" 2>&1
-    echo "smoke on $DEVICE: exit $? ($(tail -1 "$OUT/smoke_$DEVICE.txt"))"
+    report "smoke on $DEVICE" $? "$(tail -1 "$OUT/smoke_$DEVICE.txt")"
 fi
 if needs "memory benchmark" hqq; then
     methods="lora16 hqq4 nf4 hqq3 mixed3p5"
@@ -102,6 +105,7 @@ if needs "memory benchmark" hqq; then
         # shellcheck disable=SC2086
         "$PY" benchmarks/paper_shapes.py --model "$model" --device "$DEVICE" --methods $methods "$@" \
             --out "$OUT/paper_shapes/${model//\//--}.json" > "$OUT/paper_shapes_${model//\//--}.txt" 2>&1
-        echo "$model memory benchmark: exit $?"
+        report "$model memory benchmark" $? "$(tail -1 "$OUT/paper_shapes_${model//\//--}.txt")"
     done
 fi
+exit $failed
