@@ -6,7 +6,7 @@ import torch
 from qr_lib.algorithm.allocation import uniform
 from qr_lib.algorithm.build import build, lora_parameters
 from qr_lib.algorithm.memory import budget_bytes, model_shapes
-from qr_lib.algorithm.quant import DenseQuantLinear, dequantize, get_backend
+from qr_lib.algorithm.quant import BACKENDS, DenseQuantLinear, QuantBackend, dequantize, get_backend
 from qr_lib.config import QuantConfig
 from qr_lib.errors import QRError
 from qr_lib.models import tiny_llama
@@ -24,6 +24,15 @@ def _rows_of_two_scales(out_features=8, in_features=192):
 
 def _row_errors(approx, w):
     return ((approx.float() - w).norm(dim=1) / w.norm(dim=1)).tolist()
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_every_backend_answers_the_whole_protocol(name):
+    backend = get_backend(QuantConfig(backend=name))
+    assert isinstance(backend, QuantBackend)                # every member is there
+    assert all(b in (2, 3, 4, 8) for b in backend.supported_bits)
+    if backend.cacheable:                                   # the block cache's two extra members
+        assert callable(backend.state) and callable(backend.restore)
 
 
 def test_hqq_refuses_a_group_that_spans_two_rows():

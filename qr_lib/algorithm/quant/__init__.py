@@ -13,6 +13,8 @@ GPUs keep the packed kernels.
 """
 from __future__ import annotations
 
+from typing import ClassVar, Protocol, runtime_checkable
+
 import torch
 from torch import nn
 
@@ -21,10 +23,38 @@ from ...errors import QRError
 from .bnb import BnbBackend
 from .hqq import HqqBackend
 
-BACKENDS = {"hqq": HqqBackend, "bnb": BnbBackend}
+
+@runtime_checkable
+class QuantBackend(Protocol):
+    """What every backend answers; nothing outside quant/ asks which backend it is talking to.
+    A `cacheable` backend also has `state(module) -> dict` and `restore(state, bits, dtype, device)`
+    for the block cache (cache.py)."""
+    supported_bits: ClassVar[tuple[int, ...]]
+    cacheable: ClassVar[bool]          # worth caching quantized blocks on disk (quantizing takes seconds)
+    cfg: QuantConfig
+
+    @staticmethod
+    def owns(module: nn.Module) -> bool: ...               # is this a packed module of mine?
+    def check_shape(self, out_features: int, in_features: int) -> None: ...   # QRError if it cannot
+    @staticmethod
+    def dense_is_exact(bits: int) -> bool: ...             # does a dense twin compute the same?
+    def mark_for_peft(self, model: nn.Module, bits: int, dense: bool) -> None: ...
+    @staticmethod
+    def check_adapter(adapter: str) -> None: ...           # QRError if peft has no such layer here
+    @staticmethod
+    def check_export() -> None: ...                        # QRError if runs cannot leave qr_lib
+    def quantize(self, linear: nn.Linear, bits: int) -> nn.Module: ...
+    @staticmethod
+    def dequantize(module: nn.Module) -> torch.Tensor: ...
+    def formula_bytes(self, out_features: int, in_features: int, bits: int) -> int: ...
+    @staticmethod
+    def measured_bytes(module: nn.Module) -> int: ...
 
 
-def get_backend(cfg: QuantConfig):
+BACKENDS: dict[str, type[QuantBackend]] = {"hqq": HqqBackend, "bnb": BnbBackend}
+
+
+def get_backend(cfg: QuantConfig) -> QuantBackend:
     """The dispatch: the backend object of a quantization config."""
     backends = BACKENDS
     if cfg.backend not in backends:
