@@ -15,8 +15,13 @@ PLAIN_ENV = "QR_LIB_PLAIN_PROGRESS"
 PLAIN_INTERVAL = 20.0
 
 
+def headless() -> bool:
+    """Whether the command line runs this kernel (no one can see a widget or move a slider)."""
+    return bool(os.environ.get(PLAIN_ENV))
+
+
 def tqdm(*args, **kwargs):
-    if os.environ.get(PLAIN_ENV):
+    if headless():
         kwargs.setdefault("mininterval", PLAIN_INTERVAL)
         kwargs.setdefault("ascii", True)
         return _text(*args, **kwargs)

@@ -22,7 +22,9 @@ def test_each_factor_trains_on_the_same_test_examples_and_every_primary_claim_is
         {"id": "q_vs_l", "a": "hqq4", "relation": "beats", "b": ["lora16"], "label": "16-bit LoRA", "where": "a test"},
         {"id": "n_vs_l", "a": "nf4", "relation": "beats", "b": ["lora16"], "label": "16-bit LoRA", "where": "a test"},
         {"id": "n_vs_q", "a": "nf4", "relation": "beats", "b": ["hqq4"], "label": "HQQ", "where": "not primary"}]}))
+    # Half the smoke's training pairs (8 steps of 4 at 1x, 32 at 4x): enough to tell the lengths apart.
     profile = load_profile("smoke", {"finetune.methods": ["lora16", "hqq4", "nf4"], "finetune.seeds": [0, 1],
+                                     "data.n_train": 32,
                                      "eval.tasks": [], "lengths.factors": [1, 2, 4],
                                      "comparison.claims_file": str(claims), "comparison.primary": ["q_vs_l", "n_vs_l"]})
     layout = Layout(tmp_path / "results")

@@ -64,6 +64,7 @@ def test_two_dask_workers_write_what_a_serial_run_writes_in_every_training_stage
     for backend in ("serial", "dask"):
         profile = load_profile("smoke", {
             "finetune.methods": ["lora16", "hqq4", "hqq4_r4", "hqq3"], "finetune.seeds": [0], "eval.tasks": [],
+            "data.n_train": 32,                        # equality, not learning, is the question: short runs do
             "lengths.factors": [1, 2], "comparison.claims_file": str(claims), "comparison.primary": ["q"],
             "sizing.methods": ["lora16", "hqq4"], "sizing.key_methods": ["lora16", "hqq4"],
             "calibration.methods": ["hqq4", "hqq4_r4", "hqq3"], "parallel.backend": backend, "parallel.workers": 2})

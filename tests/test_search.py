@@ -258,6 +258,19 @@ def test_the_explorer_predicts_from_learning_curves_so_rank_counts_and_flags_far
     assert all(n["far"] for n in ex.describe(result.selected)["nearest"])
 
 
+def test_run_headless_the_explorer_prints_the_budgets_reading_and_draws_no_widget(smoke, base, smoke_run, capsys,
+                                                                                  monkeypatch):
+    from qr_lib.progress import PLAIN_ENV
+    from qr_lib.workbook import explorer as E
+    shown = []
+    monkeypatch.setattr(E, "show", shown.append)
+    monkeypatch.setenv(PLAIN_ENV, "1")
+    ex = E.Explorer(smoke, smoke_run[0], n_groups=2, base=base[0])
+    assert ex.widget() is None
+    text = capsys.readouterr().out
+    assert "memory" in text and "x budget (fits)" in text and "nearest allocations" in text and len(shown) == 1
+
+
 def test_the_explorer_says_when_the_results_it_finds_were_made_with_other_settings(smoke, base, smoke_run, tmp_path):
     """A profile whose proxy differs from the one that made the records finds none of them, and says
     which settings the results record (as on a CPU where "auto" means bf16 and the results are float32)."""

@@ -15,6 +15,7 @@ from ..config import Profile
 from ..errors import QRError
 from ..layout import Layout
 from ..models import load_skeleton
+from ..progress import headless
 from ..store import LEFT_OUT, content_hash, read_artifact, stored_result
 from . import sizing
 from .methods import load_method
@@ -157,7 +158,14 @@ class Explorer:
         }
 
     def widget(self):
-        """Sliders per block group; the summary and the allocation heatmap redraw on every change."""
+        """Sliders per block group; the summary and the allocation heatmap redraw on every change. Run
+        headless (`make reproduce`), it shows the reading of the budget's uniform allocation instead: no
+        one can move a slider there, the executed copy keeps no widget, and papermill has been seen to wait
+        forever on a kernel that had finished this cell with an Output widget in it."""
+        if headless():
+            bits, rank = self.profile.budget_bits, self.profile.budget_rank
+            self.report(self.allocation([bits] * len(self.groups), [rank] * len(self.groups)))
+            return None
         import ipywidgets as W
 
         out = W.Output()
@@ -171,30 +179,34 @@ class Explorer:
                                               description=f"{label} rank", style=wide)))
 
         def redraw(_=None):
-            alloc = self.allocation([b.value for b, _ in sliders], [r.value for _, r in sliders])
-            d = self.describe(alloc)
             with out:
                 out.clear_output(wait=True)
-                verdict = "fits" if d["budget_ratio"] <= 1 else "OVER the budget"
-                print(f"memory {d['memory_MiB']:.1f} MiB = {d['budget_ratio']:.3f} x budget ({verdict}); "
-                      f"{d['avg_bits']:.2f} average bits, mean rank {d['mean_rank']:.1f}")
-                print(f"predicted fidelity loss (sum of Phase I KL at these bits): {d['predicted_kl']:.4f}")
-                if (c := d["from_curves"]) is not None:
-                    print(f"predicted dev loss after {c['steps']} steps (learning curves): {c['dev_loss']:.3f}, "
-                          f"{c['gap']:+.3f} nats against 16-bit LoRA")
-                    for note in c["notes"]:
-                        print(f"  ({note})")
-                for blocks, s in zip(self.groups, d["group_sensitivity"]):
-                    print(f"  blocks {blocks[0]}-{blocks[-1]}: mean KL at {self.profile.bit_ladder[0]} bits {s:.4f}")
-                print("nearest allocations the search fine-tuned:")
-                for n in d["nearest"]:
-                    print(f"  {n['distance']} rungs away: {n['metric']} objective {n['objective']:.4f} ({n['fidelity']} fidelity), "
-                          f"{n['budget_ratio']:.3f} x budget"
-                          + (f"  FAR: more than {self.far} rungs from yours, it says little about it" if n["far"] else ""))
-                show(allocation_heatmap(alloc, "your allocation"))
+                self.report(self.allocation([b.value for b, _ in sliders], [r.value for _, r in sliders]))
 
         for b, r in sliders:
             b.observe(redraw, names="value")
             r.observe(redraw, names="value")
         redraw()
         return W.VBox([W.HBox([b, r]) for b, r in sliders] + [out])
+
+    def report(self, alloc) -> None:
+        """What the explorer says of one allocation: memory, predicted fidelity loss and dev loss, each
+        group's sensitivity, the nearest allocations the search fine-tuned, and its heatmap."""
+        d = self.describe(alloc)
+        verdict = "fits" if d["budget_ratio"] <= 1 else "OVER the budget"
+        print(f"memory {d['memory_MiB']:.1f} MiB = {d['budget_ratio']:.3f} x budget ({verdict}); "
+              f"{d['avg_bits']:.2f} average bits, mean rank {d['mean_rank']:.1f}")
+        print(f"predicted fidelity loss (sum of Phase I KL at these bits): {d['predicted_kl']:.4f}")
+        if (c := d["from_curves"]) is not None:
+            print(f"predicted dev loss after {c['steps']} steps (learning curves): {c['dev_loss']:.3f}, "
+                  f"{c['gap']:+.3f} nats against 16-bit LoRA")
+            for note in c["notes"]:
+                print(f"  ({note})")
+        for blocks, s in zip(self.groups, d["group_sensitivity"]):
+            print(f"  blocks {blocks[0]}-{blocks[-1]}: mean KL at {self.profile.bit_ladder[0]} bits {s:.4f}")
+        print("nearest allocations the search fine-tuned:")
+        for n in d["nearest"]:
+            print(f"  {n['distance']} rungs away: {n['metric']} objective {n['objective']:.4f} ({n['fidelity']} fidelity), "
+                  f"{n['budget_ratio']:.3f} x budget"
+                  + (f"  FAR: more than {self.far} rungs from yours, it says little about it" if n["far"] else ""))
+        show(allocation_heatmap(alloc, "your allocation"))

@@ -12,6 +12,8 @@ run's search, so every length trains the same allocations.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -57,6 +59,12 @@ def table(profile: Profile, layout: Layout) -> pd.DataFrame:
     for f in profile.lengths.factors:
         here = comparison.claims(at(layout, f), profile.comparison)
         here = here[here["family"] == "primary"] if len(here) else here
+        stale = superseded(layout, f)
+        if len(here) and stale:
+            warnings.warn(f"at {f} x the training, the runs of {sorted(stale)} were trained on an allocation the "
+                          "final runs no longer use (a search selection since replaced); their claims are left out "
+                          "at that length until `make lengths` retrains them", stacklevel=2)
+            here = here[~(here["a"].isin(stale) | here["b"].isin(stale))]
         steps = _steps(at(layout, f))
         for _, r in here.iterrows():
             rows.append({"id": r["id"], "claim": r["claim"], "factor": f, "steps": steps, "seeds": r["seeds"],
@@ -104,6 +112,14 @@ def save(profile: Profile, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
                         "verdicts after Holm over the primary family at each length · dashed: extrapolation"),
                 layout, "lengths")
     return got, trend
+
+
+def superseded(layout: Layout, factor: float) -> set[str]:
+    """The names of the methods whose runs at `factor` were trained on another allocation than their final
+    runs (a search selection since replaced): comparing them would pair two different allocations."""
+    final = {(r.method, r.seed): r.allocation.pairs() for r in finetune.results(layout)}
+    return {r.name for r in finetune.results(at(layout, factor))
+            if final.get((r.method, r.seed), r.allocation.pairs()) != r.allocation.pairs()}
 
 
 def _steps(layout: Layout) -> int | None:
