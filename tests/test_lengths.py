@@ -49,3 +49,16 @@ def test_each_factor_trains_on_the_same_test_examples_and_every_primary_claim_is
     assert row["lengths"] == 3 and row["verdicts"].count("/") == 2
     g = got[got["id"] == "q_vs_l"]
     assert row["first"] == pytest.approx(g["a_minus_b"].iloc[0]) and row["last"] == pytest.approx(g["a_minus_b"].iloc[-1])
+    # A run at a length trained on an allocation the final run no longer uses (a selection since replaced)
+    # is left out of that length's claims, with a warning, rather than compared as if it were the same method.
+    from qr_lib.store import read_artifact, write_artifact
+    path = layout.at_length(2).run("hqq4", 0).result
+    record = read_artifact(path)
+    ranks = record["result"]["allocation"]["ranks"]
+    record["result"]["allocation"]["ranks"] = [4 if r != 4 else 8 for r in ranks]
+    write_artifact(path, record["config"], record["result"])
+    assert lengths.superseded(layout, 2) == {short.name} and lengths.superseded(layout, 4) == set()
+    with pytest.warns(UserWarning, match="no longer use"):
+        again = lengths.table(profile, layout)
+    assert "q_vs_l" not in set(again.loc[again["factor"] == 2, "id"])
+    assert "q_vs_l" in set(again.loc[again["factor"] == 4, "id"])
