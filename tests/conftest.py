@@ -6,6 +6,7 @@ import torch
 
 from qr_lib.data import Sources
 from qr_lib.models import tiny_llama
+from qr_lib.progress import PLAIN_ENV
 
 FIXTURES = Path(__file__).parent / "fixtures" / "packages"
 
@@ -29,6 +30,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _not_headless_after(monkeypatch):
+    """The command line marks its process headless (PLAIN_ENV) for the kernels it starts; a test that runs
+    it in-process must not leave later tests headless (the explorer then draws no widget for test_lab)."""
+    monkeypatch.delenv(PLAIN_ENV, raising=False)
 
 
 @pytest.fixture(scope="session")
