@@ -115,12 +115,13 @@ def main() -> None:
     roots = project_requirements()
     base = closure([Requirement(n) for n in BASE], args.python)
     have = have_list(args.have)
-    needed = {n: v for n, v in closure(roots, args.python).items() if n not in base and n not in have}
+    wanted = closure(roots, args.python)
+    needed = {n: v for n, v in wanted.items() if n not in base and n not in have}
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     pins = [f"{n}=={v}" for n, v in sorted(needed.items())]
-    print(f"{len(needed)} packages the target lacks (of the check's {len(closure(roots, args.python))}); "
+    print(f"{len(needed)} packages the target lacks (of the check's {len(wanted)}); "
           f"fetching wheels for Python {args.python}", flush=True)
     left_out = {}
     if not download(pins, args.python, args.out):     # one call is fast; on a failure, find which one by one

@@ -56,10 +56,11 @@ def table(profile: Profile, layout: Layout) -> pd.DataFrame:
     """One row per (primary claim, length) whose runs have finished: the steps, seeds, paired difference,
     95% interval, Holm-adjusted p over the primary family at that length, and verdict."""
     rows = []
+    final = allocations(layout)
     for f in profile.lengths.factors:
         here = comparison.claims(at(layout, f), profile.comparison)
         here = here[here["family"] == "primary"] if len(here) else here
-        stale = superseded(layout, f)
+        stale = superseded(final, at(layout, f)) if f != 1 else set()
         if len(here) and stale:
             warnings.warn(f"at {f} x the training, the runs of {sorted(stale)} were trained on an allocation the "
                           "final runs no longer use (a search selection since replaced); their claims are left out "
@@ -114,11 +115,16 @@ def save(profile: Profile, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
     return got, trend
 
 
-def superseded(layout: Layout, factor: float) -> set[str]:
-    """The names of the methods whose runs at `factor` were trained on another allocation than their final
-    runs (a search selection since replaced): comparing them would pair two different allocations."""
-    final = {(r.method, r.seed): r.allocation.pairs() for r in finetune.results(layout)}
-    return {r.name for r in finetune.results(at(layout, factor))
+def allocations(layout: Layout) -> dict:
+    """{(method, seed): allocation pairs} of the runs under a layout."""
+    return {(r.method, r.seed): r.allocation.pairs() for r in finetune.results(layout)}
+
+
+def superseded(final: dict, longer: Layout) -> set[str]:
+    """The names of the methods whose runs under `longer` were trained on another allocation than their
+    final runs (`final`: allocations() of the final runs; a search selection since replaced): comparing
+    them would pair two different allocations."""
+    return {r.name for r in finetune.results(longer)
             if final.get((r.method, r.seed), r.allocation.pairs()) != r.allocation.pairs()}
 
 
