@@ -47,7 +47,7 @@ from qr_lib.config import LoraSettings, QuantConfig
 from qr_lib.hardware import resolve_dtype
 from qr_lib.layout import benchmarks_dir
 from qr_lib.models import load_skeleton, random_model
-from qr_lib.store import package_versions, read_artifact, write_artifact
+from qr_lib.store import read_artifact, versions, write_artifact
 from qr_lib.workbook.comparison import paper_reference
 
 RANDOM = "random weights: only memory and time are meaningful"
@@ -139,7 +139,7 @@ def run(model_name: str, out: Path, methods=METHODS, formula_only: bool = False,
     paper = [e for e in paper_reference()["entries"] if "memory" in e["claim"]]
     result = {"model": model_name, "weights": RANDOM, "rows": list(rows.values()), "paper": paper,
               "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
-              "versions": package_versions(("torch", "transformers", "peft", "hqq", "bitsandbytes")),
+              "versions": versions(),
               "date": time.strftime("%Y-%m-%d")}
     config = {"model": model_name, "methods": list(methods), "formula_only": formula_only, "batch_size": batch_size,
               "seq_len": seq_len, "device": device, "gradient_checkpointing": checkpointing,

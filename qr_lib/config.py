@@ -145,9 +145,14 @@ class FinetuneConfig:
     def scores_dev(self, seed: int) -> bool:
         return self.dev_seeds is None or seed in self.dev_seeds
 
-    def train_config(self, n_train: int, seed: int) -> TrainConfig:
+    def steps(self, n_train: int) -> int:
+        """A run's optimizer steps over `n_train` pairs: `epochs` of them, capped by `max_steps`: the one
+        formula for a fine-tune's length (training, the estimate and the length study read it)."""
         steps = math.ceil(self.epochs * n_train / (self.batch_size * self.grad_accum))
-        steps = min(steps, self.max_steps) if self.max_steps else steps
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def train_config(self, n_train: int, seed: int) -> TrainConfig:
+        steps = self.steps(n_train)
         return TrainConfig(steps=steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
                            warmup_steps=max(1, round(self.warmup_ratio * steps)), schedule=self.schedule,
                            max_len=self.max_len, seed=seed)

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .config import EvalConfig
 from .data import BENCHMARKS, TASK_DIR
 from .errors import QRError
@@ -71,7 +73,6 @@ def _quiet_lm_eval():
     and logs a warning for every custom, i.e. offline, dataset: dozens of lines per run in a notebook
     cell. Our own progress line per stage says what is running."""
     import lm_eval.api.task as task_module
-    from tqdm import tqdm
 
     logger, saved = logging.getLogger("lm_eval"), task_module.tqdm
     level = logger.level

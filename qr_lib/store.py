@@ -2,12 +2,14 @@
 
 One schema for every artifact: {"config": ..., "environment": ..., "result": ..., "checksum": ...},
 and one stage protocol, `cached(path, config, compute)`: read back while the stored config equals
-the current one and the file is untouched, else compute and write. Paths come from layout.Layout.
+the current one, the record was made under today's versions of the tracked libraries, and the file is
+untouched, else compute and write. Paths come from layout.Layout.
 """
 from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +25,8 @@ from pathlib import Path
 from .errors import QRError
 from .hardware import describe
 
+# The libraries whose versions every cached artifact depends on: one list for every stage record and the
+# block cache alike. A record made under another version of any of them is recomputed, never read back.
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "hqq", "bitsandbytes", "pymoo",
                     "scikit-optimize", "lm_eval", "numpy")
 
@@ -114,6 +118,25 @@ def package_versions(names=TRACKED_PACKAGES) -> dict:
     return out
 
 
+@functools.cache
+def versions() -> dict:
+    """This process's versions of the tracked libraries: with a stage's config, what its artifact depends on.
+    Every record keeps them in its environment, so they are checked there rather than repeated in keys."""
+    return package_versions(TRACKED_PACKAGES)
+
+
+def same_versions(record: dict) -> bool:
+    """Whether `record` was made under this process's versions of every tracked library."""
+    made = record.get("environment", {}).get("packages", {})
+    return {n: made.get(n) for n in TRACKED_PACKAGES} == versions()
+
+
+def fresh(record: dict | None, config) -> bool:
+    """Whether a whole record answers `config` today: its stored config equals it and it was made under
+    today's library versions (the fingerprint of every cached artifact: its config and `versions()`)."""
+    return record is not None and record["config"] == plain(config) and same_versions(record)
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -126,7 +149,7 @@ def environment() -> dict:
     import torch
 
     return {
-        "packages": package_versions(),
+        "packages": versions(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "process": os.getpid(),       # which process wrote it: a parallel run shows its workers here
@@ -151,11 +174,12 @@ def plain(obj):
 
 def write_artifact(path: Path, config, result) -> dict:
     """Write {config, environment, result, checksum}. A record whose config and result did not change
-    is kept, so a rerun that reads its inputs back leaves the provenance of the run that did the work."""
+    is kept (made under today's versions), so a rerun that reads its inputs back leaves the provenance of
+    the run that did the work."""
     path = Path(path)
     config, result = plain(config), plain(result)
     old = read_artifact(path, quiet=True)
-    if old is not None and old["config"] == config and old["result"] == result:
+    if fresh(old, config) and old["result"] == result:
         return old
     record = {"config": config, "environment": environment(), "result": result, "checksum": checksum(config, result)}
     write_json(path, record)
@@ -194,21 +218,22 @@ def keyed(config: dict) -> dict:
 
 def cached(path: Path, config, compute, valid=None):
     """The stage protocol: the result stored at `path` if the file is whole (its checksum), its stored
-    config equals `config`, and `valid(result)` holds where given; else compute()'s, written there
-    atomically with its config, provenance and checksum. So a stage whose config changed, or whose file
-    is damaged or edited, is recomputed, and anything else is read back, never recomputed."""
+    config equals `config`, it was made under today's library versions (`fresh`), and `valid(result)`
+    holds where given; else compute()'s, written there atomically with its config, provenance and
+    checksum. So a stage whose config or libraries changed, or whose file is damaged or edited, is
+    recomputed, and anything else is read back, never recomputed."""
     record = read_artifact(path)
-    if record is not None and record["config"] == plain(config) and (valid is None or valid(record["result"])):
+    if fresh(record, config) and (valid is None or valid(record["result"])):
         return record["result"]
     return write_artifact(path, config, compute())["result"]  # JSON types, whichever way it came
 
 
 def stored_result(path: Path, config=None, then: str = LEFT_OUT):
-    """The result at `path` if the file is whole (and its config equals `config`, where given); None
-    otherwise: for readers that cannot recompute a stage (tables, figures, the explorer). `then`: what
-    the warning about a damaged file says the caller does instead (read_artifact)."""
+    """The result at `path` if the file is whole (and `fresh` for `config`, where given); None otherwise:
+    for readers that cannot recompute a stage (tables, figures, the explorer). `then`: what the warning
+    about a damaged file says the caller does instead (read_artifact)."""
     record = read_artifact(path, then=then)
-    if record is None or (config is not None and record["config"] != plain(config)):
+    if record is None or (config is not None and not fresh(record, config)):
         return None
     return record["result"]
 

@@ -87,6 +87,65 @@ def test_no_function_level_import_of_the_package_outside_the_command_line():
     assert not hidden, f"function-level imports of qr_lib modules: {hidden}"
 
 
+# Third-party modules the package may import inside a function, and why: nothing else is imported there.
+LAZY = {
+    "hqq": "an optional quantizer backend, needed only where chosen",
+    "bitsandbytes": "an optional quantizer backend (its CUDA wheel may be missing on a GPU check)",
+    "dask": "the parallel runner's, optional", "dask_cuda": "the parallel runner's on GPUs, optional",
+    "IPython": "notebooks only", "ipywidgets": "notebooks only", "papermill": "`make reproduce` only",
+    "jupyter_client": "`make reproduce` only", "ipykernel": "`make reproduce` only",
+    "matplotlib": "figures only (store.save_figure)",
+    "torch": "seconds to import: kept off the paths that only read settings or records",
+    "transformers": "seconds to import", "peft": "seconds to import", "datasets": "seconds to import",
+    "lm_eval": "seconds to import, and only the benchmark paths use it", "skopt": "seconds to import (Phase III only)",
+}
+
+
+def test_no_function_level_import_outside_the_declared_lazy_modules():
+    """Anywhere in the package (tasks/ too), an import inside a function is the command line's (so that
+    `--help` answers at once) or one of LAZY's, each with its reason."""
+    hidden = []
+    for m, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = [("." * node.level) + (node.module or "")]
+                else:
+                    continue
+                for name in names:
+                    if not (m == "qr_lib.cli" and name.startswith(".")) and name.split(".")[0] not in LAZY:
+                        hidden.append((str(path.relative_to(ROOT)), node.lineno, name))
+    assert not hidden, f"function-level imports outside LAZY: {hidden}"
+
+
+def test_no_backend_name_outside_quant():
+    """Only algorithm/quant/ knows which quantizer backends exist; config.py's schema names the setting's
+    values, and store's library list names packages."""
+    from qr_lib.algorithm.quant import BACKENDS
+    leaks = []
+    for m, path in MODULES.items():
+        if m.startswith("qr_lib.algorithm.quant") or m == "qr_lib.config":
+            continue
+        tree = ast.parse(path.read_text())
+        packages = {id(c) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                    and any(getattr(t, "id", None) == "TRACKED_PACKAGES" for t in n.targets) for c in ast.walk(n.value)}
+        leaks += [(str(path.relative_to(ROOT)), n.lineno, n.value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and n.value in BACKENDS and id(n) not in packages]
+    assert not leaks, f"backend names outside qr_lib/algorithm/quant/: {leaks}"
+
+
+def test_every_cached_artifact_depends_on_the_one_version_list():
+    """Library versions enter an artifact's fingerprint in one place (store.versions, checked by
+    store.fresh): no stage lists versions of its own."""
+    own = [(str(p.relative_to(ROOT)), n.lineno) for m, p in MODULES.items() if m != "qr_lib.store"
+           for n in ast.walk(ast.parse(p.read_text()))
+           if isinstance(n, ast.Name) and n.id in ("package_versions", "TRACKED_PACKAGES")]
+    assert not own, f"version lists outside store.py: {own}"
+
+
 # What only layout.py may spell: artifact file names, results subfolders, run-folder globs.
 FOLDERS = "runs|pilot|searches|tables|figures|evaluations|calibration|stock|results"
 RESULT_PATHS = re.compile(r"(setup|sensitivity|nsga|bo|search|result|calibration|manifest)\.json"

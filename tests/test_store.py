@@ -138,3 +138,64 @@ def test_a_reader_that_lists_records_says_it_leaves_a_damaged_one_out_rather_tha
     _tamper(layout.sizing_curve("b"), lambda r: r.update(method="edited"))
     with pytest.warns(UserWarning, match="b.json is damaged or was edited .*; leaving it out here"):
         assert [c["method"] for c in sizing.curves(layout)] == ["a"]
+
+
+
+def _other_torch(monkeypatch):
+    """This process reports another torch version from here on (store.versions is read once per process)."""
+    real = store.metadata.version
+    monkeypatch.setattr(store.metadata, "version", lambda name: "0.0.1+other" if name == "torch" else real(name))
+    store.versions.cache_clear()
+
+
+@pytest.fixture
+def versions_restored():
+    yield
+    store.versions.cache_clear()        # after monkeypatch has put the real lookup back
+
+
+def _made_by(path):
+    return json.loads(path.read_text())["environment"]["packages"]["torch"]
+
+
+def test_a_record_made_under_another_library_version_is_recomputed_not_read(tmp_path, monkeypatch,
+                                                                             versions_restored):
+    path, calls = tmp_path / "stage.json", []
+    store.cached(path, {"lr": 1e-4}, lambda: calls.append(1) or {"loss": 0.5})
+    assert store.stored_result(path, {"lr": 1e-4}) == {"loss": 0.5}
+    _other_torch(monkeypatch)
+    assert store.stored_result(path, {"lr": 1e-4}) is None
+    store.cached(path, {"lr": 1e-4}, lambda: calls.append(1) or {"loss": 0.5})
+    assert len(calls) == 2 and _made_by(path) == "0.0.1+other"    # the same result, written again with
+    store.cached(path, {"lr": 1e-4}, lambda: calls.append(1) or {"loss": 0.5})  # the version that made it
+    assert len(calls) == 2
+
+
+def test_a_tracked_version_change_invalidates_every_kind_of_artifact_alike(smoke, base, search_copy, tmp_path,
+                                                                            monkeypatch, versions_restored):
+    """One fingerprint (a stage's config and store.versions): Phase I, every proxy evaluation, Phase II,
+    Phase III, the search, a final run and a quantized block are all recomputed under another torch."""
+    from qr_lib.algorithm import search
+    from qr_lib.algorithm.quant.cache import BlockCache
+    from qr_lib.workbook import finetune
+    from qr_lib.workbook.methods import load_method
+    quick = dataclasses.replace(smoke, finetune=dataclasses.replace(smoke.finetune, max_steps=2),
+                                eval=dataclasses.replace(smoke.eval, tasks=()))
+    final, method = Layout(tmp_path / "final"), load_method("hqq4")
+    finetune.run(quick, final, method, 0, *base, progress=False)
+    cache = BlockCache(tmp_path / "blocks", smoke.quant)
+    block = cache.path("block", 4)
+    stages = [search_copy.sensitivity, search_copy.nsga, search_copy.bo, search_copy.search,
+              *search_copy.evaluations.glob("*.json"), final.run("hqq4", 0).result]
+    before = json.loads(search_copy.search.read_text())["result"]
+    assert {_made_by(p) for p in stages} != {"0.0.1+other"}
+
+    _other_torch(monkeypatch)
+    search.run(smoke, search_copy, *base, progress=False)
+    finetune.run(quick, final, method, 0, *base, progress=False)
+    assert {p.name: _made_by(p) for p in stages} == {p.name: "0.0.1+other" for p in stages}
+    assert cache.path("block", 4) != block
+    after = json.loads(search_copy.search.read_text())["result"]
+    assert after["selected"] == before["selected"]                   # recomputed to the same answer
+    assert {k: v["allocation"] for k, v in after["selected_at"].items()} == \
+        {k: v["allocation"] for k, v in before["selected_at"].items()}

@@ -15,7 +15,7 @@ from ..progress import tqdm
 from ..store import cache_root
 from .allocation import Allocation
 from .quant import check_bits, densify, get_backend
-from .quant.cache import BlockCache, block_fingerprint
+from .quant.cache import BlockCache, block_hash
 
 # peft's get_peft_model reads transformers' deprecated `is_gradient_checkpointing` property on every
 # build; the warning names nothing this project can change, and it would repeat in every cell.
@@ -34,11 +34,11 @@ def quantized_linears(linears: dict, bits: int, backend, cache: BlockCache | Non
     packed modules as stored) and restore them in the compute dtype."""
     w = next(iter(linears.values()))[1].weight
     if backend.cacheable:
-        fingerprint = block_fingerprint(linears)
-        states = cache.load(fingerprint, bits)
+        block = block_hash(linears)
+        states = cache.load(block, bits)
         if states is None:
             states = {short: backend.state(backend.quantize(m, bits)) for short, (_, m) in linears.items()}
-            cache.save(fingerprint, bits, states)
+            cache.save(block, bits, states)
         new = {short: backend.restore(states[short], bits, w.dtype, str(w.device)) for short in linears}
     else:
         new = {short: backend.quantize(module, bits) for short, (_, module) in linears.items()}

@@ -9,7 +9,10 @@ whatever dtype the machine computes in, so a budget is the same number on every 
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +156,6 @@ class PeakMemory:
         elif self.scope.startswith("run"):
             peak = _status_bytes("VmHWM")
         else:
-            import resource
             # ru_maxrss is KiB on Linux, bytes on macOS.
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if os.uname().sysname == "Darwin" else 1024)
         self.result = {"peak_bytes": int(peak), "start_bytes": self.start, "scope": self.scope}
@@ -172,9 +174,6 @@ def _status_bytes(field: str) -> int | None:
 
 def _reset_rss_peak() -> bool:
     """Return freed heap to the system and reset the kernel's peak-RSS mark; False where unsupported."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

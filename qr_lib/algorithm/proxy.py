@@ -25,7 +25,7 @@ from ..evaluate import headline, run_tasks
 from ..layout import Layout
 from ..models import load_model
 from ..progress import tqdm
-from ..store import LEFT_OUT, cached, content_hash, package_versions, read_artifact
+from ..store import LEFT_OUT, cached, content_hash, read_artifact, same_versions
 from .allocation import Allocation, AllocationRecord
 from .build import build
 from .memory import formula_bytes, model_shapes, profile_budget
@@ -35,7 +35,6 @@ from .train import encode, eval_loss, train
 # A diverged candidate scores this objective: worse than any real one, yet finite, so pymoo's
 # sorting and crowding stay well defined.
 FAILED_LOSS = 1e3
-SCORE_PACKAGES = ("torch", "transformers", "peft", "hqq", "bitsandbytes")
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,11 @@ class Fidelity:
 
 
 def proxy_context(profile: Profile) -> dict:
-    """Everything besides the allocation and the fidelity that changes a proxy score: records of
-    another context (model, dtype, quantizer, LoRA, data, library versions) are never compared."""
+    """Everything besides the allocation, the fidelity and the library versions (store.versions, checked
+    by the stage protocol) that changes a proxy score: records of another context (model, dtype,
+    quantizer, LoRA, data) are never compared."""
     return {"model": profile.model, "dtype": profile.dtype, "quant": profile.quant,
-            "lora": profile.lora, "data": profile.data, "versions": package_versions(SCORE_PACKAGES)}
+            "lora": profile.lora, "data": profile.data}
 
 
 def full_fidelity(profile: Profile) -> Fidelity:
@@ -164,7 +164,7 @@ class ProxyEvaluator:
         out = []
         for path in sorted(self.layout.evaluations.glob("*.json")):
             rec = read_artifact(path, then=LEFT_OUT)
-            if rec is not None and rec["config"].get("context_key") == self.context_key and \
+            if rec is not None and rec["config"].get("context_key") == self.context_key and same_versions(rec) and \
                     (fidelity is None or rec["result"]["fidelity"] == fidelity):
                 out.append(Evaluation.from_dict(rec["result"]))
         return out

@@ -21,7 +21,7 @@ from ..errors import QRError
 from ..layout import Layout
 from ..models import block_linears, transformer_blocks
 from ..progress import tqdm
-from ..store import cached, keyed, read_artifact, write_artifact
+from ..store import cached, fresh, keyed, read_artifact, write_artifact
 from .build import default_cache, quantized_linears, set_block_linears, use_dense
 from .quant import check_bits, get_backend
 
@@ -75,7 +75,7 @@ def measure(model, tok, texts, cfg: SensitivityConfig, qcfg: QuantConfig, partia
     # blocks are measured again, so no value enters sensitivity.json unchecked.
     progress_config = {"progress of": partial.name} if partial is not None else None
     record = read_artifact(partial, then="measuring its blocks again") if partial is not None else None
-    done = record["result"] if record is not None and record["config"] == progress_config else {}
+    done = record["result"] if fresh(record, progress_config) else {}
     cache = default_cache(qcfg) if backend.cacheable else None
     dense = use_dense(qcfg, model)  # the same weights training computes with
     todo = [(i, b) for b in cfg.bits for i in range(len(blocks)) if f"{b}:{i}" not in done]

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import pandas as pd
+from scipy.stats import kendalltau, spearmanr
 
 from ..algorithm.allocation import Allocation
 from ..algorithm.build import build
@@ -34,7 +35,7 @@ from ..data import load_finetune
 from ..errors import QRError
 from ..layout import Layout
 from ..models import worker_model
-from ..store import cached, content_hash, package_versions, write_artifact
+from ..store import cached, content_hash, write_artifact
 from .finetune import results
 from .methods import load_method
 
@@ -86,8 +87,7 @@ def proxy_curve(profile: Profile, allocation, seed: int, cfg: CalibrationConfig,
 def _context(profile: Profile) -> dict:
     cfg = profile.calibration
     return {"model": profile.model, "dtype": profile.dtype, "quant": profile.quant, "lora": profile.lora,
-            "data": profile.data, "proxy": profile.proxy, "lengths": cfg.lengths, "n_val": max(cfg.n_val),
-            "versions": package_versions(("torch", "transformers", "peft", "hqq"))}
+            "data": profile.data, "proxy": profile.proxy, "lengths": cfg.lengths, "n_val": max(cfg.n_val)}
 
 
 def curve(profile: Profile, layout: Layout, allocation: dict, seed: int, base, tok) -> dict:
@@ -149,8 +149,6 @@ def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, pr
 def summary(scores: pd.DataFrame, finals: pd.DataFrame, batch_size: int, top_k: int = 5) -> pd.DataFrame:
     """Per (length, n_val): rank agreement with the final dev loss (all allocations, and the top_k
     by final loss), and noise against signal."""
-    from scipy.stats import kendalltau, spearmanr
-
     final = finals.set_index("method")["final_dev_loss"]
     rows = []
     for (length, n_val), g in scores.groupby(["length", "n_val"]):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from .. import PACKAGE_DIR
 from ..config import ComparisonConfig
@@ -110,7 +111,6 @@ def task_power(data: dict, seed: int = 0, power: float = 0.8, alpha: float = 0.0
     documents two methods answer differently) over the pairs of methods. A column whose methods all sit
     within two standard errors of chance, or whose detectable difference exceeds the spread between
     its methods, says it cannot separate them."""
-    from scipy.stats import norm
     z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
     runs_ = {m: d["docs"] for (m, s), d in data.items() if s == seed and d["docs"]}
     rows = []

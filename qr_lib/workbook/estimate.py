@@ -12,7 +12,6 @@ turns that into a per-step figure, because the paper does not say how many steps
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -125,9 +124,7 @@ def work(profile: Profile, shapes=None, space=None) -> dict:
     if shapes is None:
         _, shapes, space = _skeleton(profile)
     f, d, p, cal = profile.finetune, profile.data, profile.pilot, profile.calibration
-    steps_per_run = math.ceil(f.epochs * d.n_train / (f.batch_size * f.grad_accum))
-    if f.max_steps:
-        steps_per_run = min(steps_per_run, f.max_steps)
+    steps_per_run = f.steps(d.n_train)
     runs = finetune.plan(profile)
     benchmarked = sum(1 for m, seed in runs if m.benchmarks and profile.eval.benchmarks(seed, m.id))
     pilot_runs = len(configs(p.bits)) * len(p.seeds) + 1 + len(sweep_methods(p))   # + the 16-bit reference

@@ -16,7 +16,7 @@ from ..errors import QRError
 from ..layout import Layout
 from ..models import load_skeleton
 from ..progress import headless
-from ..store import LEFT_OUT, content_hash, read_artifact, stored_result
+from ..store import LEFT_OUT, content_hash, read_artifact, same_versions, stored_result
 from . import sizing
 from .methods import load_method
 from .plots import allocation_heatmap, show
@@ -52,7 +52,7 @@ class Explorer:
         out = []
         for path in sorted(self.layout.evaluations.glob("*.json")):
             rec = read_artifact(path, then=LEFT_OUT)
-            if rec is None or rec["config"].get("context_key") != context_key:
+            if rec is None or rec["config"].get("context_key") != context_key or not same_versions(rec):
                 continue
             r = Evaluation.from_dict(rec["result"])
             if set(r.allocation.bits) <= set(self.profile.bit_ladder) and \

@@ -5,6 +5,7 @@ caption naming the model, the profile and what the error bars are (caption()).
 """
 from __future__ import annotations
 
+import io
 import math
 
 import matplotlib
@@ -12,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless everywhere; notebooks show figures through store.save_figure or show()
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 
 from ..algorithm.allocation import Allocation
 from ..config import Profile
@@ -59,8 +61,6 @@ def caption(fig, text: str):
 
 def show(fig) -> None:
     """Display a figure inline as PNG (the Agg backend shows nothing by itself) and close it."""
-    import io
-
     from IPython.display import Image, display
 
     buf = io.BytesIO()
@@ -338,8 +338,6 @@ def loss_curves(runs, window: int = 5, apart=frozenset(), reference: str = "lora
     method shares cancels): the mean over seeds, the band their range. Middle: the raw curves (means over
     seeds). Random draws are one baseline: one colour, one legend entry. Methods in `apart` (destroyed)
     get a panel of their own."""
-    import pandas as pd
-
     by_method: dict = {}
     for method, name, seed, losses in runs:
         by_method.setdefault((method, name), {})[seed] = np.asarray(losses, dtype=float)
@@ -373,7 +371,7 @@ def loss_curves(runs, window: int = 5, apart=frozenset(), reference: str = "lora
         labelled.setdefault(id(gap_ax), set()).add(label)
         if len(gap) > 1:
             gap_ax.fill_between(steps, gap.min(0), gap.max(0), color=colour, alpha=0.12, lw=0)
-    gap_ax.axhline(0, color=FIDELITY_COLOUR[("hqq", 16)], lw=1)
+    gap_ax.axhline(0, color=REFERENCE_COLOUR, lw=1)
     gap_ax.set_ylabel(f"train loss minus {ref_name}, same seed and batches")
     gap_ax.set_title(f"the gap to {ref_name} on the same batches (band: range over seeds)", fontsize=9)
     raw_ax.set_ylabel(f"train loss, nats/token (trailing mean of {window})")
@@ -398,7 +396,7 @@ def pilot_bars(table, title: str = "", metric: str = "test_loss", ylabel: str = 
     fig, ax = plt.subplots(figsize=(8, 4.2 if verdicts else 3.8))
     ax.set_title(title + "".join(f"\n{v}" for v in verdicts), fontsize=10 if not verdicts else 9)
     if reference is not None:
-        ax.axhline(reference[1], color=FIDELITY_COLOUR[("hqq", 16)], ls="--", lw=1, label=reference[0])
+        ax.axhline(reference[1], color=REFERENCE_COLOUR, ls="--", lw=1, label=reference[0])
         ax.legend(fontsize=7, loc="lower right")
     x = np.arange(len(table))
     ax.bar(x, table[metric], yerr=table.get(f"{metric}_std"), capsize=4,
@@ -585,9 +583,10 @@ def base_grid_bars(table):
     return fig
 
 
-# Learning curves: the colour says what the frozen weights keep, the line style what the adapter can add.
-FIDELITY_COLOUR = {("hqq", 16): "#1f77b4", ("bnb", 4): "#2ca02c", ("hqq", 4): "#9467bd", ("hqq", 3): "#8c564b",
-                   ("hqq", 2): "#7f7f7f"}
+# Learning curves: the colour says what the frozen weights keep (a quantizer at a bit-width, from most
+# bits to fewest), the line style what the adapter can add.
+REFERENCE_COLOUR = "#1f77b4"
+FIDELITY_PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#7f7f7f", "#17becf", "#bcbd22")
 RANK_STYLE = {4: ":", 8: "-", 16: "--"}
 
 
@@ -598,10 +597,12 @@ def learning_curves(table, length: int | None = None, reference: str = "lora16")
     checkpoints. A vertical line marks where the order settles (sizing.length), where given."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5.2))
     reference_name = reference
-    for method, g in table.groupby("method", sort=False):
+    kept = table.assign(rounded=table["bits"].round().astype(int))
+    fidelities = sorted(set(zip(kept["quantizer"], kept["rounded"])), key=lambda f: (-f[1], f[0]))
+    colours = dict(zip(fidelities, FIDELITY_PALETTE))
+    for method, g in kept.groupby("method", sort=False):
         g = g.sort_values("step")
-        bits = int(round(g["bits"].iloc[0]))
-        colour = FIDELITY_COLOUR.get((g["quantizer"].iloc[0], bits), "#444444")
+        colour = colours.get((g["quantizer"].iloc[0], g["rounded"].iloc[0]), "#444444")
         if "g32" in method:
             colour = "#e6550d"
         ls = RANK_STYLE.get(g["rank"].iloc[0], "-.")
@@ -629,7 +630,7 @@ def learning_curves(table, length: int | None = None, reference: str = "lora16")
                         xycoords=("data", "axes fraction"), fontsize=7, ha="right", va="top", rotation=90)
     a.set_ylabel("dev loss (nats per answer token; lower is better)")
     a.set_title("learning curves (constant rate after warm-up, one seed)", fontsize=9)
-    b.axhline(0, color=FIDELITY_COLOUR[("hqq", 16)], lw=1)
+    b.axhline(0, color=REFERENCE_COLOUR, lw=1)
     b.set_ylabel(f"dev loss minus {reference_name} (nats/token)")
     b.set_title(f"the gap to {reference_name}: does rank close it, or does it stay?\n"
                 "(band: 95% paired interval over dev examples)", fontsize=9)
@@ -656,8 +657,6 @@ def calibration_plot(result: dict, length: int | None = None, n_val: int | None 
     axis (over all allocations, and over the best top_k). Right: the proxy at (`length`, `n_val`),
     the search's own setting where given (else the recommended one), against the final dev loss, the
     allocations numbered and listed beside it so no label covers another."""
-    import pandas as pd
-
     table, scores = pd.DataFrame(result["table"]), pd.DataFrame(result["scores"])
     finals = pd.DataFrame(result["finals"]).set_index("method")
     rec = result["recommendation"]

@@ -39,7 +39,7 @@ from ..data import load_finetune, load_texts
 from ..errors import QRError
 from ..layout import Layout
 from ..models import worker_model
-from ..store import LEFT_OUT, cached, package_versions, read_artifact, save_figure, save_table
+from ..store import LEFT_OUT, cached, read_artifact, save_figure, save_table
 from . import stats
 from .methods import Context, Method, load_method
 from .plots import caption, figure_caption, learning_curves
@@ -115,8 +115,7 @@ def curve(profile: Profile, layout: Layout, method: Method, cfg: SizingConfig, b
 
 def _context(profile: Profile, cfg: SizingConfig) -> dict:
     return {"model": profile.model, "dtype": profile.dtype, "data": data_config(profile, cfg), "lora": profile.lora,
-            "recipe": recipe(profile, cfg), "steps": cfg.steps,
-            "versions": package_versions(("torch", "transformers", "peft", "hqq", "bitsandbytes"))}
+            "recipe": recipe(profile, cfg), "steps": cfg.steps}
 
 
 def setting(profile: Profile, method: Method) -> dict:

@@ -28,7 +28,7 @@ from ..config import EvalConfig, Profile
 from ..data import STOCK, stock_docs
 from ..evaluate import run_tasks, samples_file
 from ..layout import Layout
-from ..store import LEFT_OUT, atomic_write_bytes, cached, read_artifact, save_table
+from ..store import LEFT_OUT, atomic_write_bytes, cached, read_artifact, same_versions, save_table
 
 REFERENCE = PACKAGE_DIR / "reference" / "smollm2_lm_eval.json"
 SAMPLE_SEED = 0
@@ -83,7 +83,8 @@ def save(profile: Profile, layout: Layout) -> pd.DataFrame | None:
     for task in STOCK:
         for path in sorted(layout.stock(task, "*").parent.glob(layout.stock(task, "*").name)):
             record = read_artifact(path, then=LEFT_OUT)
-            if record is not None and (record["config"]["model"], record["config"]["dtype"]) == (profile.model, profile.dtype):
+            if record is not None and same_versions(record) and \
+                    (record["config"]["model"], record["config"]["dtype"]) == (profile.model, profile.dtype):
                 rows.append(_row(task, record["result"], len(stock_docs(task))))
                 break
     return _save(pd.DataFrame(rows), layout) if rows else None

@@ -1,5 +1,5 @@
-"""On-disk cache of quantized blocks: each (block weights, bits, backend settings) is quantized once
-per machine. A file is keyed by a hash of the block's own weight bytes, so two models can never
+"""On-disk cache of quantized blocks: each (block weights, bits, backend settings, library versions) is
+quantized once per machine. A file is keyed by a hash of the block's own weight bytes, so two models can never
 share an entry by accident, and carries a SHA-256 sidecar so a corrupted file is rebuilt, not used.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ...store import atomic_write_bytes, content_hash, package_versions
+from ...store import atomic_write_bytes, content_hash, versions
 from .storage import STORAGE_DTYPE
 
 
-def block_fingerprint(linears: dict) -> str:
+def block_hash(linears: dict) -> str:
     """A hash of the block's weights as HQQ quantizes them (in the storage dtype), so models loaded
     in different compute dtypes share their cached blocks."""
     h = hashlib.sha256()
@@ -33,13 +33,13 @@ class BlockCache:
         self.hits = 0
         self.misses = 0
 
-    def path(self, fingerprint: str, bits: int) -> Path:
-        key = content_hash({"block": fingerprint, "bits": bits, "quant": self.qcfg.quantizer_settings(),
-                            "hqq": package_versions(("hqq",))["hqq"]})
+    def path(self, block: str, bits: int) -> Path:
+        key = content_hash({"block": block, "bits": bits, "quant": self.qcfg.quantizer_settings(),
+                            "versions": versions()})
         return self.root / f"{key}.pt"
 
-    def load(self, fingerprint: str, bits: int):
-        path = self.path(fingerprint, bits)
+    def load(self, block: str, bits: int):
+        path = self.path(block, bits)
         digest = path.with_suffix(".sha256")
         if not (path.exists() and digest.exists()):
             return None
@@ -52,11 +52,11 @@ class BlockCache:
         # weights_only: the cache may be shared, and a pickle from someone else's file could run code.
         return torch.load(io.BytesIO(data), weights_only=True)
 
-    def save(self, fingerprint: str, bits: int, states: dict) -> None:
+    def save(self, block: str, bits: int, states: dict) -> None:
         self.misses += 1
         buf = io.BytesIO()
         torch.save(states, buf)
         data = buf.getvalue()
-        path = self.path(fingerprint, bits)
+        path = self.path(block, bits)
         atomic_write_bytes(path, data)
         atomic_write_bytes(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())

@@ -24,6 +24,7 @@ import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.callback import Callback
 from pymoo.optimize import minimize
+from scipy.stats import kendalltau, spearmanr
 
 from ...config import NSGAConfig, Profile
 from ...layout import Layout
@@ -127,8 +128,6 @@ def hv_curve(generations: list[dict]) -> tuple[list[float], dict]:
 def fidelity_agreement(low: list[dict], full: list[dict]) -> dict:
     """Rank agreement of the low and the full fidelity on the allocations scored at both (the anchors
     and the promoted ones): the evidence for letting the low fidelity choose whom to promote."""
-    from scipy.stats import kendalltau, spearmanr
-
     by_alloc = {(tuple(r["bits"]), tuple(r["ranks"])): r["objective"] for r in low if not r["failed"]}
     pairs = [(by_alloc[a], r["objective"]) for r in full if not r["failed"]
              and (a := (tuple(r["bits"]), tuple(r["ranks"]))) in by_alloc]
