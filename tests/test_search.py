@@ -4,6 +4,7 @@ import pytest
 
 from qr_lib.algorithm import proxy, search
 from qr_lib.algorithm.memory import model_shapes
+from qr_lib.algorithm.phases import PhaseI
 from qr_lib.algorithm.search import bo, nsga
 from qr_lib.algorithm.search import problem as P
 from qr_lib.config import QuantConfig
@@ -178,6 +179,11 @@ def test_search_writes_every_artifact_and_selects_a_feasible_allocation(smoke_ru
     assert result.selected_scores["budget_ratio"] <= 1
     assert result.cost["epoch_equivalents"] > 0
     assert search.load_result(layout) == result
+    # The phases it carries are the artifacts' results, typed: their JSON form is the file's, field for field.
+    assert search.load_result(layout).phases == result.phases
+    for path, record in ((layout.sensitivity, result.phases.sensitivity), (layout.nsga, result.phases.nsga),
+                         (layout.bo, result.phases.bo)):
+        assert record.to_dict() == read_artifact(path)["result"]
     phase3 = read_artifact(layout.bo)["result"]
     for step in phase3["steps"]:
         if "candidate" in step:  # scored by a real proxy fine-tune, cached like every other
@@ -187,7 +193,7 @@ def test_search_writes_every_artifact_and_selects_a_feasible_allocation(smoke_ru
 
 def test_the_first_generation_is_scored_whole_uniform_points_at_full_fidelity_and_promotions_distinct(smoke, base, smoke_run):
     layout, _ = smoke_run
-    phase1 = read_artifact(layout.sensitivity)["result"]
+    phase1 = PhaseI.from_dict(read_artifact(layout.sensitivity)["result"])
     phase2 = read_artifact(layout.nsga)["result"]
     space = P.space_for(smoke, model_shapes(base[0]), phase1)
     first = nsga.first_generation(smoke, space)
@@ -218,7 +224,7 @@ def test_the_phase1_knapsack_method_is_phase1s_choice_at_its_rank(smoke, base, s
     from qr_lib.algorithm.search.problem import knapsack
     from qr_lib.workbook.methods import Context, load_method
     layout, _ = smoke_run
-    space = P.space_for(smoke, model_shapes(base[0]), read_artifact(layout.sensitivity)["result"])
+    space = P.space_for(smoke, model_shapes(base[0]), PhaseI.from_dict(read_artifact(layout.sensitivity)["result"]))
     alloc = load_method("phase1_knapsack4").resolve(Context(smoke, model_shapes(base[0]), layout))
     assert alloc.pairs() == space.allocation(knapsack(space, space.budget, space.rank_ladder.index(4))).pairs()
     assert set(alloc.ranks) == {4} and space.bytes(space.genes(alloc.to_dict())) <= space.budget
@@ -382,14 +388,13 @@ def test_the_command_line_search_runs_on_two_dask_workers_when_asked(smoke_run, 
 def test_front_origins_and_phase3_gain_account_for_every_point(smoke_run):
     from qr_lib.algorithm import search
     from qr_lib.store import read_artifact
-    layout, _ = smoke_run
-    p2, p3 = read_artifact(layout.nsga)["result"], read_artifact(layout.bo)["result"]
+    _, result = smoke_run
+    p2, p3 = result.phases.nsga, result.phases.bo
     rows = search.front_origins(p2, p3)
-    assert sum(r["on_final_front"] for r in rows) == len(p3["pareto"])
-    scored = {(tuple(r["bits"]), tuple(r["ranks"])) for r in p2["evaluations"] + p2["promoted"]
-              + [s["candidate"] for s in p3["steps"] if "candidate" in s]}
+    assert sum(r["on_final_front"] for r in rows) == len(p3.pareto)
+    scored = {(tuple(r["bits"]), tuple(r["ranks"])) for r in p2.evaluations + p2.promoted + p3.candidates()}
     assert sum(r["scored"] for r in rows) == len(scored)
     assert any(r["origin"].startswith("generation 1 (uniform") for r in rows)
     gain = search.phase3_gain(p2, p3)
-    assert gain["phase3_best"] == p3["selected"]["objective"]
+    assert gain["phase3_best"] == p3.selected["objective"]
     assert gain["gain"] <= 1e-12                       # Phase III keeps Phase II's best, or finds better

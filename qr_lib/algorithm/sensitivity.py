@@ -22,6 +22,7 @@ from ..layout import Layout
 from ..models import block_linears, transformer_blocks
 from ..progress import tqdm
 from ..store import cached, fresh, keyed, read_artifact, write_artifact
+from .phases import PhaseI
 from .build import default_cache, quantized_linears, set_block_linears, use_dense
 from .quant import check_bits, get_backend
 
@@ -102,7 +103,7 @@ def config(profile: Profile) -> dict:
                   "quant": profile.quant, "sensitivity": profile.sensitivity})
 
 
-def run(profile: Profile, layout: Layout, model, tok, progress: bool = True) -> dict:
+def run(profile: Profile, layout: Layout, model, tok, progress: bool = True) -> PhaseI:
     """Phase I for a profile; reuses the layout's sensitivity.json while its config matches."""
     d, cfg = profile.data, config(profile)
     partial = layout.sensitivity_progress(cfg["key"])
@@ -112,6 +113,6 @@ def run(profile: Profile, layout: Layout, model, tok, progress: bool = True) -> 
         t0 = time.time()
         result = measure(model, tok, calib, profile.sensitivity, profile.quant, partial=partial, progress=progress)
         return {**result, "seconds": round(time.time() - t0, 1), "n_texts": len(calib)}
-    result = cached(layout.sensitivity, cfg, compute)
+    result = PhaseI.from_dict(cached(layout.sensitivity, cfg, compute))
     partial.unlink(missing_ok=True)
     return result

@@ -110,11 +110,10 @@ def _lm_eval(cfg, runs: int) -> dict:
 
 
 def _skeleton(profile: Profile):
-    """(the model without weights, its shapes, the search space with a flat Phase I)."""
+    """(the model without weights, its shapes, the search space with a flat Phase I: every KL 0)."""
     skeleton = load_skeleton(profile.model)
     shapes = model_shapes(skeleton)
-    zero_kl = {str(b): [0.0] * shapes.n_blocks for b in profile.sensitivity.bits}
-    return skeleton, shapes, space_for(profile, shapes, {"kl": zero_kl})
+    return skeleton, shapes, space_for(profile, shapes, None)
 
 
 def work(profile: Profile, shapes=None, space=None) -> dict:

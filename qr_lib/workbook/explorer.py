@@ -9,6 +9,7 @@ import numpy as np
 
 from ..algorithm.allocation import Allocation
 from ..algorithm.memory import formula_bytes, model_shapes, profile_budget
+from ..algorithm.phases import PhaseI
 from ..algorithm.proxy import Evaluation, proxy_context
 from ..algorithm.search.problem import kl_by_rung
 from ..config import Profile
@@ -35,7 +36,7 @@ class Explorer:
         if phase1 is None:
             raise QRError(f"{layout.sensitivity} is missing or damaged; run Phase I first (notebook 02 or "
                           f"`qr-adaptor sensitivity --profile {profile.name}`)")
-        self.kl = kl_by_rung(phase1["kl"], profile.bit_ladder, n)
+        self.kl = kl_by_rung(PhaseI.from_dict(phase1).kl, profile.bit_ladder, n)
         self.length = profile.finetune.train_config(profile.data.n_train, profile.finetune.seeds[0]).steps
         self.reference, self.gaps = self._uniform_gaps()
         # A neighbour more rungs away than this says little of the allocation (a setting: half the

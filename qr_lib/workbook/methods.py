@@ -28,6 +28,7 @@ from ..algorithm import search
 from ..algorithm.adapters import ADAPTERS
 from ..algorithm.allocation import Allocation, split, uniform
 from ..algorithm.memory import ModelShapes
+from ..algorithm.phases import PhaseI
 from ..algorithm.quant import check_bits, get_backend
 from ..algorithm.runner import SERIAL, Runner
 from ..algorithm.search.problem import (budget_rank_rung, check_budget, knapsack, level_bytes, random_allocation,
@@ -142,7 +143,7 @@ class Knapsack(Spec):
         if self.rank not in p.rank_ladder:
             raise QRError(f"method {method.id}: knapsack rank {self.rank} is not on the rank ladder "
                           f"{sorted(p.rank_ladder)}")
-        space = space_for(p, ctx.shapes, phase1)
+        space = space_for(p, ctx.shapes, PhaseI.from_dict(phase1))
         level = level_bytes(space, self.bits, budget_rank_rung(p))
         return space.allocation(knapsack(space, level, space.rank_ladder.index(self.rank)), name=method.name)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..algorithm.allocation import Allocation
+from ..algorithm.phases import PhaseI, PhaseII, PhaseIII
 from ..config import Profile
 from ..evaluate import CHANCE
 from ..models import EMBEDDED, EMBEDDED_GGUF
@@ -92,10 +93,10 @@ def allocation_heatmap(allocation: Allocation, title: str | None = None):
     return fig
 
 
-def sensitivity_plot(result: dict):
+def sensitivity_plot(result: PhaseI):
     """Phase I: KL divergence per block, one line per profiled bit-width (log scale)."""
     fig, ax = plt.subplots(figsize=(7, 3))
-    for bits, kl in sorted(result["kl"].items(), key=lambda kv: int(kv[0])):
+    for bits, kl in sorted(result.kl.items(), key=lambda kv: int(kv[0])):
         ax.plot(range(len(kl)), kl, marker="o", ms=3, label=f"{bits}-bit")
     ax.set_yscale("log")
     ax.set_xlabel("transformer block (quantized alone)")
@@ -119,17 +120,17 @@ def mark_uniform(ax, members: list[dict], records: list[dict]) -> None:
             ax.annotate(label, (r["budget_ratio"], r["objective"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
 
 
-def objective_space(phase2: dict, phase3: dict | None = None):
+def objective_space(phase2: PhaseII, phase3: PhaseIII | None = None):
     """Proxy loss against memory, one panel per fidelity (a 4-step and a 16-step loss never share an
     axis). Search fidelity: every candidate by generation, the uniform allocations marked. Full
     fidelity: promoted candidates, the Pareto set, and with Phase III its candidates and the selection."""
-    evals, fid = phase2["evaluations"], phase2["search_fidelity"]
+    evals, fid = phase2.evaluations, phase2.search_fidelity
     multi = fid != "full"
     fig, axes = plt.subplots(1, 2 if multi else 1, figsize=(12 if multi else 7, 4), squeeze=False)
     metric = evals[0]["metric"] if evals else "loss"
     ylabel = "proxy validation loss (nats/token; lower is better)" if metric == "loss" else \
         f"proxy error rate on {metric} (lower is better)"
-    steps = {name: f["train"]["steps"] for name, f in phase2["fidelities"].items()}
+    steps = {name: f["train"]["steps"] for name, f in phase2.fidelities.items()}
     ax = axes[0][0]
     gens = sorted({r["generation"] for r in evals})
     cmap = plt.get_cmap("viridis", max(len(gens), 2))
@@ -137,24 +138,23 @@ def objective_space(phase2: dict, phase3: dict | None = None):
         pts = [(r["budget_ratio"], r["objective"]) for r in evals if r["generation"] == g and not r["failed"]]
         if pts:
             ax.scatter(*zip(*pts), s=18, color=cmap(k), alpha=0.8, label=f"generation {g}")
-    mark_uniform(ax, phase2.get("first_generation", []), evals)
+    mark_uniform(ax, phase2.first_generation, evals)
     ax.set_title(f"{fid} fidelity ({steps[fid]} steps)", fontsize=9)
     if multi:
         ax = axes[0][1]
-        full = [(r["budget_ratio"], r["objective"]) for r in phase2["promoted"] if not r["failed"]]
+        full = [(r["budget_ratio"], r["objective"]) for r in phase2.promoted if not r["failed"]]
         if full:
             ax.scatter(*zip(*full), s=30, color="k", alpha=0.6, label="promoted")
-        mark_uniform(ax, phase2.get("anchors", []), phase2["promoted"])
+        mark_uniform(ax, phase2.anchors, phase2.promoted)
         ax.set_title(f"full fidelity ({steps['full']} steps)", fontsize=9)
-    front = sorted((r["budget_ratio"], r["objective"]) for r in (phase3 or phase2)["pareto"])
+    front = sorted((r["budget_ratio"], r["objective"]) for r in (phase3 or phase2).pareto)
     if front:
         ax.plot(*zip(*front), "r-", marker="s", ms=5, label="Pareto set")
     if phase3:
-        bo_pts = [(s["candidate"]["budget_ratio"], s["candidate"]["objective"]) for s in phase3["steps"]
-                  if "candidate" in s]
+        bo_pts = [(r["budget_ratio"], r["objective"]) for r in phase3.candidates()]
         if bo_pts:
             ax.scatter(*zip(*bo_pts), marker="*", s=140, color="orange", edgecolors="k", label="BO candidates")
-        sel = phase3["selected"]
+        sel = phase3.selected
         ax.scatter([sel["budget_ratio"]], [sel["objective"]], marker="X", s=120, color="red", label="selected")
     for ax in axes[0]:
         ax.axvline(1.0, color="grey", ls="--", lw=1, label="budget")
@@ -166,13 +166,13 @@ def objective_space(phase2: dict, phase3: dict | None = None):
     return fig
 
 
-def hypervolume_curve(phase2: dict):
+def hypervolume_curve(phase2: PhaseII):
     """The front's hypervolume per generation (normalized objectives), on an axis from 0, with the
     change from the first generation written on it: a flat line is a finding (later generations did
     not move the front), not a zoomed wiggle."""
     fig, ax = plt.subplots(figsize=(5, 3))
-    gens = [g["generation"] for g in phase2["generations"]]
-    hv = [g["hv"] for g in phase2["generations"]]
+    gens = [g["generation"] for g in phase2.generations]
+    hv = [g["hv"] for g in phase2.generations]
     ax.plot(gens, hv, marker="o")
     ax.set_xticks(gens)
     ax.set_ylim(0, 1.05)          # a normalized hypervolume is at most 1
@@ -183,40 +183,40 @@ def hypervolume_curve(phase2: dict):
         ax.annotate(note, (0.03, 0.05), xycoords="axes fraction", fontsize=7)
     ax.set_xlabel("generation")
     ax.set_ylabel("hypervolume (normalized; higher is better)")
-    ax.set_title(f"NSGA-II front, {phase2['search_fidelity']} fidelity", fontsize=10)
+    ax.set_title(f"NSGA-II front, {phase2.search_fidelity} fidelity", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def bo_trace(phase3: dict):
+def bo_trace(phase3: PhaseIII):
     """Each BO candidate's utility (points) and the best utility so far (step line), against the best
     that Phase II had found; integer iterations."""
     fig, ax = plt.subplots(figsize=(5, 3))
-    steps = [s for s in phase3["steps"] if "candidate" in s]
-    phase2 = [r["utility"] for r in phase3["observed"] if r["generation"] is not None]
-    best = max(phase2) if phase2 else -np.inf
+    steps = [s for s in phase3.steps if "candidate" in s]
+    earlier = [r["utility"] for r in phase3.observed if r["generation"] is not None]   # Phase II's points
+    best = max(earlier) if earlier else -np.inf
     its = [s["iteration"] for s in steps]
     util = [s["observed_utility"] for s in steps]
     ax.scatter(its, util, color="orange", edgecolors="k", zorder=3, label="BO candidate")
     if its:
         ax.step(its, np.maximum.accumulate(np.maximum(util, best)), where="post", color="k", lw=1,
                 label="best so far")
-    if phase2:
+    if earlier:
         ax.axhline(best, color="grey", ls="--", label="best of Phase II")
-    values = util + ([best] if phase2 else [])
+    values = util + ([best] if earlier else [])
     if values:
         lo, hi = min(values), max(values)
         pad = 0.15 * (hi - lo) or 0.1
         ax.set_ylim(lo - pad, hi + pad)
     ax.set_xticks(its or [1])
-    if phase2:
+    if earlier:
         final = max(util + [best])
         ax.annotate(f"best utility: Phase II {best:.4f}, after Phase III {final:.4f}"
                     + ("\nPhase III found nothing better" if final <= best + 1e-12 else ""),
                     (0.03, 0.05), xycoords="axes fraction", fontsize=7)
     ax.set_xlabel("BO iteration")
-    ax.set_ylabel(f"utility (a = {phase3['alpha']})")
+    ax.set_ylabel(f"utility (a = {phase3.alpha})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

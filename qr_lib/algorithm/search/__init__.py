@@ -6,14 +6,15 @@ what the search cost. Later stages read it back with `load_result(layout)`; they
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ...config import Profile, TrainConfig
 from ...errors import QRError
 from ...layout import Layout
-from ...store import cached, read_artifact
+from ...store import cached, read_artifact, stored_result
 from .. import sensitivity
 from ..allocation import Allocation
+from ..phases import PhaseI, PhaseII, PhaseIII, Phases
 from ..proxy import Fidelity, ProxyEvaluator, epoch_tokens, full_fidelity
 from ..runner import SERIAL, Runner
 from . import bo, nsga
@@ -45,6 +46,9 @@ class SearchResult:
     selected_at: dict              # "<bits as float>" -> Selection, e.g. "4.0", "3.5"
     selected_scores: dict
     cost: dict
+    # The phases behind it (sensitivity.json, nsga.json, bo.json), where they are whole: carried, not
+    # written into search.json.
+    phases: Phases | None = field(default=None, compare=False)
 
     def at(self, bits: float) -> Allocation:
         chosen = self.selected_at.get(str(float(bits)))
@@ -65,12 +69,16 @@ class SearchResult:
 
 
 def load_result(layout: Layout) -> SearchResult:
-    """The finished search of a layout, checksum-checked; a QRError that says how to run it otherwise."""
+    """The finished search of a layout, checksum-checked, with its phases where their artifacts are
+    whole; a QRError that says how to run it otherwise."""
     record = read_artifact(layout.search, quiet=True)      # the error below says what to do
     if record is None:
         raise QRError(f"{layout.search} is missing or damaged; run the search first (notebook 04_bo_refinement or "
                       "`qr-adaptor search`)")
-    return SearchResult.from_dict(record["result"])
+    parts = [stored_result(path) for path in (layout.sensitivity, layout.nsga, layout.bo)]
+    phases = None if None in parts else Phases(PhaseI.from_dict(parts[0]), PhaseII.from_dict(parts[1]),
+                                               PhaseIII.from_dict(parts[2]))
+    return replace(SearchResult.from_dict(record["result"]), phases=phases)
 
 
 def evaluator(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL,
@@ -79,15 +87,15 @@ def evaluator(profile: Profile, layout: Layout, base, tok, runner: Runner = SERI
     return ProxyEvaluator(profile, layout, base, tok, runner, progress)
 
 
-def phase1(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> dict:
+def phase1(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> PhaseI:
     return sensitivity.run(profile, layout, ev.base, ev.tok, progress)
 
 
-def phase2(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> dict:
+def phase2(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> PhaseII:
     return nsga.run(profile, layout, ev, phase1(profile, layout, ev, progress), sensitivity.config(profile)["key"])
 
 
-def _phases(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool) -> tuple[dict, dict, dict, dict]:
+def _phases(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool) -> tuple[Phases, dict]:
     """(Phase I, II and III results, and the keys that chain their configs), each read back or run."""
     keys = {"sensitivity": sensitivity.config(profile)["key"]}
     keys["nsga"] = nsga.config(profile, ev, keys["sensitivity"])["key"]
@@ -95,14 +103,14 @@ def _phases(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool
     p1 = phase1(profile, layout, ev, progress)
     p2 = nsga.run(profile, layout, ev, p1, keys["sensitivity"])
     p3 = bo.run(profile, layout, ev, space_for(profile, ev.shapes, p1), p2, keys["nsga"], progress)
-    return p1, p2, p3, keys
+    return Phases(p1, p2, p3), keys
 
 
-def phase3(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> dict:
-    return _phases(profile, layout, ev, progress)[2]
+def phase3(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> PhaseIII:
+    return _phases(profile, layout, ev, progress)[0].bo
 
 
-def select_at(profile: Profile, ev: ProxyEvaluator, p1: dict, p2: dict, p3: dict) -> dict[str, Selection]:
+def select_at(profile: Profile, ev: ProxyEvaluator, p1: PhaseI, p2: PhaseII, p3: PhaseIII) -> dict[str, Selection]:
     """The best full-fidelity proxy score within each budget (profile.budget_bits and select_at, in
     average bits), from one front. A budget with no full-fidelity score inside it gets its best
     low-fidelity candidate scored at full fidelity, so every budget has a selection."""
@@ -111,9 +119,9 @@ def select_at(profile: Profile, ev: ProxyEvaluator, p1: dict, p2: dict, p3: dict
     out = {}
     for bits in (profile.budget_bits, *profile.select_at):
         ratio = level_bytes(space, bits, rank_rung) / space.budget
-        rec, scored = bo.select(p3["observed"], ratio), False
+        rec, scored = bo.select(p3.observed, ratio), False
         if rec is None:
-            low = bo.select(p2["evaluations"], ratio)
+            low = bo.select(p2.evaluations, ratio)
             if low is None:
                 raise QRError(f"nothing the search scored fits {bits} average bits; lower select_at or widen the "
                               "first generation (nsga.n_random)")
@@ -124,7 +132,7 @@ def select_at(profile: Profile, ev: ProxyEvaluator, p1: dict, p2: dict, p3: dict
     return out
 
 
-def front_origins(p2: dict, p3: dict) -> list[dict]:
+def front_origins(p2: PhaseII, p3: PhaseIII) -> list[dict]:
     """Where the final front's points (Phase III's Pareto set, full fidelity) were born: the first
     generation (by its seed kind: uniform, knapsack, random), a later NSGA-II generation (the first in
     which the allocation was scored at any fidelity), or Phase III. One row per origin, with the number of
@@ -133,11 +141,11 @@ def front_origins(p2: dict, p3: dict) -> list[dict]:
         return tuple(r["bits"]), tuple(r["ranks"])
     kinds = {"uniform": "uniform", "Phase I knapsack": "knapsack", "random": "random"}
     seeded = {alloc(r): next((v for k, v in kinds.items() if r["origin"].startswith(k)), "other")
-              for r in p2["first_generation"]}
+              for r in p2.first_generation}
     born: dict = {}
-    for r in p2["evaluations"] + p2["promoted"]:
+    for r in p2.evaluations + p2.promoted:
         born[alloc(r)] = min(born.get(alloc(r), r["generation"]), r["generation"])
-    bo_points = {alloc(s["candidate"]) for s in p3["steps"] if "candidate" in s}
+    bo_points = {alloc(r) for r in p3.candidates()}
 
     def origin(a):
         if a in bo_points and a not in born:
@@ -148,19 +156,19 @@ def front_origins(p2: dict, p3: dict) -> list[dict]:
     rows: dict = {}
     for a in set(born) | bo_points:
         rows.setdefault(origin(a), {"origin": origin(a), "scored": 0, "on_final_front": 0})["scored"] += 1
-    for r in p3["pareto"]:
+    for r in p3.pareto:
         rows[origin(alloc(r))]["on_final_front"] += 1
     return sorted(rows.values(), key=lambda r: (r["origin"].startswith("Phase"), r["origin"]))
 
 
-def phase3_gain(p2: dict, p3: dict, max_ratio: float = 1.0) -> dict:
+def phase3_gain(p2: PhaseII, p3: PhaseIII, max_ratio: float = 1.0) -> dict:
     """What Phase III changed within a budget (`max_ratio` x the main one): the best full-fidelity proxy
     objective that fits before it (Phase II's records) and after it (with its candidates), and the
     difference (negative = Phase III found better). Whether that exceeds the proxy's seed noise is for
     the calibration to say."""
-    before = bo.select([r for r in p2["evaluations"] + p2["promoted"] if r["fidelity"] == "full" and not r["failed"]],
+    before = bo.select([r for r in p2.evaluations + p2.promoted if r["fidelity"] == "full" and not r["failed"]],
                        max_ratio)
-    after = bo.select(p3["observed"], max_ratio)
+    after = bo.select(p3.observed, max_ratio)
     return {"max_budget_ratio": max_ratio, "phase2_best": before["objective"] if before else None,
             "phase3_best": after["objective"] if after else None,
             "gain": after["objective"] - before["objective"] if before and after else None,
@@ -168,14 +176,13 @@ def phase3_gain(p2: dict, p3: dict, max_ratio: float = 1.0) -> dict:
             or (before["bits"], before["ranks"]) != (after["bits"], after["ranks"])}
 
 
-def repair_records(layout: Layout, ev: ProxyEvaluator, p2: dict, p3: dict) -> int:
+def repair_records(layout: Layout, ev: ProxyEvaluator, p2: PhaseII, p3: PhaseIII) -> int:
     """Recompute every proxy record a finished search cites whose file is missing, damaged or edited
     (read_artifact names it in a warning): nsga.json and bo.json keep summaries, and the evaluations
     they cite are what the explorer and the compute-time table read. Returns how many were redone."""
     fidelities = {name: Fidelity(f["name"], TrainConfig(**f["train"]), f["n_val"])
-                  for name, f in p2["fidelities"].items()}
-    cited = {r["key"]: r for r in p2["evaluations"] + p2["promoted"]
-             + [s["candidate"] for s in p3["steps"] if "candidate" in s]}
+                  for name, f in p2.fidelities.items()}
+    cited = {r["key"]: r for r in p2.evaluations + p2.promoted + p3.candidates()}
     redone = 0
     for key, r in cited.items():
         if read_artifact(layout.evaluation(key)) is None:
@@ -189,15 +196,15 @@ def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, pr
     """Phase I -> II -> III, then the selections; candidates are scored through `runner`. A variant
     search (other ladders) runs in layout.variant(<method>), sharing Phase I and the evaluations."""
     ev = evaluator(profile, layout, base, tok, runner, progress)
-    p1, p2, p3, keys = _phases(profile, layout, ev, progress)
+    phases, keys = _phases(profile, layout, ev, progress)
+    p1, p2, p3 = phases.sensitivity, phases.nsga, phases.bo
     repair_records(layout, ev, p2, p3)
 
     def compute() -> dict:
-        chosen = p3["selected"]
+        chosen = p3.selected
         selected_at = select_at(profile, ev, p1, p2, p3)
         # Cost from the records themselves, so a resumed search still reports what its scores cost.
-        unique = {r["key"]: r for r in p2["evaluations"] + p2["promoted"]
-                  + [s["candidate"] for s in p3["steps"] if "candidate" in s]
+        unique = {r["key"]: r for r in p2.evaluations + p2.promoted + p3.candidates()
                   + [v.record for v in selected_at.values() if v.scored_for_selection]}
         tokens = sum(r["train_tokens"] for r in unique.values())
         proxy_seconds = sum(r["seconds"] for r in unique.values())
@@ -208,11 +215,11 @@ def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, pr
             selected_at=selected_at,
             selected_scores={k: chosen[k] for k in ("objective", "metric", "val_loss", "accuracy", "budget_ratio",
                                                     "avg_bits", "mean_rank")},
-            cost={"phase1_seconds": p1["seconds"], "proxy_seconds": round(proxy_seconds, 1),
-                  "total_seconds": round(p1["seconds"] + proxy_seconds, 1),
+            cost={"phase1_seconds": p1.seconds, "proxy_seconds": round(proxy_seconds, 1),
+                  "total_seconds": round(p1.seconds + proxy_seconds, 1),
                   "unique_evaluations": len(unique),
                   "by_fidelity": {f: sum(r["fidelity"] == f for r in unique.values()) for f in ("low", "full")},
                   "search_train_tokens": tokens, "epoch_tokens": epoch, "epoch_equivalents": tokens / epoch},
         ).to_dict()
     config = {**keys, "profile": profile.name}
-    return SearchResult.from_dict(cached(layout.search, config, compute))
+    return replace(SearchResult.from_dict(cached(layout.search, config, compute)), phases=phases)

@@ -24,6 +24,7 @@ from ...config import Profile
 from ...errors import QRError
 from ...layout import Layout
 from ...store import cached, keyed
+from ..phases import PhaseII, PhaseIII
 from ..proxy import ProxyEvaluator, full_fidelity
 from .problem import SearchSpace, pareto_set
 
@@ -100,15 +101,16 @@ def diagnosis(steps: list[dict], ei_tol: float) -> tuple[bool, str]:
     return True, "the GP fitted a length scale inside its bounds"
 
 
-def refine(profile: Profile, evaluator: ProxyEvaluator, space: SearchSpace, phase2: dict, progress: bool = True) -> dict:
+def refine(profile: Profile, evaluator: ProxyEvaluator, space: SearchSpace, phase2: PhaseII,
+           progress: bool = True) -> PhaseIII:
     from skopt.acquisition import gaussian_ei
 
     cfg, full = profile.bo, full_fidelity(profile)
-    front = phase2["pareto"]
+    front = phase2.pareto
     if not front:
         raise QRError("Phase II produced no feasible full-fidelity candidate to refine; raise "
                       "nsga.generations or nsga.promote, or check the proxy for divergence")
-    observed = list({r["key"]: r for r in phase2["evaluations"] + phase2["promoted"]
+    observed = list({r["key"]: r for r in phase2.evaluations + phase2.promoted
                      if r["fidelity"] == full.name and not r["failed"]}.values())
     steps, t0 = [], time.time()
     for it in range(1, cfg.iterations + 1):
@@ -142,11 +144,10 @@ def refine(profile: Profile, evaluator: ProxyEvaluator, space: SearchSpace, phas
     ok = [r for r in observed if r["budget_ratio"] <= 1 + 1e-12]
     u = utility(ok, ok, cfg.alpha)
     informative, why = diagnosis(steps, cfg.ei_tol)
-    return {"steps": steps, "selected": select(ok),
-            "observed": [{**r, "utility": float(x)} for r, x in zip(ok, u)],
-            "pareto": pareto_set(observed), "alpha": cfg.alpha, "informative": informative, "diagnosis": why,
-            "train_tokens": sum(s["candidate"]["train_tokens"] for s in steps if "candidate" in s),
-            "wall_seconds": round(time.time() - t0, 1)}
+    return PhaseIII(steps=steps, selected=select(ok), observed=[{**r, "utility": float(x)} for r, x in zip(ok, u)],
+                    pareto=pareto_set(observed), alpha=cfg.alpha, informative=informative, diagnosis=why,
+                    train_tokens=sum(s["candidate"]["train_tokens"] for s in steps if "candidate" in s),
+                    wall_seconds=round(time.time() - t0, 1))
 
 
 def config(profile: Profile, nsga_key: str) -> dict:
@@ -154,7 +155,8 @@ def config(profile: Profile, nsga_key: str) -> dict:
     return keyed({"bo": profile.bo, "proxy": profile.proxy, "phase2_key": nsga_key})
 
 
-def run(profile: Profile, layout: Layout, evaluator: ProxyEvaluator, space: SearchSpace, phase2: dict,
-        nsga_key: str, progress: bool = True) -> dict:
+def run(profile: Profile, layout: Layout, evaluator: ProxyEvaluator, space: SearchSpace, phase2: PhaseII,
+        nsga_key: str, progress: bool = True) -> PhaseIII:
     """Phase III for a profile; reuses the layout's bo.json while its config matches."""
-    return cached(layout.bo, config(profile, nsga_key), lambda: refine(profile, evaluator, space, phase2, progress))
+    return PhaseIII.from_dict(cached(layout.bo, config(profile, nsga_key),
+                                     lambda: refine(profile, evaluator, space, phase2, progress)))

@@ -29,6 +29,7 @@ from scipy.stats import kendalltau, spearmanr
 from ...config import NSGAConfig, Profile
 from ...layout import Layout
 from ...store import cached, keyed
+from ..phases import PhaseI, PhaseII
 from ..proxy import FAILED_LOSS, Fidelity, ProxyEvaluator, full_fidelity
 from .problem import (
     AllocationProblem,
@@ -137,7 +138,7 @@ def fidelity_agreement(low: list[dict], full: list[dict]) -> dict:
     return {"allocations": len(pairs), "spearman": float(spearmanr(x, y)[0]), "kendall": float(kendalltau(x, y)[0])}
 
 
-def search(profile: Profile, evaluator: ProxyEvaluator, sensitivity: dict) -> dict:
+def search(profile: Profile, evaluator: ProxyEvaluator, sensitivity: PhaseI) -> PhaseII:
     """Run NSGA-II; returns the Phase II result (see module docstring)."""
     cfg = profile.nsga
     space = space_for(profile, evaluator.shapes, sensitivity)
@@ -165,22 +166,20 @@ def search(profile: Profile, evaluator: ProxyEvaluator, sensitivity: dict) -> di
     for g, hv in zip(recorder.generations, curve):
         g["hv"] = hv
     unique = {r["key"]: r for r in scored + full_records}
-    return {"search_fidelity": fidelity.name, "fidelities": {fidelity.name: fidelity, full.name: full},
-            "budget_bytes": space.budget,
-            "first_generation": [{"origin": label, "key": evaluator.key(space.allocation(g), fidelity),
-                                  "bits": space.allocation(g).bits, "ranks": space.allocation(g).ranks,
-                                  "budget_ratio": space.bytes(g) / space.budget} for label, g in first],
-            "anchors": [{"origin": uniform_label(a.bits[0], a.ranks[0]), "key": evaluator.key(a, full)}
-                        for a in map(space.allocation, recorder.anchors)] if multi_fidelity else [],
-            "evaluations": scored, "promoted": recorder.promoted,
-            "generations": recorder.generations, "hv_normalization": norm,
-            "pareto": pareto_set(full_records),
-            "fidelity_agreement": fidelity_agreement(scored, recorder.promoted) if multi_fidelity else None,
-            "train_tokens": sum(r["train_tokens"] for r in unique.values()),
-            "n_unique_evaluations": len(unique),
-            # what the scores cost when computed (a resumed run reads most from the cache)
-            "proxy_seconds": round(sum(r["seconds"] for r in unique.values()), 1),
-            "wall_seconds": round(time.time() - t0, 1)}
+    return PhaseII(
+        search_fidelity=fidelity.name, fidelities={fidelity.name: fidelity, full.name: full},
+        budget_bytes=space.budget,
+        first_generation=[{"origin": label, "key": evaluator.key(space.allocation(g), fidelity),
+                           "bits": space.allocation(g).bits, "ranks": space.allocation(g).ranks,
+                           "budget_ratio": space.bytes(g) / space.budget} for label, g in first],
+        anchors=[{"origin": uniform_label(a.bits[0], a.ranks[0]), "key": evaluator.key(a, full)}
+                 for a in map(space.allocation, recorder.anchors)] if multi_fidelity else [],
+        evaluations=scored, promoted=recorder.promoted, generations=recorder.generations, hv_normalization=norm,
+        pareto=pareto_set(full_records),
+        fidelity_agreement=fidelity_agreement(scored, recorder.promoted) if multi_fidelity else None,
+        train_tokens=sum(r["train_tokens"] for r in unique.values()), n_unique_evaluations=len(unique),
+        # what the scores cost when computed (a resumed run reads most from the cache)
+        proxy_seconds=round(sum(r["seconds"] for r in unique.values()), 1), wall_seconds=round(time.time() - t0, 1))
 
 
 def config(profile: Profile, evaluator: ProxyEvaluator, sensitivity_key: str) -> dict:
@@ -190,7 +189,8 @@ def config(profile: Profile, evaluator: ProxyEvaluator, sensitivity_key: str) ->
                   "budget": [profile.budget_bits, profile.budget_rank], "sensitivity_key": sensitivity_key})
 
 
-def run(profile: Profile, layout: Layout, evaluator: ProxyEvaluator, sensitivity: dict, sensitivity_key: str) -> dict:
+def run(profile: Profile, layout: Layout, evaluator: ProxyEvaluator, sensitivity: PhaseI,
+        sensitivity_key: str) -> PhaseII:
     """Phase II for a profile; reuses the layout's nsga.json while its config matches."""
-    return cached(layout.nsga, config(profile, evaluator, sensitivity_key),
-                  lambda: search(profile, evaluator, sensitivity))
+    return PhaseII.from_dict(cached(layout.nsga, config(profile, evaluator, sensitivity_key),
+                                    lambda: search(profile, evaluator, sensitivity)))

@@ -26,6 +26,7 @@ from ...config import UNQUANTIZED, Profile
 from ...errors import QRError
 from ..allocation import Allocation, uniform
 from ..memory import block_bytes, profile_budget
+from ..phases import PhaseI
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,11 @@ def budget_rank_rung(profile: Profile) -> int:
     return tuple(sorted(profile.rank_ladder)).index(profile.budget_rank)
 
 
-def space_for(profile: Profile, shapes, sensitivity: dict | None) -> SearchSpace:
+def space_for(profile: Profile, shapes, sensitivity: PhaseI | None) -> SearchSpace:
     """The search space of a profile: its ladders, its budget and the Phase I profile (None: memory
     alone, every KL 0, as the random allocations and the work estimate need)."""
     return search_space(shapes, profile.quant, profile.bit_ladder, profile.rank_ladder,
-                        None if sensitivity is None else sensitivity["kl"], profile_budget(profile, shapes))
+                        None if sensitivity is None else sensitivity.kl, profile_budget(profile, shapes))
 
 
 def search_space(shapes, qcfg, bit_ladder, rank_ladder, kl_by_bits: dict | None, budget: float) -> SearchSpace:
