@@ -177,3 +177,15 @@ def test_only_the_layout_spells_a_results_path():
     sources |= {str(nb.relative_to(ROOT)): _code_cells(nb) for nb in (ROOT / "notebooks").glob("*.ipynb")}
     found = [(name, line, s) for name, text in sources.items() for line, s in _strings(text)]
     assert not found, f"results paths spelled outside qr_lib/layout.py: {found}"
+
+
+# What a notebook may not do itself: build a table or a figure it saves (its stage module does, so the
+# table exists whoever asks for it).
+CONSTRUCTION = re.compile(r"\bsave_table\(|\bsave_figure\(|qr_lib\.workbook\.plots|\bplt\.")
+
+
+def test_notebooks_show_what_the_stage_modules_build():
+    found = [(nb.name, m.group(0)) for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))
+             for m in CONSTRUCTION.finditer(_code_cells(nb))]
+    assert not found, f"tables or figures built in a notebook instead of its stage module: {found}"
+

@@ -35,9 +35,10 @@ from ..data import load_finetune
 from ..errors import QRError
 from ..layout import Layout
 from ..models import worker_model
-from ..store import cached, content_hash, write_artifact
+from ..store import cached, content_hash, save_figure, save_table, write_artifact
 from .finetune import results
 from .methods import load_method
+from .plots import calibration_plot, caption, figure_caption
 
 
 def final_losses(layout: Layout, methods) -> pd.DataFrame:
@@ -205,3 +206,24 @@ def recommend(table: pd.DataFrame, min_spearman: float) -> dict:
                          f"pairs, reaches {best['spearman']:.2f} over all allocations{top}: the search ranks "
                          "allocations by a score that often disagrees with the final fine-tune near its front, so its "
                          "selection is a guess the final comparison must check, not an optimum"}
+
+
+def save(profile: Profile, layout: Layout, result: dict) -> dict:
+    """The calibration's table and figure (proxy_calibration) from run()'s result, and what it says of the
+    profile's own proxy: the recommendation, and Phase III's gain at each budget (search_phase3_gain,
+    where the search has run) against the proxy's seed noise at the profile's setting."""
+    table = pd.DataFrame(result["table"])
+    save_table(table.round(4), layout, "proxy_calibration")
+    save_figure(caption(calibration_plot(result, profile.proxy.steps, profile.data.n_val),
+                        f"{figure_caption(profile)} · right: the search proxy ({profile.proxy.steps} steps) · bars: "
+                        "range over proxy seeds"), layout, "proxy_calibration")
+    said = [f"profile proxy: {profile.proxy.steps} steps on {profile.data.n_val} pairs; recommendation: "
+            f"{result['recommendation']['statement']}"]
+    here = table[(table["length"] == profile.proxy.steps) & (table["n_val"] == profile.data.n_val)]
+    gains = layout.table("search_phase3_gain", ".csv")
+    if len(here) and gains.exists():
+        noise = float(here["seed_noise"].iloc[0])
+        said += [f"Phase III at {g['bits']} bits: gain {g['gain']:+.4f} against a proxy seed noise of {noise:.4f} "
+                 + ("(within the noise)" if abs(g["gain"]) < noise else "(beyond the noise)")
+                 for _, g in pd.read_csv(gains).iterrows()]
+    return {"table": table, "readings": said}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 
+import pandas as pd
+
 from .. import data as D
 from ..algorithm.train import perplexity
 from ..config import Profile
 from ..layout import Layout
 from ..models import load_model, transformer_blocks
-from ..store import cached
+from ..store import cached, save_table
 
 
 def dataset_table(profile: Profile, sources: D.Sources | None = None) -> tuple[list[dict], list[str]]:
@@ -50,3 +52,11 @@ def run(profile: Profile, layout: Layout) -> dict:
             "datasets": rows,
         }
     return cached(layout.setup, {"profile": profile}, compute)
+
+
+def save(layout: Layout, result: dict) -> dict:
+    """The model's and the data's tables (setup_model, setup_datasets) from run()'s result."""
+    model, datasets = pd.DataFrame([result["model"]]), pd.DataFrame(result["datasets"])
+    save_table(model, layout, "setup_model")
+    save_table(datasets, layout, "setup_datasets")
+    return {"model": model, "datasets": datasets}
