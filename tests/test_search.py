@@ -398,3 +398,11 @@ def test_front_origins_and_phase3_gain_account_for_every_point(smoke_run):
     gain = search.phase3_gain(p2, p3)
     assert gain["phase3_best"] == p3.selected["objective"]
     assert gain["gain"] <= 1e-12                       # Phase III keeps Phase II's best, or finds better
+
+
+def test_a_phase_record_of_another_shape_is_refused_with_what_to_do():
+    good = {"bits": [2, 4], "kl": {"2": [0.5], "4": [0.1]}, "seconds": 1.0, "n_texts": 4}
+    assert PhaseI.from_dict(good).n_blocks == 1 and PhaseI.from_dict(good).to_dict() == good
+    for bad in ({k: v for k, v in good.items() if k != "n_texts"}, {**good, "extra": 1}):
+        with pytest.raises(QRError, match="written by another version of qr_lib; delete it and rerun the search"):
+            PhaseI.from_dict(bad)

@@ -106,10 +106,6 @@ def _phases(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool
     return Phases(p1, p2, p3), keys
 
 
-def phase3(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool = True) -> PhaseIII:
-    return _phases(profile, layout, ev, progress)[0].bo
-
-
 def select_at(profile: Profile, ev: ProxyEvaluator, p1: PhaseI, p2: PhaseII, p3: PhaseIII) -> dict[str, Selection]:
     """The best full-fidelity proxy score within each budget (profile.budget_bits and select_at, in
     average bits), from one front. A budget with no full-fidelity score inside it gets its best
