@@ -155,14 +155,14 @@ def _say_expected_time(args, profile) -> None:
     step = None if speed else estimate.measured_step_seconds(Layout.of(profile.name))
     p = estimate.estimate(profile, step, speed, estimate.cached_worker_speed(profile))
     if speed:
-        when = f", about {p['minutes']['total']:.0f} min on this machine (its measured speed)"
+        when = f", about {p.minutes['total']:.0f} min on this machine (its measured speed)"
     elif step:
-        when = f", about {p['hours (training steps only)']['total']:.1f} h of training at the {step:.2f} s per step " \
+        when = f", about {p.training_hours['total']:.1f} h of training at the {step:.2f} s per step " \
                "the last run measured"
     else:
         when = ""
-    print(f"profile {profile.name}: {profile.model} in {profile.dtype} on {profile.device}, runner {p['runner']}; "
-          f"{p['total LoRA steps']:,} LoRA steps{when} "
+    print(f"profile {profile.name}: {profile.model} in {profile.dtype} on {profile.device}, runner {p.runner}; "
+          f"{p.steps:,} LoRA steps{when} "
           f"(`qr-adaptor estimate --profile {args.profile} --measure` for the breakdown)", flush=True)
 
 

@@ -119,13 +119,13 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
     from qr_lib.workbook.profiles import load_profile
     counted = estimate.work(load_profile("smoke"))
     done = Layout(out)
-    assert counted["final fine-tunes"]["runs (at most)"] == len(done.runs())
-    assert counted["pilot"]["runs"] == len(done.pilot.runs())
+    assert counted["final fine-tunes"].counts["runs (at most)"] == len(done.runs())
+    assert counted["pilot"].counts["runs"] == len(done.pilot.runs())
     curves = len(list(done.calibration_curve("x").parent.glob("*.json")))
-    at_most = counted["proxy calibration"]["runs (at most)"]
+    at_most = counted["proxy calibration"].counts["runs (at most)"]
     # one allocation fewer where the search selected a uniform one (two methods, one allocation)
     assert at_most - len(load_profile("smoke").calibration.seeds) <= curves <= at_most
-    candidates = counted["Phases II-III"]
+    candidates = counted["Phases II-III"].counts
     assert len(list(done.evaluations.glob("*.json"))) <= (candidates["search-fidelity candidates"]
                                                            + candidates["full-fidelity candidates (at most)"])
     index = (out / "README.md").read_text()

@@ -290,20 +290,20 @@ def test_the_estimate_measures_this_machine_once_and_prices_every_stage(monkeypa
     assert estimate.measure_speed(profile) == speed                      # cached
     result = estimate.estimate(profile, speed=speed)
     assert "in float32 on cpu, runner serial" in out
-    stage = result["stages"]["final fine-tunes"]
-    expected = (stage["steps"] * speed.step + (stage["examples scored"] + stage["lm-eval requests"]) * speed.example
-                + stage["generated tokens"] * speed.token + stage["models built"] * speed.build
-                + stage["model loads"] * speed.load + stage["lm-eval calls"] * speed.lm_eval_call + speed.notebook)
-    assert result["minutes"]["final fine-tunes"] * 60 == pytest.approx(expected)
+    stage = result.stages["final fine-tunes"]
+    expected = (stage.steps * speed.step + (stage.examples + stage.lm_eval_requests) * speed.example
+                + stage.generated_tokens * speed.token + stage.models_built * speed.build
+                + stage.model_loads * speed.load + stage.lm_eval_calls * speed.lm_eval_call + speed.notebook)
+    assert result.minutes["final fine-tunes"] * 60 == pytest.approx(expected)
     assert not (tmp_path / "results").exists()                          # an estimate writes no results
     # On local workers a stage's runs share the workers, each at one worker's speed, after their start.
     worker = dataclasses.replace(speed, step=2 * speed.step, cluster=5.0)
     two = estimate.estimate(profile, speed=speed, worker=worker)
-    heavy = expected - stage["model loads"] * speed.load - speed.notebook
+    heavy = expected - stage.model_loads * speed.load - speed.notebook
     light = expected - heavy
-    assert two["minutes"]["final fine-tunes"] * 60 == pytest.approx(
-        light + 5.0 + speed.load + (heavy + stage["steps"] * speed.step) / 2)
-    assert two["minutes"]["Phase I"] == result["minutes"]["Phase I"]       # not a runner stage
+    assert two.minutes["final fine-tunes"] * 60 == pytest.approx(
+        light + 5.0 + speed.load + (heavy + stage.steps * speed.step) / 2)
+    assert two.minutes["Phase I"] == result.minutes["Phase I"]       # not a runner stage
 
 
 def test_the_pilots_bits_by_rank_sweep_is_a_grid_table_and_a_heatmap_with_the_reference_gap(tmp_path, base):

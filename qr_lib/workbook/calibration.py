@@ -36,8 +36,9 @@ from ..errors import QRError
 from ..layout import Layout
 from ..models import worker_model
 from ..store import cached, content_hash, save_figure, save_table, write_artifact
-from .finetune import results
+from .finetune import plan, results
 from .methods import load_method
+from .work import Work
 from .plots import calibration_plot, caption, figure_caption
 
 
@@ -110,6 +111,15 @@ def curve(profile: Profile, layout: Layout, allocation: dict, seed: int, base, t
 def curve_on_worker(profile: Profile, layout: Layout, allocation: dict, seed: int) -> None:
     """On a runner's worker: one proxy curve, written as its artifact (the caller reads it back)."""
     curve(profile, layout, allocation, seed, *worker_model(profile.model, profile.dtype, profile.device))
+
+
+def work(profile: Profile) -> Work:
+    """The calibration's proxy curves: each calibration method with a planned final run, at every proxy
+    seed, trained to the longest length and scored at each (two methods of one allocation count twice)."""
+    cal, planned = profile.calibration, {m.id for m, _ in plan(profile)}
+    curves = len([m for m in cal.methods if m in planned]) * len(cal.seeds)
+    return Work(steps=curves * max(cal.lengths), models_built=curves, model_loads=1, notebooks=1,
+                examples=curves * len(cal.lengths) * max(cal.n_val), counts={"runs (at most)": curves})
 
 
 def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, progress: bool = True) -> dict:

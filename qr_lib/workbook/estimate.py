@@ -1,7 +1,8 @@
 """What a profile's full run will do, before doing it: `qr-adaptor estimate` (or `reproduce --dry-run`).
 
-The work is counted from the profile, stage by stage (LoRA optimizer steps, examples scored, models
-built and loaded, lm-eval requests and generated tokens, notebooks started) and the memory is the
+The work is counted from the profile, stage by stage, by each stage module's `work(profile)` (a
+work.Work: LoRA optimizer steps, examples scored, models built and loaded, lm-eval requests and
+generated tokens, notebooks started; the search's is counted here) and the memory is the
 formula of memory.py on the model's shapes, read from its config without loading weights. Time comes
 from a Speed measured on the machine at hand (`estimate --measure`: every unit of work timed once,
 cached per machine), in minutes for every stage; or, for another machine, from a seconds-per-step
@@ -37,31 +38,33 @@ from ..hardware import cpu_flags, memory_bytes, resolve_dtype
 from ..layout import Layout
 from ..models import load_model, load_skeleton
 from ..store import cache_root, content_hash, read_artifact, read_json, write_artifact
-from . import finetune
-from .pilot import configs, sweep_methods
+from . import calibration, finetune, pilot, setup
+from .work import Work
 
 
-def search_counts(profile: Profile, space) -> dict:
-    """Proxy candidates of the three phases: the first generation (its size depends on the ladders
-    and the budget), offspring of later generations, the uniform anchors, promotions and BO steps."""
+def search_work(profile: Profile, space, n_blocks: int) -> dict[str, Work]:
+    """Phase I and the proxy candidates of Phases II-III: the first generation (its size depends on the
+    ladders and the budget), offspring of later generations, the uniform anchors, promotions and BO
+    steps. The algorithm's stages have no workbook module of their own; their notebooks (02-04) run them."""
+    d, cfg = profile.data, profile.nsga
     first = len(nsga.first_generation(profile, space))
-    cfg = profile.nsga
     multi = cfg.low_steps > 0
     search_scored = first + (cfg.generations - 1) * cfg.pop_size
     anchors = len(nsga.uniform_anchors(profile, space)) if multi else 0
     full_scored = (anchors + cfg.promote * cfg.generations if multi else search_scored) + profile.bo.iterations
     steps = (search_scored * (cfg.low_steps if multi else profile.proxy.steps)
              + (full_scored * profile.proxy.steps if multi else profile.bo.iterations * profile.proxy.steps))
+    low_n = min(cfg.low_n_val, d.n_val) if multi else d.n_val
+    built = search_scored + full_scored if multi else search_scored + profile.bo.iterations
+    blocks = n_blocks * len(profile.sensitivity.bits)
     # The first generation's size depends on Phase I (duplicates are dropped), so it is counted here
     # with a flat profile: close, not exact.
-    return {"first generation (about)": first, "search-fidelity candidates": search_scored,
-            "full-fidelity candidates (at most)": full_scored, "proxy steps (at most)": steps}
-
-
-# lm-eval requests per document: one log-likelihood per answer choice (multiple choice); GSM8K
-# generates instead (counted in tokens, up to eval.max_gen_toks).
-CHOICES = {"qr_arc_easy": 4, "qr_arc_challenge": 4, "qr_hellaswag": 4, "qr_openbookqa": 4, "qr_mmlu": 4,
-           "qr_piqa": 2, "qr_winogrande": 2, "qr_boolq": 2}
+    return {"Phase I": Work(examples=(blocks + 1) * d.n_calib, model_loads=1, notebooks=1,
+                            counts={"block evaluations": blocks}),
+            "Phases II-III": Work(steps=steps, models_built=built, model_loads=2, notebooks=2,
+                                  examples=search_scored * low_n + full_scored * d.n_val,
+                                  counts={"first generation (about)": first, "search-fidelity candidates": search_scored,
+                                          "full-fidelity candidates (at most)": full_scored})}
 
 
 @dataclass(frozen=True)
@@ -76,37 +79,28 @@ class Speed:
     notebook: float        # a notebook kernel: start-up and the workbook's imports
     cluster: float = 0.0   # starting and closing a runner's local workers (parallel.backend "dask")
 
-    UNITS = {"steps": "step", "examples scored": "example", "lm-eval requests": "example",
-             "generated tokens": "token", "models built": "build", "model loads": "load",
-             "lm-eval calls": "lm_eval_call", "notebooks": "notebook"}
+    # Which speed prices each field of a Work.
+    UNITS = {"steps": "step", "examples": "example", "lm_eval_requests": "example", "generated_tokens": "token",
+             "models_built": "build", "model_loads": "load", "lm_eval_calls": "lm_eval_call", "notebooks": "notebook"}
 
-    def seconds(self, work: dict) -> float:
-        return sum(work.get(k, 0) * getattr(self, unit) for k, unit in self.UNITS.items())
+    def seconds(self, work: Work) -> float:
+        return sum(n * getattr(self, self.UNITS[k]) for k, n in work.priced().items())
 
 
-# The stages whose runs go through the runner (runner.each, the search's proxy evaluations), and the
-# work a worker does; the caller's process loads the model, starts the notebook and reads artifacts back.
+# The stages whose runs go through the runner (runner.each, the search's proxy evaluations); a worker
+# does a run's work, the caller's process loads the model, starts the notebook and reads artifacts back.
 PARALLEL_STAGES = ("pilot", "Phases II-III", "final fine-tunes", "proxy calibration")
-WORKER_WORK = ("steps", "examples scored", "lm-eval requests", "generated tokens", "models built", "lm-eval calls")
 
 
-def stage_seconds(stage: str, counts: dict, speed: Speed, worker: Speed | None, workers: int) -> float:
+def stage_seconds(stage: str, work: Work, speed: Speed, worker: Speed | None, workers: int) -> float:
     """A stage's seconds: all of it at `speed` on the serial runner; on local workers (`worker`: one
     worker's speed at parallel.threads_per_worker), its runs' work shared among `workers` (which each
     load the model once, at the same time), after the cluster starts."""
     if worker is None or stage not in PARALLEL_STAGES:
-        return speed.seconds(counts)
-    heavy = {k: v for k, v in counts.items() if k in WORKER_WORK}
-    light = {k: v for k, v in counts.items() if k not in WORKER_WORK}
+        return speed.seconds(work)
+    light = Work(model_loads=work.model_loads, notebooks=work.notebooks)
+    heavy = dataclasses.replace(work, model_loads=0, notebooks=0)
     return speed.seconds(light) + worker.cluster + worker.load + worker.seconds(heavy) / workers
-
-
-def _lm_eval(cfg, runs: int) -> dict:
-    """lm-eval work of `runs` benchmarked runs under an EvalConfig: requests, generated tokens, calls."""
-    docs = {t: cfg.task_limits.get(t, cfg.limit) or 0 for t in cfg.tasks}
-    return {"lm-eval requests": runs * sum(n * CHOICES.get(t, 0) for t, n in docs.items()),
-            "generated tokens": runs * sum(n * cfg.max_gen_toks for t, n in docs.items() if t not in CHOICES),
-            "lm-eval calls": runs * len({cfg.task_limits.get(t, cfg.limit) for t in cfg.tasks})}
 
 
 def _skeleton(profile: Profile):
@@ -116,51 +110,49 @@ def _skeleton(profile: Profile):
     return skeleton, shapes, space_for(profile, shapes, None)
 
 
-def work(profile: Profile, shapes=None, space=None) -> dict:
-    """Every stage's work, counted from the profile: optimizer steps, examples scored, models built and
-    loaded, lm-eval requests and generated tokens, notebooks. Counts that depend on what the search
-    finds (duplicate candidates, allocations two methods share) are upper bounds."""
+def work(profile: Profile, shapes=None, space=None) -> dict[str, Work]:
+    """Every stage's work, counted from the profile, in notebook order: each stage module's own `work`
+    (setup, pilot, finetune, calibration) and the search's. Counts that depend on what the search finds
+    (duplicate candidates, allocations two methods share) are upper bounds."""
     if shapes is None:
         _, shapes, space = _skeleton(profile)
-    f, d, p, cal = profile.finetune, profile.data, profile.pilot, profile.calibration
-    steps_per_run = f.steps(d.n_train)
-    runs = finetune.plan(profile)
-    benchmarked = sum(1 for m, seed in runs if m.benchmarks and profile.eval.benchmarks(seed, m.id))
-    pilot_runs = len(configs(p.bits)) * len(p.seeds) + 1 + len(sweep_methods(p))   # + the 16-bit reference
-    search = search_counts(profile, space)
-    cfg = profile.nsga
-    low_n = min(cfg.low_n_val, d.n_val) if cfg.low_steps > 0 else d.n_val
-    candidates = search["search-fidelity candidates"] + search["full-fidelity candidates (at most)"] \
-        if cfg.low_steps > 0 else search["search-fidelity candidates"] + profile.bo.iterations
-    planned = {m.id for m, _ in runs}
-    # Only the calibration methods that have final runs are calibrated (two with one allocation, once).
-    cal_runs = len([m for m in cal.methods if m in planned]) * len(cal.seeds)
-    pilot_eval = dataclasses.replace(profile.eval, tasks=tuple(p.tasks), limit=p.limit, task_limits={})
-    return {
-        "setup": {"examples scored": d.n_heldout, "model loads": 1, "notebooks": 1},
-        "pilot": {"runs": pilot_runs, "steps": pilot_runs * p.steps, "models built": pilot_runs,
-                  "examples scored": pilot_runs * ((p.n_test or d.n_test) + d.n_heldout),
-                  **_lm_eval(pilot_eval, pilot_runs), "model loads": 1, "notebooks": 1},
-        "Phase I": {"block evaluations": shapes.n_blocks * len(profile.sensitivity.bits), "steps": 0,
-                    "examples scored": (shapes.n_blocks * len(profile.sensitivity.bits) + 1) * d.n_calib,
-                    "model loads": 1, "notebooks": 1},
-        "Phases II-III": {**search, "steps": search["proxy steps (at most)"], "models built": candidates,
-                          "examples scored": search["search-fidelity candidates"] * low_n
-                          + search["full-fidelity candidates (at most)"] * d.n_val,
-                          "model loads": 2, "notebooks": 2},
-        "final fine-tunes": {"runs (at most)": len(runs), "steps": len(runs) * steps_per_run, "models built": len(runs),
-                             "examples scored": sum((f.n_test or d.n_test) + d.n_heldout
-                                                    + (d.n_dev if f.scores_dev(seed) else 0) for _, seed in runs),
-                             **_lm_eval(profile.eval, benchmarked), "model loads": 1, "notebooks": 1},
-        "proxy calibration": {"runs (at most)": cal_runs, "steps": cal_runs * max(cal.lengths), "models built": cal_runs,
-                              "examples scored": cal_runs * len(cal.lengths) * max(cal.n_val),
-                              "model loads": 1, "notebooks": 1},
-        "report and explorer": {"model loads": 1, "notebooks": 2},
-    }
+    searched = search_work(profile, space, shapes.n_blocks)
+    return {"setup": setup.work(profile), "pilot": pilot.work(profile), **searched,
+            "final fine-tunes": finetune.work(profile), "proxy calibration": calibration.work(profile),
+            "report and explorer": Work(model_loads=1, notebooks=2)}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What `estimate` says of a profile's run: its work per stage, its memory, and its time where a
+    speed (minutes, every unit of work) or a step time (hours, training steps alone) is known."""
+    profile: str
+    model: str
+    device: str
+    dtype: str
+    runner: str
+    stages: dict                   # stage -> Work
+    memory: dict                   # labelled quantities (bytes as GiB), printed as they are
+    peak_gib: float                # a training process's peak, about (the memory check reads it)
+    step_seconds: float | None
+    speed: Speed | None = None
+    minutes: dict | None = None    # stage -> minutes at `speed`, and "total"
+
+    @property
+    def steps(self) -> int:
+        return sum(w.steps for w in self.stages.values())
+
+    @property
+    def training_hours(self) -> dict | None:
+        """stage -> hours of training steps alone at step_seconds, and "total"."""
+        if not self.step_seconds:
+            return None
+        hours = {k: w.steps * self.step_seconds / 3600 for k, w in self.stages.items()}
+        return {**hours, "total": self.steps * self.step_seconds / 3600}
 
 
 def estimate(profile: Profile, step_seconds: float | None = None, speed: Speed | None = None,
-             worker: Speed | None = None) -> dict:
+             worker: Speed | None = None) -> Estimate:
     """Work, memory and time of every stage of a profile's run: with a measured Speed, the seconds of
     all the work (training, scoring, lm-eval, builds, loads, notebook start-up), the runner's stages
     priced as they run on its workers where `worker` (one worker's Speed) is given; with only a step
@@ -168,12 +160,15 @@ def estimate(profile: Profile, step_seconds: float | None = None, speed: Speed |
     skeleton, shapes, space = _skeleton(profile)
     budget = profile_budget(profile, shapes)
     stages = work(profile, shapes, space)
-    total_steps = sum(s.get("steps", 0) for s in stages.values())
     params = sum(int(np.prod(t.shape)) for t in skeleton.parameters())
     lora = formula_bytes(shapes, space.allocation(np.array([space.bit_ladder.index(profile.budget_bits),
                                                             space.rank_ladder.index(profile.budget_rank)]
                                                            * shapes.n_blocks)), profile.quant)["lora"]
     dtype_bytes = {"float32": 4, "float64": 8}.get(resolve_dtype(profile.dtype, profile.device), 2)
+    # The loaded base model stays resident while a quantized copy trains; on a CPU that copy computes with
+    # dequantized weights (quant.dequantize_once), so both count at the compute dtype, plus LoRA weights,
+    # gradients and AdamW's two moments. Activations come on top.
+    peak = (2 * params * dtype_bytes + 4 * lora) / 2**30
     memory = {"model parameters": params,
               "16-bit checkpoint (disk, GiB)": params * 2 / 2**30,
               "budget: quantized blocks + LoRA (GiB)": budget / 2**30,
@@ -182,23 +177,15 @@ def estimate(profile: Profile, step_seconds: float | None = None, speed: Speed |
               "block cache (disk, GiB, at most)": sum(formula_bytes(shapes, space.allocation(
                   np.array([j, 0] * shapes.n_blocks)), profile.quant)["weights"]
                   for j, b in enumerate(space.bit_ladder) if b != 16) / 2**30,
-              # The loaded base model stays resident while a quantized copy trains; on a CPU that copy
-              # computes with dequantized weights (quant.dequantize_once), so both count at the compute
-              # dtype, plus LoRA weights, gradients and AdamW's two moments. Activations come on top.
-              "training process peak, about (GiB)": (2 * params * dtype_bytes + 4 * lora) / 2**30}
-    out = {"profile": profile.name, "model": profile.model, "device": profile.device, "dtype": profile.dtype,
-           "runner": (f"{profile.parallel.workers} local workers x {profile.parallel.threads_per_worker} thread(s)"
-                      if profile.parallel.backend == "dask" else f"serial, {torch.get_num_threads()} thread(s)"),
-           "stages": stages,
-           "total LoRA steps": total_steps, "memory": memory, "step_seconds": step_seconds or (speed and speed.step)}
+              "training process peak, about (GiB)": peak}
+    minutes = None
     if speed is not None:
-        out["speed"] = dataclasses.asdict(speed)
-        out["minutes"] = {k: stage_seconds(k, s, speed, worker, profile.parallel.workers) / 60 for k, s in stages.items()}
-        out["minutes"]["total"] = sum(out["minutes"].values())
-    if out["step_seconds"]:
-        out["hours (training steps only)"] = {k: s.get("steps", 0) * out["step_seconds"] / 3600 for k, s in stages.items()}
-        out["hours (training steps only)"]["total"] = total_steps * out["step_seconds"] / 3600
-    return out
+        minutes = {k: stage_seconds(k, w, speed, worker, profile.parallel.workers) / 60 for k, w in stages.items()}
+        minutes["total"] = sum(minutes.values())
+    runner = (f"{profile.parallel.workers} local workers x {profile.parallel.threads_per_worker} thread(s)"
+              if profile.parallel.backend == "dask" else f"serial, {torch.get_num_threads()} thread(s)")
+    return Estimate(profile.name, profile.model, profile.device, profile.dtype, runner, stages, memory, peak,
+                    step_seconds or (speed and speed.step), speed, minutes)
 
 
 def measured_step_seconds(layout: Layout) -> float | None:
@@ -298,36 +285,33 @@ def measure_speed(profile: Profile, progress: bool = True) -> Speed:
     return speed
 
 
-def recorded_seconds(layout: Layout, result: dict) -> float | None:
+def recorded_seconds(layout: Layout, result: Estimate) -> float | None:
     """The wall-clock seconds of the last run of the profile from nothing (every notebook the estimate
     `result` counts, no artifact or cache present at its start), as make reproduce recorded it; a rerun
     that read its artifacts back says nothing of the work."""
-    notebooks = sum(s.get("notebooks", 0) for s in result["stages"].values())
+    notebooks = sum(w.notebooks for w in result.stages.values())
     manifest = read_json(layout.manifest) if layout.manifest.exists() else {}
     whole = [r for r in manifest.get("runs", []) if len(r["notebooks"]) == notebooks and r.get("from_nothing")]
     return whole[-1]["wall_seconds"] if whole else None
 
 
-def describe(result: dict, recorded: float | None = None) -> str:
-    lines = [f"estimate for profile {result['profile']}: model {result['model']} in {result['dtype']} on "
-             f"{result['device']}, runner {result['runner']}"]
-    for stage, counts in result["stages"].items():
-        lines.append(f"  {stage}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    lines.append(f"  total LoRA optimizer steps: {result['total LoRA steps']:,}")
+def describe(result: Estimate, recorded: float | None = None) -> str:
+    lines = [f"estimate for profile {result.profile}: model {result.model} in {result.dtype} on "
+             f"{result.device}, runner {result.runner}"]
+    lines += [f"  {stage}: {w.describe()}" for stage, w in result.stages.items()]
+    lines.append(f"  total LoRA optimizer steps: {result.steps:,}")
     lines.append("memory (formula, memory.py):")
-    lines += [f"  {k}: {v:,.2f}" if isinstance(v, float) else f"  {k}: {v:,}" for k, v in result["memory"].items()]
-    minutes = result.get("minutes")
-    hours = result.get("hours (training steps only)")
-    if minutes:
-        speed = result["speed"]
+    lines += [f"  {k}: {v:,.2f}" if isinstance(v, float) else f"  {k}: {v:,}" for k, v in result.memory.items()]
+    hours = result.training_hours
+    if result.minutes:
         lines.append("time on this machine, every stage's work (measured here: "
-                     + ", ".join(f"{k} {v:.3g} s" for k, v in speed.items()) + "):")
-        lines += [f"  {k}: {v:,.1f} min" for k, v in minutes.items()]
+                     + ", ".join(f"{k} {v:.3g} s" for k, v in dataclasses.asdict(result.speed).items()) + "):")
+        lines += [f"  {k}: {v:,.1f} min" for k, v in result.minutes.items()]
         if recorded:
             lines.append(f"  the last run of this profile from nothing took {recorded / 60:,.1f} min (on the machine "
-                         f"that ran it): the estimate is {minutes['total'] * 60 / recorded:.2f} x that")
+                         f"that ran it): the estimate is {result.minutes['total'] * 60 / recorded:.2f} x that")
     elif hours:
-        lines.append(f"time at {result['step_seconds']:.2f} s per step (training only; scoring, lm-eval and "
+        lines.append(f"time at {result.step_seconds:.2f} s per step (training only; scoring, lm-eval and "
                      "start-up come on top):")
         lines += [f"  {k}: {v:.1f} h" for k, v in hours.items()]
     else:
@@ -342,7 +326,7 @@ def check_size(profile: Profile, layout: Layout) -> None:
     the machine's memory (or limits.max_memory_gib), naming the estimate and the setting."""
     step = measured_step_seconds(layout) or profile.limits.floor_step_seconds
     result = estimate(profile, step)
-    peak = result["memory"]["training process peak, about (GiB)"]
+    peak = result.peak_gib
     limit = profile.limits.max_memory_gib
     machine = memory_bytes(profile.device)
     if limit is None and machine is not None:
@@ -353,7 +337,7 @@ def check_size(profile: Profile, layout: Layout) -> None:
                       f"more than the {limit:,.1f} GiB {'allowed' if profile.limits.max_memory_gib else 'this machine has'}; "
                       "choose a smaller model or a GPU, or let it through with "
                       f"--set limits.max_memory_gib={peak * 1.1:.0f}")
-    hours = result["hours (training steps only)"]["total"]
+    hours = result.training_hours["total"]
     if hours > profile.limits.max_hours:
         raise QRError(f"profile {profile.name!r} would train for about {hours:,.0f} hours at {step:g} s per step "
                       f"(`qr-adaptor estimate --profile {profile.name}` for the breakdown), past "

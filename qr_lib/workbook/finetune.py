@@ -37,6 +37,7 @@ from ..models import load_model, worker_model
 from ..store import (LEFT_OUT, cached, content_hash, file_sha256, follow_umask, keyed, read_artifact, read_json,
                      stored_result, write_artifact, write_json)
 from .methods import Context, Method, load_method, method_ids
+from .work import Work, lm_eval_work
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,18 @@ def plan(profile: Profile, methods: list[str] | None = None) -> list[tuple[Metho
     Seed-major, so a run stopped half-way already has one result for (nearly) every method."""
     chosen = [load_method(m) for m in (methods or profile.finetune.methods or method_ids())]
     return [(m, s) for k, s in enumerate(profile.finetune.seeds) for m in chosen if k == 0 or m.multi_seed]
+
+
+def work(profile: Profile) -> Work:
+    """The final runs' work: every planned run trains, scores its test pairs, held-out text and (on the
+    dev seeds) the dev split; the benchmarked ones run lm-eval. Runs two methods share count twice."""
+    f, d = profile.finetune, profile.data
+    runs = plan(profile)
+    benchmarked = sum(1 for m, seed in runs if m.benchmarks and profile.eval.benchmarks(seed, m.id))
+    return Work(steps=len(runs) * f.steps(d.n_train), models_built=len(runs), model_loads=1, notebooks=1,
+                examples=sum((f.n_test or d.n_test) + d.n_heldout + (d.n_dev if f.scores_dev(seed) else 0)
+                             for _, seed in runs),
+                counts={"runs (at most)": len(runs)}) + lm_eval_work(profile.eval, benchmarked)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from ..store import save_figure, save_table
 from . import comparison, finetune, stats
 from .methods import Method, load_method
 from .plots import caption, figure_caption, pilot_bars, rank_bits_heatmap, rank_sweep
+from .work import Work, lm_eval_work
 
 TARGET = ("C", 16)   # the paper's recorded config and rank: the memory every config matches
 
@@ -87,6 +88,16 @@ def pilot_profile(profile: Profile) -> Profile:
     longer = finetune.trained_for(profile, p.steps * f.batch_size * f.grad_accum / profile.data.n_train)
     return replace(longer, finetune=replace(longer.finetune, n_test=p.n_test),
                    eval=replace(profile.eval, tasks=tuple(p.tasks), limit=p.limit, task_limits={}, seeds=None))
+
+
+def work(profile: Profile) -> Work:
+    """The pilot's work: Configs A-D at every pilot seed, the 16-bit reference and the sweep, each trained,
+    scored on its test pairs and held-out text, and benchmarked on the pilot's tasks."""
+    p, d = profile.pilot, profile.data
+    runs = len(configs(p.bits)) * len(p.seeds) + 1 + len(sweep_methods(p))
+    tasks = replace(profile.eval, tasks=tuple(p.tasks), limit=p.limit, task_limits={})
+    return Work(steps=runs * p.steps, models_built=runs, examples=runs * ((p.n_test or d.n_test) + d.n_heldout),
+                model_loads=1, notebooks=1, counts={"runs": runs}) + lm_eval_work(tasks, runs)
 
 
 def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, progress: bool = True) -> Layout:

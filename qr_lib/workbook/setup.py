@@ -12,6 +12,7 @@ from ..config import Profile
 from ..layout import Layout
 from ..models import load_model, transformer_blocks
 from ..store import cached, save_table
+from .work import Work
 
 
 def dataset_table(profile: Profile, sources: D.Sources | None = None) -> tuple[list[dict], list[str]]:
@@ -34,6 +35,11 @@ def dataset_table(profile: Profile, sources: D.Sources | None = None) -> tuple[l
     rows += [{"kind": "benchmark", "source": t, "split": "test" if t in ("mmlu", "gsm8k") else "validation",
               "count": len(D.benchmark_docs(t, sources))} for t in D.BENCHMARKS]
     return rows, held
+
+
+def work(profile: Profile) -> Work:
+    """Loading the model and scoring the held-out passages."""
+    return Work(examples=profile.data.n_heldout, model_loads=1, notebooks=1)
 
 
 def run(profile: Profile, layout: Layout) -> dict:
