@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 UNQUANTIZED = 16                  # a "bit-width" that leaves a block unquantized (baselines)
@@ -144,6 +144,11 @@ class FinetuneConfig:
 
     def scores_dev(self, seed: int) -> bool:
         return self.dev_seeds is None or seed in self.dev_seeds
+
+    def recipe(self) -> "FinetuneConfig":
+        """What one run does, without the plan (which seeds and methods run, which score the dev split):
+        what a run's cache key holds (a run's own seed and dev flag are keyed on their own)."""
+        return replace(self, seeds=(), methods=None, dev_seeds=None)
 
     def steps(self, n_train: int) -> int:
         """A run's optimizer steps over `n_train` pairs: `epochs` of them, capped by `max_steps`: the one

@@ -104,13 +104,13 @@ def run(profile: Profile, layout: Layout, method: Method, seed: int, base, tok, 
     allocation is resolved from `layout` (its search, Phase I); the run is written under `runs`
     (default: `layout`)."""
     qcfg = method.quant_config(profile)
-    # Which seeds and methods a profile plans does not change this run, so they stay out of its key;
+    # Which seeds and methods a profile plans does not change this run, so its key holds the recipe alone;
     # what it scores does (lm-eval, the dev split), as flags of this run.
     benchmarked = method.benchmarks and profile.eval.benchmarks(seed, method.id)
     scores_dev = profile.finetune.scores_dev(seed)
     config = keyed({"model": profile.model, "dtype": profile.dtype, "data": profile.data, "method": method,
                     "quant": qcfg, "lora": profile.lora,
-                    "finetune": dataclasses.replace(profile.finetune, seeds=(), methods=None, dev_seeds=None),
+                    "finetune": profile.finetune.recipe(),
                     "eval": dataclasses.replace(profile.eval, seeds=None, methods=None) if benchmarked else None,
                     "dev": scores_dev, "seed": seed})
     shapes = model_shapes(base)
