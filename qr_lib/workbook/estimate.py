@@ -38,7 +38,7 @@ from ..hardware import cpu_flags, memory_bytes, resolve_dtype
 from ..layout import Layout
 from ..models import load_model, load_skeleton
 from ..store import cache_root, content_hash, read_artifact, read_json, write_artifact
-from . import calibration, finetune, pilot, setup
+from . import calibration, finetune, inputs, pilot
 from .work import Work
 
 
@@ -112,12 +112,12 @@ def _skeleton(profile: Profile):
 
 def work(profile: Profile, shapes=None, space=None) -> dict[str, Work]:
     """Every stage's work, counted from the profile, in notebook order: each stage module's own `work`
-    (setup, pilot, finetune, calibration) and the search's. Counts that depend on what the search finds
+    (inputs, pilot, finetune, calibration) and the search's. Counts that depend on what the search finds
     (duplicate candidates, allocations two methods share) are upper bounds."""
     if shapes is None:
         _, shapes, space = _skeleton(profile)
     searched = search_work(profile, space, shapes.n_blocks)
-    return {"setup": setup.work(profile), "pilot": pilot.work(profile), **searched,
+    return {"setup": inputs.work(profile), "pilot": pilot.work(profile), **searched,
             "final fine-tunes": finetune.work(profile), "proxy calibration": calibration.work(profile),
             "report and explorer": Work(model_loads=1, notebooks=2)}
 
