@@ -1,0 +1,87 @@
+"""Do two results folders hold the same artifacts? Every JSON file, compared after dropping what a rerun
+may change without changing a result: time, machine and process (the environment block, timings, peak
+memory), checksums, content-addressed keys, library-version entries, and lm-eval's own log fields (its
+checkout path, function addresses, git hash). Records named by their key (proxy evaluations, calibration
+curves) are matched by content.
+
+    python benchmarks/compare_results.py BEFORE AFTER      # exit 1 where anything else differs
+
+Used to show that a refactor writes the same artifacts: run `make reproduce PROFILE=smoke` from nothing
+at two commits (QR_RESULTS_DIR and QR_LIB_CACHE pointing at empty folders) and compare.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+KEY = re.compile(r"^[0-9a-f]{16}$|^[0-9a-f]{20}$")
+ADDRESS = re.compile(r" at 0x[0-9a-f]+>")
+DROPPED = {"environment", "checksum", "time", "date", "process", "started", "peak_memory", "versions",
+           "config_source", "git_hash", "upper_git_hash"}
+NAMED_BY_KEY = {"evaluations", "calibration"}
+
+
+def normal(value):
+    """`value` without what a rerun may change (see the module docstring)."""
+    if isinstance(value, dict):
+        return {k: normal(v) for k, v in value.items() if k not in DROPPED and not k.endswith("seconds")}
+    if isinstance(value, list):
+        if value and all(isinstance(v, str) for v in value) and "q_proj" in value:
+            return sorted(value)          # peft writes target_modules from a set: the order is the hash seed's
+        return [normal(v) for v in value]
+    if isinstance(value, str):
+        return "<key>" if KEY.match(value) else ADDRESS.sub(">", value)
+    return value
+
+
+def records(root: Path) -> dict:
+    out = {}
+    for path in sorted(root.rglob("*.json")):
+        try:
+            value = normal(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        name = str(path.relative_to(root))
+        if path.parent.name in NAMED_BY_KEY and path.parent.parent == root:
+            content = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+            name = f"{path.parent.name}/<content {content}>"
+        out[name] = value
+    return out
+
+
+def first_difference(a, b, where: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if (found := first_difference(a.get(k), b.get(k), f"{where}/{k}")) is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if (found := first_difference(x, y, f"{where}[{i}]")) is not None:
+                return found
+        return None
+    return None if a == b else f"{where}: {str(a)[:80]} | {str(b)[:80]}"
+
+
+def main(before: str, after: str) -> int:
+    a, b = records(Path(before)), records(Path(after))
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    differ = [k for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+    print(f"{len(a)} JSON files before, {len(b)} after: {len(only_a)} only before, {len(only_b)} only after, "
+          f"{len(differ)} differ")
+    for k in only_a:
+        print(f"  only before: {k}")
+    for k in only_b:
+        print(f"  only after: {k}")
+    for k in differ:
+        print(f"  differs: {k} {first_difference(a[k], b[k])}")
+    return 1 if only_a or only_b or differ else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    sys.exit(main(sys.argv[1], sys.argv[2]))
