@@ -64,3 +64,11 @@ def test_each_factor_trains_on_the_same_test_examples_and_every_primary_claim_is
         again = lengths.table(profile, layout)
     assert "q_vs_l" not in set(again.loc[again["factor"] == 2, "id"])
     assert "q_vs_l" in set(again.loc[again["factor"] == 4, "id"])
+    # A longer run recorded under a method's old name (made before a rename) does not rename the claim.
+    for seed in (0, 1):
+        path = layout.at_length(4).run("nf4", seed).result
+        record = read_artifact(path)
+        write_artifact(path, record["config"], {**record["result"], "name": "an old name"})
+    renamed = lengths.table(profile, layout)
+    assert renamed.groupby("id")["claim"].nunique().eq(1).all()
+    assert "an old name" not in " ".join(renamed["claim"])

@@ -71,7 +71,10 @@ def table(profile: Profile, layout: Layout) -> pd.DataFrame:
             rows.append({"id": r["id"], "claim": r["claim"], "factor": f, "steps": steps, "seeds": r["seeds"],
                          "a_minus_b": r["a_minus_b"], "ci95_low": r["ci95_low"], "ci95_high": r["ci95_high"],
                          "p_holm": r["p_holm"], "verdict": r["verdict"], "margin": r["margin"]})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    # A claim is named as the final runs name it: a longer run made before a method was renamed keeps
+    # the old name in its record.
+    return out.assign(claim=out.groupby("id", sort=False)["claim"].transform("first")) if len(out) else out
 
 
 def trends(lengths: pd.DataFrame) -> pd.DataFrame:
