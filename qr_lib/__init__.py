@@ -9,7 +9,7 @@ The package reads top-down:
               calibration), stock lm-eval, figures, report, explorer.
   models.py, data.py, evaluate.py   the inputs both use: models, datasets, lm-eval.
   store.py    artifacts: atomic checksummed JSON with provenance, and the stage protocol.
-  layout.py   the results layout: the one object that spells a results path.
+  layout.py   the results layout and the cache: the one module that spells their paths.
   cli.py      every entry point (`qr-adaptor ...`).
 profiles/, methods/, tasks/ and reference/ are data: run settings, final-run methods, lm-eval task
 YAMLs (the prompts), and the paper's reference numbers and model configs.

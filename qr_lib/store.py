@@ -238,13 +238,6 @@ def stored_result(path: Path, config=None, then: str = LEFT_OUT):
     return record["result"]
 
 
-def cache_root() -> Path:
-    """Where converted models and quantized blocks live: outside git, shared by every checkout."""
-    root = os.environ.get("QR_LIB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qr_lib")
-    return Path(root)
-
-
 def save_table(df, layout, name: str) -> Path:
     """A table as CSV (for machines) and Markdown (for readers), where the layout keeps tables."""
     csv, md = layout.table(name, ".csv"), layout.table(name, ".md")

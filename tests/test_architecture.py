@@ -146,8 +146,9 @@ def test_every_cached_artifact_depends_on_the_one_version_list():
     assert not own, f"version lists outside store.py: {own}"
 
 
-# What only layout.py may spell: artifact file names, results subfolders, run-folder globs.
-FOLDERS = "runs|pilot|searches|tables|figures|evaluations|calibration|stock|results"
+# What only layout.py may spell: artifact file names, results subfolders, run-folder globs, and the
+# machine-wide cache's folders.
+FOLDERS = "runs|pilot|searches|tables|figures|evaluations|calibration|stock|results|models|blocks|speed|data"
 RESULT_PATHS = re.compile(r"(setup|sensitivity|nsga|bo|search|result|calibration|manifest)\.json"
                           rf"|^({FOLDERS})/|seed\*")
 JOINED = re.compile(rf"^({FOLDERS})$")
@@ -170,7 +171,7 @@ def _code_cells(nb: Path) -> str:
     return "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
 
 
-def test_only_the_layout_spells_a_results_path():
+def test_only_the_layout_spells_a_results_or_cache_path():
     sources = {str(p.relative_to(ROOT)): p.read_text() for p in PKG.rglob("*.py")
                if p.name != "layout.py" and "tasks" not in p.parts}
     sources |= {str(p.relative_to(ROOT)): p.read_text() for p in (ROOT / "benchmarks").glob("*.py")}

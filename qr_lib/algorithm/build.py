@@ -12,7 +12,7 @@ from ..config import UNQUANTIZED, LoraSettings, QuantConfig
 from ..errors import QRError
 from ..models import block_linears, linear_names, transformer_blocks
 from ..progress import tqdm
-from ..store import cache_root
+from ..layout import Cache
 from .allocation import Allocation
 from .quant import check_bits, densify, get_backend
 from .quant.cache import BlockCache, block_hash
@@ -54,7 +54,7 @@ def set_block_linears(block: nn.Module, linears: dict, modules: dict) -> None:
 
 
 def default_cache(qcfg: QuantConfig) -> BlockCache:
-    return BlockCache(cache_root() / "blocks", qcfg)
+    return BlockCache(Cache.here().blocks, qcfg)
 
 
 def use_dense(qcfg: QuantConfig, model: nn.Module) -> bool:

@@ -35,9 +35,9 @@ from ..data import load_finetune
 from ..errors import QRError
 from ..evaluate import run_tasks
 from ..hardware import cpu_flags, memory_bytes, resolve_dtype
-from ..layout import Layout
+from ..layout import Cache, Layout
 from ..models import load_model, load_skeleton
-from ..store import cache_root, content_hash, read_artifact, read_json, write_artifact
+from ..store import content_hash, read_artifact, read_json, write_artifact
 from . import calibration, finetune, inputs, pilot
 from .work import Work
 
@@ -205,7 +205,7 @@ def speed_key(profile: Profile) -> str:
 
 
 def _speed_file(key: str) -> Path:
-    return cache_root() / "speed" / f"{key}.json"
+    return Cache.here().speed(key)
 
 
 def cached_speed(profile: Profile) -> Speed | None:

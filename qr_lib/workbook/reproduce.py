@@ -22,8 +22,8 @@ from jupyter_client.manager import AsyncKernelManager
 from .. import REPO_DIR
 from ..config import Profile
 from ..errors import QRError
-from ..layout import Layout, results_root
-from ..store import atomic_write_bytes, cache_root, hold_lock, read_json, save_table, write_json
+from ..layout import Cache, Layout, results_root
+from ..store import atomic_write_bytes, hold_lock, read_json, save_table, write_json
 from . import estimate, report
 from .profiles import check_device, load_profile, other_settings
 from .report import OPTIONAL, compute_time
@@ -33,7 +33,7 @@ def starting_state(layout: Layout) -> dict:
     """What a run starts from: which stage artifacts and caches (converted model, quantized blocks,
     parsed data) already exist. A run from nothing has none of them."""
     artifacts = layout.started()
-    caches = sorted(p.name for p in cache_root().iterdir() if any(p.iterdir())) if cache_root().exists() else []
+    caches = Cache.here().filled()
     return {"artifacts": artifacts, "caches": caches, "from_nothing": not artifacts and not caches}
 
 
