@@ -61,6 +61,11 @@ class PhaseII(_Record):
     proxy_seconds: float           # what the scores cost when computed
     wall_seconds: float
 
+    def full_rows(self) -> list[dict]:
+        """Every distinct allocation scored at full fidelity (searched or promoted) that did not fail."""
+        return list({r["key"]: r for r in self.evaluations + self.promoted
+                     if r["fidelity"] == "full" and not r["failed"]}.values())
+
 
 @dataclass(frozen=True)
 class PhaseIII(_Record):

@@ -52,6 +52,19 @@ def proxy_context(profile: Profile) -> dict:
             "lora": profile.lora, "data": profile.data}
 
 
+def stored_evaluations(layout: Layout, profile: Profile, fidelity: str | None = None) -> list[Evaluation]:
+    """Every whole proxy record under the layout of this profile's context, made under today's library
+    versions (optionally of one fidelity), in key order: what a reader that cannot score compares."""
+    context_key = content_hash(proxy_context(profile))
+    out = []
+    for path in sorted(layout.evaluations.glob("*.json")):
+        rec = read_artifact(path, then=LEFT_OUT)
+        if rec is not None and rec["config"].get("context_key") == context_key and same_versions(rec) and \
+                (fidelity is None or rec["result"]["fidelity"] == fidelity):
+            out.append(Evaluation.from_dict(rec["result"]))
+    return out
+
+
 def full_fidelity(profile: Profile) -> Fidelity:
     return Fidelity("full", profile.proxy, profile.data.n_val)
 
@@ -161,13 +174,7 @@ class ProxyEvaluator:
 
     def records(self, fidelity: str | None = None) -> list[Evaluation]:
         """Every stored record of this context (optionally of one fidelity), in key order."""
-        out = []
-        for path in sorted(self.layout.evaluations.glob("*.json")):
-            rec = read_artifact(path, then=LEFT_OUT)
-            if rec is not None and rec["config"].get("context_key") == self.context_key and same_versions(rec) and \
-                    (fidelity is None or rec["result"]["fidelity"] == fidelity):
-                out.append(Evaluation.from_dict(rec["result"]))
-        return out
+        return stored_evaluations(self.layout, self.profile, fidelity)
 
 
 # One evaluator per (profile, results folder) in each worker process, kept for the worker's life, so

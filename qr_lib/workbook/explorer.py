@@ -10,14 +10,14 @@ import numpy as np
 from ..algorithm.allocation import Allocation
 from ..algorithm.memory import formula_bytes, model_shapes, profile_budget
 from ..algorithm.phases import PhaseI
-from ..algorithm.proxy import Evaluation, proxy_context
+from ..algorithm.proxy import Evaluation, stored_evaluations
 from ..algorithm.search.problem import kl_by_rung
 from ..config import Profile
 from ..errors import QRError
 from ..layout import Layout
 from ..models import load_skeleton
 from ..progress import headless
-from ..store import LEFT_OUT, content_hash, read_artifact, same_versions, stored_result
+from ..store import stored_result
 from . import sizing
 from .methods import load_method
 from .plots import allocation_heatmap, show
@@ -49,17 +49,9 @@ class Explorer:
     def _records(self) -> list[Evaluation]:
         """Every proxy score of this profile's proxy (same model, data, quantizer and libraries), with
         its fidelity (never compared across fidelities), on this profile's ladders."""
-        context_key = content_hash(proxy_context(self.profile))
-        out = []
-        for path in sorted(self.layout.evaluations.glob("*.json")):
-            rec = read_artifact(path, then=LEFT_OUT)
-            if rec is None or rec["config"].get("context_key") != context_key or not same_versions(rec):
-                continue
-            r = Evaluation.from_dict(rec["result"])
-            if set(r.allocation.bits) <= set(self.profile.bit_ladder) and \
-                    set(r.allocation.ranks) <= set(self.profile.rank_ladder):
-                out.append(r)
-        return out
+        return [r for r in stored_evaluations(self.layout, self.profile)
+                if set(r.allocation.bits) <= set(self.profile.bit_ladder)
+                and set(r.allocation.ranks) <= set(self.profile.rank_ladder)]
 
     def _uniform_gaps(self) -> tuple[float | None, dict]:
         """16-bit LoRA's dev loss and each uniform (bits, rank) setting's gap to it at the final fine-tune's

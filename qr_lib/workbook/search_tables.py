@@ -137,9 +137,8 @@ def uniform_reference(profile: Profile, result: PhaseII) -> dict:
     """The full-fidelity row of uniform (budget bits, budget rank): the allocation the budget is defined
     by. Phase II always scores it at full fidelity (a uniform anchor, or the single fidelity's first
     generation), so it is read from Phase II's rows."""
-    for r in result.evaluations + result.promoted:
-        if r["fidelity"] == "full" and not r["failed"] and set(r["bits"]) == {profile.budget_bits} \
-                and set(r["ranks"]) == {profile.budget_rank}:
+    for r in result.full_rows():
+        if set(r["bits"]) == {profile.budget_bits} and set(r["ranks"]) == {profile.budget_rank}:
             return r
     raise QRError(f"Phase II holds no full-fidelity score of uniform {profile.budget_bits}-bit r{profile.budget_rank}; "
                   "rerun the search (its first generation and anchors always score it)")
@@ -150,6 +149,6 @@ def vs_uniform(profile: Profile, layout: Layout, result: SearchResult) -> pd.Dat
     ref = uniform_reference(profile, _phases(result)[0])
     vs = pd.DataFrame([{"allocation": "QR-Adaptor (selected)", **{k: result.selected_scores[k] for k in PROXY_COLUMNS}},
                        {"allocation": f"uniform {profile.budget_bits}-bit r{profile.budget_rank}",
-                        **{k: ref[k] for k in PROXY_COLUMNS[:-1]}, "mean_rank": float(profile.budget_rank)}])
+                        **{k: ref[k] for k in PROXY_COLUMNS}}])
     save_table(vs, layout, "search_vs_uniform")
     return vs

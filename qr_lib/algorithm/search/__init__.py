@@ -162,8 +162,7 @@ def phase3_gain(p2: PhaseII, p3: PhaseIII, max_ratio: float = 1.0) -> dict:
     objective that fits before it (Phase II's records) and after it (with its candidates), and the
     difference (negative = Phase III found better). Whether that exceeds the proxy's seed noise is for
     the calibration to say."""
-    before = bo.select([r for r in p2.evaluations + p2.promoted if r["fidelity"] == "full" and not r["failed"]],
-                       max_ratio)
+    before = bo.select(p2.full_rows(), max_ratio)
     after = bo.select(p3.observed, max_ratio)
     return {"max_budget_ratio": max_ratio, "phase2_best": before["objective"] if before else None,
             "phase3_best": after["objective"] if after else None,

@@ -110,8 +110,7 @@ def refine(profile: Profile, evaluator: ProxyEvaluator, space: SearchSpace, phas
     if not front:
         raise QRError("Phase II produced no feasible full-fidelity candidate to refine; raise "
                       "nsga.generations or nsga.promote, or check the proxy for divergence")
-    observed = list({r["key"]: r for r in phase2.evaluations + phase2.promoted
-                     if r["fidelity"] == full.name and not r["failed"]}.values())
+    observed = phase2.full_rows()
     steps, t0 = [], time.time()
     for it in range(1, cfg.iterations + 1):
         pareto = pareto_set(observed)
