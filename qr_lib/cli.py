@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stock)
     p = sub.add_parser("sizing", formatter_class=fmt, help="learning curves that size the final fine-tune and the ladder",
                        description="One fine-tune per uniform setting (sizing.methods) at a constant rate, scored on "
-                                   "the dev split at every checkpoint (sizing.steps): the order of the methods by "
+                                   "the dev split at every checkpoint (sizing.checkpoints): the order of the methods by "
                                    "length, each rung's fidelity, and the length at which the order settles. "
                                    "Resumes setting by setting.")
     _common(p)

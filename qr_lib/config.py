@@ -238,7 +238,7 @@ class SizingConfig:
     """The learning curves that size the final fine-tune and the search's ladder (workbook/sizing.py)."""
     # Uniform settings (method ids): fidelity against plasticity at the reference rank and around it.
     methods: tuple = ("lora16", "nf4", "hqq4_r4", "hqq4", "hqq4_r16", "hqq3", "hqq3_r16", "hqq3_g32", "hqq2")
-    steps: tuple = (0, 12, 24, 48, 96, 192, 384)   # checkpoints scored (optimizer steps)
+    checkpoints: tuple = (0, 12, 24, 48, 96, 192, 384)   # optimizer steps after which the dev split is scored
     seed: int = 0
     # The methods whose order decides the length (sizing.length): no pair flips between L and 2L.
     key_methods: tuple = ("lora16", "nf4", "hqq4", "hqq4_r4", "hqq3")
@@ -363,6 +363,6 @@ DOMAINS: dict[str, Domain] = {
     "calibration.lengths": NON_NEGATIVE_ITEMS, "calibration.n_val": POSITIVE_ITEMS, "calibration.seeds": SEEDS,
     "calibration.min_spearman": Domain(lambda x: _number(x) and -1 <= x <= 1, "a correlation in [-1, 1]", "0.8"),
     "calibration.top_k": POSITIVE,
-    "sizing.steps": NON_NEGATIVE_ITEMS, "sizing.seed": NON_NEGATIVE, "sizing.max_gap": POSITIVE,
+    "sizing.checkpoints": NON_NEGATIVE_ITEMS, "sizing.seed": NON_NEGATIVE, "sizing.max_gap": POSITIVE,
     "lengths.factors": POSITIVE_ITEMS,
 }

@@ -69,7 +69,7 @@ def test_a_rung_far_above_16_bit_does_not_survive():
 def test_sizing_on_smoke_scores_the_dev_split_only_and_reads_back(smoke, base, tmp_path, monkeypatch):
     model, tok = base
     profile = dataclasses.replace(smoke, sizing=dataclasses.replace(smoke.sizing, methods=("lora16", "hqq2"),
-                                                                    steps=(0, 1, 2)))
+                                                                    checkpoints=(0, 1, 2)))
     splits = load_finetune(profile.data)
     test_prompts = {ex.prompt for ex in splits.test}
     scored = []

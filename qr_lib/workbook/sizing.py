@@ -7,7 +7,7 @@ search's ladder, this stage measures both, for a grid of uniform settings (`Sizi
 16-bit LoRA, NF4, HQQ rungs at several ranks and group sizes):
 
 - one fine-tune per setting under the final recipe (rate, batch, length of sequence), with the rate
-  held constant after warm-up, scored on the dev split at every checkpoint in `SizingConfig.steps`.
+  held constant after warm-up, scored on the dev split at every checkpoint in `SizingConfig.checkpoints`.
   A constant rate makes one run give every length (the loss at step s is what a run of s steps at that
   rate reaches); a final run of s steps decays its rate to zero and ends somewhat lower, for every
   method alike, so the curves are read for where the methods' ORDER settles, not for final values;
@@ -48,7 +48,7 @@ from .plots import caption, figure_caption, learning_curves
 def recipe(profile: Profile, cfg: SizingConfig) -> TrainConfig:
     """The final fine-tune's recipe, run to the longest checkpoint at a constant rate after warm-up (the
     final recipe's warm-up fraction of the longest checkpoint)."""
-    steps = max(cfg.steps)
+    steps = max(cfg.checkpoints)
     final = profile.finetune.train_config(1, cfg.seed)
     return dataclasses.replace(final, steps=steps, warmup_steps=max(1, round(profile.finetune.warmup_ratio * steps)),
                                schedule="constant")
@@ -87,12 +87,12 @@ def curve(profile: Profile, layout: Layout, method: Method, cfg: SizingConfig, b
         checkpoints[str(step)] = {"dev": example_losses(model, tok, dev, tcfg.max_len)}
         scoring[0] += time.time() - t
 
-    if 0 in cfg.steps:
+    if 0 in cfg.checkpoints:
         score(0)
     before = perplexity(model, tok, heldout, max_len=256)
 
     def on_step(step: int) -> None:
-        if step + 1 in cfg.steps:
+        if step + 1 in cfg.checkpoints:
             score(step + 1)
             model.train()
         if hook is not None:
@@ -115,7 +115,7 @@ def curve(profile: Profile, layout: Layout, method: Method, cfg: SizingConfig, b
 
 def _context(profile: Profile, cfg: SizingConfig) -> dict:
     return {"model": profile.model, "dtype": profile.dtype, "data": data_config(profile, cfg), "lora": profile.lora,
-            "recipe": recipe(profile, cfg), "steps": cfg.steps}
+            "recipe": recipe(profile, cfg), "checkpoints": cfg.checkpoints}
 
 
 def setting(profile: Profile, method: Method) -> dict:
@@ -245,7 +245,7 @@ def length(curves_: list[dict], methods, schedule: str = "linear") -> dict:
     as a constant run of S/2 steps, so it needs 2L steps ("constant": L)."""
     changes = order_changes(curves_, methods)
     if changes.empty:
-        raise QRError("no checkpoint L has its double 2L among sizing.steps; add checkpoints (e.g. 12, 24, 48 ...)")
+        raise QRError("no checkpoint L has its double 2L among sizing.checkpoints; add checkpoints (e.g. 12, 24, 48 ...)")
     per_L = changes.groupby("L")["flips"].sum()
     flips = {int(k): int(v) for k, v in per_L.items()}
     settled = [L for L in flips if all(n == 0 for k, n in flips.items() if k >= L)]
