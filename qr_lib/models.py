@@ -230,6 +230,20 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
+# Families whose causal-LM logits are exactly `lm_head(decoder(...))`: no soft-capping, logit scale
+# or hidden-state scaling between the two (Gemma 2/3, Cohere, Granite and MiniCPM have one).
+PLAIN_HEAD_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3"})
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, head) of a causal LM (under a PEFT wrapper too) whose logits are the head applied to
+    the decoder's last hidden state, so the head can run on chosen positions alone; None otherwise."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(lm, "config", None), "model_type", None) not in PLAIN_HEAD_FAMILIES:
+        return None
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
 def block_linears(block: nn.Module, block_index: int = 0) -> dict[str, nn.Module]:
     """The seven allocated linears of one block, by short name, found among its Linear-like modules."""
     found = {}

@@ -5,6 +5,7 @@ import torch
 
 from qr_lib.algorithm.allocation import uniform
 from qr_lib.algorithm.build import build
+from qr_lib.algorithm import train as training
 from qr_lib.algorithm.quant.cache import BlockCache
 from qr_lib.algorithm.train import (
     IGNORE,
@@ -22,6 +23,7 @@ from qr_lib.algorithm.train import (
 from qr_lib.config import QuantConfig, TrainConfig
 from qr_lib.data import Example
 from qr_lib.errors import QRError
+from qr_lib.models import split_head
 
 EXAMPLES = [Example(f"Question: what is {i} plus one?\nAnswer:", f" {i + 1}", "toy") for i in range(16)]
 
@@ -76,8 +78,12 @@ def test_perplexity_of_random_model_is_near_vocab(tok):
     assert math.isfinite(ppl) and ppl > 1000
 
 
-def test_a_padded_batch_scores_each_row_as_if_it_were_alone(tok):
-    """Left padding, position ids and the head on labelled positions only change nothing."""
+@pytest.mark.parametrize("head", ["labelled positions", "from the first labelled position"])
+def test_a_padded_batch_scores_each_row_as_if_it_were_alone(tok, monkeypatch, head):
+    """Left padding, position ids and the head on labelled positions only change nothing, on the split
+    head (a plain family) and on the fallback that asks the whole model (any other family)."""
+    if head != "labelled positions":
+        monkeypatch.setattr(training, "split_head", lambda model: None)
     model = _tiny_for(tok)
     mixed = EXAMPLES[:3] + [Example("word " * 40 + "Question: and now?\nAnswer:", " a longer answer here", "toy")]
     rows = encode(tok, mixed, 96)
@@ -89,6 +95,14 @@ def test_a_padded_batch_scores_each_row_as_if_it_were_alone(tok):
             ref = torch.nn.functional.cross_entropy(logits[0], labels[0, 1:], ignore_index=IGNORE, reduction="sum")
             assert sums[i].item() == pytest.approx(ref.item(), rel=1e-5)
             assert counts[i] == (labels[0, 1:] != IGNORE).sum()
+
+
+def test_the_head_is_split_only_for_plain_families(tok):
+    model = _tiny_for(tok)
+    decoder, head = split_head(model)
+    assert decoder is model.model and head is model.lm_head
+    model.config.model_type = "gemma2"      # soft-caps its logits after the head
+    assert split_head(model) is None
 
 
 def test_example_losses_keep_the_given_order_and_average_by_token(tok):

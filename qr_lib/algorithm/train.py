@@ -1,11 +1,10 @@
 """The LoRA training loop shared by proxy tuning and the final fine-tune, and loss-based evaluation.
 
 Prompt and padding tokens are masked out of the loss: only answer tokens are learned and scored.
-Rows are padded on the left, with explicit position ids, so every row's answer ends at the last
-position: the language-model head (576 x 49,152 on the embedded model, the largest matmul per token)
-then runs only on the positions that carry a label (`logits_to_keep`), about a fifth of them on the
-commonsense mix. Training batches are grouped by length (as Hugging Face's `group_by_length`), so a
-batch pads little.
+Rows are padded on the left, with explicit position ids. The language-model head (576 x 49,152 on
+the embedded model, the largest matmul per token) runs only on the positions that carry a label,
+about a fifth of them on the commonsense mix. Training batches are grouped by length (as Hugging
+Face's `group_by_length`), so a batch pads little.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import torch
 
 from ..config import SCHEDULES, TrainConfig
 from ..errors import QRError
+from ..models import split_head
 from ..progress import tqdm
 from .memory import PeakMemory
 
@@ -70,21 +70,29 @@ def _batches(rows, batch_size, seed):
 
 
 def row_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: summed next-token NLL over labelled tokens, and their count. The head runs only from
-    the earliest labelled position on (all of them when every token is labelled)."""
+    """Per row: summed next-token NLL over labelled tokens, and their count. The head runs on the
+    labelled positions alone where the family allows it (models.split_head), else from the earliest
+    labelled position on (all of them when every token is labelled)."""
     shift_labels = batch["labels"][:, 1:]
     labelled = shift_labels != IGNORE
+    counts = labelled.sum(dim=1)
     if not labelled.any():
-        zero = torch.zeros(len(shift_labels), device=shift_labels.device)
-        return zero, zero.long()
+        return torch.zeros(len(shift_labels), device=shift_labels.device), counts
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    if (parts := split_head(model)) is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        nll = torch.nn.functional.cross_entropy(head(hidden[labelled]).float(), shift_labels[labelled],
+                                                reduction="none")
+        return torch.zeros(len(shift_labels), dtype=nll.dtype, device=nll.device).index_add(
+            0, labelled.nonzero()[:, 0], nll), counts
     first = int(labelled.float().argmax(dim=1)[labelled.any(dim=1)].min())
     keep = shift_labels.shape[1] - first
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=keep + 1).logits[:, :-1].float()
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep + 1).logits[:, :-1].float()
     labels = shift_labels[:, -keep:]
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                             ignore_index=IGNORE, reduction="none").view(labels.shape)
-    return nll.sum(dim=1), (labels != IGNORE).sum(dim=1)
+    return nll.sum(dim=1), counts
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
