@@ -246,7 +246,7 @@ def test_claims_are_paired_comparisons_with_known_answers(tmp_path):
         write("lora16", seed, -0.001)
         write("hqq4", seed, 0.05)
         write(f"random4_{seed}", seed, 0.2)
-    got = comparison.claims(Layout(tmp_path)).set_index(["claim", "metric"])
+    got = comparison.claims(finetune.results(Layout(tmp_path))).set_index(["claim", "metric"])
     loss = got.xs("test loss", level="metric")
     assert loss.loc["qr_adaptor matches 16-bit LoRA", "verdict"] == "equivalent"
     assert loss.loc["qr_adaptor beats uniform HQQ 4-bit r8", "verdict"] == "better"

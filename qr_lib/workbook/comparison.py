@@ -22,7 +22,7 @@ from ..errors import QRError
 from ..evaluate import CHANCE, headline
 from ..layout import Layout
 from . import stats
-from .finetune import results
+from .finetune import RunResult, results
 
 REFERENCE = PACKAGE_DIR / "reference" / "paper_results.json"
 
@@ -143,11 +143,11 @@ def task_power(data: dict, seed: int = 0, power: float = 0.8, alpha: float = 0.0
 CLAIMS = PACKAGE_DIR / "reference" / "claims.json"
 
 
-def per_example(layout: Layout) -> dict:
-    """(method, seed) -> what a paired comparison needs: the test split's summed NLL and answer tokens
-    per example, and each benchmark's per-document values (by doc_id)."""
+def per_example(runs: list[RunResult]) -> dict:
+    """(method, seed) -> what a paired comparison needs of finished runs (finetune.results): the test
+    split's summed NLL and answer tokens per example, and each benchmark's per-document values (by doc_id)."""
     out = {}
-    for r in results(layout):
+    for r in runs:
         docs = {t: dict(zip(m["per_document"]["doc_id"], m["per_document"]["value"]))
                 for t, m in r.benchmarks.items() if "per_document" in m}
         out[(r.method, r.seed)] = {"name": r.name, "nll": np.asarray(r.test_examples["nll_sum"]),
@@ -224,15 +224,15 @@ def _test_losses(data: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["method", "test_loss"]).groupby("method", as_index=False).mean()
 
 
-def claims(layout: Layout, cfg: ComparisonConfig = ComparisonConfig()) -> pd.DataFrame:
-    """Every claim (read_claims) whose methods have run, as a paired comparison with a 95% interval
+def claims(runs: list[RunResult], cfg: ComparisonConfig = ComparisonConfig()) -> pd.DataFrame:
+    """Every claim (read_claims) whose methods have finished runs (finetune.results), as a paired comparison with a 95% interval
     on the test loss and on the benchmark average (stats.compare), each judged in its family: the
     profile's declared primary claims on test loss (Holm across them), the benchmark-average rows (Holm
     across them), and every other test-loss claim exploratory (unadjusted). Whether the claim holds:
     'beats' needs the verdict 'better', 'matches' needs 'better' or 'equivalent'. `destroyed` names a
     side whose runs the quantization destroyed (ComparisonConfig.destroyed_gap): a comparison against
     it says little about the method."""
-    data = per_example(layout)
+    data = per_example(runs)
     ruined = destroyed(_test_losses(data), cfg.destroyed_gap)
     found = []
     for c in read_claims(cfg):

@@ -12,7 +12,7 @@ from ..config import Profile
 from ..layout import Layout
 from ..models import load_skeleton
 from ..store import save_figure, save_table
-from . import comparison, power
+from . import comparison, finetune, power
 from .finetune import RunResult
 from .plots import caption, figure_caption, loss_curves, metric_vs_memory, paired_intervals, task_bars
 
@@ -64,7 +64,7 @@ def benchmarks(profile: Profile, layout: Layout) -> dict:
 
 def claims(profile: Profile, layout: Layout) -> pd.DataFrame:
     """Every claim, paired, in its family (benchmarks_claims, table and figure)."""
-    judged = comparison.claims(layout, profile.comparison)
+    judged = comparison.claims(finetune.results(layout), profile.comparison)
     shown = judged.drop(columns="where").round(4)
     save_table(shown, layout, "benchmarks_claims")
     if len(judged):
@@ -91,7 +91,7 @@ def sample_sizes(profile: Profile, layout: Layout, per_seed: pd.DataFrame) -> di
                        for t in tasks}, index=first["name"])
     save_table(se.reset_index(), layout, "benchmarks_sample_sizes")
     seed = profile.eval.seeds[0] if profile.eval.seeds else profile.finetune.seeds[0]
-    detectable = comparison.task_power(comparison.per_example(layout), seed=seed)
+    detectable = comparison.task_power(comparison.per_example(finetune.results(layout)), seed=seed)
     save_table(detectable.round(4), layout, "benchmarks_power")
     return {"sample_sizes": se, "power": detectable}
 

@@ -58,15 +58,16 @@ def table(profile: Profile, layout: Layout) -> pd.DataFrame:
     rows = []
     final = allocations(layout)
     for f in profile.lengths.factors:
-        here = comparison.claims(at(layout, f), profile.comparison)
+        runs = finetune.results(at(layout, f))
+        here = comparison.claims(runs, profile.comparison)
         here = here[here["family"] == "primary"] if len(here) else here
-        stale = superseded(final, at(layout, f)) if f != 1 else set()
+        stale = superseded(final, runs) if f != 1 else set()
         if len(here) and stale:
             warnings.warn(f"at {f} x the training, the runs of {sorted(stale)} were trained on an allocation the "
                           "final runs no longer use (a search selection since replaced); their claims are left out "
                           "at that length until `make lengths` retrains them", stacklevel=2)
             here = here[~(here["a"].isin(stale) | here["b"].isin(stale))]
-        steps = _steps(at(layout, f))
+        steps = _steps(runs)
         for _, r in here.iterrows():
             rows.append({"id": r["id"], "claim": r["claim"], "factor": f, "steps": steps, "seeds": r["seeds"],
                          "a_minus_b": r["a_minus_b"], "ci95_low": r["ci95_low"], "ci95_high": r["ci95_high"],
@@ -123,15 +124,15 @@ def allocations(layout: Layout) -> dict:
     return {(r.method, r.seed): r.allocation.pairs() for r in finetune.results(layout)}
 
 
-def superseded(final: dict, longer: Layout) -> set[str]:
-    """The names of the methods whose runs under `longer` were trained on another allocation than their
-    final runs (`final`: allocations() of the final runs; a search selection since replaced): comparing
-    them would pair two different allocations."""
-    return {r.name for r in finetune.results(longer)
+def superseded(final: dict, longer: list[finetune.RunResult]) -> set[str]:
+    """The names of the methods whose runs `longer` (at another length) were trained on another
+    allocation than their final runs (`final`: allocations() of the final runs; a search selection since
+    replaced): comparing them would pair two different allocations."""
+    return {r.name for r in longer
             if final.get((r.method, r.seed), r.allocation.pairs()) != r.allocation.pairs()}
 
 
-def _steps(layout: Layout) -> int | None:
-    """The optimizer steps of the runs under a layout (one recipe: every run has the same)."""
-    found = {r.train["steps"] for r in finetune.results(layout)}
+def _steps(runs: list[finetune.RunResult]) -> int | None:
+    """The optimizer steps of runs at one length (one recipe: every run has the same)."""
+    found = {r.train["steps"] for r in runs}
     return found.pop() if len(found) == 1 else None

@@ -133,11 +133,13 @@ def tables(profile: Profile, pilot: Layout):
     return summary, sw
 
 
-def verdicts(pilot: Layout, cfg: ComparisonConfig | None = None, reference: str = PilotConfig.reference) -> pd.DataFrame:
+def verdicts(runs: list[finetune.RunResult], cfg: ComparisonConfig | None = None,
+             reference: str = PilotConfig.reference) -> pd.DataFrame:
     """Paired comparisons of the pilot (comparison.paired on the test loss), a declared family of two
     judged together: C against D (the paper finds C worse) and B against A (can rank buy back bits at
-    equal memory?); `destroyed` names a config more than destroyed_gap nats above the reference."""
-    data = comparison.per_example(pilot)
+    equal memory?) over the pilot's finished runs; `destroyed` names a config more than destroyed_gap
+    nats above the reference."""
+    data = comparison.per_example(runs)
     cfg = cfg or ComparisonConfig()
     ruined = comparison.destroyed(comparison._test_losses(data), cfg.destroyed_gap, reference)
     pairs = [("config_C", "config_D"), ("config_B", "config_A")]
@@ -162,9 +164,9 @@ def save(profile: Profile, layout: Layout) -> dict:
                         f"gap_to_{profile.pilot.reference}", "destroyed", "heldout_ppl", "heldout_ppl_std"]
             if c in configs]
     save_table(configs[cols].round(4), layout, "pilot_configs")
-    judged = verdicts(pilot, profile.comparison, profile.pilot.reference)
-    save_table(judged.round(4), layout, "pilot_verdict")
     finished = finetune.results(pilot)
+    judged = verdicts(finished, profile.comparison, profile.pilot.reference)
+    save_table(judged.round(4), layout, "pilot_verdict")
     steps = {r.train["steps"] for r in finished}
     said = tuple(f"{r['a'].split(':')[0]} - {r['b'].split(':')[0]}: {r['a_minus_b']:+.3f} [{r['ci95_low']:+.3f}, "
                  f"{r['ci95_high']:+.3f}] nats, {r['verdict']}" for _, r in judged.iterrows())

@@ -26,7 +26,7 @@ from scipy import stats as scipy_stats
 from ..config import ComparisonConfig
 from ..layout import Layout
 from . import comparison, stats
-from .finetune import results
+from .finetune import RunResult, results
 
 SEED_CHOICES = tuple(range(2, 21))
 EXAMPLE_STEP = 64          # designs are priced at multiples of this many test examples
@@ -62,10 +62,10 @@ def achieved_power(gap: float, se: float, df: float, level: float) -> float:
     return float(scipy_stats.t.cdf(gap / se - scipy_stats.t.ppf(1 - level / 2, df), df))
 
 
-def _prices(layout: Layout, methods: list[str]) -> tuple[float, float]:
+def _prices(runs: list[RunResult], methods: list[str]) -> tuple[float, float]:
     """(training seconds per run, scoring seconds per test example) over these methods' runs."""
     train, score = [], []
-    for r in results(layout):
+    for r in runs:
         if r.method in methods and r.same_run_as is None and not r.benchmarks and not r.dev_examples:
             train.append(r.train["seconds"])
             score.append((r.seconds - r.train["seconds"]) / max(len(r.test_examples["tokens"]), 1))
@@ -92,11 +92,12 @@ def table(layout: Layout, cfg: ComparisonConfig, test_split: int) -> pd.DataFram
     """One row per primary claim: what the current design detects, whether it decides the observed
     difference, and the least design (seeds x test examples, runs, hours at the runs' own speed) that
     decides it with cfg.power, priced up to BEYOND_SPLIT x the test split's `test_split` examples."""
-    claims = comparison.claims(layout, cfg)
+    runs = results(layout)
+    claims = comparison.claims(runs, cfg)
     if claims.empty:
         return pd.DataFrame()
     primary = claims[(claims["family"] == "primary")]
-    data = comparison.per_example(layout)
+    data = comparison.per_example(runs)
     by_id = {c["id"]: c for c in comparison.read_claims(cfg)}
     level = cfg.alpha / max(len(primary), 1)
     rows = []
@@ -110,7 +111,7 @@ def table(layout: Layout, cfg: ComparisonConfig, test_split: int) -> pd.DataFram
         d = abs(row["a_minus_b"])
         equivalence = d < cfg.margin_loss
         gap = cfg.margin_loss - d if equivalence else d
-        train_s, score_s = _prices(layout, [c["a"], *c["b"]])
+        train_s, score_s = _prices(runs, [c["a"], *c["b"]])
         need = cheapest(p, gap, level, cfg.power, train_s, score_s, BEYOND_SPLIT * test_split)
         now = achieved_power(gap, se, df, level)
         rows.append({

@@ -171,15 +171,19 @@ def phase3_gain(p2: PhaseII, p3: PhaseIII, max_ratio: float = 1.0) -> dict:
             or (before["bits"], before["ranks"]) != (after["bits"], after["ranks"])}
 
 
+def cited(p2: PhaseII, p3: PhaseIII) -> dict:
+    """Every proxy record Phases II and III cite (their scored candidates, promotions and BO steps), by key."""
+    return {r["key"]: r for r in p2.evaluations + p2.promoted + p3.candidates()}
+
+
 def repair_records(layout: Layout, ev: ProxyEvaluator, p2: PhaseII, p3: PhaseIII) -> int:
     """Recompute every proxy record a finished search cites whose file is missing, damaged or edited
     (read_artifact names it in a warning): nsga.json and bo.json keep summaries, and the evaluations
     they cite are what the explorer and the compute-time table read. Returns how many were redone."""
     fidelities = {name: Fidelity(f["name"], TrainConfig(**f["train"]), f["n_val"])
                   for name, f in p2.fidelities.items()}
-    cited = {r["key"]: r for r in p2.evaluations + p2.promoted + p3.candidates()}
     redone = 0
-    for key, r in cited.items():
+    for key, r in cited(p2, p3).items():
         if read_artifact(layout.evaluation(key)) is None:
             ev.evaluate(Allocation(r["bits"], r["ranks"], ev.profile.bit_ladder, ev.profile.rank_ladder),
                         fidelities[r["fidelity"]])
@@ -199,8 +203,7 @@ def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, pr
         chosen = p3.selected
         selected_at = select_at(profile, ev, p1, p2, p3)
         # Cost from the records themselves, so a resumed search still reports what its scores cost.
-        unique = {r["key"]: r for r in p2.evaluations + p2.promoted + p3.candidates()
-                  + [v.record for v in selected_at.values() if v.scored_for_selection]}
+        unique = cited(p2, p3) | {v.record["key"]: v.record for v in selected_at.values() if v.scored_for_selection}
         tokens = sum(r["train_tokens"] for r in unique.values())
         proxy_seconds = sum(r["seconds"] for r in unique.values())
         epoch = epoch_tokens(ev.train_set, ev.tok, profile.proxy.max_len)
