@@ -2,7 +2,7 @@
 
 The work is counted from the profile, stage by stage, by each stage module's `work(profile)` (a
 work.Work: LoRA optimizer steps, examples scored, models built and loaded, lm-eval requests and
-generated tokens, notebooks started; the search's is counted here) and the memory is the
+generated tokens, notebooks started) and the memory is the
 formula of memory.py on the model's shapes, read from its config without loading weights. Time comes
 from a Speed measured on the machine at hand (`estimate --measure`: every unit of work timed once,
 cached per machine), in minutes for every stage; or, for another machine, from a seconds-per-step
@@ -27,7 +27,6 @@ from ..algorithm.allocation import uniform
 from ..algorithm.build import build
 from ..algorithm.memory import formula_bytes, model_shapes, profile_budget
 from ..algorithm.runner import open_runner
-from ..algorithm.search import nsga
 from ..algorithm.search.problem import space_for
 from ..algorithm.train import example_losses, train
 from ..config import Profile
@@ -38,33 +37,8 @@ from ..hardware import cpu_flags, memory_bytes, resolve_dtype
 from ..layout import Cache, Layout
 from ..models import load_model, load_skeleton
 from ..store import content_hash, read_artifact, read_json, write_artifact
-from . import calibration, finetune, inputs, pilot
+from . import calibration, finetune, inputs, pilot, search_tables
 from .work import Work
-
-
-def search_work(profile: Profile, space, n_blocks: int) -> dict[str, Work]:
-    """Phase I and the proxy candidates of Phases II-III: the first generation (its size depends on the
-    ladders and the budget), offspring of later generations, the uniform anchors, promotions and BO
-    steps. The algorithm's stages have no workbook module of their own; their notebooks (02-04) run them."""
-    d, cfg = profile.data, profile.nsga
-    first = len(nsga.first_generation(profile, space))
-    multi = cfg.low_steps > 0
-    search_scored = first + (cfg.generations - 1) * cfg.pop_size
-    anchors = len(nsga.uniform_anchors(profile, space)) if multi else 0
-    full_scored = (anchors + cfg.promote * cfg.generations if multi else search_scored) + profile.bo.iterations
-    steps = (search_scored * (cfg.low_steps if multi else profile.proxy.steps)
-             + (full_scored * profile.proxy.steps if multi else profile.bo.iterations * profile.proxy.steps))
-    low_n = min(cfg.low_n_val, d.n_val) if multi else d.n_val
-    built = search_scored + full_scored if multi else search_scored + profile.bo.iterations
-    blocks = n_blocks * len(profile.sensitivity.bits)
-    # The first generation's size depends on Phase I (duplicates are dropped), so it is counted here
-    # with a flat profile: close, not exact.
-    return {"Phase I": Work(examples=(blocks + 1) * d.n_calib, model_loads=1, notebooks=1,
-                            counts={"block evaluations": blocks}),
-            "Phases II-III": Work(steps=steps, models_built=built, model_loads=2, notebooks=2,
-                                  examples=search_scored * low_n + full_scored * d.n_val,
-                                  counts={"first generation (about)": first, "search-fidelity candidates": search_scored,
-                                          "full-fidelity candidates (at most)": full_scored})}
 
 
 @dataclass(frozen=True)
@@ -112,11 +86,11 @@ def _skeleton(profile: Profile):
 
 def work(profile: Profile, shapes=None, space=None) -> dict[str, Work]:
     """Every stage's work, counted from the profile, in notebook order: each stage module's own `work`
-    (inputs, pilot, finetune, calibration) and the search's. Counts that depend on what the search finds
+    (inputs, pilot, the search's tables module, finetune, calibration). Counts that depend on what the search finds
     (duplicate candidates, allocations two methods share) are upper bounds."""
     if shapes is None:
         _, shapes, space = _skeleton(profile)
-    searched = search_work(profile, space, shapes.n_blocks)
+    searched = search_tables.work(profile, space, shapes.n_blocks)
     return {"setup": inputs.work(profile), "pilot": pilot.work(profile), **searched,
             "final fine-tunes": finetune.work(profile), "proxy calibration": calibration.work(profile),
             "report and explorer": Work(model_loads=1, notebooks=2)}

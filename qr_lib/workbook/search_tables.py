@@ -1,4 +1,5 @@
-"""The search's tables and figures (notebooks 02-04), built from its phase records, computing nothing.
+"""The search's tables and figures (notebooks 02-04), built from its phase records, computing nothing;
+and the search's work (`work`, what estimate.py prices).
 
 One function per notebook section: each saves that section's tables and figures under the layout and
 returns what the notebook shows (tables, allocations, readings); a figure saved inside a notebook is
@@ -17,6 +18,7 @@ from ..errors import QRError
 from ..layout import Layout
 from ..store import save_figure, save_table
 from .methods import Context, load_method
+from .work import Work
 from .plots import (allocation_heatmap, bo_trace, caption, figure_caption, hypervolume_curve, objective_space,
                     sensitivity_plot)
 
@@ -152,3 +154,28 @@ def vs_uniform(profile: Profile, layout: Layout, result: SearchResult) -> pd.Dat
                         **{k: ref[k] for k in PROXY_COLUMNS}}])
     save_table(vs, layout, "search_vs_uniform")
     return vs
+
+
+def work(profile: Profile, space, n_blocks: int) -> dict[str, Work]:
+    """Phase I and the proxy candidates of Phases II-III: the first generation (its size depends on the
+    ladders and the budget), offspring of later generations, the uniform anchors, promotions and BO
+    steps (estimate.py prices them; the algorithm's stages run in notebooks 02-04)."""
+    d, cfg = profile.data, profile.nsga
+    first = len(nsga.first_generation(profile, space))
+    multi = cfg.low_steps > 0
+    search_scored = first + (cfg.generations - 1) * cfg.pop_size
+    anchors = len(nsga.uniform_anchors(profile, space)) if multi else 0
+    full_scored = (anchors + cfg.promote * cfg.generations if multi else search_scored) + profile.bo.iterations
+    steps = (search_scored * (cfg.low_steps if multi else profile.proxy.steps)
+             + (full_scored * profile.proxy.steps if multi else profile.bo.iterations * profile.proxy.steps))
+    low_n = min(cfg.low_n_val, d.n_val) if multi else d.n_val
+    built = search_scored + full_scored if multi else search_scored + profile.bo.iterations
+    blocks = n_blocks * len(profile.sensitivity.bits)
+    # The first generation's size depends on Phase I (duplicates are dropped), so it is counted here
+    # with a flat profile: close, not exact.
+    return {"Phase I": Work(examples=(blocks + 1) * d.n_calib, model_loads=1, notebooks=1,
+                            counts={"block evaluations": blocks}),
+            "Phases II-III": Work(steps=steps, models_built=built, model_loads=2, notebooks=2,
+                                  examples=search_scored * low_n + full_scored * d.n_val,
+                                  counts={"first generation (about)": first, "search-fidelity candidates": search_scored,
+                                          "full-fidelity candidates (at most)": full_scored})}
