@@ -99,6 +99,7 @@ def open_runner(cfg: ParallelConfig, device: str = "cpu"):
     if cfg.backend != "dask":
         raise QRError(f"parallel.backend {cfg.backend!r} is not 'serial' or 'dask'")
     try:
+        import dask
         from dask.distributed import Client, LocalCluster
     except ImportError:
         raise QRError("parallel.backend 'dask' needs dask[distributed]; run `make venv` (it is pinned)") from None
@@ -113,7 +114,11 @@ def open_runner(cfg: ParallelConfig, device: str = "cpu"):
         cluster = LocalCUDACluster(threads_per_worker=cfg.threads_per_worker)
         client = Client(cluster)
     else:
-        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads_per_worker, processes=True)
+        # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: glibc then hands every freed block
+        # back to the kernel and faults it in again, and a LoRA step takes 1.27x as long (measured: two
+        # workers, 40 steps each, 86.9 s against 68.6 s). glibc's own threshold is used instead.
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads_per_worker, processes=True)
         client = Client(cluster)
     client.run(_limit_threads, cfg.threads_per_worker)
     try:
