@@ -306,6 +306,25 @@ def test_the_estimate_measures_this_machine_once_and_prices_every_stage(monkeypa
     assert two.minutes["Phase I"] == result.minutes["Phase I"]       # not a runner stage
 
 
+@pytest.mark.integration
+def test_local_workers_are_timed_together_each_in_its_own_process(monkeypatch, tmp_path):
+    """A runner worker's speed is measured with every worker timing at once, in processes of their own
+    (they share the cores), and cached beside the main process's."""
+    from qr_lib.workbook import estimate
+    profile = load_profile("smoke", {"parallel.backend": "dask", "parallel.workers": 2})
+    started = []
+    real = estimate.multiprocessing.get_context
+
+    def context(method):
+        started.append(method)
+        return real(method)
+    monkeypatch.setattr(estimate.multiprocessing, "get_context", context)
+    monkeypatch.setattr(estimate, "_speed_file", lambda key: tmp_path / f"{key}.json")
+    estimate.measure_speed(profile, progress=False)
+    worker = estimate.cached_worker_speed(profile)
+    assert started[0] == "spawn" and worker is not None and worker.step > 0 and worker.cluster > 0  # then the cluster
+
+
 def test_the_pilots_bits_by_rank_sweep_is_a_grid_table_and_a_heatmap_with_the_reference_gap(tmp_path, base):
     """The teaching sweep: uniform (bits, rank) runs at the first seed, tabled as a bits x rank grid of
     test loss and drawn as a heatmap whose cells give each loss and its gap to the 16-bit reference."""

@@ -13,6 +13,7 @@ turns that into a per-step figure, because the paper does not say how many steps
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from ..algorithm.build import build
 from ..algorithm.memory import formula_bytes, model_shapes, profile_budget
 from ..algorithm.runner import open_runner
 from ..algorithm.search.problem import space_for
-from ..algorithm.train import example_losses, train
+from ..algorithm.train import encode, example_losses, train
 from ..config import Profile
 from ..data import load_finetune
 from ..errors import QRError
@@ -171,7 +172,7 @@ def measured_step_seconds(layout: Layout) -> float | None:
 def speed_key(profile: Profile) -> str:
     """What a speed measurement depends on: this machine (its CPU or GPU, cores, torch) and what is timed."""
     device = torch.cuda.get_device_name(0) if profile.device.startswith("cuda") and torch.cuda.is_available() else None
-    return content_hash({"cpu": sorted(cpu_flags()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    return content_hash({"workers timed": "together", "cpu": sorted(cpu_flags()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                          "parallel": profile.parallel,
                          "gpu": device, "torch": torch.__version__, "model": profile.model, "dtype": profile.dtype,
                          "device": profile.device, "recipe": [profile.finetune.batch_size, profile.finetune.max_len],
@@ -204,8 +205,12 @@ def _time_units(profile: Profile, base, tok, splits) -> dict:
     built = time.time() - t
     tcfg = profile.finetune.train_config(len(splits.train), 0)
     train(model, tok, splits.train, dataclasses.replace(tcfg, steps=1), progress=False)       # warm-up
-    steps = 3
-    step = train(model, tok, splits.train, dataclasses.replace(tcfg, steps=steps), progress=False)["seconds"] / steps
+    log = train(model, tok, splits.train, dataclasses.replace(tcfg, steps=4), progress=False)
+    # A step's time follows its tokens, and length-grouped batches differ by 2x: the few steps timed
+    # are priced per token, at the mean batch of the fine-tuning set.
+    rows = encode(tok, splits.train, tcfg.max_len)
+    step_tokens = sum(len(r["input_ids"]) for r in rows) / len(rows) * tcfg.batch_size * tcfg.grad_accum
+    step = log["seconds"] / max(log["train_tokens"], 1) * step_tokens
     examples = (splits.val + splits.test)[:64]
     example_losses(model, tok, examples[:16], tcfg.max_len)                                   # warm-up
     t = time.time()
@@ -219,9 +224,20 @@ def _time_units(profile: Profile, base, tok, splits) -> dict:
     return {"step": step, "example": example, "token": (time.time() - t) / 16, "build": built, "model": model}
 
 
+def units_beside_others(profile: Profile) -> dict:
+    """One runner worker's units of work, timed in a process of its own at the worker's threads while
+    the other workers time theirs (measure_speed starts them together)."""
+    torch.set_num_threads(profile.parallel.threads_per_worker)
+    base, tok = load_model(profile.model, profile.dtype, profile.device)
+    splits = load_finetune(dataclasses.replace(profile.data, n_train=max(profile.data.n_train, 16)))
+    units = _time_units(profile, base, tok, splits)
+    units.pop("model")
+    return units
+
+
 def measure_speed(profile: Profile, progress: bool = True) -> Speed:
     """Time each unit of work once on this machine (about a minute for the embedded model on two CPU
-    cores; again at one worker's threads where the profile runs local workers, and the workers' start),
+    cores; again in every local worker at once where the profile runs them, and the workers' start),
     cached per machine and profile settings (speed_key) under the data cache."""
     if (speed := cached_speed(profile)) is not None:
         return speed
@@ -243,13 +259,11 @@ def measure_speed(profile: Profile, progress: bool = True) -> Speed:
     speed = Speed(**units, load=load, lm_eval_call=lm_eval_call, notebook=notebook)
     worker = None
     if profile.parallel.backend == "dask" and not profile.parallel.address:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(profile.parallel.threads_per_worker)
-        try:
-            one = _time_units(profile, base, tok, splits)
-        finally:
-            torch.set_num_threads(threads)
-        one.pop("model")
+        # Every worker at once, each in a process of its own: a worker shares the cores, caches and memory
+        # bandwidth with the others, so it is timed beside them, not alone.
+        with multiprocessing.get_context("spawn").Pool(profile.parallel.workers) as pool:
+            timed = pool.map(units_beside_others, [profile] * profile.parallel.workers)
+        one = {k: float(np.mean([u[k] for u in timed])) for k in timed[0]}
         t = time.time()
         with open_runner(profile.parallel, profile.device):
             pass
