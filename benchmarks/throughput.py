@@ -5,17 +5,26 @@ The unit of work is a final run of the default profile's recipe: a build, its Lo
 fine-tuning stream, and the examples it scores (test and dev pairs). Each configuration is timed in
 fresh processes on the same data (16-bit LoRA, the default's batch and length):
 
-- today's:        one process with 2 intra-op threads; scoring in batches of 16 under no_grad;
-                  glibc's default allocator settings
+- today's:        the configuration of dd24dce, which the goal (issue 33) is measured against: one
+                  process with 2 intra-op threads; the language-model head from the first labelled
+                  position on (`logits_to_keep`); scoring in batches of 16 under no_grad; glibc's
+                  default allocator settings
 - two workers:    two processes at once, one thread each, each doing the same unit (work per hour
                   is their combined rate)
+- labelled head:  the head on the labelled positions alone (train.row_losses, models.split_head)
+- the default:    both: what the default profile runs now
 - allocator:      glibc told never to hand big blocks back to the kernel (MALLOC_MMAP_MAX_=0, a high
                   MALLOC_TRIM_THRESHOLD_): every large tensor otherwise comes from a fresh mmap whose
                   pages fault in again, a quarter of the processes' time in the kernel on these VMs
+- Dask's nanny:   two workers with the MALLOC_TRIM_THRESHOLD_=65536 that Dask's nanny gives its workers
+                  (the default's runner until it was told not to, runner.py)
 - both:           two workers with that allocator
 - scoring:        batches of 8, or of 64, under inference_mode
 - fused AdamW:    torch's fused CPU AdamW for the LoRA parameters
-- today again:    the first configuration once more, last: how far the machine drifted meanwhile
+
+The machine drifts by as much as most variants differ (another tenant's load), so the plan runs in
+rounds, every configuration once per round, and each ratio to today's is taken within its round: the
+table gives the mean over rounds and their range.
 
 For each: training tokens per second, the LoRA step's GFLOP/s and its fraction of this machine's own
 matrix-product rate (at the model's MLP shape, in float32), examples scored per second, and the final
@@ -37,7 +46,7 @@ from pathlib import Path
 import torch
 
 def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch: int, inference: bool,
-         fused: bool) -> dict:
+         fused: bool, head: str) -> dict:
     """One process's unit of work, timed piece by piece (run in a subprocess by main)."""
     torch.set_num_threads(threads)
     import dataclasses
@@ -59,6 +68,8 @@ def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch
     model = build(base, uniform(model_shapes(base).n_blocks, 16, profile.budget_rank), profile.quant, profile.lora,
                   progress=False)
     built = time.perf_counter() - t
+    if head == "first":                  # dd24dce's head: every position from the first labelled one
+        training.split_head = lambda model: None
     if fused:                            # the loop builds its own AdamW: give it the fused kernel
         real = torch.optim.AdamW
         training.torch.optim.AdamW = lambda params, **kw: real(params, fused=True, **kw)
@@ -86,13 +97,15 @@ def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch
             "flops_per_token": flops_per_token}
 
 
-# glibc's settings of the allocator variant (environment variables read when a process starts).
+# glibc's settings of the allocator variants (environment variables read when a process starts): big
+# blocks never handed back; and what Dask's nanny gives its workers unless told otherwise (runner.py).
 ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+DASK_NANNY = {"MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
-def _spawn(args: list[str], allocator: bool = False) -> subprocess.Popen:
+def _spawn(args: list[str], allocator: dict | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR}
-    env.update({"OMP_NUM_THREADS": args[args.index("--threads") + 1]}, **(ALLOCATOR if allocator else {}))
+    env.update({"OMP_NUM_THREADS": args[args.index("--threads") + 1]}, **(allocator or {}))
     return subprocess.Popen([sys.executable, __file__, "--unit", *args], stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -131,55 +144,69 @@ def main(argv=None) -> int:
     ap.add_argument("--score-batch", type=int, default=16, help=argparse.SUPPRESS)
     ap.add_argument("--inference", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--head", choices=["first", "labelled"], default="labelled", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=2, help="times the whole plan runs (ratios are taken within a round)")
     a = ap.parse_args(argv)
     if a.unit:
-        print(json.dumps(unit(a.profile, a.threads, a.steps, a.examples, a.score_batch, a.inference, a.fused)))
+        print(json.dumps(unit(a.profile, a.threads, a.steps, a.examples, a.score_batch, a.inference, a.fused,
+                              a.head)))
         return 0
     from qr_lib.layout import benchmarks_dir
     from qr_lib.store import write_artifact
     common = ["--profile", a.profile, "--steps", str(a.steps), "--examples", str(a.examples)]
     cores = os.cpu_count() or 2
     two = str(min(2, cores))
-    plan = [("today", 1, [*common, "--threads", two], False),
-            ("two workers", 2, [*common, "--threads", "1"], False),
-            ("allocator", 1, [*common, "--threads", two], True),
-            ("two workers + allocator", 2, [*common, "--threads", "1"], True),
-            ("scoring: batch 8, inference_mode", 1, [*common, "--threads", two, "--score-batch", "8", "--inference"],
-             False),
-            ("scoring: batch 64, inference_mode", 1, [*common, "--threads", two, "--score-batch", "64", "--inference"],
-             False),
-            ("fused AdamW", 1, [*common, "--threads", two, "--fused"], False),
-            ("today again (drift control)", 1, [*common, "--threads", two], False)]
-    variants = {}
-    for name, processes, args, allocator in plan:
-        print(name, flush=True)
-        variants[name] = [_result(p) for p in [_spawn(args, allocator) for _ in range(processes)]]
+    before = ["--head", "first"]
+    plan = [("today (dd24dce)", 1, [*common, "--threads", two, *before], None),
+            ("two workers", 2, [*common, "--threads", "1", *before], None),
+            ("two workers, Dask's nanny allocator", 2, [*common, "--threads", "1", *before], DASK_NANNY),
+            ("labelled head", 1, [*common, "--threads", two], None),
+            ("the default: two workers + labelled head", 2, [*common, "--threads", "1"], None),
+            ("allocator", 1, [*common, "--threads", two, *before], ALLOCATOR),
+            ("two workers + allocator", 2, [*common, "--threads", "1", *before], ALLOCATOR),
+            ("scoring: batch 8, inference_mode", 1,
+             [*common, "--threads", two, *before, "--score-batch", "8", "--inference"], None),
+            ("scoring: batch 64, inference_mode", 1,
+             [*common, "--threads", two, *before, "--score-batch", "64", "--inference"], None),
+            ("fused AdamW", 1, [*common, "--threads", two, *before, "--fused"], None)]
+    rounds = []
+    for r in range(a.rounds):
+        variants = {}
+        for name, processes, args, allocator in plan:
+            print(f"round {r + 1}/{a.rounds}: {name}", flush=True)
+            variants[name] = [_result(p) for p in [_spawn(args, allocator) for _ in range(processes)]]
+        rounds.append(variants)
     machine = matmul_rate(min(2, cores))
-    rows = []
-    for name, units in variants.items():
-        tokens = sum(u["train_tokens"] / u["train_s"] for u in units)
+
+    def rates(units: list[dict]) -> dict:
         flops = sum(u["flops_per_token"] * u["train_tokens"] / u["train_s"] for u in units)
-        rows.append({"configuration": name, "processes": len(units), "threads each": units[0]["threads"],
-                     "train tokens/s": tokens, "GFLOP/s": flops / 1e9, "of matmul rate": flops / machine,
-                     "examples scored/s": sum(u["examples"] / u["score_s"] for u in units),
-                     "final runs/hour": sum(runs_per_hour(u) for u in units)})
-    today = rows[0]["final runs/hour"]
-    for r in rows:
-        r["over today"] = r["final runs/hour"] / today
+        return {"train tokens/s": sum(u["train_tokens"] / u["train_s"] for u in units), "GFLOP/s": flops / 1e9,
+                "of matmul rate": flops / machine,
+                "examples scored/s": sum(u["examples"] / u["score_s"] for u in units),
+                "final runs/hour": sum(runs_per_hour(u) for u in units)}
+    today = plan[0][0]
+    rows = []
+    for name, processes, args, _ in plan:
+        per_round = [rates(v[name]) for v in rounds]
+        ratios = [x["final runs/hour"] / rates(v[today])["final runs/hour"] for x, v in zip(per_round, rounds)]
+        rows.append({"configuration": name, "processes": processes, "threads each": int(args[args.index("--threads") + 1]),
+                     **{k: statistics.mean(x[k] for x in per_round) for k in per_round[0]},
+                     "over today": statistics.mean(ratios), "low": min(ratios), "high": max(ratios)})
     out = a.out or benchmarks_dir(a.profile) / "throughput.json"
-    write_artifact(out, {"profile": a.profile, "steps": a.steps, "examples": a.examples},
-                   {"rows": rows, "matmul_flops_per_s": machine, "cores": cores, "units": variants})
+    write_artifact(out, {"profile": a.profile, "steps": a.steps, "examples": a.examples, "rounds": a.rounds},
+                   {"rows": rows, "matmul_flops_per_s": machine, "cores": cores, "rounds": rounds})
     lines = [f"Written by `make benchmark` (benchmarks/throughput.py), profile `{a.profile}`, {cores} cores: each "
              f"configuration trains {a.steps} LoRA steps of the final recipe (16-bit LoRA) and scores {a.examples} "
              "examples in fresh processes; 'final runs/hour' prices a default final run (a build, 48 steps, 512 scored "
-             f"examples) at the measured rates; 'today again' ran last and shows the machine's drift over the run. Matrix-product rate here: {machine / 1e9:.1f} GFLOP/s (float32, "
-             "256 x 576 @ 576 x 1536).", "",
+             f"examples) at the measured rates; the plan ran {a.rounds} times, each ratio to today's (dd24dce's configuration) "
+             "taken within its round: mean over rounds [range]. Matrix-product rate here: "
+             f"{machine / 1e9:.1f} GFLOP/s (float32, 256 x 576 @ 576 x 1536).", "",
              "| configuration | processes | threads each | train tokens/s | GFLOP/s | of matmul rate | examples scored/s "
-             "| final runs/hour | / today |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| final runs/hour | / today [range] |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['configuration']} | {r['processes']} | {r['threads each']} | {r['train tokens/s']:.1f} | "
                      f"{r['GFLOP/s']:.1f} | {r['of matmul rate']:.2f} | {r['examples scored/s']:.2f} | "
-                     f"{r['final runs/hour']:.1f} | **{r['over today']:.2f}** |")
+                     f"{r['final runs/hour']:.1f} | **{r['over today']:.2f}** [{r['low']:.2f}, {r['high']:.2f}] |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
