@@ -175,6 +175,9 @@ def test_the_training_throughput_the_readme_quotes():
     text = " ".join(README.split())
     assert (f"**{f['achieved_over_matmul']:.2f}** x this machine's own {f['dtype']} matrix-product rate "
             f"({f['achieved_flops_per_s'] / 1e9:.1f} against {f['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s") in text
+    rows = json.loads((ROOT / "results" / "benchmarks" / "throughput.json").read_text())["result"]["rows"]
+    default = next(r for r in rows if r["configuration"].startswith("the default"))
+    assert f"**{default['over today']:.2f}** x the final-run work per hour" in text
 
 
 def test_the_first_screen_starts_you_and_the_page_stays_short():
