@@ -177,7 +177,7 @@ BAD_METHODS = [
     ({"random": {"bits": 9, "draw": 0}}, {}, "a budget of 9 average bits lies outside bit_ladder"),
     ({"random": {"bits": 4, "draw": -1}}, {}, "draw that is not a non-negative integer"),
     ({"knapsack": {"bits": 4, "rank": 5}}, {}, "knapsack rank 5 is not on the rank ladder"),
-    ({"search": {"rank_ladder": [0]}}, {}, "needs positive ranks"),
+    ({"search": {"rank_ladder": [0]}}, {}, "its search's rank_ladder holds [0]; ranks are positive"),
 ]
 
 

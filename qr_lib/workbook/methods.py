@@ -31,8 +31,8 @@ from ..algorithm.memory import ModelShapes
 from ..algorithm.phases import PhaseI
 from ..algorithm.quant import check_bits, get_backend
 from ..algorithm.runner import SERIAL, Runner
-from ..algorithm.search.problem import (budget_rank_rung, check_budget, knapsack, level_bytes, random_allocation,
-                                        space_for)
+from ..algorithm.search.problem import (budget_rank_rung, check_budget, check_ranks, knapsack, level_bytes,
+                                        random_allocation, space_for)
 from ..config import Profile, QuantConfig
 from ..errors import QRError
 from ..layout import Layout
@@ -120,10 +120,10 @@ class Variant(Spec):
     def check(self, ctx: Context, method: "Method") -> None:
         variant = self.profile(ctx.profile)
         _check_bits(method, variant.quant, variant.bit_ladder)
-        ranks = [r for r in variant.rank_ladder if not (isinstance(r, int) and r > 0)]
-        if ranks or variant.budget_rank not in variant.rank_ladder:
-            raise QRError(f"method {method.id}: its search's rank_ladder {list(variant.rank_ladder)} needs positive "
-                          f"ranks and budget_rank {variant.budget_rank}; set both in the method's search settings")
+        try:
+            check_ranks(variant.rank_ladder, variant.budget_rank)
+        except QRError as e:
+            raise QRError(f"method {method.id}: its search's {e}; set both in the method's search settings") from None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from .. import PACKAGE_DIR
 from ..algorithm.memory import ModelShapes, model_shapes
 from ..algorithm.quant import check_bits, get_backend
-from ..algorithm.search.problem import check_budget
+from ..algorithm.search.problem import check_budget, check_ranks
 from ..config import DOMAINS, Profile
 from ..data import LOCAL_SUFFIXES, load_finetune
 from ..errors import QRError
@@ -201,11 +201,10 @@ def validate(profile: Profile) -> None:
         check_bits(get_backend(profile.quant), (*profile.pilot.bits, *profile.pilot.sweep_bits))
     except QRError as e:
         raise QRError(f"{where}: pilot.bits or pilot.sweep_bits: {e}") from None
-    ranks = [r for r in profile.rank_ladder if not (isinstance(r, int) and r > 0)]
-    if ranks:
-        raise QRError(f"{where}: rank_ladder holds {ranks}; ranks are positive integers, e.g. [4, 8, 16]")
-    if profile.budget_rank not in profile.rank_ladder:
-        raise QRError(f"{where}: budget_rank {profile.budget_rank} is not on rank_ladder {list(profile.rank_ladder)}")
+    try:
+        check_ranks(profile.rank_ladder, profile.budget_rank)
+    except QRError as e:
+        raise QRError(f"{where}: {e}") from None
     pilot_bits = profile.pilot.bits
     if len(pilot_bits) != 2 or not pilot_bits[0] < pilot_bits[1]:
         raise QRError(f"{where}: pilot.bits is {list(pilot_bits)}; it is the pilot's (low, high) rungs, e.g. [3, 4]")

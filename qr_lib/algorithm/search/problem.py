@@ -183,6 +183,15 @@ def check_budget(bits, bit_ladder) -> None:
                       f"number between {lo} and {hi}")
 
 
+def check_ranks(rank_ladder, budget_rank) -> None:
+    """A rank ladder of positive integers that holds the budget's rank."""
+    bad = [r for r in rank_ladder if not (isinstance(r, int) and not isinstance(r, bool) and r > 0)]
+    if bad:
+        raise QRError(f"rank_ladder holds {bad}; ranks are positive integers, e.g. [4, 8, 16]")
+    if budget_rank not in rank_ladder:
+        raise QRError(f"budget_rank {budget_rank} is not on rank_ladder {list(rank_ladder)}")
+
+
 def level_bytes(space: SearchSpace, bits: float, rank_rung: int) -> float:
     """The memory of `bits` average bits at `rank_rung`: a uniform allocation's bytes when `bits` is a
     rung, linear between the neighbouring rungs otherwise (3.5 bits = halfway from 3 to 4)."""
