@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+
 def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch: int, inference: bool,
          fused: bool, head: str) -> dict:
     """One process's unit of work, timed piece by piece (run in a subprocess by main)."""
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     for name, processes, args, _ in plan:
         per_round = [rates(v[name]) for v in rounds]
         ratios = [x["final runs/hour"] / rates(v[today])["final runs/hour"] for x, v in zip(per_round, rounds)]
-        rows.append({"configuration": name, "processes": processes, "threads each": int(args[args.index("--threads") + 1]),
+        threads = int(args[args.index("--threads") + 1])
+        rows.append({"configuration": name, "processes": processes, "threads each": threads,
                      **{k: statistics.mean(x[k] for x in per_round) for k in per_round[0]},
                      "over today": statistics.mean(ratios), "low": min(ratios), "high": max(ratios)})
     out = a.out or benchmarks_dir(a.profile) / "throughput.json"
@@ -198,8 +200,8 @@ def main(argv=None) -> int:
     lines = [f"Written by `make benchmark` (benchmarks/throughput.py), profile `{a.profile}`, {cores} cores: each "
              f"configuration trains {a.steps} LoRA steps of the final recipe (16-bit LoRA) and scores {a.examples} "
              "examples in fresh processes; 'final runs/hour' prices a default final run (a build, 48 steps, 512 scored "
-             f"examples) at the measured rates; the plan ran {a.rounds} times, each ratio to today's (dd24dce's configuration) "
-             "taken within its round: mean over rounds [range]. Matrix-product rate here: "
+             f"examples) at the measured rates; the plan ran {a.rounds} times, each ratio to today's (dd24dce's "
+             "configuration) taken within its round: mean over rounds [range]. Matrix-product rate here: "
              f"{machine / 1e9:.1f} GFLOP/s (float32, 256 x 576 @ 576 x 1536).", "",
              "| configuration | processes | threads each | train tokens/s | GFLOP/s | of matmul rate | examples scored/s "
              "| final runs/hour | / today [range] |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

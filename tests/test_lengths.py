@@ -57,7 +57,7 @@ def test_each_factor_trains_on_the_same_test_examples_and_every_primary_claim_is
     ranks = record["result"]["allocation"]["ranks"]
     record["result"]["allocation"]["ranks"] = [4 if r != 4 else 8 for r in ranks]
     write_artifact(path, record["config"], record["result"])
-    final = lengths.allocations(layout)
+    final = lengths.allocations(finetune.results(layout))
     assert lengths.superseded(final, finetune.results(layout.at_length(2))) == {short.name}
     assert lengths.superseded(final, finetune.results(layout.at_length(4))) == set()
     with pytest.warns(UserWarning, match="no longer use"):

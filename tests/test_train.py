@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
+from qr_lib.algorithm import train as training
 from qr_lib.algorithm.allocation import uniform
 from qr_lib.algorithm.build import build
-from qr_lib.algorithm import train as training
 from qr_lib.algorithm.quant.cache import BlockCache
 from qr_lib.algorithm.train import (
     IGNORE,

@@ -225,13 +225,13 @@ def _test_losses(data: dict) -> pd.DataFrame:
 
 
 def claims(runs: list[RunResult], cfg: ComparisonConfig = ComparisonConfig()) -> pd.DataFrame:
-    """Every claim (read_claims) whose methods have finished runs (finetune.results), as a paired comparison with a 95% interval
-    on the test loss and on the benchmark average (stats.compare), each judged in its family: the
-    profile's declared primary claims on test loss (Holm across them), the benchmark-average rows (Holm
-    across them), and every other test-loss claim exploratory (unadjusted). Whether the claim holds:
-    'beats' needs the verdict 'better', 'matches' needs 'better' or 'equivalent'. `destroyed` names a
-    side whose runs the quantization destroyed (ComparisonConfig.destroyed_gap): a comparison against
-    it says little about the method."""
+    """Every claim (read_claims) whose methods have finished runs (finetune.results), as a paired
+    comparison with a 95% interval on the test loss and on the benchmark average (stats.compare), each
+    judged in its family: the profile's declared primary claims on test loss (Holm across them), the
+    benchmark-average rows (Holm across them), and every other test-loss claim exploratory (unadjusted).
+    Whether the claim holds: 'beats' needs the verdict 'better', 'matches' needs 'better' or
+    'equivalent'. `destroyed` names a side whose runs the quantization destroyed
+    (ComparisonConfig.destroyed_gap): a comparison against it says little about the method."""
     data = per_example(runs)
     ruined = destroyed(_test_losses(data), cfg.destroyed_gap)
     found = []

@@ -2,8 +2,8 @@
 
 The work is counted from the profile, stage by stage, by each stage module's `work(profile)` (a
 work.Work: LoRA optimizer steps, examples scored, models built and loaded, lm-eval requests and
-generated tokens, notebooks started) and the memory is the
-formula of memory.py on the model's shapes, read from its config without loading weights. Time comes
+generated tokens, notebooks started) and the memory is the formula of memory.py on the model's
+shapes, read from its config without loading weights. Time comes
 from a Speed measured on the machine at hand (`estimate --measure`: every unit of work timed once,
 cached per machine), in minutes for every stage; or, for another machine, from a seconds-per-step
 figure given with --step-seconds (training hours only). The paper reports
@@ -87,7 +87,7 @@ def _skeleton(profile: Profile):
 
 def work(profile: Profile, shapes=None, space=None) -> dict[str, Work]:
     """Every stage's work, counted from the profile, in notebook order: each stage module's own `work`
-    (inputs, pilot, the search's tables module, finetune, calibration). Counts that depend on what the search finds
+    (inputs, pilot, search_tables, finetune, calibration). Counts that depend on what the search finds
     (duplicate candidates, allocations two methods share) are upper bounds."""
     if shapes is None:
         _, shapes, space = _skeleton(profile)
@@ -172,8 +172,8 @@ def measured_step_seconds(layout: Layout) -> float | None:
 def speed_key(profile: Profile) -> str:
     """What a speed measurement depends on: this machine (its CPU or GPU, cores, torch) and what is timed."""
     device = torch.cuda.get_device_name(0) if profile.device.startswith("cuda") and torch.cuda.is_available() else None
-    return content_hash({"workers timed": "together", "cpu": sorted(cpu_flags()), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                         "parallel": profile.parallel,
+    return content_hash({"workers timed": "together", "cpu": sorted(cpu_flags()), "cores": os.cpu_count(),
+                         "threads": torch.get_num_threads(), "parallel": profile.parallel,
                          "gpu": device, "torch": torch.__version__, "model": profile.model, "dtype": profile.dtype,
                          "device": profile.device, "recipe": [profile.finetune.batch_size, profile.finetune.max_len],
                          "quant": profile.quant, "eval": [profile.eval.batch_size, sorted(profile.eval.tasks)]})
@@ -193,6 +193,11 @@ def cached_worker_speed(profile: Profile) -> Speed | None:
     """One runner worker's measured Speed (parallel.backend "dask"), if measure_speed has run here."""
     record = read_artifact(_speed_file(speed_key(profile)), quiet=True)
     return Speed(**record["result"]["worker"]) if record is not None and record["result"]["worker"] else None
+
+
+def _timing_splits(profile: Profile):
+    """The data the units are timed on: the profile's splits, with at least 16 fine-tuning pairs."""
+    return load_finetune(dataclasses.replace(profile.data, n_train=max(profile.data.n_train, 16)))
 
 
 def _time_units(profile: Profile, base, tok, splits) -> dict:
@@ -229,8 +234,7 @@ def units_beside_others(profile: Profile) -> dict:
     the other workers time theirs (measure_speed starts them together)."""
     torch.set_num_threads(profile.parallel.threads_per_worker)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
-    splits = load_finetune(dataclasses.replace(profile.data, n_train=max(profile.data.n_train, 16)))
-    units = _time_units(profile, base, tok, splits)
+    units = _time_units(profile, base, tok, _timing_splits(profile))
     units.pop("model")
     return units
 
@@ -250,8 +254,7 @@ def measure_speed(profile: Profile, progress: bool = True) -> Speed:
     t = time.time()
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     load = time.time() - t
-    splits = load_finetune(dataclasses.replace(profile.data, n_train=max(profile.data.n_train, 16)))
-    units = _time_units(profile, base, tok, splits)
+    units = _time_units(profile, base, tok, _timing_splits(profile))
     model = units.pop("model")
     t = time.time()
     run_tasks(model, tok, dataclasses.replace(profile.eval, tasks=("qr_piqa",), limit=1, task_limits={}), progress=False)

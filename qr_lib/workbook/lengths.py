@@ -56,9 +56,10 @@ def table(profile: Profile, layout: Layout) -> pd.DataFrame:
     """One row per (primary claim, length) whose runs have finished: the steps, seeds, paired difference,
     95% interval, Holm-adjusted p over the primary family at that length, and verdict."""
     rows = []
-    final = allocations(layout)
+    finals = finetune.results(layout)
+    final = allocations(finals)
     for f in profile.lengths.factors:
-        runs = finetune.results(at(layout, f))
+        runs = finals if f == 1 else finetune.results(at(layout, f))
         here = comparison.claims(runs, profile.comparison)
         here = here[here["family"] == "primary"] if len(here) else here
         stale = superseded(final, runs) if f != 1 else set()
@@ -119,9 +120,9 @@ def save(profile: Profile, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
     return got, trend
 
 
-def allocations(layout: Layout) -> dict:
-    """{(method, seed): allocation pairs} of the runs under a layout."""
-    return {(r.method, r.seed): r.allocation.pairs() for r in finetune.results(layout)}
+def allocations(runs: list[finetune.RunResult]) -> dict:
+    """{(method, seed): allocation pairs} of runs."""
+    return {(r.method, r.seed): r.allocation.pairs() for r in runs}
 
 
 def superseded(final: dict, longer: list[finetune.RunResult]) -> set[str]:

@@ -18,9 +18,9 @@ from ..errors import QRError
 from ..layout import Layout
 from ..store import save_figure, save_table
 from .methods import Context, load_method
-from .work import Work
 from .plots import (allocation_heatmap, bo_trace, caption, figure_caption, hypervolume_curve, objective_space,
                     sensitivity_plot)
+from .work import Work
 
 # The method whose knapsack the final comparison trains (notebook 02 draws it).
 KNAPSACK_METHOD = "phase1_knapsack4"
@@ -177,5 +177,6 @@ def work(profile: Profile, space, n_blocks: int) -> dict[str, Work]:
                             counts={"block evaluations": blocks}),
             "Phases II-III": Work(steps=steps, models_built=built, model_loads=2, notebooks=2,
                                   examples=search_scored * low_n + full_scored * d.n_val,
-                                  counts={"first generation (about)": first, "search-fidelity candidates": search_scored,
+                                  counts={"first generation (about)": first,
+                                          "search-fidelity candidates": search_scored,
                                           "full-fidelity candidates (at most)": full_scored})}

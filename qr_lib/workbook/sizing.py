@@ -245,7 +245,8 @@ def length(curves_: list[dict], methods, schedule: str = "linear") -> dict:
     as a constant run of S/2 steps, so it needs 2L steps ("constant": L)."""
     changes = order_changes(curves_, methods)
     if changes.empty:
-        raise QRError("no checkpoint L has its double 2L among sizing.checkpoints; add checkpoints (e.g. 12, 24, 48 ...)")
+        raise QRError("no checkpoint L has its double 2L among sizing.checkpoints; add checkpoints "
+                      "(e.g. 12, 24, 48 ...)")
     per_L = changes.groupby("L")["flips"].sum()
     flips = {int(k): int(v) for k, v in per_L.items()}
     settled = [L for L in flips if all(n == 0 for k, n in flips.items() if k >= L)]
