@@ -5,14 +5,21 @@ checkout path, function addresses, git hash). Records named by their key (proxy 
 curves) are matched by content.
 
     python benchmarks/compare_results.py BEFORE AFTER      # exit 1 where anything else differs
+    python benchmarks/compare_results.py BEFORE AFTER --digits 4   # floats to 4 significant digits
+
+`--digits` is for a change that alters float arithmetic (a kernel, a summation order): numbers then agree
+to some digits, not bit for bit; a value near a rounding boundary can still read as a difference, shown
+with both values to judge.
 
 Used to show that a refactor writes the same artifacts: run `make reproduce PROFILE=smoke` from nothing
 at two commits (QR_RESULTS_DIR and QR_LIB_CACHE pointing at empty folders) and compare.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -24,24 +31,27 @@ DROPPED = {"environment", "checksum", "time", "date", "process", "started", "pea
 NAMED_BY_KEY = {"evaluations", "calibration"}
 
 
-def normal(value):
-    """`value` without what a rerun may change (see the module docstring)."""
+def normal(value, digits: int | None = None):
+    """`value` without what a rerun may change (see the module docstring); floats to `digits`
+    significant digits where given."""
     if isinstance(value, dict):
-        return {k: normal(v) for k, v in value.items() if k not in DROPPED and not k.endswith("seconds")}
+        return {k: normal(v, digits) for k, v in value.items() if k not in DROPPED and not k.endswith("seconds")}
     if isinstance(value, list):
         if value and all(isinstance(v, str) for v in value) and "q_proj" in value:
             return sorted(value)          # peft writes target_modules from a set: the order is the hash seed's
-        return [normal(v) for v in value]
+        return [normal(v, digits) for v in value]
     if isinstance(value, str):
         return "<key>" if KEY.match(value) else ADDRESS.sub(">", value)
+    if isinstance(value, float) and digits is not None and math.isfinite(value):
+        return float(f"{value:.{digits}g}")
     return value
 
 
-def records(root: Path) -> dict:
+def records(root: Path, digits: int | None = None) -> dict:
     out = {}
     for path in sorted(root.rglob("*.json")):
         try:
-            value = normal(json.loads(path.read_text()))
+            value = normal(json.loads(path.read_text()), digits)
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
         name = str(path.relative_to(root))
@@ -66,8 +76,8 @@ def first_difference(a, b, where: str = "") -> str | None:
     return None if a == b else f"{where}: {str(a)[:80]} | {str(b)[:80]}"
 
 
-def main(before: str, after: str) -> int:
-    a, b = records(Path(before)), records(Path(after))
+def main(before: str, after: str, digits: int | None = None) -> int:
+    a, b = records(Path(before), digits), records(Path(after), digits)
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     differ = [k for k in sorted(set(a) & set(b)) if a[k] != b[k]]
     print(f"{len(a)} JSON files before, {len(b)} after: {len(only_a)} only before, {len(only_b)} only after, "
@@ -82,6 +92,9 @@ def main(before: str, after: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--digits", type=int, help="compare floats to this many significant digits")
+    args = parser.parse_args()
+    sys.exit(main(args.before, args.after, args.digits))

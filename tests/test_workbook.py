@@ -45,17 +45,29 @@ def test_pilot_profile_trains_its_own_length_on_fresh_pairs_and_keeps_the_caller
     assert f.lr == 3e-4 and q.eval.tasks == tuple(p.pilot.tasks) and f.n_test == p.pilot.n_test
 
 
-def test_report_lists_files_in_notebook_order(tmp_path):
+def test_report_sections_are_the_notebooks_that_wrote_each_file(tmp_path):
+    """The report's sections come from the manifest (which notebook wrote which file) and each executed
+    notebook's own heading: a section per notebook in order, its tables before its figures, CSVs left out
+    (the Markdown copy shows), a listed file gone from disk named as missing."""
+    import json
+
+    from qr_lib.store import write_json
+
     layout = Layout(tmp_path)
-    layout.tables.mkdir()
-    layout.table("setup_model").write_text("| a |\n|---|\n| 1 |\n")
-    rows = list(report.items(layout))
-    assert rows[0][2].name == "setup_model.md" and rows[0][3]
-    assert not any(ok for _, _, p, ok in rows if p.name != "setup_model.md")
-    order = [nb for _, nb, _, _ in rows]
-    assert order == sorted(order)  # sections follow the notebooks' numbering
-    known = {p.stem for p in reproduce.notebooks()}
-    assert set(order) <= known
+    layout.notebooks.mkdir(parents=True)
+    for nb, heading in (("00_setup.ipynb", "# 00 · Setup: the model"), ("01_pilot.ipynb", "# 01 · Pilot: rank")):
+        (layout.notebooks / nb).write_text(json.dumps({"cells": [
+            {"cell_type": "markdown", "source": [heading + "\n", "\n**Question:** ..."]}]}))
+    files = {"figures/pilot_configs.png": "01_pilot.ipynb", "tables/pilot_configs.md": "01_pilot.ipynb",
+             "tables/pilot_configs.csv": "01_pilot.ipynb", "tables/setup_model.md": "00_setup.ipynb"}
+    write_json(layout.manifest, {"files": {f: {"notebook": nb} for f, nb in files.items()}, "notebooks": {}})
+    for f in ("tables/setup_model.md", "tables/pilot_configs.md"):
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        (tmp_path / f).write_text("| a |\n|---|\n| 1 |\n")
+    rows = [(title, nb, str(p.relative_to(tmp_path)), ok) for title, nb, p, ok in report.items(layout)]
+    assert rows == [("00 · Setup: the model", "00_setup", "tables/setup_model.md", True),
+                    ("01 · Pilot: rank", "01_pilot", "tables/pilot_configs.md", True),
+                    ("01 · Pilot: rank", "01_pilot", "figures/pilot_configs.png", False)]
 
 
 def test_progress_bars_are_plain_text_when_reproduce_streams_to_a_terminal(monkeypatch):
@@ -184,20 +196,23 @@ def test_the_benchmark_runs_end_to_end_on_smoke_and_honours_its_settings(tmp_pat
     assert "Compute dtype on this machine" in text and "GFLOP/s" in text
 
 
-def test_the_report_shows_an_optional_table_only_when_its_command_wrote_it(tmp_path, monkeypatch):
+def test_the_report_shows_what_the_manifest_records_and_says_when_there_is_none(tmp_path, monkeypatch):
     import IPython.display
 
+    from qr_lib.store import write_json
+
     shown = []
-    monkeypatch.setattr(IPython.display, "display", lambda x: shown.append(getattr(x, "data", "")))
+    monkeypatch.setattr(IPython.display, "display", lambda x: shown.append(str(getattr(x, "data", ""))))
     layout = Layout(tmp_path)
     report.show(layout)
-    assert not any("stock formats" in str(s) for s in shown)
+    assert any("No table or figure is recorded" in s for s in shown)
     layout.tables.mkdir()
     layout.table("stock_lm_eval").write_text("| task |\n|---|\n| piqa |\n")
+    write_json(layout.manifest, {"files": {"tables/stock_lm_eval.md": {"notebook": "00_setup.ipynb"}}, "notebooks": {}})
     shown.clear()
     report.show(layout)
-    at = next(i for i, s in enumerate(shown) if "stock formats" in str(s))
-    assert "| piqa |" in str(shown[at + 1])
+    at = next(i for i, s in enumerate(shown) if s.startswith("## 00_setup.ipynb"))  # no executed copy: its file name
+    assert "| piqa |" in shown[at + 1] and not any("No table or figure" in s for s in shown)
 
 
 def test_committed_notebooks_carry_no_widget_and_no_absolute_path():

@@ -1,5 +1,6 @@
-"""The headline tables and figures, in reading order, for notebook 07 and the README, and the
-compute time the artifacts record. Only reads files the other notebooks wrote; it trains nothing."""
+"""What a run found, then every table and figure under the notebook that wrote it (as `make reproduce`'s
+manifest records), for notebook 07; and the compute time the artifacts record. Only reads files the other
+notebooks wrote; it trains nothing."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,43 +10,6 @@ import pandas as pd
 from ..layout import Layout
 from ..store import read_artifact, read_json
 
-SECTIONS = [
-    ("The model and data", "00_setup", [("table", "setup_model"), ("table", "setup_datasets")]),
-    ("Pilot: can rank buy back fidelity? (Configs A-D)", "01_pilot_fidelity_plasticity",
-     [("table", "pilot_configs"), ("table", "pilot_verdict"), ("figure", "pilot_configs")]),
-    ("Phase I: sensitivity", "02_sensitivity_profiling",
-     [("figure", "sensitivity_kl"), ("figure", "sensitivity_knapsack")]),
-    ("Phase II: NSGA-II", "03_nsga2_search",
-     [("table", "nsga_first_generation"), ("figure", "nsga_objective_space"), ("figure", "nsga_hypervolume"),
-      ("table", "nsga_fidelity_agreement"), ("table", "nsga_pareto")]),
-    ("Phase III: refinement and the selected allocation", "04_bo_refinement",
-     [("figure", "bo_objective_space"), ("table", "bo_steps"), ("table", "search_summary"),
-      ("table", "search_vs_uniform"), ("table", "search_front_origins"), ("table", "search_phase3_gain"),
-      ("figure", "search_selected_allocation"),
-      ("figure", "search_selected_allocation_3p5")]),
-    ("Final fine-tune", "05_final_finetune", [("table", "finetune_runs"), ("table", "finetune_peak_memory"),
-                                              ("figure", "finetune_loss_curves")]),
-    ("Benchmarks", "06_benchmarks",
-     [("table", "benchmarks"), ("table", "benchmarks_claims"), ("figure", "benchmarks_claims"), ("table", "claims_power"),
-      ("table", "benchmarks_sample_sizes"), ("table", "benchmarks_power"),
-      ("figure", "accuracy_vs_memory"), ("figure", "test_loss_vs_memory"), ("figure", "benchmark_bars"),
-      ("table", "proxy_calibration"), ("figure", "proxy_calibration")]),
-]
-# Written by commands outside `make reproduce` (hours on a CPU): shown when present, never required.
-OPTIONAL = [
-    ("Learning curves: where rank helps, where bits cap (dev split)", "make sizing", ("figure", "learning_curves")),
-    ("Each rung's fidelity and whether it survives fine-tuning", "make sizing", ("table", "sizing_rungs")),
-    ("Does the order of the key methods change between L and 2L steps? (dev split, paired)", "make sizing",
-     ("table", "sizing_order_changes")),
-    ("The primary claims across training length (test split, paired)", "make lengths", ("table", "lengths")),
-    ("What changed per primary claim, and its trend (an extrapolation)", "make lengths", ("table", "lengths_trends")),
-    ("The primary claims' intervals by length", "make lengths", ("figure", "lengths")),
-    ("Does the base's own Q4_1 grid favour 4-bit rungs? (KL and perplexity, embedded base and off-grid control)",
-     "make base-grid", ("table", "base_grid")),
-    ("The same, as a figure", "make base-grid", ("figure", "base_grid")),
-    ("The base model in lm-eval's stock formats, beside published numbers", "make stock-eval",
-     ("table", "stock_lm_eval")),
-]
 # What to read in each figure: one line, shown under it.
 READING = {
     "learning_curves": "Right panel: a gap to 16-bit LoRA that shrinks with tokens is one rank and training buy "
@@ -77,16 +41,29 @@ READING = {
 }
 
 
-def item_path(layout: Layout, item: tuple[str, str]) -> Path:
-    kind, name = item
-    return layout.table(name) if kind == "table" else layout.figure(name)
+def _title(layout: Layout, notebook: str) -> str:
+    """A notebook's own heading (its first Markdown line, '# 01 · Pilot: ...'), from its executed copy."""
+    path = layout.notebooks / notebook
+    if path.exists():
+        for cell in read_json(path)["cells"]:
+            if cell["cell_type"] == "markdown" and (text := "".join(cell["source"]).strip()):
+                return text.splitlines()[0].lstrip("# ").strip()
+    return notebook
 
 
 def items(layout: Layout):
-    """(section title, notebook, path, exists) for every headline file."""
-    for title, notebook, files in SECTIONS:
-        for f in files:
-            yield title, notebook, item_path(layout, f), item_path(layout, f).exists()
+    """(section title, notebook, path, exists) for every table (Markdown) and figure that `make reproduce`
+    recorded in the manifest, a section per notebook in the notebooks' order, each notebook's tables then
+    its figures by name. The sections are whatever the notebooks wrote: nothing here lists them."""
+    files = read_json(layout.manifest)["files"] if layout.manifest.exists() else {}
+    by_notebook: dict[str, list[Path]] = {}
+    for name, entry in files.items():
+        if Path(name).suffix in (".md", ".png"):
+            by_notebook.setdefault(entry["notebook"], []).append(layout.root / name)
+    for notebook in sorted(by_notebook):
+        title = _title(layout, notebook)
+        for path in sorted(by_notebook[notebook], key=lambda p: (p.suffix != ".md", p.name)):
+            yield title, Path(notebook).stem, path, path.exists()
 
 
 def _csv(layout: Layout, name: str) -> pd.DataFrame | None:
@@ -132,8 +109,8 @@ def summary(layout: Layout) -> str:
 
 
 def show(layout: Layout) -> None:
-    """Display what the run found (summary), then every headline table and figure (in a notebook),
-    naming the missing ones."""
+    """Display what the run found (summary), then every table and figure, under the notebook that wrote
+    it (in a notebook), naming the missing ones."""
     from IPython.display import Markdown, display
 
     if text := summary(layout):
@@ -144,13 +121,12 @@ def show(layout: Layout) -> None:
             display(Markdown(f"## {title}\n*from `{notebook}`*"))
             current = title
         if not exists:
-            display(Markdown(f"*`{path.name}` has not been written yet: run `{notebook}`.*"))
+            display(Markdown(f"*`{path.name}` is listed in the manifest but missing: run `{notebook}` again.*"))
         else:
             _display(path)
-    for title, command, f in OPTIONAL:
-        if item_path(layout, f).exists():
-            display(Markdown(f"## {title}\n*from `{command}`, not part of `make reproduce`*"))
-            _display(item_path(layout, f))
+    if current is None:
+        display(Markdown(f"*No table or figure is recorded in `{layout.manifest}` yet: `make reproduce` writes "
+                         "it, notebook by notebook.*"))
     if rows := compute_time(layout):
         display(Markdown("## Compute time\n*seconds of work the artifacts record (2 CPU cores for the "
                          "default profile); `make reproduce` writes the same to `tables/compute_time.md`*\n\n"

@@ -24,9 +24,9 @@ from ..config import Profile
 from ..errors import QRError
 from ..layout import Cache, Layout, results_root
 from ..store import atomic_write_bytes, hold_lock, read_json, save_table, write_json
-from . import estimate, report
+from . import estimate
 from .profiles import check_device, load_profile, other_settings
-from .report import OPTIONAL, compute_time
+from .report import compute_time
 
 
 def starting_state(layout: Layout) -> dict:
@@ -134,10 +134,6 @@ def write_index(layout: Layout, profile: str, manifest: dict) -> None:
         lines += [f"## {nb}", f"Ran for {run.get('seconds', 0):.0f} s; executed copy: `notebooks/{nb}`.", ""]
         lines += [f"- [`{f}`]({f})" for f, v in sorted(manifest["files"].items()) if v["notebook"] == nb]
         lines.append("")
-    for title, command, item in OPTIONAL:
-        if (f := report.item_path(layout, item)).exists():
-            rel = f.relative_to(layout.root)
-            lines += [f"## {title}", f"Written by `{command}`, not part of `make reproduce`: [`{rel}`]({rel}).", ""]
     if (f := layout.table("reproduce_wall_clock")).exists():
         rel = f.relative_to(layout.root)
         lines += ["## Wall-clock time", "Every `make reproduce` of this folder, how long it took and whether it started "
