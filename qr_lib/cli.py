@@ -126,7 +126,9 @@ def cmd_estimate(args) -> None:
     from .workbook import estimate
     profile = _profile(args)
     layout = Layout.of(profile.name)
-    speed = estimate.measure_speed(profile) if getattr(args, "measure", False) else estimate.cached_speed(profile)
+    remeasure = getattr(args, "remeasure", False)
+    speed = (estimate.measure_speed(profile, fresh=remeasure) if getattr(args, "measure", False) or remeasure
+             else estimate.cached_speed(profile))
     step = args.step_seconds or (None if speed else estimate.measured_step_seconds(layout))
     result = estimate.estimate(profile, step, None if args.step_seconds else speed, estimate.cached_worker_speed(profile))
     print(estimate.describe(result, estimate.recorded_seconds(layout, result)))
@@ -301,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true",
                    help="time every unit of work once on this machine (about half a minute; cached) and estimate "
                         "every stage in minutes")
+    p.add_argument("--remeasure", action="store_true",
+                   help="as --measure, but time again and replace the cached speed (measure on an idle machine: "
+                        "other work on the cores makes every stage look slower)")
     p.set_defaults(func=cmd_estimate)
     p = sub.add_parser("export", formatter_class=fmt, help="write finished HQQ runs for use without qr_lib",
                        description="Write <run>/export/: per-module settings, codes, scales and zeros, config, "

@@ -303,6 +303,8 @@ def test_the_estimate_measures_this_machine_once_and_prices_every_stage(monkeypa
     assert speed is not None and speed.step > 0 and speed.notebook > 0
     monkeypatch.setattr(estimate, "train", lambda *a, **k: pytest.fail("measured again"))
     assert estimate.measure_speed(profile) == speed                      # cached
+    with pytest.raises(pytest.fail.Exception, match="measured again"):
+        estimate.measure_speed(profile, progress=False, fresh=True)     # --remeasure times again
     result = estimate.estimate(profile, speed=speed)
     assert "in float32 on cpu, runner serial" in out
     stage = result.stages["final fine-tunes"]
