@@ -6,7 +6,7 @@ The package reads top-down:
               search (search/: Phase II NSGA-II, Phase III Bayesian refinement).
   workbook/   the reproduction around it: profiles (config), the pilot, the final fine-tunes and their
               comparison, the studies that size and check them (sizing, lengths, base grid,
-              calibration), stock lm-eval, figures, report, explorer.
+              check), stock lm-eval, figures, report, explorer.
   models.py, data.py, evaluate.py   the inputs both use: models, datasets, lm-eval.
   store.py    artifacts: atomic checksummed JSON with provenance, and the stage protocol.
   layout.py   the results layout and the cache: the one module that spells their paths.

@@ -33,7 +33,7 @@ STAGES = {
     "sensitivity": (["02"], "Phase I: KL sensitivity of every block (notebook 02)"),
     "search": (["02", "03", "04"], "Phases I-III: the allocation search (notebooks 02-04)"),
     "finetune": (["05"], "the final fine-tunes of the profile's methods (notebook 05)"),
-    "evaluate": (["06"], "the comparison table, its paired claims and the proxy calibration (notebook 06)"),
+    "evaluate": (["06"], "the comparison table, its paired claims and the proxy check (notebook 06)"),
     "report": (["07"], "what the run found, then every table and figure in one notebook (07); trains nothing"),
     "reproduce": ([], "every notebook in order: the whole workbook"),
 }

@@ -32,7 +32,7 @@ class DataConfig:
     n_train: int = 2000            # fine-tuning pairs
     n_val: int = 128               # search-validation pairs: the proxy's only scoring data
     n_test: int = 512              # test pairs: read only by the final comparison
-    n_dev: int = 0                 # design pairs: score the sizing curves and the proxy's calibration
+    n_dev: int = 0                 # design pairs: score the sizing curves and the proxy check
     n_calib: int = 32              # calibration passages (Phase I)
     n_heldout: int = 64            # held-out passages (perplexity)
     seed: int = 0
@@ -89,9 +89,9 @@ class NSGAConfig:
     n_random: int = 4               # random allocations in the first generation (coverage)
     mutation_prob: float = 0.1      # prob. that a block mutates
     crossover_prob: float = 0.9
-    low_steps: int = 0              # > 0: multi-fidelity, children scored with this many steps
+    low_steps: int = 0              # > 0: two proxy levels, children scored with this many steps
     low_n_val: int = 32
-    promote: int = 2                # full-fidelity re-scores per generation (multi-fidelity only)
+    promote: int = 2                # full-level re-scores per generation (two levels only)
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,8 @@ class FinetuneConfig:
     n_test: int | None = None      # test pairs scored per run (the first n); None = the whole split
     seeds: tuple = (0, 1, 2)       # for methods with "multi_seed"; the others run seeds[0]
     methods: tuple | None = None   # method ids a full run covers; None = every file in methods/
-    # Seeds whose runs also score the dev split (the calibration's final side); None = every seed.
-    # Scoring costs as much as a short fine-tune on a CPU, and the calibration needs one seed's.
+    # Seeds whose runs also score the dev split (the proxy check's final side); None = every seed.
+    # Scoring costs as much as a short fine-tune on a CPU, and the proxy check needs one seed's.
     dev_seeds: tuple | None = None
 
     def scores_dev(self, seed: int) -> bool:
@@ -221,7 +221,7 @@ class ComparisonConfig:
 
 
 @dataclass(frozen=True)
-class CalibrationConfig:
+class ProxyCheckConfig:
     methods: tuple = ("hqq3", "hqq4", "qr_adaptor", "qr_adaptor_3p5", "phase1_knapsack4", "random4_0", "random4_1",
                       "random4_2", "random3p5_0", "random3p5_1", "random3p5_2")
     lengths: tuple = (0, 4, 8, 16)   # proxy steps scored
@@ -283,7 +283,7 @@ class Profile:
     sizing: SizingConfig = field(default_factory=SizingConfig)
     lengths: LengthsConfig = field(default_factory=LengthsConfig)
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    proxy_check: ProxyCheckConfig = field(default_factory=ProxyCheckConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -360,9 +360,9 @@ DOMAINS: dict[str, Domain] = {
     "pilot.sweep_ranks": POSITIVE_ITEMS_OR_NONE,
     "comparison.margin_loss": NON_NEGATIVE, "comparison.margin_accuracy": NON_NEGATIVE, "comparison.alpha": LEVEL,
     "comparison.power": LEVEL, "comparison.destroyed_gap": POSITIVE,
-    "calibration.lengths": NON_NEGATIVE_ITEMS, "calibration.n_val": POSITIVE_ITEMS, "calibration.seeds": SEEDS,
-    "calibration.min_spearman": Domain(lambda x: _number(x) and -1 <= x <= 1, "a correlation in [-1, 1]", "0.8"),
-    "calibration.top_k": POSITIVE,
+    "proxy_check.lengths": NON_NEGATIVE_ITEMS, "proxy_check.n_val": POSITIVE_ITEMS, "proxy_check.seeds": SEEDS,
+    "proxy_check.min_spearman": Domain(lambda x: _number(x) and -1 <= x <= 1, "a correlation in [-1, 1]", "0.8"),
+    "proxy_check.top_k": POSITIVE,
     "sizing.checkpoints": NON_NEGATIVE_ITEMS, "sizing.seed": NON_NEGATIVE, "sizing.max_gap": POSITIVE,
     "lengths.factors": POSITIVE_ITEMS,
 }

@@ -6,7 +6,7 @@ notebook, table and figure asks it.
       pilot/runs/<config>/seed<k>/    01  the pilot's runs (a Layout of their own, same run folders)
       sensitivity.json                02  Phase I
       base_grid.json                  02  the rungs on the embedded base and on an off-grid control
-      evaluations/<key>.json          03  one proxy score per (allocation, fidelity), content-addressed
+      evaluations/<key>.json          03  one proxy score per (allocation, proxy level), content-addressed
       nsga.json, bo.json              03, 04  Phases II and III
       search.json                     04  the selection at each budget and what the search cost
       searches/<method>/              variant searches (other ladders): their own nsga/bo/search,
@@ -16,7 +16,7 @@ notebook, table and figure asks it.
       lengths/x<f>/runs/<method>/seed<k>/   the primary claims' runs at f x the final training
                                       (`make lengths`; a Layout each, like pilot/)
       sizing/<method>.json            the learning curves (`make sizing`)
-      calibration/<key>.json          06  proxy curves; calibration.json their summary
+      proxy_check/<key>.json          06  proxy curves; proxy_check.json their summary
       stock/<task>-<docs>.json        `make stock-eval`
       tables/<name>.{csv,md}, figures/<name>.png
       notebooks/, manifest.json, README.md, reproduce.log   written by `make reproduce`
@@ -188,11 +188,11 @@ class Layout:
         return [RunDir(p.parent) for p in sorted(self.root.glob(f"runs/{method_id}/seed*/result.json"))]
 
     @property
-    def calibration(self) -> Path:
-        return self.root / "calibration.json"
+    def proxy_check(self) -> Path:
+        return self.root / "proxy_check.json"
 
-    def calibration_curve(self, key: str) -> Path:
-        return self.root / "calibration" / f"{key}.json"
+    def proxy_check_curve(self, key: str) -> Path:
+        return self.root / "proxy_check" / f"{key}.json"
 
     def stock(self, task: str, documents: str) -> Path:
         return self.root / "stock" / f"{task}-{documents}.json"
@@ -243,7 +243,7 @@ class Layout:
         names = {"setup.json": self.setup, "pilot": self.pilot.root, "sensitivity.json": self.sensitivity,
                  "evaluations": self.evaluations, "nsga.json": self.nsga, "bo.json": self.bo,
                  "search.json": self.search, "searches": self.root / "searches", "runs": self.root / "runs",
-                 "calibration": self.root / "calibration"}
+                 "proxy_check": self.root / "proxy_check"}
         return sorted(k for k, p in names.items() if p.exists())
 
 

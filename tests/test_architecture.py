@@ -148,8 +148,8 @@ def test_every_cached_artifact_depends_on_the_one_version_list():
 
 # What only layout.py may spell: artifact file names, results subfolders, run-folder globs, and the
 # machine-wide cache's folders.
-FOLDERS = "runs|pilot|searches|tables|figures|evaluations|calibration|stock|results|models|blocks|speed|data"
-RESULT_PATHS = re.compile(r"(setup|sensitivity|nsga|bo|search|result|calibration|manifest)\.json"
+FOLDERS = "runs|pilot|searches|tables|figures|evaluations|proxy_check|stock|results|models|blocks|speed|data"
+RESULT_PATHS = re.compile(r"(setup|sensitivity|nsga|bo|search|result|proxy_check|manifest)\.json"
                           rf"|^({FOLDERS})/|seed\*")
 JOINED = re.compile(rf"^({FOLDERS})$")
 

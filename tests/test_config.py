@@ -25,7 +25,7 @@ def test_overrides_and_errors():
     # bitsandbytes builds 4 and 8 bits only: every rung and every method the profile names must fit it.
     p = load_profile("smoke", {"proxy.steps": 7, "quant.backend": "bnb", "bit_ladder": [4, 8], "select_at": [],
                                "pilot.bits": [4, 8], "finetune.methods": ["lora16", "nf4", "qr_adaptor"],
-                               "calibration.methods": ["qr_adaptor"], "sizing.methods": ["lora16", "nf4"],
+                               "proxy_check.methods": ["qr_adaptor"], "sizing.methods": ["lora16", "nf4"],
                                "sizing.key_methods": ["lora16", "nf4"]})
     assert p.proxy.steps == 7 and p.quant.backend == "bnb" and p.proxy.batch_size == 4
     with pytest.raises(QRError, match="unknown setting"):
@@ -60,6 +60,8 @@ def test_settings_are_checked_when_the_profile_loads():
         load_profile("smoke", {"nsga.pop_size": "4"})
     with pytest.raises(QRError, match="did you mean 'steps'"):
         load_profile("smoke", {"proxy.stepz": 4})
+    with pytest.raises(QRError, match="'calibration' \\(renamed 'proxy_check'\\)"):     # a profile older than the name
+        load_profile("smoke", {"calibration.top_k": 3})
     assert load_profile("smoke", {"finetune.lr": 1}).finetune.lr == 1.0      # an int where a float goes
     with pytest.raises(QRError, match="data.n_train must be int"):
         load_profile("smoke", {"data.n_train": 2.5})

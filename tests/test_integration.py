@@ -113,7 +113,7 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
                  for ln in "".join(o["text"]).splitlines() if ln.strip()]
         assert len(lines) <= 80, (nb.name, len(lines), lines[:20])
         assert reproduce.WIDGET not in nb.read_text() and str(tmp_path) not in nb.read_text(), nb.name
-    # The estimate counts what the run did: every final run, pilot run and calibration curve, and at
+    # The estimate counts what the run did: every final run, pilot run and proxy-check curve, and at
     # least as many proxy candidates as were scored.
     from qr_lib.workbook import estimate
     from qr_lib.workbook.profiles import load_profile
@@ -121,13 +121,13 @@ def test_smoke_notebooks_execute_offline_write_every_headline_and_rerun_without_
     done = Layout(out)
     assert counted["final fine-tunes"].counts["runs (at most)"] == len(done.runs())
     assert counted["pilot"].counts["runs"] == len(done.pilot.runs())
-    curves = len(list(done.calibration_curve("x").parent.glob("*.json")))
-    at_most = counted["proxy calibration"].counts["runs (at most)"]
+    curves = len(list(done.proxy_check_curve("x").parent.glob("*.json")))
+    at_most = counted["proxy check"].counts["runs (at most)"]
     # one allocation fewer where the search selected a uniform one (two methods, one allocation)
-    assert at_most - len(load_profile("smoke").calibration.seeds) <= curves <= at_most
+    assert at_most - len(load_profile("smoke").proxy_check.seeds) <= curves <= at_most
     candidates = counted["Phases II-III"].counts
-    assert len(list(done.evaluations.glob("*.json"))) <= (candidates["search-fidelity candidates"]
-                                                           + candidates["full-fidelity candidates (at most)"])
+    assert len(list(done.evaluations.glob("*.json"))) <= (candidates["search-level candidates"]
+                                                           + candidates["full-level candidates (at most)"])
     index = (out / "README.md").read_text()
     assert "tables/benchmarks.md" in index and "figures/nsga_hypervolume.png" in index
     finished = {p: p.stat().st_mtime for p in out.rglob("result.json")}

@@ -88,19 +88,21 @@ def test_the_selections_the_search_cost_and_the_time_the_readme_quotes():
     work = pd.read_csv(TABLES / "compute_time.csv")
     studies = work["stage"].isin(["all", "sizing"]) | work["stage"].str.startswith("lengths")
     assert f"**{work[~studies]['seconds'].sum():.0f} s** of work" in text
-    # The wall clock it quotes: the last run of every notebook, as the run itself recorded it, and
-    # whether it started from nothing.
+    # The wall clock it quotes: the last run of every notebook from nothing (a resumed run that reads every
+    # artifact back costs a minute and says nothing of the cost), else the last run of every notebook, as
+    # the run itself recorded it, and whether it started from nothing.
     clock = pd.read_csv(TABLES / "reproduce_wall_clock.csv")
-    whole = clock[clock["notebooks"] == len(notebooks())].iloc[-1]
+    runs = clock[clock["notebooks"] == len(notebooks())]
+    whole = (runs[runs["from nothing"]] if runs["from nothing"].any() else runs).iloc[-1]
     assert f"**{whole['wall seconds']:.0f} s** of wall clock" in text
     assert ("from nothing" if whole["from nothing"] else "resumed") in text
 
 
-def test_the_calibration_the_readme_quotes_is_on_dev_at_the_searchs_proxy():
+def test_the_proxy_check_the_readme_quotes_is_on_dev_at_the_searchs_proxy():
     from qr_lib.workbook.profiles import load_profile
     profile = load_profile("default")
-    cal = pd.read_csv(TABLES / "proxy_calibration.csv")
-    row = cal[(cal["length"] == profile.proxy.steps) & (cal["n_val"] == profile.data.n_val)].iloc[0]
+    check = pd.read_csv(TABLES / "proxy_check.csv")
+    row = check[(check["length"] == profile.proxy.steps) & (check["n_val"] == profile.data.n_val)].iloc[0]
     text = " ".join(README.split())
     assert (f"Spearman {row['spearman']:.2f} over {int(row['allocations'])} allocations; {int(row['close_pairs'])} of "
             f"its {int(row['pairs'])} pairs are close, and it orders {int(row['close_pairs_ordered_right'])} of them "

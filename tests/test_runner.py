@@ -8,7 +8,7 @@ import pytest
 from qr_lib.algorithm.runner import SERIAL, each, open_runner
 from qr_lib.config import ParallelConfig
 from qr_lib.layout import Layout
-from qr_lib.workbook import calibration, finetune, lengths, pilot, sizing
+from qr_lib.workbook import proxy_check, finetune, lengths, pilot, sizing
 from qr_lib.workbook.profiles import load_profile
 
 
@@ -39,19 +39,19 @@ def test_each_says_which_call_finished_as_workers_finish_then_reads_back_quietly
 
 def _stages(profile, layout, base, tok, runner):
     """Every training stage of a small profile, each through the runner: final runs, pilot, length
-    study, sizing curves, calibration proxies."""
+    study, sizing curves, proxy-check proxies."""
     finetune.run_all(profile, layout, base, tok, runner=runner, progress=False)
     pilot.run(profile, layout, base, tok, runner, progress=False)
     lengths.run(profile, layout, base, tok, runner, progress=False)
     sizing.run(profile, layout, base, tok, runner, progress=False)
-    calibration.run(profile, layout, base, tok, runner, progress=False)
+    proxy_check.run(profile, layout, base, tok, runner, progress=False)
 
 
 def _losses(layout):
     runs = {(stage, r.method, r.seed): r.test_loss for stage, sub in
             (("final", layout), ("pilot", layout.pilot), ("x2", layout.at_length(2))) for r in finetune.results(sub)}
     curves = {c["method"]: c["checkpoints"] for c in sizing.curves(layout)}
-    proxies = json.loads(layout.calibration.read_text())["result"]["scores"]
+    proxies = json.loads(layout.proxy_check.read_text())["result"]["scores"]
     return runs, curves, proxies
 
 
@@ -69,7 +69,7 @@ def test_two_dask_workers_write_what_a_serial_run_writes_in_every_training_stage
             "data.n_train": 32,                        # equality, not learning, is the question: short runs do
             "lengths.factors": [1, 2], "comparison.claims_file": str(claims), "comparison.primary": ["q"],
             "sizing.methods": ["lora16", "hqq4"], "sizing.key_methods": ["lora16", "hqq4"],
-            "calibration.methods": ["hqq4", "hqq4_r4", "hqq3"], "parallel.backend": backend, "parallel.workers": 2})
+            "proxy_check.methods": ["hqq4", "hqq4_r4", "hqq3"], "parallel.backend": backend, "parallel.workers": 2})
         layout = Layout(tmp_path / backend)
         base, tok_ = load_model("tiny", "float32")
         with open_runner(profile.parallel, profile.device) as runner:

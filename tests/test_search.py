@@ -136,12 +136,12 @@ def test_crossover_inherits_whole_block_pairs_and_mutation_moves_one_rung():
 def test_cache_hits_skip_training(smoke, base, tmp_path, monkeypatch):
     from qr_lib.algorithm.allocation import uniform
     ev = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False)
-    alloc, fid = uniform(4, 4, 8), proxy.full_fidelity(smoke)
-    first = ev.evaluate(alloc, fid)
-    assert Layout(tmp_path).evaluation(first.key).exists() and first.fidelity == "full"
+    alloc, level = uniform(4, 4, 8), proxy.full_level(smoke)
+    first = ev.evaluate(alloc, level)
+    assert Layout(tmp_path).evaluation(first.key).exists() and first.level == "full"
     monkeypatch.setattr(proxy, "train", lambda *a, **k: pytest.fail("retrained a cached candidate"))
     again = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False)
-    assert again.evaluate(alloc, fid) == first and (again.hits, again.misses) == (1, 0)
+    assert again.evaluate(alloc, level) == first and (again.hits, again.misses) == (1, 0)
     assert again.records("full") == [first] and again.records("low") == []
 
 
@@ -149,11 +149,11 @@ def test_a_task_accuracy_can_be_the_proxy_objective(smoke, base, tmp_path):
     from qr_lib.algorithm.allocation import uniform
     p = load_profile("smoke", {"proxy_metric": "qr_arc_easy", "proxy_metric_limit": 4})
     ev = proxy.ProxyEvaluator(p, Layout(tmp_path), *base, progress=False)
-    rec = ev.evaluate(uniform(4, 4, 8), proxy.full_fidelity(p))
+    rec = ev.evaluate(uniform(4, 4, 8), proxy.full_level(p))
     assert rec.metric == "qr_arc_easy" and rec.objective == pytest.approx(1 - rec.accuracy)
     assert rec.val_loss > 0  # measured either way
     loss_key = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False).key(uniform(4, 4, 8),
-                                                                                     proxy.full_fidelity(smoke))
+                                                                                     proxy.full_level(smoke))
     assert rec.key != loss_key  # the two objectives never share a cache entry
 
 
@@ -162,7 +162,7 @@ def test_a_diverged_candidate_scores_the_worst_loss(smoke, base, tmp_path, monke
     monkeypatch.setattr(proxy, "train", lambda *a, **k: {"losses": [], "train_tokens": 10, "seconds": 0.0,
                                                          "diverged": True, "peak_memory": {}})
     rec = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False).evaluate(uniform(4, 2, 4),
-                                                                                        proxy.full_fidelity(smoke))
+                                                                                        proxy.full_level(smoke))
     assert rec.failed and rec.objective == proxy.FAILED_LOSS and rec.val_loss is None
 
 
@@ -174,8 +174,8 @@ def test_search_writes_every_artifact_and_selects_a_feasible_allocation(smoke_ru
     phase2 = read_artifact(layout.nsga)["result"]
     assert [g["generation"] for g in phase2["generations"]] == [1, 2]
     assert all(0 <= g["hv"] for g in phase2["generations"])
-    assert {r["fidelity"] for r in phase2["evaluations"]} == {"low"}
-    assert {r["fidelity"] for r in phase2["promoted"] + phase2["pareto"]} == {"full"}
+    assert {r["level"] for r in phase2["evaluations"]} == {"low"}
+    assert {r["level"] for r in phase2["promoted"] + phase2["pareto"]} == {"full"}
     assert result.selected_scores["budget_ratio"] <= 1
     assert result.cost["epoch_equivalents"] > 0
     assert search.load_result(layout) == result
@@ -188,10 +188,10 @@ def test_search_writes_every_artifact_and_selects_a_feasible_allocation(smoke_ru
     for step in phase3["steps"]:
         if "candidate" in step:  # scored by a real proxy fine-tune, cached like every other
             assert layout.evaluation(step["candidate"]["key"]).exists()
-            assert step["candidate"]["fidelity"] == "full" and step["candidate"]["train_tokens"] > 0
+            assert step["candidate"]["level"] == "full" and step["candidate"]["train_tokens"] > 0
 
 
-def test_the_first_generation_is_scored_whole_uniform_points_at_full_fidelity_and_promotions_distinct(smoke, base, smoke_run):
+def test_the_first_generation_is_scored_whole_uniform_points_at_full_level_and_promotions_distinct(smoke, base, smoke_run):
     layout, _ = smoke_run
     phase1 = PhaseI.from_dict(read_artifact(layout.sensitivity)["result"])
     phase2 = read_artifact(layout.nsga)["result"]
@@ -203,20 +203,20 @@ def test_the_first_generation_is_scored_whole_uniform_points_at_full_fidelity_an
     assert any(m["origin"] == "uniform 4-bit r8" for m in phase2["first_generation"])
     keys = [r["key"] for r in phase2["promoted"]]
     assert len(keys) == len(set(keys))                                    # never promoted twice
-    # The uniform allocations at the budget's rank are scored at full fidelity whatever the low one says.
+    # The uniform allocations at the budget's rank are scored at the full level whatever the low one says.
     full = {(tuple(r["bits"]), tuple(r["ranks"])) for r in phase2["promoted"]}
     n = space.n_blocks
     assert {((b,) * n, (8,) * n) for b in (2, 3, 4)} <= full
     assert [a["origin"] for a in phase2["anchors"]] == ["uniform 2-bit r8", "uniform 3-bit r8", "uniform 4-bit r8"]
     assert {a["key"] for a in phase2["anchors"]} <= set(keys)
-    assert phase2["fidelity_agreement"]["allocations"] == len(keys)    # each was scored at low fidelity first
+    assert phase2["level_agreement"]["allocations"] == len(keys)    # each was scored at the low level first
 
 
-def test_fidelity_agreement_pairs_the_two_scores_of_one_allocation():
+def test_level_agreement_pairs_the_two_scores_of_one_allocation():
     low = [{"bits": [2], "ranks": [8], "objective": o, "failed": False} for o in (1.0,)] + \
           [{"bits": [b], "ranks": [8], "objective": o, "failed": False} for b, o in ((3, 2.0), (4, 3.0))]
     full = [{"bits": [b], "ranks": [8], "objective": o, "failed": False} for b, o in ((4, 0.1), (3, 0.2), (2, 0.3))]
-    agree = nsga.fidelity_agreement(low, full)
+    agree = nsga.level_agreement(low, full)
     assert agree["allocations"] == 3 and agree["spearman"] == pytest.approx(-1.0)
 
 
@@ -337,7 +337,7 @@ def test_a_candidate_that_diverges_is_recorded_and_the_search_goes_on(smoke, bas
 
     monkeypatch.setattr(proxy, "train", second_diverges)
     small = load_profile("smoke", {"nsga.generations": 1, "nsga.n_random": 0, "bo.iterations": 1, "select_at": [],
-                                   "finetune.methods": ["qr_adaptor"], "calibration.methods": ["qr_adaptor"]})
+                                   "finetune.methods": ["qr_adaptor"], "proxy_check.methods": ["qr_adaptor"]})
     result = search.run(small, Layout(tmp_path), *base, progress=False)
     records = read_artifact(Layout(tmp_path).nsga)["result"]["evaluations"]
     assert sum(r["failed"] for r in records) == 1 and len(records) > 2
@@ -350,9 +350,9 @@ def test_a_damaged_or_edited_evaluation_is_recomputed_not_used(smoke, base, tmp_
 
     from qr_lib.algorithm.allocation import uniform
     ev = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False)
-    alloc, fid = uniform(4, 4, 8), proxy.full_fidelity(smoke)
-    first = ev.evaluate(alloc, fid)
-    path = Layout(tmp_path).evaluation(ev.key(alloc, fid))
+    alloc, level = uniform(4, 4, 8), proxy.full_level(smoke)
+    first = ev.evaluate(alloc, level)
+    path = Layout(tmp_path).evaluation(ev.key(alloc, level))
     if damage == "truncate":
         path.write_text(path.read_text()[:200])
     else:                                                   # valid JSON, a better score written by hand
@@ -361,7 +361,7 @@ def test_a_damaged_or_edited_evaluation_is_recomputed_not_used(smoke, base, tmp_
         path.write_text(json.dumps(rec))
     again = proxy.ProxyEvaluator(smoke, Layout(tmp_path), *base, progress=False)
     with pytest.warns(UserWarning, match="damaged or was edited"):
-        rec = again.evaluate(alloc, fid)
+        rec = again.evaluate(alloc, level)
     assert again.misses == 1 and rec.objective == pytest.approx(first.objective)
 
 
@@ -387,7 +387,6 @@ def test_the_command_line_search_runs_on_two_dask_workers_when_asked(smoke_run, 
 
 def test_front_origins_and_phase3_gain_account_for_every_point(smoke_run):
     from qr_lib.algorithm import search
-    from qr_lib.store import read_artifact
     _, result = smoke_run
     p2, p3 = result.phases.nsga, result.phases.bo
     rows = search.front_origins(p2, p3)

@@ -98,7 +98,7 @@ def test_compute_time_sums_what_each_stage_recorded_counting_search_evaluations_
     record(layout.run("lora16", 0).result, 300.0)
     record(layout.run("lora16", 1).result, 200.0)
     record(layout.run("lora16", 2).result, 1e9)
-    record(layout.calibration_curve("c0"), 40.0)
+    record(layout.proxy_check_curve("c0"), 40.0)
     record(layout.sizing_curve("lora16"), 900.0)
     damaged = layout.run("lora16", 2).result                # a damaged record is named and left out
     damaged.write_text(damaged.read_text()[:50])
@@ -106,14 +106,14 @@ def test_compute_time_sums_what_each_stage_recorded_counting_search_evaluations_
                                                            "06_benchmarks.ipynb": {"seconds": 7.0}}})
     with pytest.warns(UserWarning, match="damaged or was edited"):
         rows = {r["stage"]: r for r in report.compute_time(layout)}
-    assert list(rows) == ["00", "02", "03-04", "05", "06 calibration", "sizing", "06", "all"]
-    assert rows["06 calibration"]["seconds"] == 40.0 and rows["sizing"]["seconds"] == 900.0
+    assert list(rows) == ["00", "02", "03-04", "05", "06 proxy check", "sizing", "06", "all"]
+    assert rows["06 proxy check"]["seconds"] == 40.0 and rows["sizing"]["seconds"] == 900.0
     assert (rows["03-04"]["count"], rows["03-04"]["seconds"]) == (2, 30.0)
     assert (rows["05"]["count"], rows["05"]["seconds"]) == (2, 500.0)
     assert rows["all"]["seconds"] == 5 + 60 + 30 + 500 + 40 + 900 + 7
     assert rows["03-04"]["source"] == "evaluations/*.json" and rows["05"]["source"] == "runs/*/seed*/result.json"
     assert report.compute_time(Layout(tmp_path / "nothing")) == []
-    # A notebook 06 that ran the calibration itself is counted apart from it, never twice; the length
+    # A notebook 06 that ran the proxy check itself is counted apart from it, never twice; the length
     # check's runs have a row of their own.
     write_json(layout.manifest, {"files": {}, "notebooks": {"06_benchmarks.ipynb": {"seconds": 52.0}}})
     record(layout.at_length(2).run("lora16", 0).result, 600.0)

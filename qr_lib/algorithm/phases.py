@@ -45,26 +45,26 @@ class PhaseI(_Record):
 @dataclass(frozen=True)
 class PhaseII(_Record):
     """Phase II (nsga.json): every candidate NSGA-II scored, its generations and its Pareto set."""
-    search_fidelity: str           # the fidelity that ranked children ("low", or "full" alone)
-    fidelities: dict               # name -> proxy.Fidelity (its JSON form)
+    search_level: str              # the level that ranked children ("low", or "full" alone)
+    levels: dict                   # name -> proxy.ProxyLevel (its JSON form)
     budget_bytes: float
     first_generation: list         # {origin, key, bits, ranks, budget_ratio} per seeded allocation
-    anchors: list                  # the uniform allocations scored at full fidelity too: {origin, key}
-    evaluations: list              # rows scored at the search fidelity
-    promoted: list                 # rows re-scored at full fidelity
+    anchors: list                  # the uniform allocations scored at the full level too: {origin, key}
+    evaluations: list              # rows scored at the search level
+    promoted: list                 # rows re-scored at the full level
     generations: list              # {generation, front, F, hv}
     hv_normalization: dict
-    pareto: list                   # full-fidelity rows on the front: what Phase III refines
-    fidelity_agreement: dict | None  # rank agreement of low and full fidelity (None: one fidelity)
+    pareto: list                   # full-level rows on the front: what Phase III refines
+    level_agreement: dict | None   # rank agreement of the low and full levels (None: one level)
     train_tokens: int
     n_unique_evaluations: int
     proxy_seconds: float           # what the scores cost when computed
     wall_seconds: float
 
     def full_rows(self) -> list[dict]:
-        """Every distinct allocation scored at full fidelity (searched or promoted) that did not fail."""
+        """Every distinct allocation scored at the full level (searched or promoted) that did not fail."""
         return list({r["key"]: r for r in self.evaluations + self.promoted
-                     if r["fidelity"] == "full" and not r["failed"]}.values())
+                     if r["level"] == "full" and not r["failed"]}.values())
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class PhaseIII(_Record):
     """Phase III (bo.json): the Bayesian refinement's steps, what it observed, and its pick."""
     steps: list                    # {iteration, n_candidates, max_ei, gp, candidate, observed_utility} or a stop
     selected: dict | None          # the best row within the budget
-    observed: list                 # full-fidelity rows within the budget, with their utility
+    observed: list                 # full-level rows within the budget, with their utility
     pareto: list
     alpha: float                   # the utility's weight on the proxy score
     informative: bool              # whether the GP modelled the landscape (diagnosis says why)

@@ -38,7 +38,7 @@ from ..hardware import cpu_flags, memory_bytes, resolve_dtype
 from ..layout import Cache, Layout
 from ..models import load_model, load_skeleton
 from ..store import content_hash, read_artifact, read_json, write_artifact
-from . import calibration, finetune, inputs, pilot, search_tables
+from . import finetune, inputs, pilot, proxy_check, search_tables
 from .work import Work
 
 
@@ -64,7 +64,7 @@ class Speed:
 
 # The stages whose runs go through the runner (runner.each, the search's proxy evaluations); a worker
 # does a run's work, the caller's process loads the model, starts the notebook and reads artifacts back.
-PARALLEL_STAGES = ("pilot", "Phases II-III", "final fine-tunes", "proxy calibration")
+PARALLEL_STAGES = ("pilot", "Phases II-III", "final fine-tunes", "proxy check")
 
 
 def stage_seconds(stage: str, work: Work, speed: Speed, worker: Speed | None, workers: int) -> float:
@@ -87,13 +87,13 @@ def _skeleton(profile: Profile):
 
 def work(profile: Profile, shapes=None, space=None) -> dict[str, Work]:
     """Every stage's work, counted from the profile, in notebook order: each stage module's own `work`
-    (inputs, pilot, search_tables, finetune, calibration). Counts that depend on what the search finds
+    (inputs, pilot, search_tables, finetune, proxy_check). Counts that depend on what the search finds
     (duplicate candidates, allocations two methods share) are upper bounds."""
     if shapes is None:
         _, shapes, space = _skeleton(profile)
     searched = search_tables.work(profile, space, shapes.n_blocks)
     return {"setup": inputs.work(profile), "pilot": pilot.work(profile), **searched,
-            "final fine-tunes": finetune.work(profile), "proxy calibration": calibration.work(profile),
+            "final fine-tunes": finetune.work(profile), "proxy check": proxy_check.work(profile),
             "report and explorer": Work(model_loads=1, notebooks=2)}
 
 

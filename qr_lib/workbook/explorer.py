@@ -48,7 +48,7 @@ class Explorer:
 
     def _records(self) -> list[Evaluation]:
         """Every proxy score of this profile's proxy (same model, data, quantizer and libraries), with
-        its fidelity (never compared across fidelities), on this profile's ladders."""
+        its proxy level (never compared across levels), on this profile's ladders."""
         return [r for r in stored_evaluations(self.layout, self.profile)
                 if set(r.allocation.bits) <= set(self.profile.bit_ladder)
                 and set(r.allocation.ranks) <= set(self.profile.rank_ladder)]
@@ -135,16 +135,16 @@ class Explorer:
         rungs = [self.profile.bit_ladder.index(b) for b in allocation.bits]
         predicted = float(sum(self.kl[i, j] for i, j in enumerate(rungs)))
         g = np.array(allocation.to_genes())
-        # Nearest first; at equal distance the full-fidelity score before the cheap one.
+        # Nearest first; at equal distance the full proxy's score before the cheap one.
         nearest = sorted(self.records, key=lambda r: (np.abs(self._genes(r.allocation) - g).sum(),
-                                                      r.fidelity != "full"))[:k]
+                                                      r.level != "full"))[:k]
         return {
             "memory_MiB": mem["blocks"] / 2**20, "budget_ratio": mem["blocks"] / self.budget,
             "avg_bits": mem["avg_bits"], "mean_rank": allocation.mean_rank(),
             "predicted_kl": predicted, "from_curves": self.predict(allocation),
             "group_sensitivity": [float(self.kl[blocks, 0].mean()) for blocks in self.groups],
             "nearest": [{"distance": int(np.abs(self._genes(r.allocation) - g).sum()),
-                         "fidelity": r.fidelity, "objective": r.objective, "val_loss": r.val_loss,
+                         "level": r.level, "objective": r.objective, "val_loss": r.val_loss,
                          "metric": r.metric, "budget_ratio": r.budget_ratio,
                          "avg_bits": r.avg_bits,
                          "far": int(np.abs(self._genes(r.allocation) - g).sum()) > self.far} for r in nearest],
@@ -199,7 +199,7 @@ class Explorer:
             print(f"  blocks {blocks[0]}-{blocks[-1]}: mean KL at {self.profile.bit_ladder[0]} bits {s:.4f}")
         print("nearest allocations the search fine-tuned:")
         for n in d["nearest"]:
-            print(f"  {n['distance']} rungs away: {n['metric']} objective {n['objective']:.4f} ({n['fidelity']} fidelity), "
+            print(f"  {n['distance']} rungs away: {n['metric']} objective {n['objective']:.4f} ({n['level']} proxy), "
                   f"{n['budget_ratio']:.3f} x budget"
                   + (f"  FAR: more than {self.far} rungs from yours, it says little about it" if n["far"] else ""))
         show(allocation_heatmap(alloc, "your allocation"))

@@ -61,7 +61,7 @@ class RunResult(AllocationRecord):
     # whose allocations coincide (a search that selects a uniform allocation) share it, and train once.
     training_key: str | None = None
     same_run_as: str | None = None  # the method whose run this one's result is (its adapter lives there)
-    # The same scores on the dev split (data.n_dev > 0): what the proxy's calibration compares with, so
+    # The same scores on the dev split (data.n_dev > 0): what the proxy check compares with, so
     # that choosing the proxy never reads the test split.
     dev_loss: float | None = None
     dev_examples: dict | None = None

@@ -121,16 +121,16 @@ def mark_uniform(ax, members: list[dict], records: list[dict]) -> None:
 
 
 def objective_space(phase2: PhaseII, phase3: PhaseIII | None = None):
-    """Proxy loss against memory, one panel per fidelity (a 4-step and a 16-step loss never share an
-    axis). Search fidelity: every candidate by generation, the uniform allocations marked. Full
-    fidelity: promoted candidates, the Pareto set, and with Phase III its candidates and the selection."""
-    evals, fid = phase2.evaluations, phase2.search_fidelity
-    multi = fid != "full"
+    """Proxy loss against memory, one panel per proxy level (a 4-step and a 16-step loss never share an
+    axis). Search level: every candidate by generation, the uniform allocations marked. Full level:
+    promoted candidates, the Pareto set, and with Phase III its candidates and the selection."""
+    evals, level = phase2.evaluations, phase2.search_level
+    multi = level != "full"
     fig, axes = plt.subplots(1, 2 if multi else 1, figsize=(12 if multi else 7, 4), squeeze=False)
     metric = evals[0]["metric"] if evals else "loss"
     ylabel = "proxy validation loss (nats/token; lower is better)" if metric == "loss" else \
         f"proxy error rate on {metric} (lower is better)"
-    steps = {name: f["train"]["steps"] for name, f in phase2.fidelities.items()}
+    steps = {name: f["train"]["steps"] for name, f in phase2.levels.items()}
     ax = axes[0][0]
     gens = sorted({r["generation"] for r in evals})
     cmap = plt.get_cmap("viridis", max(len(gens), 2))
@@ -139,14 +139,14 @@ def objective_space(phase2: PhaseII, phase3: PhaseIII | None = None):
         if pts:
             ax.scatter(*zip(*pts), s=18, color=cmap(k), alpha=0.8, label=f"generation {g}")
     mark_uniform(ax, phase2.first_generation, evals)
-    ax.set_title(f"{fid} fidelity ({steps[fid]} steps)", fontsize=9)
+    ax.set_title(f"{level} proxy ({steps[level]} steps)", fontsize=9)
     if multi:
         ax = axes[0][1]
         full = [(r["budget_ratio"], r["objective"]) for r in phase2.promoted if not r["failed"]]
         if full:
             ax.scatter(*zip(*full), s=30, color="k", alpha=0.6, label="promoted")
         mark_uniform(ax, phase2.anchors, phase2.promoted)
-        ax.set_title(f"full fidelity ({steps['full']} steps)", fontsize=9)
+        ax.set_title(f"full proxy ({steps['full']} steps)", fontsize=9)
     front = sorted((r["budget_ratio"], r["objective"]) for r in (phase3 or phase2).pareto)
     if front:
         ax.plot(*zip(*front), "r-", marker="s", ms=5, label="Pareto set")
@@ -183,7 +183,7 @@ def hypervolume_curve(phase2: PhaseII):
         ax.annotate(note, (0.03, 0.05), xycoords="axes fraction", fontsize=7)
     ax.set_xlabel("generation")
     ax.set_ylabel("hypervolume (normalized; higher is better)")
-    ax.set_title(f"NSGA-II front, {phase2.search_fidelity} fidelity", fontsize=10)
+    ax.set_title(f"NSGA-II front, {phase2.search_level} proxy", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -652,7 +652,7 @@ def learning_curves(table, length: int | None = None, reference: str = "lora16")
     return fig
 
 
-def calibration_plot(result: dict, length: int | None = None, n_val: int | None = None):
+def proxy_check_plot(result: dict, length: int | None = None, n_val: int | None = None):
     """Left: Spearman between the proxy and the final runs' dev loss by proxy length, on the full -1..1
     axis (over all allocations, and over the best top_k). Right: the proxy at (`length`, `n_val`),
     the search's own setting where given (else the recommended one), against the final dev loss, the

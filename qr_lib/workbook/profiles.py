@@ -138,12 +138,18 @@ def _check_type(value, default, where: str, nullable: bool = False):
     return value
 
 
+# Settings whose names changed (a profile written before the change names the old one), by class and
+# old name: the error names the new one, which no spelling distance would suggest.
+RENAMED = {("Profile", "calibration"): "proxy_check", ("SizingConfig", "steps"): "checkpoints"}
+
+
 def _build(cls, values: dict, where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         hints = {k: difflib.get_close_matches(k, list(known), n=1) for k in unknown}
-        said = ", ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
+        said = ", ".join(f"{k!r} (renamed {RENAMED[cls.__name__, k]!r})" if (cls.__name__, k) in RENAMED
+                         else f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
         raise QRError(f"{where}: unknown setting(s) {said}; known: {sorted(known)}")
     kwargs = {}
     for k, v in values.items():
@@ -239,10 +245,10 @@ def check_model(profile: Profile) -> ModelShapes:
 
 def profile_methods(profile: Profile) -> dict[str, str]:
     """Every method the profile's stages may run or read -> the setting that first names it: the final
-    runs' (every file when it names none), the calibration's, the sizing's and the pilot's reference."""
+    runs' (every file when it names none), the proxy check's, the sizing's and the pilot's reference."""
     named = {}
     for setting, ids in (("finetune.methods", profile.finetune.methods or method_ids()),
-                         ("calibration.methods", profile.calibration.methods),
+                         ("proxy_check.methods", profile.proxy_check.methods),
                          ("sizing.methods", (*profile.sizing.methods, *profile.sizing.key_methods)),
                          ("eval.methods", profile.eval.methods or ()), ("pilot.reference", (profile.pilot.reference,))):
         for method_id in ids:

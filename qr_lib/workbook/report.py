@@ -36,7 +36,7 @@ READING = {
                "moves more than its interval is one the final length had not settled; the dashed trend is an extrapolation.",
     "base_grid": "Each rung's cost on the embedded base (weights on a Q4_1 grid) and on a control off that grid: "
                  "a 4-bit rung much cheaper on the embedded base than on the control is the grid's gift to 4 bits.",
-    "proxy_calibration": "Does the short proxy order allocations as the final fine-tune does (on the dev "
+    "proxy_check": "Does the short proxy order allocations as the final fine-tune does (on the dev "
                          "split)? Left: rank agreement by proxy length on the full -1..1 axis; right: the search's own proxy.",
 }
 
@@ -175,11 +175,11 @@ def compute_time(layout: Layout) -> list[dict]:
             layout.evaluation("*"))
     if runs := layout.runs():
         add("05", "final fine-tuning runs with lm-eval", *_recorded([r.result for r in runs]), layout.run("*", "*").result)
-    calibration = 0.0
-    if curves := sorted(layout.calibration_curve("*").parent.glob("*.json")):
-        n, calibration = _recorded(curves)
-        add("06 calibration", "proxy calibration: proxy fine-tunes of its allocations", n, calibration,
-            layout.calibration_curve("*"))
+    checked = 0.0
+    if curves := sorted(layout.proxy_check_curve("*").parent.glob("*.json")):
+        n, checked = _recorded(curves)
+        add("06 proxy check", "proxy check: proxy fine-tunes of its allocations", n, checked,
+            layout.proxy_check_curve("*"))
     for at in layout.lengths():
         if runs := at.runs():
             add(f"lengths {at.root.name}", f"primary methods at {at.root.name[1:]} x the training (make lengths)",
@@ -189,10 +189,10 @@ def compute_time(layout: Layout) -> list[dict]:
     for nb in ("06_benchmarks", "07_report", "08_fidelity_plasticity_explorer"):
         if f"{nb}.ipynb" in notebooks:
             seconds = notebooks[f"{nb}.ipynb"]["seconds"]
-            # Notebook 06 runs the calibration when it is not there yet: its last run then took at least
-            # the calibration's recorded seconds, which the row above already counts.
-            if nb == "06_benchmarks" and calibration <= seconds:
-                seconds = round(seconds - calibration, 1)
+            # Notebook 06 runs the proxy check when it is not there yet: its last run then took at least
+            # the proxy check's recorded seconds, which the row above already counts.
+            if nb == "06_benchmarks" and checked <= seconds:
+                seconds = round(seconds - checked, 1)
             add(nb[:2], f"notebook {nb} (reads artifacts)", 1, seconds, layout.manifest)
     if rows:
         add("all", "total", "", round(sum(r["seconds"] for r in rows), 1), None)

@@ -50,7 +50,7 @@ def knapsack(profile: Profile, layout: Layout, result: PhaseI, shapes: ModelShap
 def nsga_candidates(layout: Layout, result: PhaseII) -> dict:
     """Every candidate Phase II scored (nsga_evaluations) and the first generation's (nsga_first_generation)."""
     evaluations = pd.DataFrame(result.evaluations + result.promoted)[
-        ["generation", "fidelity", "objective", "val_loss", "budget_ratio", "avg_bits", "mean_rank"]]
+        ["generation", "level", "objective", "val_loss", "budget_ratio", "avg_bits", "mean_rank"]]
     save_table(evaluations, layout, "nsga_evaluations")
     scored = pd.DataFrame(result.evaluations)[["key", "objective"]].drop_duplicates("key")
     first = pd.DataFrame(result.first_generation).merge(scored, on="key", how="left")[
@@ -69,9 +69,9 @@ def nsga_front(profile: Profile, layout: Layout, result: PhaseII) -> pd.DataFram
 
 
 def nsga_agreement(layout: Layout, result: PhaseII) -> pd.DataFrame:
-    """Rank agreement of the low and full fidelity (nsga_fidelity_agreement)."""
-    agreement = pd.DataFrame([result.fidelity_agreement or {"note": "single fidelity: nothing to compare"}])
-    save_table(agreement, layout, "nsga_fidelity_agreement")
+    """Rank agreement of the low and full level (nsga_level_agreement)."""
+    agreement = pd.DataFrame([result.level_agreement or {"note": "single level: nothing to compare"}])
+    save_table(agreement, layout, "nsga_level_agreement")
     return agreement
 
 
@@ -136,13 +136,13 @@ def origins(layout: Layout, result: SearchResult) -> dict:
 
 
 def uniform_reference(profile: Profile, result: PhaseII) -> dict:
-    """The full-fidelity row of uniform (budget bits, budget rank): the allocation the budget is defined
-    by. Phase II always scores it at full fidelity (a uniform anchor, or the single fidelity's first
+    """The full-level row of uniform (budget bits, budget rank): the allocation the budget is defined
+    by. Phase II always scores it at the full level (a uniform anchor, or the single level's first
     generation), so it is read from Phase II's rows."""
     for r in result.full_rows():
         if set(r["bits"]) == {profile.budget_bits} and set(r["ranks"]) == {profile.budget_rank}:
             return r
-    raise QRError(f"Phase II holds no full-fidelity score of uniform {profile.budget_bits}-bit r{profile.budget_rank}; "
+    raise QRError(f"Phase II holds no full-level score of uniform {profile.budget_bits}-bit r{profile.budget_rank}; "
                   "rerun the search (its first generation and anchors always score it)")
 
 
@@ -178,5 +178,5 @@ def work(profile: Profile, space, n_blocks: int) -> dict[str, Work]:
             "Phases II-III": Work(steps=steps, models_built=built, model_loads=2, notebooks=2,
                                   examples=search_scored * low_n + full_scored * d.n_val,
                                   counts={"first generation (about)": first,
-                                          "search-fidelity candidates": search_scored,
-                                          "full-fidelity candidates (at most)": full_scored})}
+                                          "search-level candidates": search_scored,
+                                          "full-level candidates (at most)": full_scored})}

@@ -15,7 +15,7 @@ from ...store import cached, read_artifact, stored_result
 from .. import sensitivity
 from ..allocation import Allocation
 from ..phases import PhaseI, PhaseII, PhaseIII, Phases
-from ..proxy import Fidelity, ProxyEvaluator, epoch_tokens, full_fidelity
+from ..proxy import ProxyEvaluator, ProxyLevel, epoch_tokens, full_level
 from ..runner import SERIAL, Runner
 from . import bo, nsga
 from .problem import budget_rank_rung, level_bytes, space_for
@@ -23,10 +23,10 @@ from .problem import budget_rank_rung, level_bytes, space_for
 
 @dataclass(frozen=True)
 class Selection:
-    """The best full-fidelity proxy score within one budget (average bits at the budget's rank)."""
+    """The best full-level proxy score within one budget (average bits at the budget's rank)."""
     allocation: Allocation
     max_budget_ratio: float
-    scored_for_selection: bool     # no full-fidelity score fitted, so its best low-fidelity one was scored
+    scored_for_selection: bool     # no full-level score fitted, so its best low-level one was scored
     record: dict                   # the proxy record (Evaluation.summary) it was chosen by
 
     def to_dict(self) -> dict:
@@ -107,9 +107,9 @@ def _phases(profile: Profile, layout: Layout, ev: ProxyEvaluator, progress: bool
 
 
 def select_at(profile: Profile, ev: ProxyEvaluator, p1: PhaseI, p2: PhaseII, p3: PhaseIII) -> dict[str, Selection]:
-    """The best full-fidelity proxy score within each budget (profile.budget_bits and select_at, in
-    average bits), from one front. A budget with no full-fidelity score inside it gets its best
-    low-fidelity candidate scored at full fidelity, so every budget has a selection."""
+    """The best full-level proxy score within each budget (profile.budget_bits and select_at, in
+    average bits), from one front. A budget with no full-level score inside it gets its best
+    low-level candidate scored at the full level, so every budget has a selection."""
     space = space_for(profile, ev.shapes, p1)
     rank_rung = budget_rank_rung(profile)
     out = {}
@@ -121,7 +121,7 @@ def select_at(profile: Profile, ev: ProxyEvaluator, p1: PhaseI, p2: PhaseII, p3:
             if low is None:
                 raise QRError(f"nothing the search scored fits {bits} average bits; lower select_at or widen the "
                               "first generation (nsga.n_random)")
-            rec, scored = ev.evaluate(space.allocation(space.genes(low)), full_fidelity(profile)).summary(), True
+            rec, scored = ev.evaluate(space.allocation(space.genes(low)), full_level(profile)).summary(), True
         alloc = Allocation(rec["bits"], rec["ranks"], profile.bit_ladder, profile.rank_ladder,
                            name=f"QR-Adaptor at {bits} bits")
         out[str(float(bits))] = Selection(alloc, ratio, scored, rec)
@@ -129,9 +129,9 @@ def select_at(profile: Profile, ev: ProxyEvaluator, p1: PhaseI, p2: PhaseII, p3:
 
 
 def front_origins(p2: PhaseII, p3: PhaseIII) -> list[dict]:
-    """Where the final front's points (Phase III's Pareto set, full fidelity) were born: the first
+    """Where the final front's points (Phase III's Pareto set, full level) were born: the first
     generation (by its seed kind: uniform, knapsack, random), a later NSGA-II generation (the first in
-    which the allocation was scored at any fidelity), or Phase III. One row per origin, with the number of
+    which the allocation was scored at any level), or Phase III. One row per origin, with the number of
     front points and of allocations scored there: whether later generations and Phase III reach the front."""
     def alloc(r):
         return tuple(r["bits"]), tuple(r["ranks"])
@@ -158,10 +158,10 @@ def front_origins(p2: PhaseII, p3: PhaseIII) -> list[dict]:
 
 
 def phase3_gain(p2: PhaseII, p3: PhaseIII, max_ratio: float = 1.0) -> dict:
-    """What Phase III changed within a budget (`max_ratio` x the main one): the best full-fidelity proxy
+    """What Phase III changed within a budget (`max_ratio` x the main one): the best full-level proxy
     objective that fits before it (Phase II's records) and after it (with its candidates), and the
     difference (negative = Phase III found better). Whether that exceeds the proxy's seed noise is for
-    the calibration to say."""
+    the proxy check to say."""
     before = bo.select(p2.full_rows(), max_ratio)
     after = bo.select(p3.observed, max_ratio)
     return {"max_budget_ratio": max_ratio, "phase2_best": before["objective"] if before else None,
@@ -180,13 +180,13 @@ def repair_records(layout: Layout, ev: ProxyEvaluator, p2: PhaseII, p3: PhaseIII
     """Recompute every proxy record a finished search cites whose file is missing, damaged or edited
     (read_artifact names it in a warning): nsga.json and bo.json keep summaries, and the evaluations
     they cite are what the explorer and the compute-time table read. Returns how many were redone."""
-    fidelities = {name: Fidelity(f["name"], TrainConfig(**f["train"]), f["n_val"])
-                  for name, f in p2.fidelities.items()}
+    levels = {name: ProxyLevel(f["name"], TrainConfig(**f["train"]), f["n_val"])
+              for name, f in p2.levels.items()}
     redone = 0
     for key, r in cited(p2, p3).items():
         if read_artifact(layout.evaluation(key)) is None:
             ev.evaluate(Allocation(r["bits"], r["ranks"], ev.profile.bit_ladder, ev.profile.rank_ladder),
-                        fidelities[r["fidelity"]])
+                        levels[r["level"]])
             redone += 1
     return redone
 
@@ -216,7 +216,7 @@ def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, pr
             cost={"phase1_seconds": p1.seconds, "proxy_seconds": round(proxy_seconds, 1),
                   "total_seconds": round(p1.seconds + proxy_seconds, 1),
                   "unique_evaluations": len(unique),
-                  "by_fidelity": {f: sum(r["fidelity"] == f for r in unique.values()) for f in ("low", "full")},
+                  "by_level": {f: sum(r["level"] == f for r in unique.values()) for f in ("low", "full")},
                   "search_train_tokens": tokens, "epoch_tokens": epoch, "epoch_equivalents": tokens / epoch},
         ).to_dict()
     config = {**keys, "profile": profile.name}

@@ -1,9 +1,9 @@
 """Phase III: Bayesian refinement around the Phase II Pareto set.
 
 A Gaussian process (Matern nu=5/2: discrete quantization makes a rough landscape) models the
-scalarized utility u = a * P_norm - (1 - a) * M_norm of full-fidelity proxy scores, where
+scalarized utility u = a * P_norm - (1 - a) * M_norm of full-level proxy scores, where
 P = -proxy objective (validation loss by default) and M = bytes / budget are min-max normalized over
-every full-fidelity record (so one Pareto point does not make every utility 0).
+every full-level record (so one Pareto point does not make every utility 0).
 Candidates are the feasible one-rung neighbours of the current Pareto points; the Expected
 Improvement maximizer is scored by the REAL proxy fine-tune, until `iterations` or max EI < tol.
 
@@ -25,7 +25,7 @@ from ...errors import QRError
 from ...layout import Layout
 from ...store import cached, keyed
 from ..phases import PhaseII, PhaseIII
-from ..proxy import ProxyEvaluator, full_fidelity
+from ..proxy import ProxyEvaluator, full_level
 from .problem import SearchSpace, pareto_set
 
 
@@ -105,10 +105,10 @@ def refine(profile: Profile, evaluator: ProxyEvaluator, space: SearchSpace, phas
            progress: bool = True) -> PhaseIII:
     from skopt.acquisition import gaussian_ei
 
-    cfg, full = profile.bo, full_fidelity(profile)
+    cfg, full = profile.bo, full_level(profile)
     front = phase2.pareto
     if not front:
-        raise QRError("Phase II produced no feasible full-fidelity candidate to refine; raise "
+        raise QRError("Phase II produced no feasible full-level candidate to refine; raise "
                       "nsga.generations or nsga.promote, or check the proxy for divergence")
     observed = phase2.full_rows()
     steps, t0 = [], time.time()

@@ -7,11 +7,12 @@ candidate, each generation's front and hypervolume, and the final Pareto set.
 The first generation covers the memory range (problem.initial_population: the uniform allocations
 that fit, Phase I knapsack optima at several memory levels, random allocations), so the search can
 find, and cannot fail to consider, the uniform 4-bit allocation at the budget; it is larger than
-`pop_size`, which later generations keep. With `low_steps > 0` (multi-fidelity) NSGA-II ranks
-children by a cheap proxy and `promote` members of every generation's front, spread over its memory
-range and never one already scored, are re-scored by the full proxy; the Pareto set handed to
-Phase III holds full-fidelity scores only. The uniform allocations at the budget's rank that fit are
-always scored at full fidelity too (`uniform_anchors`): the low fidelity can rank a uniform point
+`pop_size`, which later generations keep. With `low_steps > 0` (two proxy levels, "low" and "full":
+what the optimization literature calls multi-fidelity) NSGA-II ranks children by the cheap proxy and
+`promote` members of every generation's front, spread over its memory range and never one already
+scored, are re-scored by the full proxy; the Pareto set handed to
+Phase III holds full-level scores only. The uniform allocations at the budget's rank that fit are
+always scored at the full level too (`uniform_anchors`): the low level can rank a uniform point
 below the Phase I knapsack when the full proxy prefers it (the 4-step score mostly measures the
 quantized base), and the front must show the uniform points it is judged against.
 """
@@ -30,7 +31,7 @@ from ...config import NSGAConfig, Profile
 from ...layout import Layout
 from ...store import cached, keyed
 from ..phases import PhaseI, PhaseII
-from ..proxy import FAILED_LOSS, Fidelity, ProxyEvaluator, full_fidelity
+from ..proxy import FAILED_LOSS, ProxyEvaluator, ProxyLevel, full_level
 from .problem import (
     AllocationProblem,
     BlockCrossover,
@@ -49,8 +50,8 @@ from .problem import (
 )
 
 
-def low_fidelity(profile: Profile, cfg: NSGAConfig) -> Fidelity:
-    return Fidelity("low", dataclasses.replace(profile.proxy, steps=cfg.low_steps),
+def low_level(profile: Profile, cfg: NSGAConfig) -> ProxyLevel:
+    return ProxyLevel("low", dataclasses.replace(profile.proxy, steps=cfg.low_steps),
                     min(cfg.low_n_val, profile.data.n_val))
 
 
@@ -84,10 +85,10 @@ def spread(items: list, k: int) -> list:
 class _Recorder(Callback):
     """Per generation: the front of the population, and promotions to the full proxy: after the first
     generation the `anchors` (uniform allocations), then each generation `promote` front members not
-    yet scored at full fidelity, spread over the front's memory range.
+    yet scored at the full level, spread over the front's memory range.
     `generation` is the one being scored now (pymoo calls notify after each one)."""
 
-    def __init__(self, space, evaluator, search: Fidelity, full: Fidelity, promote: int, anchors: list):
+    def __init__(self, space, evaluator, search: ProxyLevel, full: ProxyLevel, promote: int, anchors: list):
         super().__init__()
         self.space, self.evaluator, self.search, self.full, self.promote = space, evaluator, search, full, promote
         self.anchors = anchors
@@ -126,9 +127,9 @@ def hv_curve(generations: list[dict]) -> tuple[list[float], dict]:
     return curve, {"min": lo.tolist(), "max": hi.tolist(), "ref": [1.1, 1.1]}
 
 
-def fidelity_agreement(low: list[dict], full: list[dict]) -> dict:
-    """Rank agreement of the low and the full fidelity on the allocations scored at both (the anchors
-    and the promoted ones): the evidence for letting the low fidelity choose whom to promote."""
+def level_agreement(low: list[dict], full: list[dict]) -> dict:
+    """Rank agreement of the low and the full level on the allocations scored at both (the anchors
+    and the promoted ones): the evidence for letting the low level choose whom to promote."""
     by_alloc = {(tuple(r["bits"]), tuple(r["ranks"])): r["objective"] for r in low if not r["failed"]}
     pairs = [(by_alloc[a], r["objective"]) for r in full if not r["failed"]
              and (a := (tuple(r["bits"]), tuple(r["ranks"]))) in by_alloc]
@@ -142,14 +143,14 @@ def search(profile: Profile, evaluator: ProxyEvaluator, sensitivity: PhaseI) -> 
     """Run NSGA-II; returns the Phase II result (see module docstring)."""
     cfg = profile.nsga
     space = space_for(profile, evaluator.shapes, sensitivity)
-    full = full_fidelity(profile)
-    multi_fidelity = cfg.low_steps > 0
-    fidelity = low_fidelity(profile, cfg) if multi_fidelity else full
-    recorder = _Recorder(space, evaluator, fidelity, full, cfg.promote, uniform_anchors(profile, space))
+    full = full_level(profile)
+    two_levels = cfg.low_steps > 0
+    level = low_level(profile, cfg) if two_levels else full
+    recorder = _Recorder(space, evaluator, level, full, cfg.promote, uniform_anchors(profile, space))
     scored: list[dict] = []
 
     def score(allocations):
-        recs = evaluator.evaluate_many(allocations, fidelity, desc=f"generation {recorder.generation}")
+        recs = evaluator.evaluate_many(allocations, level, desc=f"generation {recorder.generation}")
         scored.extend(r.summary(recorder.generation) for r in recs)
         return [min(r.objective, FAILED_LOSS) for r in recs]
 
@@ -161,22 +162,22 @@ def search(profile: Profile, evaluator: ProxyEvaluator, sensitivity: PhaseI) -> 
     t0 = time.time()
     minimize(AllocationProblem(space, score), algorithm, ("n_gen", cfg.generations), seed=cfg.seed,
              callback=recorder, verbose=False)
-    full_records = [r for r in scored if r["fidelity"] == full.name] + recorder.promoted
+    full_records = [r for r in scored if r["level"] == full.name] + recorder.promoted
     curve, norm = hv_curve(recorder.generations)
     for g, hv in zip(recorder.generations, curve):
         g["hv"] = hv
     unique = {r["key"]: r for r in scored + full_records}
     return PhaseII(
-        search_fidelity=fidelity.name, fidelities={fidelity.name: fidelity, full.name: full},
+        search_level=level.name, levels={level.name: level, full.name: full},
         budget_bytes=space.budget,
-        first_generation=[{"origin": label, "key": evaluator.key(space.allocation(g), fidelity),
+        first_generation=[{"origin": label, "key": evaluator.key(space.allocation(g), level),
                            "bits": space.allocation(g).bits, "ranks": space.allocation(g).ranks,
                            "budget_ratio": space.bytes(g) / space.budget} for label, g in first],
         anchors=[{"origin": uniform_label(a.bits[0], a.ranks[0]), "key": evaluator.key(a, full)}
-                 for a in map(space.allocation, recorder.anchors)] if multi_fidelity else [],
+                 for a in map(space.allocation, recorder.anchors)] if two_levels else [],
         evaluations=scored, promoted=recorder.promoted, generations=recorder.generations, hv_normalization=norm,
         pareto=pareto_set(full_records),
-        fidelity_agreement=fidelity_agreement(scored, recorder.promoted) if multi_fidelity else None,
+        level_agreement=level_agreement(scored, recorder.promoted) if two_levels else None,
         train_tokens=sum(r["train_tokens"] for r in unique.values()), n_unique_evaluations=len(unique),
         # what the scores cost when computed (a resumed run reads most from the cache)
         proxy_seconds=round(sum(r["seconds"] for r in unique.values()), 1), wall_seconds=round(time.time() - t0, 1))

@@ -1,10 +1,10 @@
-"""The proxy calibration study: its statistics on constructed scores, and a real run on the smoke profile."""
+"""The proxy check: its statistics on constructed scores, and a real run on the smoke profile."""
 import numpy as np
 import pandas as pd
 import pytest
 
 from qr_lib.errors import QRError
-from qr_lib.workbook import calibration
+from qr_lib.workbook import proxy_check
 
 
 def _scores(truth, noise_by_length, rng):
@@ -22,13 +22,13 @@ def test_longer_proxies_rank_better_and_the_cheapest_good_one_is_recommended():
     rng = np.random.default_rng(0)
     truth = {f"m{i}": 3.0 + 0.1 * i for i in range(10)}
     finals = pd.DataFrame({"method": list(truth), "final_dev_loss": list(truth.values())})
-    table = calibration.summary(_scores(truth, {0: 1.0, 8: 0.02, 16: 0.005}, rng), finals, batch_size=4)
+    table = proxy_check.summary(_scores(truth, {0: 1.0, 8: 0.02, 16: 0.005}, rng), finals, batch_size=4)
     by = table.set_index(["length", "n_val"])
     assert by.loc[(16, 64), "spearman"] > 0.95 and by.loc[(0, 64), "spearman"] < 0.8
     assert by.loc[(16, 64), "signal_to_noise"] > by.loc[(0, 64), "signal_to_noise"]
-    rec = calibration.recommend(table, 0.8)
+    rec = proxy_check.recommend(table, 0.8)
     assert rec["reaches"] and rec["length"] == 8                     # 16 steps also works, but costs more
-    none = calibration.recommend(table.assign(spearman=table["spearman"] * 0.5), 0.8)
+    none = proxy_check.recommend(table.assign(spearman=table["spearman"] * 0.5), 0.8)
     assert not none["reaches"] and "no proxy setting reaches" in none["statement"]
 
 
@@ -41,10 +41,10 @@ def test_a_proxy_that_only_separates_far_allocations_is_caught_near_the_front():
     finals = pd.DataFrame({"method": list(truth), "final_dev_loss": list(truth.values())})
     scores = pd.DataFrame([{"method": m, "seed": s, "length": 16, "n_val": 64, "proxy_loss": v + 0.001 * s}
                            for m, v in proxy.items() for s in (0, 1)])
-    row = calibration.summary(scores, finals, batch_size=4, top_k=5).iloc[0]
+    row = proxy_check.summary(scores, finals, batch_size=4, top_k=5).iloc[0]
     assert row["spearman"] > 0.5 and row["top_k"] == 5
     assert row["spearman_top"] == pytest.approx(-1.0) and row["kendall_top"] == pytest.approx(-1.0)
-    rec = calibration.recommend(pd.DataFrame([row]), 0.8)
+    rec = proxy_check.recommend(pd.DataFrame([row]), 0.8)
     assert not rec["reaches"]                                            # so it is not recommended,
     assert "fails among the best 5" in rec["statement"] and "-1.00 among the best 5" in rec["statement"]  # and why
 
@@ -65,7 +65,7 @@ def _write_finals(root, rows, dev=True, seed=0):
 
 def test_two_methods_with_one_allocation_count_once_and_the_dev_split_is_read_not_test(tmp_path):
     layout = _write_finals(tmp_path, (("hqq4", 4, 3.7), ("qr_adaptor", 4, 3.7), ("hqq3", 3, 5.3)))
-    finals = calibration.final_losses(layout, ("hqq4", "qr_adaptor", "hqq3"))
+    finals = proxy_check.final_losses(layout, ("hqq4", "qr_adaptor", "hqq3"))
     assert list(finals["method"]) == ["hqq4", "hqq3"] and finals.loc[0, "same_as"] == ["qr_adaptor"]
     assert list(finals["final_dev_loss"]) == [3.7, 5.3]          # the test losses are 100 higher
 
@@ -73,10 +73,10 @@ def test_two_methods_with_one_allocation_count_once_and_the_dev_split_is_read_no
 def test_final_runs_without_a_dev_score_are_refused(tmp_path):
     layout = _write_finals(tmp_path, (("hqq4", 4, 3.7),), dev=False)
     with pytest.raises(QRError, match="data.n_dev"):
-        calibration.final_losses(layout, ("hqq4",))
-    # Seeds outside finetune.dev_seeds score no dev split: the calibration reads the seeds that did.
+        proxy_check.final_losses(layout, ("hqq4",))
+    # Seeds outside finetune.dev_seeds score no dev split: the proxy check reads the seeds that did.
     _write_finals(tmp_path, (("hqq4", 4, 3.5),), dev=True, seed=1)
-    finals = calibration.final_losses(layout, ("hqq4",))
+    finals = proxy_check.final_losses(layout, ("hqq4",))
     assert finals.loc[0, "final_dev_loss"] == 3.5 and finals.loc[0, "final_seeds"] == 1
 
 
@@ -84,13 +84,13 @@ def test_close_pairs_are_counted_against_the_proxy_noise():
     finals = pd.DataFrame({"method": ["a", "b", "c"], "final_dev_loss": [3.00, 3.01, 4.0]})
     scores = pd.DataFrame([{"method": m, "seed": s, "length": 4, "n_val": 8, "proxy_loss": v + 0.01 * s}
                            for m, v in (("a", 3.2), ("b", 3.1), ("c", 4.2)) for s in (0, 1)])
-    row = calibration.summary(scores, finals, 4).iloc[0]
+    row = proxy_check.summary(scores, finals, 4).iloc[0]
     # noise = 0.00707; a-b (0.01 apart) is close, and the proxy orders it the wrong way
     assert row["close_pairs"] == 1 and row["close_pairs_ordered_right"] == 0 and row["pairs"] == 3
 
 
 @pytest.mark.integration
-def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
+def test_proxy_check_on_smoke_scores_every_length_from_one_run(tmp_path):
     """Final runs for three allocations, then the study: every (length, n_val) has a row, and a
     checkpoint at L equals a separate proxy run of L steps (constant schedule)."""
     import dataclasses
@@ -106,26 +106,26 @@ def test_calibration_on_smoke_scores_every_length_from_one_run(tmp_path):
     from qr_lib.workbook.methods import Context, load_method
     from qr_lib.workbook.profiles import load_profile
 
-    p = load_profile("smoke", {"calibration.methods": ["hqq3", "hqq4", "lora16"], "calibration.lengths": [0, 2, 4],
-                               "calibration.n_val": [8, 16], "finetune.max_steps": 2})
+    p = load_profile("smoke", {"proxy_check.methods": ["hqq3", "hqq4", "lora16"], "proxy_check.lengths": [0, 2, 4],
+                               "proxy_check.n_val": [8, 16], "finetune.max_steps": 2})
     base, tok = load_model(p.model, p.dtype, p.device)
     layout = Layout(tmp_path)
-    for m in p.calibration.methods:
+    for m in p.proxy_check.methods:
         finetune.run(p, layout, load_method(m), 0, base, tok, progress=False)
-    result = calibration.run(p, layout, base, tok, progress=False)
+    result = proxy_check.run(p, layout, base, tok, progress=False)
     table = pd.DataFrame(result["table"])
     assert len(table) == 3 * 2 and table["allocations"].eq(3).all()
     assert result["recommendation"]["length"] in (0, 2, 4)
     runs = {r.method: r for r in finetune.results(layout)}
     assert {f["method"]: f["final_dev_loss"] for f in result["finals"]} == {m: runs[m].dev_loss for m in runs}
-    again = calibration.run(p, layout, base, tok, progress=False)      # cached curves
+    again = proxy_check.run(p, layout, base, tok, progress=False)      # cached curves
     assert again["scores"] == result["scores"]
-    curve = sorted(layout.calibration_curve("*").parent.glob("*.json"))[0]   # one number tampered
+    curve = sorted(layout.proxy_check_curve("*").parent.glob("*.json"))[0]   # one number tampered
     record = json.loads(curve.read_text())
     record["result"]["curve"]["2"][0][0] = 0.0
     curve.write_text(json.dumps(record))
     with pytest.warns(UserWarning, match="damaged or was edited"):
-        assert calibration.run(p, layout, base, tok, progress=False)["scores"] == result["scores"]
+        assert proxy_check.run(p, layout, base, tok, progress=False)["scores"] == result["scores"]
 
     alloc = load_method("hqq4").resolve(Context(p, model_shapes(base), layout))
     splits = load_finetune(p.data)

@@ -1,8 +1,8 @@
-"""Proxy calibration: does the search's short proxy fine-tune rank allocations as the final recipe does?
+"""The proxy check: does the search's short proxy fine-tune rank allocations as the final recipe does?
 
 The search trusts a proxy (a few LoRA steps, a loss on the search-validation split) to stand in for
 the final fine-tune. This study measures that trust on allocations spanning the front, each of which
-also has a final run (the methods in `CalibrationConfig.methods`: uniform ones, the searched ones at
+also has a final run (the methods in `ProxyCheckConfig.methods`: uniform ones, the searched ones at
 each budget, random ones): for every allocation and proxy seed, one proxy run of max(lengths) steps,
 scored per example at each length in `lengths` (0 = the quantized model before any training). With a
 constant rate after warm-up (the default proxy's schedule) the score at length L is exactly what a
@@ -30,7 +30,7 @@ from ..algorithm.allocation import Allocation
 from ..algorithm.build import build
 from ..algorithm.runner import SERIAL, Runner, each
 from ..algorithm.train import example_losses, train
-from ..config import CalibrationConfig, Profile
+from ..config import ProxyCheckConfig, Profile
 from ..data import load_finetune
 from ..errors import QRError
 from ..layout import Layout
@@ -39,7 +39,7 @@ from ..store import cached, content_hash, save_figure, save_table, write_artifac
 from .finetune import plan, results
 from .methods import load_method
 from .work import Work
-from .plots import calibration_plot, caption, figure_caption
+from .plots import proxy_check_plot, caption, figure_caption
 
 
 def final_losses(layout: Layout, methods) -> pd.DataFrame:
@@ -59,7 +59,7 @@ def final_losses(layout: Layout, methods) -> pd.DataFrame:
             continue
         scored = [r for r in res if r.dev_loss is not None]    # the seeds of finetune.dev_seeds
         if not scored:
-            raise QRError(f"the final runs of {m} have no dev-split score, which the calibration compares the "
+            raise QRError(f"the final runs of {m} have no dev-split score, which the proxy check compares the "
                           "proxy with (it never reads the test split); set data.n_dev (e.g. 256) and "
                           "finetune.dev_seeds (e.g. [0]) and rerun them")
         rows.append({"method": m, "name": res[0].name, "allocation": res[0].allocation.to_dict(), "same_as": [],
@@ -68,7 +68,7 @@ def final_losses(layout: Layout, methods) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def proxy_curve(profile: Profile, allocation, seed: int, cfg: CalibrationConfig, base, tok, train_set, val) -> dict:
+def proxy_curve(profile: Profile, allocation, seed: int, cfg: ProxyCheckConfig, base, tok, train_set, val) -> dict:
     """length -> per-example (summed NLL, tokens) on `val`, from one proxy run of max(lengths) steps."""
     tcfg = dataclasses.replace(profile.proxy, steps=max(cfg.lengths), seed=seed)
     model = build(base, allocation, profile.quant, profile.lora, progress=False, seed=seed)
@@ -82,20 +82,20 @@ def proxy_curve(profile: Profile, allocation, seed: int, cfg: CalibrationConfig,
             model.train()
     log = train(model, tok, train_set, tcfg, progress=False, on_step=checkpoint)
     if log["diverged"]:
-        raise QRError(f"the calibration proxy of {allocation.name} diverged at seed {seed}; lower proxy.lr")
+        raise QRError(f"the proxy-check proxy of {allocation.name} diverged at seed {seed}; lower proxy.lr")
     return curve
 
 
 def _context(profile: Profile) -> dict:
-    cfg = profile.calibration
+    cfg = profile.proxy_check
     return {"model": profile.model, "dtype": profile.dtype, "quant": profile.quant, "lora": profile.lora,
             "data": profile.data, "proxy": profile.proxy, "lengths": cfg.lengths, "n_val": max(cfg.n_val)}
 
 
 def curve(profile: Profile, layout: Layout, allocation: dict, seed: int, base, tok) -> dict:
-    """One allocation's proxy curve at one proxy seed: its artifact under the layout's calibration/,
+    """One allocation's proxy curve at one proxy seed: its artifact under the layout's proxy_check/,
     read back when there (the stage protocol)."""
-    cfg, context = profile.calibration, _context(profile)
+    cfg, context = profile.proxy_check, _context(profile)
     alloc = Allocation.from_dict(allocation)
     key = content_hash({"context": context, "allocation": alloc.key(), "seed": seed})
 
@@ -104,7 +104,7 @@ def curve(profile: Profile, layout: Layout, allocation: dict, seed: int, base, t
         t = time.time()
         got = proxy_curve(profile, alloc, seed, cfg, base, tok, splits.train, splits.val[:max(cfg.n_val)])
         return {"curve": {str(k): v for k, v in got.items()}, "seconds": round(time.time() - t, 1)}
-    return cached(layout.calibration_curve(key), {**context, "allocation": alloc.to_dict(), "seed": seed},
+    return cached(layout.proxy_check_curve(key), {**context, "allocation": alloc.to_dict(), "seed": seed},
                   compute)["curve"]
 
 
@@ -114,32 +114,32 @@ def curve_on_worker(profile: Profile, layout: Layout, allocation: dict, seed: in
 
 
 def work(profile: Profile) -> Work:
-    """The calibration's proxy curves: each calibration method with a planned final run, at every proxy
+    """The proxy check's curves: each of its methods with a planned final run, at every proxy
     seed, trained to the longest length and scored at each (two methods of one allocation count twice)."""
-    cal, planned = profile.calibration, {m.id for m, _ in plan(profile)}
-    curves = len([m for m in cal.methods if m in planned]) * len(cal.seeds)
-    return Work(steps=curves * max(cal.lengths), models_built=curves, model_loads=1, notebooks=1,
-                examples=curves * len(cal.lengths) * max(cal.n_val), counts={"runs (at most)": curves})
+    check, planned = profile.proxy_check, {m.id for m, _ in plan(profile)}
+    curves = len([m for m in check.methods if m in planned]) * len(check.seeds)
+    return Work(steps=curves * max(check.lengths), models_built=curves, model_loads=1, notebooks=1,
+                examples=curves * len(check.lengths) * max(check.n_val), counts={"runs (at most)": curves})
 
 
 def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, progress: bool = True) -> dict:
-    """Score every calibration allocation's proxy curve through the runner (an artifact per allocation
-    and seed) and write calibration.json."""
-    cfg = profile.calibration
+    """Score every proxy-check allocation's proxy curve through the runner (an artifact per allocation
+    and seed) and write proxy_check.json."""
+    cfg = profile.proxy_check
     if profile.proxy.schedule != "constant":
-        raise QRError(f"proxy.schedule is {profile.proxy.schedule!r}; calibration scores one run at several "
+        raise QRError(f"proxy.schedule is {profile.proxy.schedule!r}; the proxy check scores one run at several "
                       "lengths, which equals separate proxies only with proxy.schedule = 'constant'")
     other = [m for m in cfg.methods if load_method(m).quant or load_method(m).adapter != "lora"]
     if other:
-        raise QRError(f"calibration methods {other} use another quantizer or adapter than the search's proxy; "
-                      "calibrate on methods the search could have chosen (HQQ allocations, plain LoRA)")
+        raise QRError(f"proxy-check methods {other} use another quantizer or adapter than the search's proxy; "
+                      "check it on methods the search could have chosen (HQQ allocations, plain LoRA)")
     finals = final_losses(layout, cfg.methods)
     if len(finals) < 3:
-        raise QRError(f"only {len(finals)} of the calibration methods {list(cfg.methods)} have final runs; run "
+        raise QRError(f"only {len(finals)} of the proxy-check methods {list(cfg.methods)} have final runs; run "
                       "notebook 05 (or `qr-adaptor finetune`) for them first")
     t0 = time.time()
     todo = [(row, s) for _, row in finals.iterrows() for s in cfg.seeds]
-    curves = each(runner, "calibration", [(profile, layout, row["allocation"], s) for row, s in todo], curve_on_worker,
+    curves = each(runner, "proxy check", [(profile, layout, row["allocation"], s) for row, s in todo], curve_on_worker,
                   lambda *call: curve(*call, base, tok), [f"{row['name']}, proxy seed {s}" for row, s in todo], progress)
     scores = []
     for (row, seed), got in zip(todo, curves):
@@ -153,7 +153,7 @@ def run(profile: Profile, layout: Layout, base, tok, runner: Runner = SERIAL, pr
               "wall_seconds": round(time.time() - t0, 1)}
     result["table"] = summary(pd.DataFrame(scores), finals, profile.proxy.batch_size, cfg.top_k).to_dict("records")
     result["recommendation"] = recommend(pd.DataFrame(result["table"]), cfg.min_spearman)
-    write_artifact(layout.calibration, {"calibration": cfg, "context": _context(profile)}, result)
+    write_artifact(layout.proxy_check, {"proxy_check": cfg, "context": _context(profile)}, result)
     return result
 
 
@@ -219,14 +219,14 @@ def recommend(table: pd.DataFrame, min_spearman: float) -> dict:
 
 
 def save(profile: Profile, layout: Layout, result: dict) -> dict:
-    """The calibration's table and figure (proxy_calibration) from run()'s result, and what it says of the
+    """The proxy check's table and figure (proxy_check) from run()'s result, and what it says of the
     profile's own proxy: the recommendation, and Phase III's gain at each budget (search_phase3_gain,
     where the search has run) against the proxy's seed noise at the profile's setting."""
     table = pd.DataFrame(result["table"])
-    save_table(table.round(4), layout, "proxy_calibration")
-    save_figure(caption(calibration_plot(result, profile.proxy.steps, profile.data.n_val),
+    save_table(table.round(4), layout, "proxy_check")
+    save_figure(caption(proxy_check_plot(result, profile.proxy.steps, profile.data.n_val),
                         f"{figure_caption(profile)} · right: the search proxy ({profile.proxy.steps} steps) · bars: "
-                        "range over proxy seeds"), layout, "proxy_calibration")
+                        "range over proxy seeds"), layout, "proxy_check")
     said = [f"profile proxy: {profile.proxy.steps} steps on {profile.data.n_val} pairs; recommendation: "
             f"{result['recommendation']['statement']}"]
     here = table[(table["length"] == profile.proxy.steps) & (table["n_val"] == profile.data.n_val)]
