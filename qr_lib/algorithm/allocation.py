@@ -58,8 +58,8 @@ class Allocation:
                 f"build an allocation with exactly {n_blocks} (bits, rank) pairs"
             )
 
-    def key(self) -> str:
-        """A short stable text form, used in cache keys and labels."""
+    def text(self) -> str:
+        """The (bits, rank) pairs as short stable text: what the content hashes of its records hold."""
         return ",".join(f"{b}:{r}" for b, r in self.pairs())
 
     # -- gene encoding: each block is two ladder indices ---------------------------------------

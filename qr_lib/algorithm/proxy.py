@@ -122,7 +122,7 @@ class ProxyEvaluator:
         return {"bytes": m["blocks"], "avg_bits": m["avg_bits"], "budget_ratio": m["blocks"] / self.budget}
 
     def key(self, allocation: Allocation, level: ProxyLevel) -> str:
-        parts = {"context": self.context_key, "allocation": allocation.key(), "level": level}
+        parts = {"context": self.context_key, "allocation": allocation.text(), "level": level}
         if self.metric != "loss":  # the default adds nothing, so loss-scored caches keep their keys
             parts["metric"] = [self.metric, self.metric_limit]
         return content_hash(parts)

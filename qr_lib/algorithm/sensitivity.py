@@ -2,8 +2,8 @@
 
 For each block (and each profiled bit-width), quantize that block alone, keep the rest unquantized,
 and measure the token-averaged KL divergence KL(P_full || P_quantized) between the two models'
-next-token distributions on calibration text. High KL = a fragile block. The profile seeds Phase II.
-Progress is saved after every block, so an interrupted profile resumes where it stopped.
+next-token distributions on calibration text. High KL = a fragile block. These scores seed Phase II.
+Progress is saved after every block, so an interrupted Phase I resumes where it stopped.
 The full model's distributions are kept in bf16 on the model's device: n_calib x seq_len x vocab x 2
 bytes (32 x 128 x 49152 x 2 = 0.4 GB on the default profile; the paper profile's 64 x 512 x 128256
 x 2 = 8.4 GB fits an 80 GB GPU).

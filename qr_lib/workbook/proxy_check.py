@@ -97,7 +97,7 @@ def curve(profile: Profile, layout: Layout, allocation: dict, seed: int, base, t
     read back when there (the stage protocol)."""
     cfg, context = profile.proxy_check, _context(profile)
     alloc = Allocation.from_dict(allocation)
-    key = content_hash({"context": context, "allocation": alloc.key(), "seed": seed})
+    key = content_hash({"context": context, "allocation": alloc.text(), "seed": seed})
 
     def compute():
         splits = load_finetune(profile.data)

@@ -67,10 +67,10 @@ def kl_by_rung(kl_by_bits: dict, bit_ladder, n_blocks: int) -> np.ndarray:
     about proportional to it for small noise. Unquantized blocks lose nothing."""
     profiled = {int(b): np.asarray(v, dtype=float) for b, v in kl_by_bits.items()}
     if not profiled:
-        raise QRError("the sensitivity profile is empty; run Phase I (qr_lib.algorithm.sensitivity.run) first")
+        raise QRError("Phase I's KL scores are empty; run Phase I (qr_lib.algorithm.sensitivity.run) first")
     for b, v in profiled.items():
         if len(v) != n_blocks:
-            raise QRError(f"the sensitivity profile has {len(v)} blocks at {b} bits but the model has "
+            raise QRError(f"Phase I's KL scores have {len(v)} blocks at {b} bits but the model has "
                           f"{n_blocks}; rerun Phase I for this model")
     out = np.zeros((n_blocks, len(bit_ladder)))
     for j, b in enumerate(bit_ladder):
