@@ -75,10 +75,12 @@ stock-eval: $(STAMP)
 	$(CLI) stock $(ARGS) $(if $(STOCK_MAX_DOCS),--max-docs $(STOCK_MAX_DOCS))
 
 # Memory (formula against packed models), peak training memory and step times; then the default design's
-# work per hour under each configuration (threads or workers, allocator, scoring, optimizer): scripts outside the package.
+# work per hour under each configuration (threads or workers, allocator, scoring, optimizer), and whether a
+# compiled step pays back its compile: scripts outside the package.
 benchmark: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/memory_step_time.py $(ARGS)
 	$(OFFLINE) $(PY) benchmarks/throughput.py --profile $(PROFILE)
+	$(OFFLINE) $(PY) benchmarks/compile_step.py --profile $(PROFILE)
 
 # The wheels a GPU lent without a network needs for benchmarks/gpu_check.sh (wheelhouse/, git-ignored, under
 # 50 MB so it travels with the working tree): what the project needs beyond torch, transformers and peft and
