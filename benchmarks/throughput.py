@@ -12,7 +12,7 @@ fresh processes on the same data (16-bit LoRA, the default's batch and length):
 - two workers:    two processes at once, one thread each, each doing the same unit (work per hour
                   is their combined rate)
 - labelled head:  the head on the labelled positions alone (train.row_losses, models.split_head)
-- the default:    both: what the default profile runs now
+- workers + head: two workers and the labelled head (the default of 18f8693)
 - allocator:      glibc told never to hand big blocks back to the kernel (MALLOC_MMAP_MAX_=0, a high
                   MALLOC_TRIM_THRESHOLD_): every large tensor otherwise comes from a fresh mmap whose
                   pages fault in again, a quarter of the processes' time in the kernel on these VMs
@@ -21,6 +21,11 @@ fresh processes on the same data (16-bit LoRA, the default's batch and length):
 - both:           two workers with that allocator
 - scoring:        batches of 8, or of 64, under inference_mode
 - fused AdamW:    torch's fused CPU AdamW for the LoRA parameters
+- the default:    two workers, the labelled head, and each trained adapter merged into its dense weight
+                  before scoring (adapters.merge_for_scoring: one matrix product per adapted linear
+                  instead of three; the merge's own time counts as scoring);
+                  this changes the arithmetic, so the table also gives how far each configuration's mean
+                  scored loss lies from today's; and the same in one process with two threads
 
 The machine drifts by as much as most variants differ (another tenant's load), so the plan runs in
 rounds, every configuration once per round, and each ratio to today's is taken within its round: the
@@ -47,7 +52,7 @@ import torch
 
 
 def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch: int, inference: bool,
-         fused: bool, head: str) -> dict:
+         fused: bool, head: str, merged: bool = False) -> dict:
     """One process's unit of work, timed piece by piece (run in a subprocess by main)."""
     torch.set_num_threads(threads)
     import dataclasses
@@ -55,6 +60,7 @@ def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch
     from torch.utils.flop_counter import FlopCounterMode
 
     from qr_lib.algorithm import train as training
+    from qr_lib.algorithm.adapters import merge_for_scoring
     from qr_lib.algorithm.allocation import uniform
     from qr_lib.algorithm.build import build
     from qr_lib.algorithm.memory import model_shapes
@@ -79,13 +85,6 @@ def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch
     log = training.train(model, tok, splits.train, tcfg, progress=False)
     if fused:
         training.torch.optim.AdamW = real
-    pairs = (splits.test + splits.dev)[:examples]
-    context = torch.inference_mode if inference else torch.no_grad
-    with context():
-        training.example_losses(model, tok, pairs[:score_batch], tcfg.max_len, batch_size=score_batch)  # warm-up
-        t = time.perf_counter()
-        training.example_losses(model, tok, pairs, tcfg.max_len, batch_size=score_batch)
-        scored = time.perf_counter() - t
     rows = training.encode(tok, splits.train[:tcfg.batch_size], tcfg.max_len)
     batch = training.collate(rows, tok.pad_token_id)
     model.train()
@@ -93,8 +92,20 @@ def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch
         loss, n = training.token_loss(model, batch)
         (loss / n).backward()
     flops_per_token = counter.get_total_flops() / int(batch["attention_mask"].sum())
+    pairs = (splits.test + splits.dev)[:examples]
+    context = torch.inference_mode if inference else torch.no_grad
+    with context():
+        t = time.perf_counter()
+        if merged and not merge_for_scoring(model):
+            raise SystemExit("the profile's model is not dense: there is nothing to merge the adapter into")
+        merging = time.perf_counter() - t
+        training.example_losses(model, tok, pairs[:score_batch], tcfg.max_len, batch_size=score_batch)  # warm-up
+        t = time.perf_counter()
+        losses = training.example_losses(model, tok, pairs, tcfg.max_len, batch_size=score_batch)
+        scored = time.perf_counter() - t + merging
     return {"threads": threads, "build_s": built, "train_s": log["seconds"], "train_tokens": log["train_tokens"],
             "step_s": log["seconds"] / steps, "score_s": scored, "examples": len(pairs),
+            "scored_loss": training.mean_loss(losses),
             "flops_per_token": flops_per_token}
 
 
@@ -146,11 +157,12 @@ def main(argv=None) -> int:
     ap.add_argument("--inference", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--head", choices=["first", "labelled"], default="labelled", help=argparse.SUPPRESS)
+    ap.add_argument("--merged", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=2, help="times the whole plan runs (ratios are taken within a round)")
     a = ap.parse_args(argv)
     if a.unit:
         print(json.dumps(unit(a.profile, a.threads, a.steps, a.examples, a.score_batch, a.inference, a.fused,
-                              a.head)))
+                              a.head, a.merged)))
         return 0
     from qr_lib.layout import benchmarks_dir
     from qr_lib.store import write_artifact
@@ -162,14 +174,17 @@ def main(argv=None) -> int:
             ("two workers", 2, [*common, "--threads", "1", *before], None),
             ("two workers, Dask's nanny allocator", 2, [*common, "--threads", "1", *before], DASK_NANNY),
             ("labelled head", 1, [*common, "--threads", two], None),
-            ("the default: two workers + labelled head", 2, [*common, "--threads", "1"], None),
+            ("two workers + labelled head", 2, [*common, "--threads", "1"], None),
             ("allocator", 1, [*common, "--threads", two, *before], ALLOCATOR),
             ("two workers + allocator", 2, [*common, "--threads", "1", *before], ALLOCATOR),
             ("scoring: batch 8, inference_mode", 1,
              [*common, "--threads", two, *before, "--score-batch", "8", "--inference"], None),
             ("scoring: batch 64, inference_mode", 1,
              [*common, "--threads", two, *before, "--score-batch", "64", "--inference"], None),
-            ("fused AdamW", 1, [*common, "--threads", two, *before, "--fused"], None)]
+            ("fused AdamW", 1, [*common, "--threads", two, *before, "--fused"], None),
+            ("labelled head + merged scoring", 1, [*common, "--threads", two, "--merged"], None),
+            ("the default: two workers + labelled head + merged scoring", 2, [*common, "--threads", "1", "--merged"],
+             None)]
     rounds = []
     for r in range(a.rounds):
         variants = {}
@@ -190,10 +205,13 @@ def main(argv=None) -> int:
     for name, processes, args, _ in plan:
         per_round = [rates(v[name]) for v in rounds]
         ratios = [x["final runs/hour"] / rates(v[today])["final runs/hour"] for x, v in zip(per_round, rounds)]
+        # the same examples scored after the same training: how far a variant's arithmetic moves the loss
+        moved = max(abs(u["scored_loss"] - t["scored_loss"]) for v in rounds for u, t in zip(v[name], v[today]))
         threads = int(args[args.index("--threads") + 1])
         rows.append({"configuration": name, "processes": processes, "threads each": threads,
                      **{k: statistics.mean(x[k] for x in per_round) for k in per_round[0]},
-                     "over today": statistics.mean(ratios), "low": min(ratios), "high": max(ratios)})
+                     "over today": statistics.mean(ratios), "low": min(ratios), "high": max(ratios),
+                     "scored loss moved": moved})
     out = a.out or benchmarks_dir(a.profile) / "throughput.json"
     write_artifact(out, {"profile": a.profile, "steps": a.steps, "examples": a.examples, "rounds": a.rounds},
                    {"rows": rows, "matmul_flops_per_s": machine, "cores": cores, "rounds": rounds})
@@ -202,13 +220,16 @@ def main(argv=None) -> int:
              "examples in fresh processes; 'final runs/hour' prices a default final run (a build, 48 steps, 512 scored "
              f"examples) at the measured rates; the plan ran {a.rounds} times, each ratio to today's (dd24dce's "
              "configuration) taken within its round: mean over rounds [range]. Matrix-product rate here: "
-             f"{machine / 1e9:.1f} GFLOP/s (float32, 256 x 576 @ 576 x 1536).", "",
+             f"{machine / 1e9:.1f} GFLOP/s (float32, 256 x 576 @ 576 x 1536). 'scored loss moved': the largest "
+             "difference, over rounds, between the mean loss it scored and today's on the same examples after the "
+             "same training (a variant that changes the arithmetic moves it).", "",
              "| configuration | processes | threads each | train tokens/s | GFLOP/s | of matmul rate | examples scored/s "
-             "| final runs/hour | / today [range] |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| final runs/hour | / today [range] | scored loss moved |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['configuration']} | {r['processes']} | {r['threads each']} | {r['train tokens/s']:.1f} | "
                      f"{r['GFLOP/s']:.1f} | {r['of matmul rate']:.2f} | {r['examples scored/s']:.2f} | "
-                     f"{r['final runs/hour']:.1f} | **{r['over today']:.2f}** [{r['low']:.2f}, {r['high']:.2f}] |")
+                     f"{r['final runs/hour']:.1f} | **{r['over today']:.2f}** [{r['low']:.2f}, {r['high']:.2f}] | "
+                     f"{r['scored loss moved']:.1e} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

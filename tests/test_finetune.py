@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qr_lib.algorithm.adapters import loftq_init, prepare
+from qr_lib.algorithm.adapters import loftq_init, merge_for_scoring, prepare
 from qr_lib.algorithm.allocation import uniform
 from qr_lib.algorithm.memory import model_shapes
 from qr_lib.algorithm.train import eval_loss, train
@@ -140,6 +140,32 @@ def test_save_and_reload_give_identical_logits_after_training(quick, base, tmp_p
     reloaded, _ = finetune.load_finetuned(RunDir(tmp_path), model_, tok)
     x = torch.randint(0, len(tok), (2, 12))
     assert torch.allclose(model(input_ids=x).logits, reloaded(input_ids=x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("dense,adapter,qcfg", [(True, "lora", Q), (True, "adalora", QuantConfig(backend="bnb")),
+                                                (False, "lora", Q)])
+def test_a_trained_adapter_merged_for_scoring_scores_as_it_did_and_saves_as_it_was(quick, base, tmp_path, dense,
+                                                                                  adapter, qcfg):
+    model_, tok = base
+    before = {k: v.clone() for k, v in model_.state_dict().items()}
+    model, hook, _ = prepare(model_, uniform(4, 4, 8), dataclasses.replace(qcfg, dequantize_once=dense),
+                             LoraSettings(), adapter, seed=1, total_steps=3)
+    from qr_lib.data import Example
+    from qr_lib.algorithm.train import example_losses
+    ex = [Example(f"Q: {i}?\nA:", f" {i}", "toy") for i in range(8)]
+    train(model, tok, ex, TrainConfig(steps=3, batch_size=4, lr=1e-2, max_len=16), progress=False, on_step=hook)
+    unmerged = example_losses(model, tok, ex, 16)
+    # merged only over dense weights: a packed quantized base would be requantized, losing what its bits keep
+    assert merge_for_scoring(model) == dense
+    merged = example_losses(model, tok, ex, 16)
+    assert [c for _, c in merged] == [c for _, c in unmerged]
+    assert [s for s, _ in merged] == pytest.approx([s for s, _ in unmerged], rel=1e-4, abs=1e-5)
+    assert all(torch.equal(v, model_.state_dict()[k]) for k, v in before.items())   # the shared base untouched
+    if adapter == "lora":            # the adapter saved after merging is the trained one
+        finetune.save_adapter(model, RunDir(tmp_path), uniform(4, 4, 8), Q, quick, load_method("hqq4"))
+        reloaded, _ = finetune.load_finetuned(RunDir(tmp_path), model_, tok)
+        assert [s for s, _ in example_losses(reloaded, tok, ex, 16)] == pytest.approx([s for s, _ in unmerged],
+                                                                                        rel=1e-4, abs=1e-5)
 
 
 def test_loftq_starts_closer_to_the_unquantized_weights(base):

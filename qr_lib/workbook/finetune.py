@@ -22,7 +22,7 @@ from pathlib import Path
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..algorithm.adapters import prepare
+from ..algorithm.adapters import merge_for_scoring, prepare
 from ..algorithm.allocation import Allocation, AllocationRecord
 from ..algorithm.build import build
 from ..algorithm.memory import ModelShapes, formula_bytes, model_shapes
@@ -167,6 +167,7 @@ def _train_and_score(profile: Profile, method: Method, seed: int, base, tok, all
     model, hook, notes = prepare(base, allocation, qcfg, profile.lora, method.adapter, seed, tcfg.steps)
     log = train(model, tok, d.train, tcfg, progress=progress, desc=f"{method.id} seed {seed}", on_step=hook)
     train_seconds = time.time() - t0
+    merge_for_scoring(model)            # training is over: test, dev, held-out and lm-eval score it merged
     per_example = example_losses(model, tok, d.test[:profile.finetune.n_test], tcfg.max_len)
     dev = example_losses(model, tok, d.dev, tcfg.max_len) if d.dev and profile.finetune.scores_dev(seed) else None
     save_adapter(model, where, allocation, qcfg, profile, method)
@@ -188,7 +189,9 @@ def _rebuild(where: RunDir, base, allocation: Allocation, qcfg: QuantConfig, pro
     """The trained model of a run whose adapter is saved: built as training built it (same seed, so a
     LoftQ initialisation of the quantized weights is the same), the trained adapter weights loaded."""
     model, _, _ = prepare(base, allocation, qcfg, profile.lora, method.adapter, seed, steps)
-    return _with_adapter(model, where)
+    model = _with_adapter(model, where)
+    merge_for_scoring(model)            # as the run scored it
+    return model
 
 
 def _with_adapter(model, where: RunDir):

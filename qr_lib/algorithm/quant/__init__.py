@@ -97,6 +97,12 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def is_dense(module: nn.Module) -> bool:
+    """Whether a linear computes with a plain float weight (unquantized, or a dense dequantized twin),
+    into which an adapter folds exactly up to float rounding; a backend's packed module does not."""
+    return isinstance(module, nn.Linear) and not any(b.owns(module) for b in BACKENDS.values())
+
+
 def densify(module: nn.Module, backend: str, bits: int, dtype: torch.dtype) -> DenseQuantLinear:
     """The dense twin of a packed quantized module: weight = its dequantization, cast to `dtype`."""
     bias = module.bias.detach().to(dtype) if module.bias is not None else None
