@@ -37,7 +37,7 @@ READING = {
     "base_grid": "Each rung's cost on the embedded base (weights on a Q4_1 grid) and on a control off that grid: "
                  "a 4-bit rung much cheaper on the embedded base than on the control is the grid's gift to 4 bits.",
     "proxy_check": "Does the short proxy order allocations as the final fine-tune does (on the dev "
-                         "split)? Left: rank agreement by proxy length on the full -1..1 axis; right: the search's own proxy.",
+                   "split)? Left: rank agreement by proxy length on the full -1..1 axis; right: the search's own proxy.",
 }
 
 
