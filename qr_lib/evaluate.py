@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .config import EvalConfig
 from .data import BENCHMARKS, TASK_DIR
 from .errors import QRError
+from .layout import portable
 from .store import atomic_write_bytes, to_jsonable
 
 # Chance level of each benchmark's headline metric (multiple choice: 1 / choices; BoolQ: yes/no), by source.
@@ -142,8 +143,9 @@ def run_tasks(model, tok, cfg: EvalConfig, progress: bool = True, log_dir: Path 
 def _keep(res: dict, log_dir: Path, tasks: list[str]) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in res.items() if k != "samples"}
+    # lm-eval records the model's and the tasks' folders: written as any machine reads them
     atomic_write_bytes(log_dir / f"results_{'+'.join(tasks)}.json",
-                       json.dumps(to_jsonable(summary), indent=1, default=str).encode())
+                       portable(json.dumps(to_jsonable(summary), indent=1, default=str)).encode())
     for task in tasks:
         lines = (json.dumps(to_jsonable(s), default=str) for s in res["samples"][task])
         atomic_write_bytes(samples_file(log_dir, task), ("\n".join(lines) + "\n").encode())

@@ -50,6 +50,16 @@ def results_root() -> Path:
     return Path(os.environ.get(RESULTS_ENV) or REPO_DIR / "results")
 
 
+def portable(text: str) -> str:
+    """`text` with this machine's folders written as any machine would read them: the results root as
+    results/, the checkout as ./, the machine-wide cache as $QR_LIB_CACHE/ (for records that tools
+    write with absolute paths in them: executed notebooks, lm-eval's results)."""
+    roots = {str(results_root()): "results", str(REPO_DIR): ".", str(Cache.here().root): "$QR_LIB_CACHE"}
+    for root in sorted(roots, key=len, reverse=True):    # the longest first: results/ may sit in the checkout
+        text = text.replace(root + "/", roots[root] + "/")
+    return text
+
+
 def benchmarks_dir(profile: str = "default") -> Path:
     """Where `make benchmark` writes: results/benchmarks/ for the default profile (the committed
     figures), results/benchmarks/<profile>/ for any other, so no run overwrites the committed one."""

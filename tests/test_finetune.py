@@ -14,7 +14,8 @@ from qr_lib.algorithm.train import eval_loss, train
 from qr_lib.config import EvalConfig, FinetuneConfig, LoraSettings, QuantConfig, TrainConfig
 from qr_lib.errors import QRError
 from qr_lib.evaluate import headline, run_tasks
-from qr_lib.layout import Layout, RunDir
+from qr_lib import REPO_DIR
+from qr_lib.layout import Cache, Layout, RunDir
 from qr_lib.workbook import comparison, finetune
 from qr_lib.workbook.methods import Context, load_method, method_ids, run_variant_searches
 from qr_lib.workbook.profiles import load_profile
@@ -96,6 +97,10 @@ def test_a_run_is_saved_reloads_to_the_same_logits_and_is_not_redone(quick, base
     assert r["benchmarks"]["qr_arc_easy"]["n"] == 2 and r["avg_bits"] == 3
     kept = where.lm_eval                         # lm-eval's own results and samples, as it wrote them
     assert (kept / "results_qr_arc_easy.json").exists()
+    recorded = (kept / "results_qr_arc_easy.json").read_text()   # lm-eval's paths, as any machine reads them
+    assert str(REPO_DIR) not in recorded and str(Cache.here().root) not in recorded
+    adapter_config = json.loads((where.adapter / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == quick.model   # the profile's name, not a folder here
     assert len((kept / "samples_qr_arc_easy.jsonl").read_text().splitlines()) == 2
     assert r["train"]["peak_memory"]["peak_bytes"] > 0
     assert stored["environment"]["auto_dtype_cpu"] in ("float32", "bfloat16")  # which dtype auto would pick here

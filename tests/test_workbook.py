@@ -232,6 +232,18 @@ def test_committed_notebooks_carry_no_widget_and_no_absolute_path():
         assert str(REPO_DIR) not in text and not re.search(r"['\"(]/(root|home|Users|tmp)/", text), path
 
 
+def test_committed_lm_eval_records_carry_no_absolute_path():
+    """lm-eval writes the model's and the tasks' folders into its results: kept as any machine reads them
+    (layout.portable), so a record says nothing of the machine that ran it."""
+    import re
+
+    from qr_lib import REPO_DIR
+    found = sorted(REPO_DIR.glob("results/**/lm_eval/results_*.json"))
+    assert found
+    for path in found:
+        assert not re.search(r"\"/(root|home|Users|tmp|work)/", path.read_text()), path
+
+
 def test_an_executed_copy_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """papermill saves its copy after every cell: a full disk once left 12 KB of invalid JSON in place of
     the executed notebook. It now writes a hidden partial file that only a whole, tidied copy replaces."""

@@ -203,8 +203,12 @@ def _with_adapter(model, where: RunDir):
 
 def save_adapter(model, where: RunDir, allocation: Allocation, qcfg: QuantConfig, profile: Profile,
                  method: Method) -> None:
-    """peft's adapter files plus what rebuilds the quantized model they sit on."""
-    model.save_pretrained(str(where.adapter))
+    """peft's adapter files plus what rebuilds the quantized model they sit on. The adapter names its
+    base as the profile does (peft would write the folder the base was loaded from, this machine's);
+    no embedding layer is trained, so peft is told so rather than left to look the name up on the Hub."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = profile.model
+    model.save_pretrained(str(where.adapter), save_embedding_layers=False)
     follow_umask(where.adapter)
     write_json(where.allocation, {"allocation": allocation, "quant": qcfg, "lora": profile.lora,
                                   "model": profile.model, "dtype": profile.dtype, "adapter": method.adapter,

@@ -22,7 +22,7 @@ from jupyter_client.manager import AsyncKernelManager
 from .. import REPO_DIR
 from ..config import Profile
 from ..errors import QRError
-from ..layout import Cache, Layout, results_root
+from ..layout import Cache, Layout, portable
 from ..store import atomic_write_bytes, hold_lock, read_json, save_table, write_json
 from . import estimate
 from .profiles import check_device, load_profile, other_settings
@@ -245,10 +245,7 @@ def tidy(path: Path, to: Path | None = None) -> None:
             kept.append(out)
         if "outputs" in cell:
             cell["outputs"] = kept
-    text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
-    for root, relative in sorted({(str(results_root()), "results"), (str(REPO_DIR), ".")}, key=lambda r: -len(r[0])):
-        text = text.replace(root + "/", relative + "/")
-    atomic_write_bytes(to or path, text.encode("utf-8"))
+    atomic_write_bytes(to or path, portable(json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def wall_clock(manifest: dict) -> list[dict]:
