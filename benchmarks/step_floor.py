@@ -112,6 +112,7 @@ def profiled(fn) -> dict:
 
 
 def measure(profile_name: str, steps: int, examples: int) -> dict:
+    """A default final run's pieces (build, step, scored example), each measured and floored."""
     profile = load_profile(profile_name)
     base, tok = load_model(profile.model, profile.dtype, profile.device)
     splits = load_finetune(profile.data)
