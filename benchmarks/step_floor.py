@@ -3,8 +3,9 @@ stays the same, and so the most that any change keeping the runs could buy.
 
 Issue 33 asks for twice today's (dd24dce's) final runs per hour with every test loss unchanged. A run
 stays the same only if its matrix products are done (they are its arithmetic) and its dropout masks are
-drawn as they are: torch draws a CPU mask serially from its Mersenne Twister, element by element, and
-another generator or another order would draw other masks, a different run. So, on the default
+drawn as they are: torch draws a CPU mask serially from its Mersenne Twister, element by element (the
+same on every CPU: tests/test_train.py), and another generator or another order would draw other
+masks, a different run. So, on the default
 profile's recipe (16-bit LoRA, its batch and data stream, one thread: one worker of the default
 layout), this measures:
 

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +133,20 @@ def test_batches_cover_each_epoch_once_and_group_by_length():
     assert sorted(len(r["input_ids"]) for b in epoch for r in b) == list(range(1, 401))
     spread = [max(len(r["input_ids"]) for r in b) - min(len(r["input_ids"]) for r in b) for b in epoch]
     assert sum(spread) / len(spread) < 10  # random batches of 4 out of 1..400 would spread ~240
+
+
+def test_dropout_masks_are_the_portable_mersenne_twister_draws():
+    """'The same numbers on any CPU' needs the same dropout masks everywhere. torch draws a CPU mask
+    element by element from its Mersenne Twister (a double from two 32-bit draws, kept where it falls
+    under 1 - p), which numpy's MT19937 reproduces bit for bit; a build that drew them otherwise (a
+    vendor library's generator) would train other runs, and this says so."""
+    n, p = 4096, 0.05
+    torch.manual_seed(7)
+    kept = torch.nn.functional.dropout(torch.ones(n), p, training=True) != 0
+    generator = np.random.MT19937()
+    generator.state = {"bit_generator": "MT19937",            # torch seeds it as numpy's legacy seeding does
+                       "state": {"key": np.random.RandomState(7).get_state()[1], "pos": 624}}
+    draws = generator.random_raw(2 * n).astype(np.uint64)
+    bits = (draws[0::2] << np.uint64(32)) | draws[1::2]
+    uniform = (bits & np.uint64(2**53 - 1)).astype(np.float64) * 2.0**-53
+    assert (kept.numpy() == (uniform < 1 - p)).all()
