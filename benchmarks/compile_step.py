@@ -36,23 +36,13 @@ import torch
 def unit(profile_name: str, steps: int, compiled: bool) -> dict:
     """One process's run of `steps` LoRA steps, timed step by step (run in a subprocess by main)."""
     torch.set_num_threads(1)
-    import dataclasses
-
     import torch._inductor.config as inductor
+    from recipe import final_run_recipe
 
     from qr_lib.algorithm import train as training
-    from qr_lib.algorithm.allocation import uniform
-    from qr_lib.algorithm.build import build
-    from qr_lib.algorithm.memory import model_shapes
-    from qr_lib.data import load_finetune
-    from qr_lib.models import load_model, split_head
-    from qr_lib.workbook.profiles import load_profile
+    from qr_lib.models import split_head
 
-    profile = load_profile(profile_name)
-    base, tok = load_model(profile.model, profile.dtype, profile.device)
-    splits = load_finetune(profile.data)
-    model = build(base, uniform(model_shapes(base).n_blocks, 16, profile.budget_rank), profile.quant, profile.lora,
-                  progress=False)
+    _, model, tok, splits, tcfg, _ = final_run_recipe(profile_name, steps)
     if compiled:
         inductor.fallback_random = True
         decoder, head = split_head(model)
@@ -65,7 +55,6 @@ def unit(profile_name: str, steps: int, compiled: bool) -> dict:
         marks.append(time.perf_counter())
         return real(m, batch)
     training.token_loss = timed
-    tcfg = dataclasses.replace(profile.finetune.train_config(len(splits.train), 0), steps=steps)
     log = training.train(model, tok, splits.train, tcfg, progress=False)
     marks.append(time.perf_counter())
     gaps = [b - a for a, b in zip(marks, marks[1:])]

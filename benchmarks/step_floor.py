@@ -38,16 +38,12 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from recipe import final_run_recipe
+
 from qr_lib.algorithm import train as training
 from qr_lib.algorithm.adapters import merge_for_scoring
-from qr_lib.algorithm.allocation import uniform
-from qr_lib.algorithm.build import build
-from qr_lib.algorithm.memory import model_shapes
-from qr_lib.data import load_finetune
 from qr_lib.layout import benchmarks_dir
-from qr_lib.models import load_model
 from qr_lib.store import write_artifact
-from qr_lib.workbook.profiles import load_profile
 
 aten = torch.ops.aten
 PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
@@ -114,14 +110,7 @@ def profiled(fn) -> dict:
 
 def measure(profile_name: str, steps: int, examples: int) -> dict:
     """A default final run's pieces (build, step, scored example), each measured and floored."""
-    profile = load_profile(profile_name)
-    base, tok = load_model(profile.model, profile.dtype, profile.device)
-    splits = load_finetune(profile.data)
-    t = time.perf_counter()
-    model = build(base, uniform(model_shapes(base).n_blocks, 16, profile.budget_rank), profile.quant, profile.lora,
-                  progress=False)
-    built = time.perf_counter() - t
-    tcfg = dataclasses.replace(profile.finetune.train_config(len(splits.train), 0), steps=steps)
+    _, model, tok, splits, tcfg, built = final_run_recipe(profile_name, steps)
 
     def train():
         return training.train(model, tok, splits.train, tcfg, progress=False)

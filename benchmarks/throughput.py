@@ -59,28 +59,17 @@ def unit(profile_name: str, threads: int, steps: int, examples: int, score_batch
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    from recipe import final_run_recipe
+
     from qr_lib.algorithm import train as training
     from qr_lib.algorithm.adapters import merge_for_scoring
-    from qr_lib.algorithm.allocation import uniform
-    from qr_lib.algorithm.build import build
-    from qr_lib.algorithm.memory import model_shapes
-    from qr_lib.data import load_finetune
-    from qr_lib.models import load_model
-    from qr_lib.workbook.profiles import load_profile
 
-    profile = load_profile(profile_name)
-    base, tok = load_model(profile.model, profile.dtype, profile.device)
-    splits = load_finetune(profile.data)
-    t = time.perf_counter()
-    model = build(base, uniform(model_shapes(base).n_blocks, 16, profile.budget_rank), profile.quant, profile.lora,
-                  progress=False)
-    built = time.perf_counter() - t
+    _, model, tok, splits, tcfg, built = final_run_recipe(profile_name, steps)
     if head == "first":                  # dd24dce's head: every position from the first labelled one
         training.split_head = lambda model: None
     if fused:                            # the loop builds its own AdamW: give it the fused kernel
         real = torch.optim.AdamW
         training.torch.optim.AdamW = lambda params, **kw: real(params, fused=True, **kw)
-    tcfg = dataclasses.replace(profile.finetune.train_config(len(splits.train), 0), steps=steps)
     training.train(model, tok, splits.train, dataclasses.replace(tcfg, steps=2), progress=False)     # warm-up
     log = training.train(model, tok, splits.train, tcfg, progress=False)
     if fused:
