@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     compiled, compiled_written = sibling_row(out, "compile_step.json", COMPILED_ROW)
     goal = 2 / throughput["over today"] if throughput else None
     # the share of everything but the products and masks (step and scoring) that the goal needs gone
-    needed = (1 - 1 / goal) / (1 - floor / measured) if goal else None
+    needed = (1 - 1 / goal) / (1 - floor / measured) if goal and goal > 1 else None
     # the compiled step's time with its compile time left out: what the best measured change to the rest gives
     best = measured / run_seconds(fixed, m["step_s"] * compiled["step / eager"], m["example_s"]) if compiled else None
     result = {**m, "threads": a.threads, "run_s": measured, "run_floor_s": floor, "bound": measured / floor,
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     if goal is not None:
         lines.append(f"The goal, twice today's final runs per hour, is {goal:.2f}x the default's (throughput.md, written "
                      f"{throughput_written}: the default at {2 / goal:.2f}x today's): "
-                     + ("beyond the floor." if goal > measured / floor else
+                     + ("reached." if goal <= 1 else "beyond the floor." if goal > measured / floor else
                         f"it needs {needed:.0%} of everything but the products and masks gone"
                         + ("." if best is None else ", beyond the best measured change." if goal > best else
                            ", within the best measured change.")))
