@@ -87,15 +87,15 @@ def replay(calls: list, repeats: int = 3) -> tuple[float, float]:
             made[spec] = torch.empty_strided(*spec).normal_()
         return made[spec]
     ready = [(func, [tensor(a) if isinstance(a, Spec) else a for a in args], kwargs) for func, args, kwargs in calls]
-    best = {True: float("inf"), False: float("inf")}
+    best = {"products": float("inf"), "masks": float("inf")}
     for _ in range(repeats):
-        spent = {True: 0.0, False: 0.0}
+        spent = dict.fromkeys(best, 0.0)
         for func, args, kwargs in ready:
             t = time.perf_counter()
             func(*args, **kwargs)
-            spent[func in PRODUCTS] += time.perf_counter() - t
+            spent["products" if func in PRODUCTS else "masks"] += time.perf_counter() - t
         best = {k: min(best[k], spent[k]) for k in best}
-    return best[True], best[False]
+    return best["products"], best["masks"]
 
 
 def profiled(fn) -> dict:
